@@ -1,0 +1,72 @@
+"""Run configuration: TOML files in `configs/`, overridden by command-line options.
+
+A config names the data, the formula and the options of one fit:
+
+    data = "data/hsb82.parquet"
+    formula = "mAch ~ meanses*cses + sector*cses + (cses | school)"
+    method = "REML"
+    out = "out/hsb_full"
+
+    [duckdb]
+    memory_limit = "4GB"
+    threads = 2
+
+Relative paths are taken from the current directory, like paths given on the command line.
+Every run writes the resolved config (`config.toml`) next to its outputs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from .errors import InputError
+
+KEYS = {"data", "formula", "method", "out", "stats", "name", "duckdb"}
+DUCKDB_KEYS = {"memory_limit", "threads", "temp_directory"}
+
+
+def load_config(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        cfg = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"config {path} is not valid TOML: {exc}") from None
+    unknown = set(cfg) - KEYS
+    if unknown:
+        raise InputError(f"config {path}: unknown key(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(KEYS))})")
+    duck = cfg.get("duckdb", {})
+    if not isinstance(duck, dict) or set(duck) - DUCKDB_KEYS:
+        raise InputError(f"config {path}: [duckdb] takes only {', '.join(sorted(DUCKDB_KEYS))}")
+    cfg.setdefault("name", p.stem)
+    return cfg
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{s}"'
+
+
+def dump_toml(cfg: dict) -> str:
+    """A small TOML writer for flat configs with one level of tables."""
+    lines, tables = [], []
+    for k, v in cfg.items():
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for name, table in tables:
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"

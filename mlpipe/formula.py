@@ -1,0 +1,425 @@
+"""Stage 1: lme4 model formulas.
+
+`parse_formula("y ~ x * g + (1 + x | school)")` returns a `Formula`: the response, the fixed
+terms (each a tuple of variables, R's term algebra applied: `a*b`, `a:b`, `a/b`, `-`, `0 +`),
+and the random-effect terms.  Variables carry a small expression tree that compiles to SQL
+(`Expr.sql`), so the design matrix is only ever built inside DuckDB.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from ._sql import quote_ident
+from .errors import FormulaError
+
+# ------------------------------------------------------------------ expressions (I(), log(), ...)
+
+#: functions allowed on numeric columns: formula name -> DuckDB function
+NUMERIC_FUNCTIONS = {"log": "ln", "exp": "exp", "sqrt": "sqrt", "abs": "abs", "log10": "log10",
+                     "log2": "log2"}
+#: predictor-construction functions computed from group or grand means in the statistics pass
+AGGREGATE_FUNCTIONS = ("center", "group_mean")
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A numeric expression: a column, a number, an operator or a function call."""
+
+    kind: str  # "col" | "num" | "op" | "neg" | "call"
+    value: str = ""  # column name, number text, operator or function name
+    args: tuple[Expr, ...] = ()
+    by: str | None = None  # grouping column of center()/group_mean()
+
+    def columns(self) -> list[str]:
+        if self.kind == "col":
+            return [self.value]
+        out: list[str] = []
+        for a in self.args:
+            out += [c for c in a.columns() if c not in out]
+        if self.by is not None and self.by not in out:
+            out.append(self.by)
+        return out
+
+    def aggregates(self) -> list[Expr]:
+        """The center()/group_mean() calls inside this expression."""
+        own = [self] if self.kind == "call" and self.value in AGGREGATE_FUNCTIONS else []
+        return own + [g for a in self.args for g in a.aggregates()]
+
+    def deparse(self, top: bool = True) -> str:
+        """R's way of printing the expression (the term label: `I(age^2)`, `log(x)`)."""
+        if self.kind == "col":
+            return self.value if _SIMPLE_NAME.fullmatch(self.value) else f"`{self.value}`"
+        if self.kind == "num":
+            return self.value
+        if self.kind == "neg":
+            return "-" + self.args[0].deparse(False)
+        if self.kind == "op":
+            a, b = (x.deparse(False) for x in self.args)
+            text = f"{a}^{b}" if self.value == "^" else f"{a} {self.value} {b}"
+            return text if top else f"({text})" if self.value != "^" else text
+        inner = ", ".join(a.deparse() for a in self.args)
+        if self.by is not None:
+            inner += f", by = {Expr('col', self.by).deparse()}"
+        return f"{self.value}({inner})"
+
+    def sql(self, aggregate_names: dict[Expr, str] | None = None) -> str:
+        """DuckDB SQL for this expression; aggregate calls refer to pre-computed columns."""
+        if self.kind == "col":
+            return f"CAST({quote_ident(self.value)} AS DOUBLE)"
+        if self.kind == "num":
+            return f"CAST({float(self.value)!r} AS DOUBLE)"
+        if self.kind == "neg":
+            return f"(-{self.args[0].sql(aggregate_names)})"
+        if self.kind == "op":
+            a, b = (x.sql(aggregate_names) for x in self.args)
+            if self.value == "^":
+                return f"power({a}, {b})"
+            return f"({a} {self.value} {b})"
+        if self.value in AGGREGATE_FUNCTIONS:
+            if not aggregate_names or self not in aggregate_names:
+                raise FormulaError(f"{self.deparse()} needs the statistics pass to compute it")
+            return aggregate_names[self]
+        if self.value == "I":
+            return self.args[0].sql(aggregate_names)
+        return f"{NUMERIC_FUNCTIONS[self.value]}({self.args[0].sql(aggregate_names)})"
+
+
+_SIMPLE_NAME = re.compile(r"[A-Za-z.][A-Za-z0-9._]*")
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One variable of a term: a plain column (numeric or categorical) or an expression."""
+
+    expr: Expr
+
+    @property
+    def label(self) -> str:
+        return self.expr.deparse()
+
+    @property
+    def column(self) -> str | None:
+        """The column name when the variable is a bare column (may then be categorical)."""
+        return self.expr.value if self.expr.kind == "col" else None
+
+
+Term = tuple[Variable, ...]  # an interaction of variables; () is the intercept
+
+
+@dataclass(frozen=True)
+class RandomTerm:
+    """`(expr | group)`: random effects for the terms of `expr`, one set per level of `group`."""
+
+    terms: tuple[Term, ...]  # without the intercept
+    intercept: bool
+    group: str  # grouping column
+    correlated: bool = True  # False for `||`
+    text: str = ""
+
+    def variables(self) -> list[Variable]:
+        return _unique(v for t in self.terms for v in t)
+
+
+@dataclass(frozen=True)
+class Formula:
+    text: str
+    response: Expr
+    fixed: tuple[Term, ...]  # without the intercept, R's order (by degree, then appearance)
+    intercept: bool
+    random: tuple[RandomTerm, ...] = field(default=())
+
+    def columns(self) -> list[str]:
+        """Every data column the model uses (response, predictors, grouping factors)."""
+        exprs = [self.response] + [v.expr for t in self.fixed for v in t]
+        exprs += [v.expr for r in self.random for v in r.variables()]
+        cols = _unique(c for e in exprs for c in e.columns())
+        return _unique(cols + [r.group for r in self.random])
+
+    def aggregates(self) -> list[Expr]:
+        exprs = [self.response] + [v.expr for t in self.fixed for v in t]
+        exprs += [v.expr for r in self.random for v in r.variables()]
+        return _unique(a for e in exprs for a in e.aggregates())
+
+    @property
+    def grouping_factors(self) -> list[str]:
+        return _unique(r.group for r in self.random)
+
+
+def _unique(items):
+    out = []
+    for x in items:
+        if x not in out:
+            out.append(x)
+    return out
+
+
+# ------------------------------------------------------------------ tokenizer
+
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+  | (?P<name>[A-Za-z.][A-Za-z0-9._]*|`(?:[^`\\]|\\.)+`)
+  | (?P<op>\|\||[~+\-*/^:()|,=])
+""", re.VERBOSE)
+
+
+@dataclass
+class _Tok:
+    kind: str
+    text: str
+    pos: int
+
+
+def _tokenize(text: str) -> list[_Tok]:
+    toks, pos = [], 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise FormulaError(f"unexpected character {text[pos]!r} at position {pos + 1} "
+                               f"in formula {text!r}")
+        if m.lastgroup != "ws":
+            value = m.group()
+            if m.lastgroup == "name" and value.startswith("`"):
+                value = value[1:-1].replace("\\`", "`")
+            toks.append(_Tok(m.lastgroup, value, pos))
+        pos = m.end()
+    toks.append(_Tok("end", "", len(text)))
+    return toks
+
+
+# ------------------------------------------------------------------ parser
+
+class _Parser:
+    """Recursive descent over lme4's formula grammar.
+
+    Formula-level nodes are lists of terms (tuples of Variables) plus intercept flags; the
+    algebra (`+`, `-`, `:`, `*`, `/`) is applied while parsing.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        self.toks = _tokenize(text)
+        self.i = 0
+        self.random: list[RandomTerm] = []
+
+    # -- helpers
+    @property
+    def tok(self) -> _Tok:
+        return self.toks[self.i]
+
+    def take(self, text: str | None = None, kind: str | None = None) -> _Tok:
+        t = self.tok
+        if (text is not None and t.text != text) or (kind is not None and t.kind != kind) \
+                or t.kind == "end" and text is not None:
+            want = repr(text) if text else kind
+            got = repr(t.text) if t.kind != "end" else "end of formula"
+            raise FormulaError(f"expected {want} but found {got} at position {t.pos + 1} "
+                               f"in formula {self.text!r}")
+        self.i += 1
+        return t
+
+    def fail(self, what: str) -> FormulaError:
+        return FormulaError(f"{what} in formula {self.text!r}")
+
+    # -- top level
+    def parse(self) -> Formula:
+        if "~" not in self.text:
+            raise self.fail("missing '~' (expected 'response ~ predictors')")
+        if self.tok.text == "~":
+            raise self.fail("missing response before '~'")
+        response = self.arith()
+        self.take("~")
+        if self.tok.kind == "end":
+            raise self.fail("missing predictors after '~'")
+        node = self.sum_()
+        if self.tok.kind != "end":
+            raise FormulaError(f"unexpected {self.tok.text!r} at position {self.tok.pos + 1} "
+                               f"in formula {self.text!r}")
+        terms, intercept = node
+        order = _unique(v for t in terms for v in t)
+        fixed = [tuple(sorted(t, key=order.index)) for t in terms if t]
+        fixed = sorted(_unique(fixed), key=len)  # stable: by degree, then appearance
+        return Formula(self.text, response, tuple(fixed), intercept is not False,
+                       tuple(self.random))
+
+    # formula node = (list of terms, intercept: True / False / None when unspecified)
+    def sum_(self):
+        terms, icpt = self.prod()
+        while self.tok.text in ("+", "-"):
+            op = self.take().text
+            t2, i2 = self.prod()
+            if op == "+":
+                terms = _unique(terms + t2)
+                if i2 is not None:
+                    icpt = i2
+            else:
+                terms = [t for t in terms if t not in t2]
+                if i2 is True:
+                    icpt = False
+                elif i2 is False:  # "- 0" means keep the intercept
+                    icpt = True
+        return terms, icpt
+
+    def prod(self):
+        terms, icpt = self.inter()
+        while self.tok.text in ("*", "/"):
+            op = self.take().text
+            t2, i2 = self.inter()
+            if op == "*":
+                cross = [_join(a, b) for a in terms for b in t2]
+                terms = _unique(terms + t2 + cross)
+            else:  # a/b == a + a:b, the interaction taken with all of a's variables
+                allvars = _unique(v for t in terms for v in t)
+                terms = _unique(terms + [_join(tuple(allvars), b) for b in t2])
+        return terms, icpt
+
+    def inter(self):
+        terms, icpt = self.atom()
+        while self.tok.text == ":":
+            self.take(":")
+            t2, _ = self.atom()
+            terms = _unique(_join(a, b) for a in terms for b in t2)
+        return terms, icpt
+
+    def atom(self):
+        t = self.tok
+        if t.text == "(":
+            self.take("(")
+            start = self.i
+            node = self.sum_()
+            if self.tok.text in ("|", "||"):
+                bar = self.take().text
+                group = self.group_name()
+                self.take(")")
+                body = " ".join(x.text for x in self.toks[start:self.i - 1])
+                self.add_random(node, group, bar == "|", body)
+                return [], None
+            self.take(")")
+            return node
+        if t.kind == "num":
+            self.take()
+            if t.text in ("0", "1"):
+                return [], t.text == "1"
+            raise FormulaError(f"a bare number {t.text!r} is not a term (use I({t.text}) "
+                               f"or 0/1 for the intercept) in formula {self.text!r}")
+        if t.text == "-":  # leading "- 1"
+            self.take("-")
+            terms, icpt = self.atom()
+            return [], (False if icpt is True else True if icpt is False else None)
+        if t.kind == "name":
+            if self.toks[self.i + 1].text == "(":
+                return [(Variable(self.call()),)], None
+            self.take()
+            return [(Variable(Expr("col", t.text)),)], None
+        raise FormulaError(f"unexpected {t.text or 'end of formula'!r} at position {t.pos + 1} "
+                           f"in formula {self.text!r}")
+
+    def group_name(self) -> str:
+        tok = self.take(kind="name")
+        if self.tok.text in (":", "/"):
+            raise FormulaError(f"nested or interaction grouping factors ({tok.text}"
+                               f"{self.tok.text}...) are not supported yet in formula "
+                               f"{self.text!r}")
+        return tok.text
+
+    def add_random(self, node, group: str, correlated: bool, body: str) -> None:
+        terms, icpt = node
+        intercept = icpt is not False
+        order = _unique(v for t in terms for v in t)
+        terms = sorted(_unique(tuple(sorted(t, key=order.index)) for t in terms if t), key=len)
+        if not terms and not intercept:
+            raise self.fail(f"random term ({body}) has no effects")
+        if correlated:
+            self.random.append(RandomTerm(tuple(terms), intercept, group, True, body))
+            return
+        # (a + b || g) == (1 | g) + (0 + a | g) + (0 + b | g), as in lme4
+        if intercept:
+            self.random.append(RandomTerm((), True, group, True, "1"))
+        for t in terms:
+            self.random.append(RandomTerm((t,), False, group, True,
+                                          "0 + " + ":".join(v.label for v in t)))
+
+    # -- arithmetic inside I(), log(), ...
+    def call(self) -> Expr:
+        name_tok = self.take(kind="name")
+        name = name_tok.text
+        self.take("(")
+        if name in ("I",) or name in NUMERIC_FUNCTIONS:
+            arg = self.arith()
+            self.take(")")
+            return Expr("call", name, (arg,))
+        if name in AGGREGATE_FUNCTIONS:
+            arg = self.arith()
+            by = None
+            if self.tok.text == ",":
+                self.take(",")
+                kw = self.take(kind="name")
+                if kw.text != "by":
+                    raise self.fail(f"{name}() takes one keyword, by=, not {kw.text}=")
+                self.take("=")
+                by = self.take(kind="name").text
+            self.take(")")
+            if name == "group_mean" and by is None:
+                raise self.fail("group_mean() needs by=GROUP")
+            return Expr("call", name, (arg,), by)
+        raise FormulaError(f"unknown function {name}() at position {name_tok.pos + 1} in "
+                           f"formula {self.text!r} (known: I, "
+                           f"{', '.join(list(NUMERIC_FUNCTIONS) + list(AGGREGATE_FUNCTIONS))})")
+
+    def arith(self) -> Expr:
+        left = self.arith_term()
+        while self.tok.text in ("+", "-"):
+            op = self.take().text
+            left = Expr("op", op, (left, self.arith_term()))
+        return left
+
+    def arith_term(self) -> Expr:
+        left = self.arith_factor()
+        while self.tok.text in ("*", "/"):
+            op = self.take().text
+            left = Expr("op", op, (left, self.arith_factor()))
+        return left
+
+    def arith_factor(self) -> Expr:
+        if self.tok.text == "-":
+            self.take("-")
+            return Expr("neg", "", (self.arith_factor(),))
+        base = self.arith_primary()
+        if self.tok.text == "^":
+            self.take("^")
+            return Expr("op", "^", (base, self.arith_factor()))
+        return base
+
+    def arith_primary(self) -> Expr:
+        t = self.tok
+        if t.kind == "num":
+            self.take()
+            value = float(t.text)
+            return Expr("num", str(int(value)) if value.is_integer() and math.isfinite(value)
+                        else t.text)
+        if t.text == "(":
+            self.take("(")
+            e = self.arith()
+            self.take(")")
+            return e
+        if t.kind == "name":
+            if self.toks[self.i + 1].text == "(":
+                return self.call()
+            self.take()
+            return Expr("col", t.text)
+        raise FormulaError(f"unexpected {t.text or 'end of formula'!r} at position {t.pos + 1} "
+                           f"in formula {self.text!r}")
+
+
+def _join(a: Term, b: Term) -> Term:
+    return tuple(_unique(a + b))
+
+
+def parse_formula(text: str) -> Formula:
+    """Parse an lme4 formula such as `"mAch ~ meanses*cses + (cses | school)"`."""
+    if not isinstance(text, str) or not text.strip():
+        raise FormulaError("empty formula")
+    return _Parser(text).parse()

@@ -1,0 +1,257 @@
+"""Stage 5: the fitted model as tidy tables, and its views (summary text, JSON, Parquet).
+
+Computing is kept apart from rendering: `FitResult.build` reads everything off the
+decomposition at the optimum; `summary()`, `to_dict()` and `write()` only format it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from scipy import linalg
+
+from .objective import Decomposition, Objective
+from .optimize import SINGULAR_TOL, OptSummary
+from .stats import Statistics
+
+
+@dataclass
+class FitResult:
+    formula: str
+    method: str
+    nobs: int
+    groups: dict[str, int]
+    fixed_effects: pl.DataFrame  # term, estimate, std_error, t_value, df, p_value
+    vcov: np.ndarray
+    random_effects: pl.DataFrame  # group, term, variance, std_dev
+    random_correlations: pl.DataFrame  # group, term1, term2, correlation
+    residual_variance: float
+    sigma: float
+    loglik: float
+    deviance: float
+    reml_criterion: float | None
+    aic: float
+    bic: float
+    npar: int
+    converged: bool
+    singular: bool
+    optimizer: OptSummary
+    ranef: pl.DataFrame  # group, level, term, estimate, cond_sd
+    theta: np.ndarray
+    rows_dropped: int = 0
+    stats: Statistics | None = field(default=None, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+    df_method: str | None = None
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, stats: Statistics, obj: Objective, dec: Decomposition,
+              opt: OptSummary) -> FitResult:
+        reml = obj.reml
+        sigma = obj.sigma(dec)
+        s2 = sigma**2
+        p = stats.p
+        vcov = s2 * linalg.cho_solve((dec.rx, False), np.eye(p))
+        se = np.sqrt(np.diag(vcov))
+        fixed = pl.DataFrame({
+            "term": stats.fixed_names, "estimate": dec.beta, "std_error": se,
+            "t_value": dec.beta / se, "df": [None] * p, "p_value": [None] * p,
+        }, schema={"term": pl.Utf8, "estimate": pl.Float64, "std_error": pl.Float64,
+                   "t_value": pl.Float64, "df": pl.Float64, "p_value": pl.Float64})
+
+        T = dec.T
+        cov = s2 * T @ T.T
+        names = stats.random_names
+        rand = pl.DataFrame({"group": [stats.group] * stats.q, "term": names,
+                             "variance": np.diag(cov), "std_dev": np.sqrt(np.diag(cov))})
+        corr_rows = []
+        for start, size in stats.blocks:
+            for a in range(start, start + size):
+                for b in range(a + 1, start + size):
+                    denom = math.sqrt(cov[a, a] * cov[b, b])
+                    corr = cov[a, b] / denom if denom > 0 else float("nan")
+                    corr_rows.append((stats.group, names[a], names[b], corr))
+        corrs = pl.DataFrame(corr_rows, schema={"group": pl.Utf8, "term1": pl.Utf8,
+                                                "term2": pl.Utf8, "correlation": pl.Float64},
+                             orient="row")
+
+        dev = obj.deviance_of(dec)
+        npar = p + len(dec.theta) + 1
+        theta = np.asarray(dec.theta)
+        singular = bool(np.any(theta[obj.theta_map.diagonal] < SINGULAR_TOL))
+        return cls(
+            formula=stats.formula, method="REML" if reml else "ML", nobs=stats.n,
+            groups={stats.group: stats.m}, fixed_effects=fixed, vcov=vcov,
+            random_effects=rand, random_correlations=corrs, residual_variance=s2, sigma=sigma,
+            loglik=-dev / 2, deviance=dev, reml_criterion=dev if reml else None,
+            aic=dev + 2 * npar, bic=dev + npar * math.log(stats.n), npar=npar,
+            converged=opt.converged, singular=singular, optimizer=opt,
+            ranef=_conditional_modes(stats, dec, sigma), theta=theta,
+            rows_dropped=stats.rows_dropped, stats=stats)
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def coef(self) -> dict[str, float]:
+        return dict(zip(self.fixed_effects["term"], self.fixed_effects["estimate"]))
+
+    # ------------------------------------------------------------------ views
+    def to_dict(self) -> dict:
+        def rows(df: pl.DataFrame) -> list[dict]:
+            return [{k: _clean(v) for k, v in r.items()} for r in df.iter_rows(named=True)]
+
+        out = {
+            "formula": self.formula, "method": self.method, "nobs": self.nobs,
+            "groups": self.groups, "fixed_effects": rows(self.fixed_effects),
+            "df_method": self.df_method,
+            "random_effects": rows(self.random_effects),
+            "random_correlations": rows(self.random_correlations),
+            "residual_variance": self.residual_variance, "sigma": self.sigma,
+            "loglik": self.loglik, "deviance": self.deviance,
+            "reml_criterion": self.reml_criterion, "aic": self.aic, "bic": self.bic,
+            "npar": self.npar, "converged": self.converged, "singular": self.singular,
+            "theta": self.theta.tolist(), "rows_dropped": self.rows_dropped,
+            "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()},
+        }
+        return out
+
+    def write(self, out_dir: str | os.PathLike[str], *, config: dict | None = None) -> Path:
+        """Write result.json, ranef.parquet (and config.toml) into `out_dir`.
+
+        Files are staged in a temporary folder beside `out_dir` and moved into place only
+        when all of them were written, so an error never leaves half-written outputs.
+        """
+        from .config import dump_toml
+
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            (stage / "result.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            self.ranef.write_parquet(stage / "ranef.parquet")
+            if config is not None:
+                (stage / "config.toml").write_text(dump_toml(config))
+            out.mkdir(exist_ok=True)
+            for f in stage.iterdir():
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return out
+
+    def summary(self) -> str:
+        return render_summary(self)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, np.floating):
+        return _clean(float(v))
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _conditional_modes(stats: Statistics, dec: Decomposition, sigma: float) -> pl.DataFrame:
+    """b_i = T L_i⁻ᵀ (c_u,i − R_ZX,i β̂); Var(b_i | y) = σ² T (L_i L_i')⁻¹ T'."""
+    q, L, T = stats.q, dec.L, dec.T
+    r = dec.cu - np.tensordot(dec.beta, dec.rzx, axes=(0, 1))  # (q, m)
+    u = np.empty_like(r)
+    for i in reversed(range(q)):
+        acc = r[i]
+        for k in range(i + 1, q):
+            acc = acc - L[k][i] * u[k]
+        u[i] = acc / L[i][i]
+    b = np.tensordot(T, u, axes=(1, 0))
+    # B = L⁻¹ T' column by column; Var(b_j) = σ² Σ_k B[k, j]²
+    var = np.zeros_like(r)
+    for j in range(q):
+        col = []
+        for i in range(q):
+            acc = np.full(stats.m, T[j, i])
+            for k in range(i):
+                acc = acc - L[i][k] * col[k]
+            col.append(acc / L[i][i])
+        var[j] = sigma**2 * sum(c * c for c in col)
+    m = stats.m
+    return pl.DataFrame({
+        "group": [stats.group] * (m * q),
+        "level": np.tile(stats.levels.astype(str), q),
+        "term": np.repeat(np.asarray(stats.random_names, dtype=object), m).astype(str),
+        "estimate": b.reshape(-1), "cond_sd": np.sqrt(var).reshape(-1),
+    })
+
+
+# ---------------------------------------------------------------------- the printed summary
+
+def _table(header: list[str], rows: list[list[str]], align_left: int = 1) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    out = []
+    for row in [header] + rows:
+        cells = [str(c).ljust(w) if i < align_left else str(c).rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        out.append(" " + " ".join(cells).rstrip())
+    return out
+
+
+def render_summary(r: FitResult) -> str:
+    lines = [f"Linear mixed model fit by {'REML' if r.method == 'REML' else 'maximum likelihood'}"
+             f" (mlpipe)", f"Formula: {r.formula}", ""]
+    if r.method == "REML":
+        lines.append(f"REML criterion at convergence: {r.reml_criterion:.4f}")
+    else:
+        lines += _table(["AIC", "BIC", "logLik", "deviance", "df.resid"],
+                        [[f"{r.aic:.1f}", f"{r.bic:.1f}", f"{r.loglik:.1f}",
+                          f"{r.deviance:.1f}", str(r.nobs - r.npar)]], align_left=0)
+    lines += ["", "Random effects:"]
+    corr = {(c["term1"], c["term2"]): c["correlation"]
+            for c in r.random_correlations.iter_rows(named=True)}
+    terms = r.random_effects["term"].to_list()
+    rows = []
+    for i, row in enumerate(r.random_effects.iter_rows(named=True)):
+        cors = [f"{corr[(t, row['term'])]:.2f}" if (t, row["term"]) in corr else ""
+                for t in terms[:i]]
+        while cors and cors[-1] == "":
+            cors.pop()
+        rows.append([row["group"] if i == 0 else "", row["term"], f"{row['variance']:.4g}",
+                     f"{row['std_dev']:.4g}", " ".join(cors)])
+    rows.append(["Residual", "", f"{r.residual_variance:.4g}", f"{r.sigma:.4g}", ""])
+    lines += _table(["Groups", "Name", "Variance", "Std.Dev.", "Corr"], rows, align_left=2)
+    groups = ", ".join(f"{g}, {n}" for g, n in r.groups.items())
+    lines.append(f"Number of obs: {r.nobs}, groups:  {groups}")
+    if r.rows_dropped:
+        lines.append(f"({r.rows_dropped} rows with missing values dropped)")
+    lines += ["", "Fixed effects:"]
+    has_df = r.fixed_effects["df"].null_count() < r.fixed_effects.height
+    header = ["", "Estimate", "Std. Error"] + (["df"] if has_df else []) + ["t value"] + \
+        (["Pr(>|t|)"] if has_df else [])
+    rows = []
+    for fe in r.fixed_effects.iter_rows(named=True):
+        row = [fe["term"], f"{fe['estimate']:.4g}", f"{fe['std_error']:.4g}"]
+        if has_df:
+            row.append(f"{fe['df']:.1f}" if fe["df"] is not None else "NA")
+        row.append(f"{fe['t_value']:.3f}")
+        if has_df:
+            row.append(f"{fe['p_value']:.3g}" if fe["p_value"] is not None else "NA")
+        rows.append(row)
+    lines += _table(header, rows)
+    if r.df_method:
+        lines.append(f"(degrees of freedom: {r.df_method})")
+    if r.singular:
+        lines += ["", "boundary (singular) fit: a variance component is estimated as zero"]
+    if not r.converged:
+        lines += ["", "WARNING: the optimizer did not converge: "
+                  + "; ".join([r.optimizer.return_code] + r.optimizer.messages)]
+    return "\n".join(lines)

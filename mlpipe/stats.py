@@ -1,0 +1,248 @@
+"""Stage 2b: the sufficient statistics of a linear mixed model, built by one DuckDB scan.
+
+For one grouping factor with m levels, q random effects and p fixed effects the Gaussian
+likelihood depends on the data only through
+
+* per group i: n_i, Z_i'Z_i (q×q), Z_i'X_i (q×p), Z_i'y_i (q), y_i'y_i
+* totals:      n, X'X (p×p), X'y (p), y'y
+
+`Statistics` holds them (arrays of size O(m), never O(rows)); it can be saved to and loaded
+from Parquet and merged with the statistics of further partitions of the same model.
+Per-group arrays are stored "group last" — (q, q, m), (q, p, m), (q, m) — so the solver's
+small-matrix algebra runs elementwise over contiguous arrays of length m.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._sql import Source, connect, first_line, quote_ident, render
+from .design import Design, build_design, check_columns, discover_levels
+from .errors import DataError
+from .formula import parse_formula
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Statistics:
+    formula: str
+    response: str
+    fixed_names: list[str]
+    random_names: list[str]
+    blocks: list[tuple[int, int]]  # (start, size) of each correlated block of Z's columns
+    group: str
+    levels: np.ndarray  # (m,) strings, sorted as the grouping column sorts
+    n_i: np.ndarray  # (m,)
+    ztz: np.ndarray  # (q, q, m)
+    ztx: np.ndarray  # (q, p, m)
+    zty: np.ndarray  # (q, m)
+    yty_i: np.ndarray  # (m,)
+    xtx: np.ndarray  # (p, p)
+    xty: np.ndarray  # (p,)
+    yty: float
+    n: int
+    rows_read: int = 0
+    rows_dropped: int = 0
+    source: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def m(self) -> int:
+        return len(self.levels)
+
+    @property
+    def p(self) -> int:
+        return len(self.fixed_names)
+
+    @property
+    def q(self) -> int:
+        return len(self.random_names)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write to one Parquet file: a row per group, the totals in the file's metadata.
+
+        The file is written next to its destination and renamed into place, so a failure
+        never leaves a half-written file behind.
+        """
+        q, p = self.q, self.p
+        cols: dict[str, object] = {"level": pa.array(self.levels.astype(str)),
+                                   "n": self.n_i, "yty": self.yty_i}
+        for a in range(q):
+            cols[f"zty_{a}"] = self.zty[a]
+            for b in range(q):
+                cols[f"ztz_{a}_{b}"] = self.ztz[a, b]
+            for j in range(p):
+                cols[f"ztx_{a}_{j}"] = self.ztx[a, j]
+        meta = {
+            "format_version": FORMAT_VERSION, "formula": self.formula, "response": self.response,
+            "fixed_names": self.fixed_names, "random_names": self.random_names,
+            "blocks": self.blocks, "group": self.group, "xtx": self.xtx.tolist(),
+            "xty": self.xty.tolist(), "yty": self.yty, "n": self.n, "rows_read": self.rows_read,
+            "rows_dropped": self.rows_dropped, "source": self.source,
+        }
+        table = pa.table(cols).replace_schema_metadata({"mlpipe": json.dumps(meta)})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Statistics:
+        try:
+            table = pq.read_table(path)
+            meta = json.loads(table.schema.metadata[b"mlpipe"])
+        except FileNotFoundError:
+            raise DataError(f"statistics file not found: {path}") from None
+        except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{path} is not an mlpipe statistics file ({first_line(exc)})") \
+                from None
+        p, q = len(meta["fixed_names"]), len(meta["random_names"])
+        col = lambda name: table.column(name).to_numpy().astype(float)  # noqa: E731
+        m = table.num_rows
+        ztz = np.empty((q, q, m))
+        ztx = np.empty((q, p, m))
+        zty = np.empty((q, m))
+        for a in range(q):
+            zty[a] = col(f"zty_{a}")
+            for b in range(q):
+                ztz[a, b] = col(f"ztz_{a}_{b}")
+            for j in range(p):
+                ztx[a, j] = col(f"ztx_{a}_{j}")
+        return cls(meta["formula"], meta["response"], meta["fixed_names"], meta["random_names"],
+                   [tuple(b) for b in meta["blocks"]], meta["group"],
+                   np.asarray(table.column("level").to_pylist(), dtype=object), col("n"), ztz,
+                   ztx, zty, col("yty"), np.asarray(meta["xtx"]), np.asarray(meta["xty"]),
+                   float(meta["yty"]), int(meta["n"]), int(meta["rows_read"]),
+                   int(meta["rows_dropped"]), meta.get("source", ""))
+
+
+# ---------------------------------------------------------------------- the statistics pass
+
+class _Moments:
+    """Numbers the distinct SQL columns of [X Z y] and names the pairwise sums."""
+
+    def __init__(self, design: Design):
+        self.exprs: list[str] = []  # index k+1 <-> exprs[k]; index 0 is the constant 1
+        self.x = [self.index(c.sql) for c in design.fixed]
+        self.z = [self.index(c.sql) for c in design.random]
+        self.y = self.index(design.response.sql)
+
+    def index(self, sql: str | None) -> int:
+        if sql is None:
+            return 0
+        if sql not in self.exprs:
+            self.exprs.append(sql)
+        return self.exprs.index(sql) + 1
+
+    @staticmethod
+    def name(i: int, j: int) -> str:
+        i, j = min(i, j), max(i, j)
+        return "n" if (i, j) == (0, 0) else f"s_{i}_{j}"
+
+    def pairs(self) -> list[tuple[int, int]]:
+        wanted = {(min(a, b), max(a, b)) for a in self.z for b in self.z + self.x + [self.y]}
+        wanted |= {(min(a, b), max(a, b)) for a in self.x for b in self.x + [self.y]}
+        wanted.add((self.y, self.y))
+        return sorted(wanted - {(0, 0)})
+
+    def sum_sql(self, i: int, j: int) -> str:
+        a, b = min(i, j), max(i, j)
+        body = f"c{b}" if a == 0 else f"c{a} * c{b}"
+        return f"sum({body}) AS {self.name(a, b)}"
+
+
+def compute_statistics(data: str | os.PathLike[str], formula: str, *,
+                       memory_limit: str | None = None, threads: int | None = None,
+                       temp_directory: str | None = None) -> Statistics:
+    """One streaming DuckDB pass over `data` → the model's `Statistics`."""
+    import time
+
+    t0 = time.perf_counter()
+    parsed = parse_formula(formula)
+    source = Source(data)
+    con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
+    try:
+        schema = source.schema(con)
+        check_columns(parsed, schema)
+        levels = discover_levels(con, source, parsed, schema)
+        design = build_design(parsed, schema, levels)
+        t1 = time.perf_counter()
+        stats = _run_moments(con, source, design)
+        stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
+    finally:
+        con.close()
+    return stats
+
+
+def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design) -> Statistics:
+    mom = _Moments(design)
+    pairs = mom.pairs()
+    columns = ",\n        ".join(f"{sql} AS c{k + 1}" for k, sql in enumerate(mom.exprs))
+    sums = ",\n    ".join(mom.sum_sql(i, j) for i, j in pairs)
+    params = {**source.params, **design.params}
+    sql = render("group_moments", sums=sums, group=quote_ident(design.group),
+                 columns=columns or "1 AS c_unused", source=source.relation,
+                 complete=design.complete_sql)
+    try:
+        con.execute(sql, params)
+        total_rows = con.execute(render("count_rows", source=source.relation),
+                                 source.params).fetchone()[0]
+    except duckdb.Error as exc:
+        raise DataError(f"cannot read {source.path}: {first_line(exc)}") from None
+
+    z_pairs = sorted({(min(a, b), max(a, b)) for a in mom.z for b in mom.z + mom.x + [mom.y]}
+                     | {(mom.y, mom.y)})
+    z_cols = ", ".join(mom.name(i, j) for i, j in z_pairs if (i, j) != (0, 0))
+    per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
+    tot_sql = render("totals", sums=", ".join(f"sum({mom.name(i, j)})"
+                                              for i, j in [(0, 0)] + pairs))
+    totals = dict(zip([(0, 0)] + pairs, con.execute(tot_sql).fetchone()))
+
+    m = len(per_group["n"])
+    n = int(totals[(0, 0)] or 0)
+    if m == 0 or n == 0:
+        raise DataError(f"no rows left after dropping rows with missing values "
+                        f"({total_rows} rows read, all dropped)")
+    if any(v is None for v in totals.values()):
+        raise DataError("a model column is entirely missing")
+
+    def group_col(i: int, j: int) -> np.ndarray:
+        return np.asarray(per_group[mom.name(i, j)], dtype=float)
+
+    q, p = len(mom.z), len(mom.x)
+    ztz = np.empty((q, q, m))
+    ztx = np.empty((q, p, m))
+    zty = np.empty((q, m))
+    for a, ia in enumerate(mom.z):
+        zty[a] = group_col(ia, mom.y)
+        for b, ib in enumerate(mom.z):
+            ztz[a, b] = group_col(ia, ib)
+        for j, ij in enumerate(mom.x):
+            ztx[a, j] = group_col(ia, ij)
+    tot = lambda i, j: float(totals[(min(i, j), max(i, j))])  # noqa: E731
+    xtx = np.array([[tot(i, j) for j in mom.x] for i in mom.x])
+    xty = np.array([tot(i, mom.y) for i in mom.x])
+    n_i = np.asarray(per_group["n"], dtype=float)
+    return Statistics(
+        formula=design.formula.text, response=design.response.name,
+        fixed_names=[c.name for c in design.fixed], random_names=[c.name for c in design.random],
+        blocks=[(b.start, b.size) for b in design.blocks], group=design.group,
+        levels=np.asarray(per_group["level"], dtype=object), n_i=n_i,
+        ztz=ztz, ztx=ztx, zty=zty, yty_i=group_col(mom.y, mom.y), xtx=xtx, xty=xty,
+        yty=tot(mom.y, mom.y), n=n, rows_read=int(total_rows), rows_dropped=int(total_rows) - n,
+        source=source.path)
+

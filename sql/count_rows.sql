@@ -1,0 +1,2 @@
+-- All rows of the source (answered from Parquet metadata where possible).
+SELECT count(*) FROM {source}

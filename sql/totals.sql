@@ -1,0 +1,3 @@
+-- Totals over all groups: n, X'X, X'y, y'y (and every other cross-product).
+SELECT {sums}
+FROM group_moments
