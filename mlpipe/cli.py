@@ -1,0 +1,148 @@
+"""The `mlpipe` command line.
+
+    mlpipe fit DATA --formula F [--ml] [--out DIR]      fit, print the summary, write outputs
+    mlpipe fit --config configs/x.toml                 the same from a config file
+    mlpipe fit --stats S.parquet [--ml] [--out DIR]    refit from saved statistics
+    mlpipe stats DATA --formula F --out S.parquet      the statistics pass alone
+    mlpipe simulate OUT_DIR [--rows N --groups M]      a synthetic Parquet panel
+
+Exit codes: 0 success, 2 bad input (one line on stderr, nothing half-written), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import InputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as for any other bad input
+        raise InputError(message)
+
+
+def _add_duckdb_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-limit", help="DuckDB memory limit, e.g. 4GB (spills beyond it)")
+    p.add_argument("--threads", type=int, help="DuckDB worker threads")
+    p.add_argument("--temp-directory", help="where DuckDB spills when over the memory limit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mlpipe", description="Multilevel models from sufficient statistics")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    f = sub.add_parser("fit", help="fit a linear mixed model")
+    f.add_argument("data", nargs="?", help="Parquet file, directory or glob, or CSV")
+    f.add_argument("--formula", "-f", help='lme4 formula, e.g. "y ~ x + (1 | g)"')
+    f.add_argument("--config", "-c", help="a TOML config (see configs/)")
+    f.add_argument("--stats", help="refit from a statistics file written by `mlpipe stats`")
+    f.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
+    f.add_argument("--out", "-o", help="write result.json, ranef.parquet, config.toml here")
+    f.add_argument("--quiet", "-q", action="store_true", help="do not print the summary")
+    _add_duckdb_options(f)
+
+    s = sub.add_parser("stats", help="build and save the sufficient statistics")
+    s.add_argument("data")
+    s.add_argument("--formula", "-f", required=True)
+    s.add_argument("--out", "-o", required=True, help="statistics file (.parquet)")
+    _add_duckdb_options(s)
+
+    sim = sub.add_parser("simulate", help="write a synthetic partitioned Parquet panel")
+    sim.add_argument("out", help="output directory")
+    sim.add_argument("--rows", type=int, default=1_000_000)
+    sim.add_argument("--groups", type=int, default=10_000)
+    sim.add_argument("--partitions", type=int, default=8)
+    sim.add_argument("--seed", type=int, default=1)
+    return parser
+
+
+def _resolve_fit(args: argparse.Namespace) -> dict:
+    from .config import load_config
+
+    cfg: dict = load_config(args.config) if args.config else {}
+    if args.data:
+        cfg["data"] = args.data
+    if args.formula:
+        cfg["formula"] = args.formula
+    if args.stats:
+        cfg["stats"] = args.stats
+    if args.ml:
+        cfg["method"] = "ML"
+    if args.out:
+        cfg["out"] = args.out
+    duck = dict(cfg.get("duckdb", {}))
+    for key in ("memory_limit", "threads", "temp_directory"):
+        if getattr(args, key) is not None:
+            duck[key] = getattr(args, key)
+    if duck:
+        cfg["duckdb"] = duck
+    cfg["method"] = str(cfg.get("method", "REML")).upper()
+    if not cfg.get("stats") and not (cfg.get("data") and cfg.get("formula")):
+        raise InputError("fit needs DATA and --formula, --stats, or a --config naming them")
+    return cfg
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .model import fit
+
+    cfg = _resolve_fit(args)
+    duck = cfg.get("duckdb", {})
+    result = fit(cfg.get("data"), cfg.get("formula"), method=cfg["method"],
+                 stats=cfg.get("stats"), **duck)
+    if not args.quiet:
+        print(result.summary())
+    if cfg.get("out"):
+        result.write(cfg["out"], config=cfg)
+        if not args.quiet:
+            print(f"\nwrote {os.path.join(cfg['out'], 'result.json')} and ranef.parquet")
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .stats import compute_statistics
+
+    stats = compute_statistics(args.data, args.formula, memory_limit=args.memory_limit,
+                               threads=args.threads, temp_directory=args.temp_directory)
+    stats.save(args.out)
+    print(f"wrote statistics for {stats.m} groups of {stats.group!r} ({stats.n} rows used, "
+          f"{stats.rows_dropped} dropped) to {args.out}")
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import simulate
+
+    truth = simulate(args.out, rows=args.rows, groups=args.groups,
+                     partitions=args.partitions, seed=args.seed)
+    print(f"wrote {args.rows} rows in {args.groups} groups to {args.out}; truth: {truth}")
+    return EXIT_OK
+
+
+COMMANDS = {"fit": cmd_fit, "stats": cmd_stats, "simulate": cmd_simulate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except InputError as exc:
+        print(f"mlpipe: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("mlpipe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if os.environ.get("MLPIPE_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"mlpipe: internal error: {type(exc).__name__}: {msg} "
+              f"(set MLPIPE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: the reference data shipped in tests/data and a cache of fitted models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import mlpipe
+
+DATA = Path(__file__).parent / "data"
+REFS = DATA / "lme4"
+
+#: the two-level reference cases and their data files
+TWO_LEVEL = ["dyestuff_null", "sleepstudy_rs", "sleepstudy_diag", "hsb_null", "hsb_ancova",
+             "hsb_means", "hsb_int_anc", "hsb_rc", "hsb_full"]
+DATA_FILE = {"dyestuff": "dyestuff.parquet", "sleepstudy": "sleepstudy.parquet",
+             "hsb82": "hsb82.parquet", "oxboys": "oxboys.parquet"}
+
+
+def reference(case: str) -> dict:
+    return json.loads((REFS / f"{case}.json").read_text())
+
+
+_cache: dict[tuple[str, str], mlpipe.FitResult] = {}
+
+
+def fitted(case: str, method: str) -> tuple[mlpipe.FitResult, dict]:
+    """Fit a reference case once per test session."""
+    ref = reference(case)
+    key = (case, method)
+    if key not in _cache:
+        _cache[key] = mlpipe.fit(DATA / DATA_FILE[ref["data"]], ref["formula"], method=method)
+    return _cache[key], ref[method.lower()]
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return DATA

@@ -1,0 +1,76 @@
+"""Every two-level reference model, REML and ML, against lme4 1.1-31 (tests/data/lme4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import TWO_LEVEL, fitted, reference
+
+CASES = [(c, m) for c in TWO_LEVEL + ["oxboys_growth"] for m in ("REML", "ML")]
+
+
+def _listify(x):
+    return x if isinstance(x, list) else [x]
+
+
+@pytest.mark.parametrize("case,method", CASES)
+def test_criterion(case, method):
+    res, ref = fitted(case, method)
+    assert res.converged
+    assert res.deviance == pytest.approx(ref["deviance_or_reml"], rel=1e-6)
+    assert res.loglik == pytest.approx(ref["loglik"], rel=1e-6)
+    assert res.aic == pytest.approx(ref["aic"], rel=1e-6)
+    assert res.bic == pytest.approx(ref["bic"], rel=1e-6)
+    assert res.nobs == ref["nobs"]
+    assert res.groups == ref["ngroups"]
+    assert res.singular == ref["singular"]
+
+
+@pytest.mark.parametrize("case,method", CASES)
+def test_fixed_effects(case, method):
+    res, ref = fitted(case, method)
+    fe = res.fixed_effects
+    assert fe["term"].to_list() == _listify(ref["fixed"]["term"])
+    se_ref = np.array(_listify(ref["fixed"]["se"]))
+    np.testing.assert_allclose(fe["estimate"].to_numpy(), _listify(ref["fixed"]["estimate"]),
+                               rtol=0, atol=1e-3 * se_ref.min())
+    np.testing.assert_allclose(fe["std_error"].to_numpy(), se_ref, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case,method", CASES)
+def test_variance_components(case, method):
+    res, ref = fitted(case, method)
+    sd = {r["term"]: r["std_dev"] for r in res.random_effects.iter_rows(named=True)}
+    cor = {(r["term1"], r["term2"]): r["correlation"]
+           for r in res.random_correlations.iter_rows(named=True)}
+    for row in ref["varcorr"]:
+        if row["grp"] == "Residual":
+            got = res.sigma
+        elif row["var2"] is None:
+            got = sd[row["var1"]]
+        else:
+            got = cor[(row["var1"], row["var2"])]
+        assert got == pytest.approx(row["sdcor"], rel=1e-3, abs=1e-4), row
+
+
+@pytest.mark.parametrize("case,method", CASES)
+def test_conditional_modes(case, method):
+    res, ref = fitted(case, method)
+    (re,) = ref["ranef"]
+    terms = _listify(re["terms"])
+    values = np.array(re["values"])
+    cond_sd = np.array(re["cond_sd"])
+    tab = res.ranef
+    for k, term in enumerate(terms):
+        sub = tab.filter(tab["term"] == term)
+        assert sub["level"].to_list() == re["levels"]
+        np.testing.assert_allclose(sub["estimate"].to_numpy(), values[:, k], rtol=0,
+                                   atol=1e-3 * cond_sd[:, k].min())
+        np.testing.assert_allclose(sub["cond_sd"].to_numpy(), cond_sd[:, k], rtol=1e-3)
+
+
+def test_reference_cases_cover_the_issue():
+    # every two-level model of the shared references is exercised above
+    for case in TWO_LEVEL:
+        assert reference(case)["reml"]["nobs"] > 0
