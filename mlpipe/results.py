@@ -118,6 +118,7 @@ class FitResult:
             "reml_criterion": self.reml_criterion, "aic": self.aic, "bic": self.bic,
             "npar": self.npar, "converged": self.converged, "singular": self.singular,
             "theta": self.theta.tolist(), "rows_dropped": self.rows_dropped,
+            "factor_levels": self.stats.factor_levels if self.stats is not None else {},
             "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()},
         }
         return out

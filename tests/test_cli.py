@@ -1,0 +1,107 @@
+"""The CLI contract: result.json / ranef.parquet, stats → fit --stats, configs, dropped rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlpipe.cli import main
+from mlpipe.stats import Statistics
+
+HSB = "tests/data/hsb82.parquet"
+FULL = "mAch ~ meanses*cses + sector*cses + (cses|school)"
+RESULT_KEYS = {"formula", "method", "nobs", "groups", "fixed_effects", "random_effects",
+               "random_correlations", "residual_variance", "loglik", "deviance",
+               "reml_criterion", "aic", "bic", "converged", "singular", "optimizer"}
+
+
+@pytest.fixture(scope="module")
+def full_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert main(["fit", HSB, "--formula", FULL, "--out", str(out), "-q"]) == 0
+    return out
+
+
+def test_result_json_contract(full_dir):
+    res = json.loads((full_dir / "result.json").read_text())
+    assert RESULT_KEYS <= set(res)
+    assert res["method"] == "REML" and res["nobs"] == 7185 and res["groups"] == {"school": 160}
+    assert res["loglik"] == pytest.approx(-res["reml_criterion"] / 2)
+    assert res["deviance"] == pytest.approx(-2 * res["loglik"])
+    fe = res["fixed_effects"][0]
+    assert set(fe) >= {"term", "estimate", "std_error", "t_value", "df", "p_value"}
+    assert res["random_correlations"][0]["term1"] == "(Intercept)"
+    assert res["random_correlations"][0]["correlation"] == pytest.approx(0.3909, abs=2e-3)
+    assert res["optimizer"]["final_objective"] == pytest.approx(46503.6628681261, rel=1e-8)
+
+
+def test_ranef_parquet_contract(full_dir):
+    ranef = pl.read_parquet(full_dir / "ranef.parquet")
+    assert ranef.columns == ["group", "level", "term", "estimate", "cond_sd"]
+    assert ranef.height == 2 * 160
+    assert ranef.schema["level"] == pl.Utf8 and ranef.schema["cond_sd"] == pl.Float64
+
+
+def test_stats_then_fit_from_stats(tmp_path, capsys):
+    s = tmp_path / "hsb.stats.parquet"
+    assert main(["stats", HSB, "--formula", FULL, "--out", str(s)]) == 0
+    stats = Statistics.load(s)
+    assert (stats.m, stats.p, stats.q, stats.n) == (160, 6, 2, 7185)
+    out = tmp_path / "refit"
+    assert main(["fit", "--stats", str(s), "--ml", "--out", str(out), "-q"]) == 0
+    res = json.loads((out / "result.json").read_text())
+    ref = json.loads(open("tests/data/lme4/hsb_full.json").read())["ml"]
+    assert res["method"] == "ML" and res["reml_criterion"] is None
+    assert res["deviance"] == pytest.approx(ref["deviance_or_reml"], rel=1e-6)
+
+
+def test_config_run_writes_resolved_config(tmp_path, capsys):
+    cfg = tmp_path / "m.toml"
+    out = tmp_path / "o"
+    cfg.write_text(f'data = "{HSB}"\nformula = "mAch ~ cses + (1|school)"\nout = "{out}"\n'
+                   '[duckdb]\nthreads = 1\nmemory_limit = "1GB"\n')
+    assert main(["fit", "--config", str(cfg), "--ml"]) == 0
+    printed = capsys.readouterr().out
+    assert "maximum likelihood" in printed and "cses" in printed
+    resolved = (out / "config.toml").read_text()
+    assert 'method = "ML"' in resolved and "threads = 1" in resolved
+    res = json.loads((out / "result.json").read_text())
+    assert res["loglik"] == pytest.approx(-23360.2059308377, rel=1e-8)
+
+
+def test_bad_config_key(tmp_path, capsys):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('data = "x"\nformla = "y ~ 1"\n')
+    assert main(["fit", "--config", str(cfg)]) == 2
+    assert "formla" in capsys.readouterr().err
+
+
+def test_rows_with_nulls_are_dropped_and_counted(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    n = 200
+    x = rng.normal(size=n)
+    y = 1 + x + rng.normal(size=20).repeat(10) + rng.normal(size=n)
+    mask = np.zeros(n, bool)
+    mask[[3, 50, 77]] = True
+    g = [f"g{i // 10}" for i in range(n)]
+    g_null = [None if i == 120 else v for i, v in enumerate(g)]
+    path = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"y": pa.array(np.where(mask, np.nan, y), mask=mask),
+                             "x": x, "g": g_null}), path)
+    out = tmp_path / "o"
+    assert main(["fit", str(path), "-f", "y ~ x + (1|g)", "--out", str(out)]) == 0
+    assert "(4 rows with missing values dropped)" in capsys.readouterr().out
+    res = json.loads((out / "result.json").read_text())
+    assert res["nobs"] == 196 and res["rows_dropped"] == 4
+
+
+def test_csv_input_matches_parquet(tmp_path, capsys):
+    assert main(["fit", "tests/data/hsb82.csv", "-f", "mAch ~ cses + (1|school)",
+                 "--out", str(tmp_path / "c"), "-q"]) == 0
+    res = json.loads((tmp_path / "c" / "result.json").read_text())
+    assert res["reml_criterion"] == pytest.approx(46723.9957062383, rel=1e-6)

@@ -1,0 +1,69 @@
+"""lme4 formula syntax → terms, with R's term algebra and naming."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlpipe.errors import FormulaError
+from mlpipe.formula import parse_formula
+
+
+def labels(f):
+    return [":".join(v.label for v in t) for t in f.fixed]
+
+
+def test_r_term_order_and_interaction_names():
+    f = parse_formula("mAch ~ meanses*cses + sector*cses + (cses|school)")
+    assert labels(f) == ["meanses", "cses", "sector", "meanses:cses", "cses:sector"]
+    assert f.intercept
+    (r,) = f.random
+    assert r.group == "school" and r.intercept and r.correlated
+    assert [v.label for t in r.terms for v in t] == ["cses"]
+
+
+@pytest.mark.parametrize("text,intercept", [
+    ("y ~ x + (1|g)", True), ("y ~ 0 + x + (1|g)", False), ("y ~ x - 1 + (1|g)", False),
+    ("y ~ -1 + x + (1|g)", False), ("y ~ 1 + x + (1|g)", True)])
+def test_intercept(text, intercept):
+    assert parse_formula(text).intercept is intercept
+
+
+def test_double_bar_splits_into_uncorrelated_terms():
+    f = parse_formula("Reaction ~ Days + (Days || Subject)")
+    assert [(r.intercept, len(r.terms)) for r in f.random] == [(True, 0), (False, 1)]
+
+
+def test_zero_plus_slope_only():
+    (r,) = parse_formula("y ~ x + (0 + x | g)").random
+    assert not r.intercept and len(r.terms) == 1
+
+
+def test_functions_and_I():
+    f = parse_formula("height ~ age + I(age^2) + log(w) + sqrt(v) + exp(u) + (age|Subject)")
+    assert labels(f) == ["age", "I(age^2)", "log(w)", "sqrt(v)", "exp(u)"]
+    assert "power(" in f.fixed[1][0].expr.sql()
+    assert f.fixed[2][0].expr.sql().startswith("ln(")
+
+
+def test_nesting_slash_and_colon():
+    f = parse_formula("y ~ a/b + c:d + (1|g)")
+    assert labels(f) == ["a", "a:b", "c:d"]
+
+
+def test_minus_removes_terms():
+    assert labels(parse_formula("y ~ a*b - a:b + (1|g)")) == ["a", "b"]
+
+
+def test_backticks_and_columns():
+    f = parse_formula("`my y` ~ `a b` + (1 | `the g`)")
+    assert f.columns() == ["my y", "a b", "the g"]
+
+
+@pytest.mark.parametrize("text,piece", [
+    ("y ~", "missing predictors"), ("~ x", "missing response"),
+    ("y ~ x + (1|g", "end of formula"), ("y ~ 2 + (1|g)", "'2'"),
+    ("y ~ x + (0|g)", "no effects"), ("y ~ x + (1|a/b)", "not supported yet")])
+def test_errors_name_the_piece(text, piece):
+    with pytest.raises(FormulaError, match=None) as e:
+        parse_formula(text)
+    assert piece in str(e.value)
