@@ -56,12 +56,56 @@ class Design:
     group: str | None
     params: dict[str, object] = field(default_factory=dict)
     levels: dict[str, list] = field(default_factory=dict)
+    aggregates: Aggregates | None = None
 
     @property
     def complete_sql(self) -> str:
         """The WHERE clause that keeps rows with no null in any used column."""
         cols = self.formula.columns()
         return " AND ".join(f"{quote_ident(c)} IS NOT NULL" for c in cols) or "TRUE"
+
+
+class Aggregates:
+    """center(x), center(x, by=g) and group_mean(x, by=g): grand and group means computed by
+    a pre-aggregation over the model's complete rows, joined into the statistics pass."""
+
+    def __init__(self, formula: Formula):
+        self.refs: dict[Expr, str] = {}
+        self.tables: dict[str | None, list[tuple[str, str]]] = {}  # by -> [(alias, arg sql)]
+        for k, call in enumerate(formula.aggregates()):
+            arg = call.args[0]
+            if arg.aggregates():
+                raise FormulaError(f"{call.deparse()}: center()/group_mean() cannot be nested")
+            alias = f"__mlpipe_a{k}"
+            by = call.by
+            self.tables.setdefault(by, []).append((alias, arg.sql()))
+            ref = f"{self.table_name(by)}.{alias}"
+            self.refs[call] = f"({arg.sql()} - {ref})" if call.value == "center" else ref
+
+    def table_name(self, by: str | None) -> str:
+        return "__mlpipe_all" if by is None else f"__mlpipe_by{list(self.tables).index(by)}"
+
+    def ctes(self, source: str, complete: str) -> str:
+        """`WITH ...` clauses of the means (empty when the formula has none)."""
+        parts = []
+        for by, cols in self.tables.items():
+            means = ", ".join(f"avg({sql}) AS {alias}" for alias, sql in cols)
+            if by is None:
+                parts.append(f"{self.table_name(by)} AS (SELECT {means} FROM {source} "
+                             f"WHERE {complete})")
+            else:
+                key = quote_ident(by)
+                parts.append(f"{self.table_name(by)} AS (SELECT {key} AS __mlpipe_key, "
+                             f"{means} FROM {source} WHERE {complete} GROUP BY {key})")
+        return ("WITH " + ",\n     ".join(parts)) if parts else ""
+
+    def joins(self) -> str:
+        out = []
+        for by in self.tables:
+            t = self.table_name(by)
+            out.append(f"CROSS JOIN {t}" if by is None else
+                       f"JOIN {t} ON {t}.__mlpipe_key = src.{quote_ident(by)}")
+        return ("\n    " + "\n    ".join(out)) if out else ""
 
 
 def check_columns(formula: Formula, schema: dict[str, str]) -> None:
@@ -113,8 +157,10 @@ def _all_terms(formula: Formula) -> list[Term]:
 class _Coder:
     """Turns terms into columns, with treatment coding of categorical variables."""
 
-    def __init__(self, schema: dict[str, str], levels: dict[str, list]):
+    def __init__(self, schema: dict[str, str], levels: dict[str, list],
+                 aggregates: Aggregates):
         self.schema = schema
+        self.aggregates = aggregates
         self.levels = levels
         self.params: dict[str, object] = {}
         self._param_of: dict[tuple[str, object], str] = {}
@@ -130,7 +176,7 @@ class _Coder:
     def variable_columns(self, var: Variable, full: bool) -> list[tuple[str, str]]:
         col = var.column
         if col is None or not is_categorical(self.schema[col]):
-            return [(var.label, var.expr.sql())]
+            return [(var.label, var.expr.sql(self.aggregates.refs))]
         levels = self.levels[col]
         if len(levels) < 2 and not full:
             raise DataError(f"categorical predictor {col!r} has fewer than 2 levels "
@@ -179,8 +225,9 @@ def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, lis
     if len(groups) > 1:
         raise FormulaError(f"random effects on more than one grouping factor "
                            f"({', '.join(groups)}) are not supported yet; use one factor")
-    coder = _Coder(schema, levels)
-    response = Column(formula.response.deparse(), formula.response.sql())
+    aggregates = Aggregates(formula)
+    coder = _Coder(schema, levels, aggregates)
+    response = Column(formula.response.deparse(), formula.response.sql(aggregates.refs))
     fixed = coder.columns(formula.fixed, formula.intercept)
     if not fixed:
         raise FormulaError(f"formula {formula.text!r} has no fixed effects; keep the intercept "
@@ -195,5 +242,6 @@ def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, lis
                                    f"random terms")
         blocks.append(ReBlock(len(random), len(cols)))
         random += cols
-    return Design(formula, response, fixed, random, blocks, groups[0], coder.params, levels)
+    return Design(formula, response, fixed, random, blocks, groups[0], coder.params, levels,
+                  aggregates)
 

@@ -1,6 +1,8 @@
 -- Per-group sufficient statistics: sums of cross-products of the model columns [Z X y].
--- One streaming scan of the source; the result has one row per level of the grouping factor.
+-- One streaming scan of the source (plus one pre-aggregation per level of centering when the
+-- formula uses center() / group_mean()); one result row per level of the grouping factor.
 CREATE OR REPLACE TEMP TABLE group_moments AS
+{means}
 SELECT
     grp,
     count(*) AS n,
@@ -9,7 +11,7 @@ FROM (
     SELECT
         {group} AS grp,
         {columns}
-    FROM {source}
+    FROM {source} AS src{joins}
     WHERE {complete}
 ) AS model_frame
 GROUP BY grp
