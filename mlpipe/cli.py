@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--stats", help="refit from a statistics file written by `mlpipe stats`")
     f.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
     f.add_argument("--out", "-o", help="write result.json, ranef.parquet, config.toml here")
+    f.add_argument("--ddf", choices=["satterthwaite", "kenward-roger", "none"],
+                   help="denominator df for the fixed-effect tests (default satterthwaite)")
+    f.add_argument("--ci", choices=["wald", "profile", "none"],
+                   help="confidence intervals for fixed effects and variance components")
+    f.add_argument("--level", type=float, help="confidence level (default 0.95)")
     f.add_argument("--quiet", "-q", action="store_true", help="do not print the summary")
     _add_duckdb_options(f)
 
@@ -74,6 +79,9 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
         cfg["method"] = "ML"
     if args.out:
         cfg["out"] = args.out
+    for key in ("ddf", "ci", "level"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
     duck = dict(cfg.get("duckdb", {}))
     for key in ("memory_limit", "threads", "temp_directory"):
         if getattr(args, key) is not None:
@@ -92,7 +100,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     cfg = _resolve_fit(args)
     duck = cfg.get("duckdb", {})
     result = fit(cfg.get("data"), cfg.get("formula"), method=cfg["method"],
-                 stats=cfg.get("stats"), **duck)
+                 stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"),
+                 ci=cfg.get("ci"), level=float(cfg.get("level", 0.95)), **duck)
     if not args.quiet:
         print(result.summary())
     if cfg.get("out"):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-KEYS = {"data", "formula", "method", "out", "stats", "name", "duckdb"}
+KEYS = {"data", "formula", "method", "out", "stats", "name", "ddf", "ci", "level", "duckdb"}
 DUCKDB_KEYS = {"memory_limit", "threads", "temp_directory"}
 
 

@@ -10,8 +10,11 @@ import os
 import time
 
 import numpy as np
+import polars as pl
 
 from .errors import DataError, InputError
+from .inference import (check_ddf, kenward_roger, profile_intervals, satterthwaite,
+                        wald_intervals)
 from .objective import Objective
 from .optimize import optimize
 from .results import FitResult
@@ -22,13 +25,18 @@ METHODS = ("REML", "ML")
 
 def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, *,
         method: str = "REML", stats: Statistics | str | os.PathLike[str] | None = None,
+        ddf: str | None = "satterthwaite", ci: str | None = None, level: float = 0.95,
         memory_limit: str | None = None, threads: int | None = None,
         temp_directory: str | None = None) -> FitResult:
     """Fit a linear mixed model.
 
     Either `data` (Parquet file / directory / glob, or CSV) and an lme4 `formula`, or `stats`
     (a `Statistics` value or a saved statistics file) to refit without reading the data.
+    `ddf`: denominator degrees of freedom of the fixed-effect t tests ("satterthwaite",
+    "kenward-roger" or None); `ci`: confidence intervals ("wald", "profile" or None).
     """
+    ddf = check_ddf(ddf)
+    ci = check_ci(ci)
     method = _check_method(method)
     if stats is None:
         if data is None or formula is None:
@@ -39,20 +47,59 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         stats = Statistics.load(stats)
     if formula is not None and stats is not None and formula != stats.formula and data is None:
         raise InputError(f"the statistics were built for {stats.formula!r}, not {formula!r}")
-    return fit_statistics(stats, method=method)
+    return fit_statistics(stats, method=method, ddf=ddf, ci=ci, level=level)
 
 
-def fit_statistics(stats: Statistics, *, method: str = "REML") -> FitResult:
+def fit_statistics(stats: Statistics, *, method: str = "REML",
+                   ddf: str | None = "satterthwaite", ci: str | None = None,
+                   level: float = 0.95) -> FitResult:
     """Fit from sufficient statistics alone."""
     method = _check_method(method)
+    ddf, ci = check_ddf(ddf), check_ci(ci)
+    if ddf == "kenward-roger" and method != "REML":
+        raise InputError("Kenward-Roger degrees of freedom need a REML fit")
     validate(stats)
     t0 = time.perf_counter()
     obj = Objective(stats, reml=method == "REML")
     summary = optimize(obj)
     dec = obj.decompose(np.asarray(summary.final_theta))
     result = FitResult.build(stats, obj, dec, summary)
-    result.timings = {**stats.timings, "solve": time.perf_counter() - t0}
+    t1 = time.perf_counter()
+    add_inference(result, ddf=ddf, ci=ci, level=level)
+    result.timings = {**stats.timings, "solve": t1 - t0,
+                      "inference": time.perf_counter() - t1}
     return result
+
+
+def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
+                  level: float = 0.95) -> None:
+    """Fill df / p-values (and confidence intervals) of a fitted result."""
+    stats, reml = result.stats, result.method == "REML"
+    beta = result.fixed_effects["estimate"].to_numpy()
+    if ddf is not None:
+        if ddf == "kenward-roger":
+            res = kenward_roger(stats, result.theta, result.sigma, beta)
+        else:
+            res = satterthwaite(stats, result.theta, result.sigma, beta, reml=reml)
+        result.fixed_effects = result.fixed_effects.with_columns(
+            pl.Series("std_error", res.std_error), pl.Series("t_value", res.t_value),
+            pl.Series("df", res.df), pl.Series("p_value", res.p_value))
+        result.df_method = res.method
+    if ci == "wald":
+        result.confidence_intervals = wald_intervals(
+            stats, result.theta, result.sigma, beta,
+            result.fixed_effects["std_error"].to_numpy(), reml=reml, level=level)
+    elif ci == "profile":
+        result.confidence_intervals = profile_intervals(stats, level=level)
+    result.ci_level = level if ci else None
+
+
+def check_ci(ci: str | None) -> str | None:
+    if ci is None or str(ci).lower() in ("none", "no", "false"):
+        return None
+    if str(ci).lower() not in ("wald", "profile"):
+        raise InputError(f"ci must be wald, profile or none, not {ci!r}")
+    return str(ci).lower()
 
 
 def _check_method(method: str) -> str:

@@ -50,6 +50,8 @@ class FitResult:
     stats: Statistics | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
     df_method: str | None = None
+    confidence_intervals: pl.DataFrame | None = None  # parameter, estimate, lower, upper, method
+    ci_level: float | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -121,6 +123,9 @@ class FitResult:
             "factor_levels": self.stats.factor_levels if self.stats is not None else {},
             "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()},
         }
+        if self.confidence_intervals is not None:
+            out["confidence_intervals"] = {"level": self.ci_level,
+                                           "intervals": rows(self.confidence_intervals)}
         return out
 
     def write(self, out_dir: str | os.PathLike[str], *, config: dict | None = None) -> Path:
@@ -249,7 +254,14 @@ def render_summary(r: FitResult) -> str:
         rows.append(row)
     lines += _table(header, rows)
     if r.df_method:
-        lines.append(f"(degrees of freedom: {r.df_method})")
+        lines.append(f"(degrees of freedom and p-values: {r.df_method})")
+    if r.confidence_intervals is not None:
+        ci = r.confidence_intervals
+        method = ci["method"][0]
+        lines += ["", f"{method} confidence intervals ({100 * r.ci_level:g}%):"]
+        lines += _table(["", "estimate", "lower", "upper"],
+                        [[c["parameter"], f"{c['estimate']:.4g}", f"{c['lower']:.4g}",
+                          f"{c['upper']:.4g}"] for c in ci.iter_rows(named=True)])
     if r.singular:
         lines += ["", "boundary (singular) fit: a variance component is estimated as zero"]
     if not r.converged:

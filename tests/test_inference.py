@@ -1,0 +1,88 @@
+"""Satterthwaite / Kenward-Roger df and p-values, Wald and profile intervals vs lmerTest/lme4."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import mlpipe
+from conftest import DATA
+
+CASES = {"sleepstudy_rs": ("sleepstudy.parquet", "Reaction ~ Days + (Days|Subject)"),
+         "hsb_full": ("hsb82.parquet", "mAch ~ meanses*cses + sector*cses + (cses|school)")}
+
+
+def ref(case):
+    return json.loads((DATA / "lme4" / f"{case}_inference.json").read_text())
+
+
+def _p_close(got, want):
+    """p-values within 1e-3 relative, or 1e-12 absolute when tiny."""
+    for g, w in zip(got, want):
+        assert abs(g - w) <= max(1e-3 * w, 1e-12), (g, w)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    return request.param
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_satterthwaite(case_name):
+    data, formula = CASES[case_name]
+    res = mlpipe.fit(DATA / data, formula)  # Satterthwaite is the default for REML
+    r = ref(case_name)
+    fe = res.fixed_effects
+    assert res.df_method == "Satterthwaite"
+    np.testing.assert_allclose(fe["df"].to_numpy(), r["df_satterthwaite"], rtol=1e-2)
+    np.testing.assert_allclose(fe["t_value"].to_numpy(), r["t"], rtol=1e-3)
+    _p_close(fe["p_value"].to_numpy(), r["p_satterthwaite"])
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_kenward_roger(case_name):
+    data, formula = CASES[case_name]
+    res = mlpipe.fit(DATA / data, formula, ddf="kenward-roger")
+    r = ref(case_name)
+    fe = res.fixed_effects
+    assert res.df_method == "Kenward-Roger"
+    np.testing.assert_allclose(fe["df"].to_numpy(), r["df_kenward_roger"], rtol=1e-2)
+    _p_close(fe["p_value"].to_numpy(), r["p_kenward_roger"])
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_profile_intervals(case_name):
+    data, formula = CASES[case_name]
+    res = mlpipe.fit(DATA / data, formula, ci="profile")
+    r = ref(case_name)["profile_ci"]
+    ci = res.confidence_intervals
+    assert ci["parameter"].to_list() == r["param"]
+    for got, want in [(ci["lower"].to_numpy(), r["lower"]), (ci["upper"].to_numpy(), r["upper"])]:
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-9)
+
+
+def test_wald_intervals_and_json(tmp_path):
+    data, formula = CASES["sleepstudy_rs"]
+    res = mlpipe.fit(DATA / data, formula, ci="wald")
+    ci = {row["parameter"]: row for row in res.confidence_intervals.iter_rows(named=True)}
+    fe = {row["term"]: row for row in res.fixed_effects.iter_rows(named=True)}
+    days = ci["Days"]
+    assert days["lower"] == pytest.approx(fe["Days"]["estimate"] - 1.959964 * fe["Days"]["std_error"],
+                                          rel=1e-6)
+    # lme4's profile interval for sigma is [22.898, 28.858]; Wald is close to it
+    assert 22.0 < ci["sigma"]["lower"] < 23.2 and 28.2 < ci["sigma"]["upper"] < 29.2
+    assert -1.0 <= ci["cor_Days.(Intercept)|Subject"]["lower"] < 0
+    res.write(tmp_path / "o")
+    out = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert out["df_method"] == "Satterthwaite"
+    assert out["confidence_intervals"]["level"] == 0.95
+    assert len(out["confidence_intervals"]["intervals"]) == 6
+    assert out["fixed_effects"][1]["p_value"] == pytest.approx(3.26382446992738e-06, rel=1e-3)
+
+
+def test_kenward_roger_needs_reml():
+    data, formula = CASES["sleepstudy_rs"]
+    with pytest.raises(mlpipe.InputError, match="REML"):
+        mlpipe.fit(DATA / data, formula, method="ML", ddf="kenward-roger")
