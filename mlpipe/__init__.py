@@ -11,12 +11,15 @@ The pipeline, one module a stage:
     model.py      `fit()`, the glue
 """
 
+from .compare import Comparison, compare
 from .errors import DataError, FormulaError, InputError, MlpipeError
 from .formula import parse_formula
 from .model import fit, fit_statistics
 from .results import FitResult
 from .stats import Statistics, compute_statistics
+from .variance import icc, variance_explained
 
 __all__ = ["fit", "fit_statistics", "compute_statistics", "parse_formula", "Statistics",
-           "FitResult", "MlpipeError", "InputError", "FormulaError", "DataError"]
+           "FitResult", "MlpipeError", "InputError", "FormulaError", "DataError", "compare",
+           "Comparison", "icc", "variance_explained"]
 __version__ = "0.1.0"

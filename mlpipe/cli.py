@@ -5,6 +5,7 @@
     mlpipe fit --stats S.parquet [--ml] [--out DIR]    refit from saved statistics
     mlpipe stats DATA --formula F --out S.parquet      the statistics pass alone
     mlpipe simulate OUT_DIR [--rows N --groups M]      a synthetic Parquet panel
+    mlpipe compare A B ... [--out DIR]                 likelihood-ratio tests (lme4's anova)
 
 Exit codes: 0 success, 2 bad input (one line on stderr, nothing half-written), 1 internal error.
 """
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--groups", type=int, default=10_000)
     sim.add_argument("--partitions", type=int, default=8)
     sim.add_argument("--seed", type=int, default=1)
+
+    from .compare import add_cli as add_compare_cli
+
+    add_compare_cli(sub)
     return parser
 
 
@@ -131,7 +136,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"fit": cmd_fit, "stats": cmd_stats, "simulate": cmd_simulate}
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run
+
+    return run(args)
+
+
+COMMANDS = {"fit": cmd_fit, "stats": cmd_stats, "simulate": cmd_simulate,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from scipy import linalg
 from .objective import Decomposition, Objective
 from .optimize import SINGULAR_TOL, OptSummary
 from .stats import Statistics
+from .variance import icc_or_none
 
 
 @dataclass
@@ -122,6 +123,7 @@ class FitResult:
             "theta": self.theta.tolist(), "rows_dropped": self.rows_dropped,
             "factor_levels": self.stats.factor_levels if self.stats is not None else {},
             "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()},
+            "icc": icc_or_none(self),
         }
         if self.confidence_intervals is not None:
             out["confidence_intervals"] = {"level": self.ci_level,
