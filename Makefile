@@ -14,9 +14,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## the main job: fit the demo models on the shipped HSB data with the embedded DuckDB engine
+HSB_MODELS := hsb_null hsb_ancova hsb_means hsb_int_anc hsb_rc hsb_full
+
+## the main job: the HLM sequence of six two-level models on the shipped HSB data (DuckDB),
+## their comparison table and an HTML report, all under out/
 demo: $(STAMP)
-	$(BIN)/mlpipe fit --config configs/hsb_full.toml
+	@for m in $(HSB_MODELS); do \
+	  echo "=================== $$m"; \
+	  $(BIN)/mlpipe fit --config configs/$$m.toml || exit $$?; \
+	done
+	@echo "=================== model comparison"
+	$(BIN)/mlpipe compare $(addprefix out/,$(HSB_MODELS)) --out out/comparison
+	$(BIN)/mlpipe report $(addprefix out/,$(HSB_MODELS)) --out out/report.html
 
 ## the tests (slow ones excluded; `make test-slow` runs those)
 test: $(STAMP)

@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"mlpipe: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except BrokenPipeError:  # e.g. `mlpipe fit ... | head`
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("mlpipe: interrupted", file=sys.stderr)
         return 130

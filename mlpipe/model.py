@@ -19,6 +19,7 @@ from .objective import Objective
 from .optimize import optimize
 from .results import FitResult
 from .stats import Statistics, compute_statistics
+from .variance import icc_or_none
 
 METHODS = ("REML", "ML")
 
@@ -92,6 +93,7 @@ def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
     elif ci == "profile":
         result.confidence_intervals = profile_intervals(stats, level=level)
     result.ci_level = level if ci else None
+    result.icc = icc_or_none(result)
 
 
 def check_ci(ci: str | None) -> str | None:

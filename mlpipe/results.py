@@ -21,7 +21,6 @@ from scipy import linalg
 from .objective import Decomposition, Objective
 from .optimize import SINGULAR_TOL, OptSummary
 from .stats import Statistics
-from .variance import icc_or_none
 
 
 @dataclass
@@ -53,6 +52,7 @@ class FitResult:
     df_method: str | None = None
     confidence_intervals: pl.DataFrame | None = None  # parameter, estimate, lower, upper, method
     ci_level: float | None = None
+    icc: dict | None = None  # for a random-intercept-only model: icc, lower, upper, method
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -123,7 +123,7 @@ class FitResult:
             "theta": self.theta.tolist(), "rows_dropped": self.rows_dropped,
             "factor_levels": self.stats.factor_levels if self.stats is not None else {},
             "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()},
-            "icc": icc_or_none(self),
+            "icc": self.icc,
         }
         if self.confidence_intervals is not None:
             out["confidence_intervals"] = {"level": self.ci_level,
@@ -237,6 +237,9 @@ def render_summary(r: FitResult) -> str:
                      f"{row['std_dev']:.4g}", " ".join(cors)])
     rows.append(["Residual", "", f"{r.residual_variance:.4g}", f"{r.sigma:.4g}", ""])
     lines += _table(["Groups", "Name", "Variance", "Std.Dev.", "Corr"], rows, align_left=2)
+    if r.icc is not None:
+        lines.append(f"ICC: {r.icc['icc']:.4f} ({100 * r.icc['level']:g}% CI "
+                     f"{r.icc['lower']:.4f} to {r.icc['upper']:.4f}, {r.icc['method']})")
     groups = ", ".join(f"{g}, {n}" for g, n in r.groups.items())
     lines.append(f"Number of obs: {r.nobs}, groups:  {groups}")
     if r.rows_dropped:
