@@ -104,7 +104,7 @@ class Aggregates:
         for by in self.tables:
             t = self.table_name(by)
             out.append(f"CROSS JOIN {t}" if by is None else
-                       f"JOIN {t} ON {t}.__mlpipe_key = src.{quote_ident(by)}")
+                       f"LEFT JOIN {t} ON {t}.__mlpipe_key = src.{quote_ident(by)}")
         return ("\n    " + "\n    ".join(out)) if out else ""
 
 

@@ -205,10 +205,9 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
                  joins=aggs.joins())
     try:
         con.execute(sql, params)
-        total_rows = con.execute(render("count_rows", source=source.relation),
-                                 source.params).fetchone()[0]
     except duckdb.Error as exc:
-        raise DataError(f"cannot read {source.path}: {first_line(exc)}") from None
+        raise DataError(f"statistics pass over {source.path} failed: {first_line(exc)}") \
+            from None
 
     z_pairs = sorted({(min(a, b), max(a, b)) for a in mom.z for b in mom.z + mom.x + [mom.y]}
                      | {(mom.y, mom.y)})
@@ -216,7 +215,8 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
     per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
     tot_sql = render("totals", sums=", ".join(f"sum({mom.name(i, j)})"
                                               for i, j in [(0, 0)] + pairs))
-    totals = dict(zip([(0, 0)] + pairs, con.execute(tot_sql).fetchone()))
+    total_rows, *sums = con.execute(tot_sql).fetchone()
+    totals = dict(zip([(0, 0)] + pairs, sums))
 
     m = len(per_group["n"])
     n = int(totals[(0, 0)] or 0)

@@ -1,17 +1,20 @@
 -- Per-group sufficient statistics: sums of cross-products of the model columns [Z X y].
--- One streaming scan of the source (plus one pre-aggregation per level of centering when the
--- formula uses center() / group_mean()); one result row per level of the grouping factor.
+-- One streaming scan of the source (plus one pre-aggregation per level of centring when the
+-- formula uses center() / group_mean()). Rows are grouped by the grouping factor and by
+-- whether they are complete (no null in a used column), so the same scan also counts the rows
+-- the model drops; the incomplete groups are never read back.
 CREATE OR REPLACE TEMP TABLE group_moments AS
 {means}
 SELECT
     grp,
+    complete,
     count(*) AS n,
     {sums}
 FROM (
     SELECT
         {group} AS grp,
+        ({complete}) AS complete,
         {columns}
     FROM {source} AS src{joins}
-    WHERE {complete}
 ) AS model_frame
-GROUP BY grp
+GROUP BY grp, complete
