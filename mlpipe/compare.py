@@ -96,9 +96,9 @@ class Model:
 
         res = self.result
         if res is not None and getattr(res, "stats", None) is not None:
-            return fit_statistics(res.stats, method=method)
+            return fit_statistics(res.stats, method=method, ddf=None)
         if self.directory is not None and (self.directory / "stats.parquet").is_file():
-            return fit(stats=self.directory / "stats.parquet", method=method)
+            return fit(stats=self.directory / "stats.parquet", method=method, ddf=None)
         cfg = self.config
         where = f"result directory {self.directory}" if self.directory else f"model {self.name}"
         if not cfg:
@@ -106,11 +106,11 @@ class Model:
                              f"config.toml naming its data")
         duck = cfg.get("duckdb", {}) or {}
         if cfg.get("stats"):
-            return fit(stats=cfg["stats"], method=method)
+            return fit(stats=cfg["stats"], method=method, ddf=None)
         if not (cfg.get("data") and cfg.get("formula")):
             raise InputError(f"cannot refit {where} by {method}: its config names no data and "
                              f"formula")
-        return fit(cfg["data"], cfg["formula"], method=method, **duck)
+        return fit(cfg["data"], cfg["formula"], method=method, ddf=None, **duck)
 
 
 def load_model(source, name: str | None = None) -> Model:

@@ -131,7 +131,7 @@ class FitResult:
         return out
 
     def write(self, out_dir: str | os.PathLike[str], *, config: dict | None = None) -> Path:
-        """Write result.json, ranef.parquet (and config.toml) into `out_dir`.
+        """Write result.json, ranef.parquet, stats.parquet (and config.toml) into `out_dir`.
 
         Files are staged in a temporary folder beside `out_dir` and moved into place only
         when all of them were written, so an error never leaves half-written outputs.
@@ -144,6 +144,8 @@ class FitResult:
         try:
             (stage / "result.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
             self.ranef.write_parquet(stage / "ranef.parquet")
+            if self.stats is not None:  # O(groups): refits (ML, profiles) need no data reread
+                self.stats.save(stage / "stats.parquet")
             if config is not None:
                 (stage / "config.toml").write_text(dump_toml(config))
             out.mkdir(exist_ok=True)

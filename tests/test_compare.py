@@ -184,8 +184,11 @@ def test_result_dirs_are_refitted_from_their_config(fits, lrt, tmp_path):
     cmp = compare(dirs)
     assert cmp.models["name"].to_list() == ["hsb_null", "hsb_ancova"]
     _check_test(next(cmp.tests.iter_rows(named=True)), lrt["null_ancova"]["ml"])
-    # without a config the REML result cannot be refitted by ML
+    # without config.toml the saved statistics are enough for the ML refit ...
     (dirs[0] / "config.toml").unlink()
+    _check_test(next(compare(dirs).tests.iter_rows(named=True)), lrt["null_ancova"]["ml"])
+    # ... and with neither, a REML result cannot be refitted by ML
+    (dirs[0] / "stats.parquet").unlink()
     with pytest.raises(InputError, match="cannot refit"):
         compare(dirs)
 
