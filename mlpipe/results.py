@@ -195,13 +195,13 @@ def _conditional_modes(stats: Statistics, dec: Decomposition, sigma: float) -> p
                 acc = acc - L[i][k] * col[k]
             col.append(acc / L[i][i])
         var[j] = sigma**2 * sum(c * c for c in col)
-    m = stats.m
-    return pl.DataFrame({
-        "group": [stats.group] * (m * q),
-        "level": np.tile(stats.levels.astype(str), q),
-        "term": np.repeat(np.asarray(stats.random_names, dtype=object), m).astype(str),
-        "estimate": b.reshape(-1), "cond_sd": np.sqrt(var).reshape(-1),
-    })
+    levels = pl.Series("level", stats.levels, dtype=pl.Utf8)  # converted once
+    sd = np.sqrt(var)
+    return pl.concat([
+        pl.DataFrame({"level": levels, "estimate": b[j], "cond_sd": sd[j]}).select(
+            pl.lit(stats.group).alias("group"), "level", pl.lit(name).alias("term"),
+            "estimate", "cond_sd")
+        for j, name in enumerate(stats.random_names)])
 
 
 # ---------------------------------------------------------------------- the printed summary
