@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench install clean browser
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,9 +27,15 @@ demo: $(STAMP)
 	$(BIN)/mlpipe compare $(addprefix out/,$(HSB_MODELS)) --out out/comparison
 	$(BIN)/mlpipe report $(addprefix out/,$(HSB_MODELS)) --out out/report.html
 
-## the tests (slow ones excluded; `make test-slow` runs those)
-test: $(STAMP)
+## the tests (slow ones excluded; `make test-slow` runs those). The report test opens the HTML
+## in headless Chromium: installed from Debian's packages when missing and we are root.
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium could not be installed: the browser test will be skipped"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -6,6 +6,7 @@
     mlpipe stats DATA --formula F --out S.parquet      the statistics pass alone
     mlpipe simulate OUT_DIR [--rows N --groups M]      a synthetic Parquet panel
     mlpipe compare A B ... [--out DIR]                 likelihood-ratio tests (lme4's anova)
+    mlpipe report RESULT_DIR... --out FILE.html        a self-contained HTML report
 
 Exit codes: 0 success, 2 bad input (one line on stderr, nothing half-written), 1 internal error.
 """
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare import add_cli as add_compare_cli
 
     add_compare_cli(sub)
+
+    from .report import add_cli as add_report_cli
+
+    add_report_cli(sub)
     return parser
 
 
@@ -142,8 +147,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import cmd_report as run
+
+    return run(args)
+
+
 COMMANDS = {"fit": cmd_fit, "stats": cmd_stats, "simulate": cmd_simulate,
-            "compare": cmd_compare}
+            "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,333 @@
+"""`mlpipe report`: the HTML page, its plots and numbers, and how it renders in a browser."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import mlpipe
+from mlpipe import report as rp
+from mlpipe.errors import InputError
+
+DATA = Path(__file__).parent / "data"
+HSB = DATA / "hsb82.parquet"
+NULL = "mAch ~ 1 + (1|school)"
+RC = "mAch ~ cses + (cses|school)"
+FULL = "mAch ~ meanses*cses + sector*cses + (cses | school)"
+IMG = re.compile(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+#: mlpipe.predict adds a per-group residual SD plot to each model whose data is readable
+PREDICT = rp._optional("predict") is not None
+EXTRA = 1 if PREDICT else 0
+
+
+def _fit(out: Path, formula: str, data: Path | str = HSB) -> Path:
+    res = mlpipe.fit(str(HSB), formula)
+    return res.write(out, config={"data": str(data), "formula": formula, "method": "REML",
+                                  "out": str(out)})
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("fits")
+    return {"null": _fit(base / "null", NULL), "rc": _fit(base / "rc", RC)}
+
+
+@pytest.fixture(scope="module")
+def page(dirs, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    assert rp.report([dirs["null"], dirs["rc"]], out) == out
+    return out, out.read_text()
+
+
+def _png_size(b64: str) -> tuple[int, int]:
+    raw = base64.b64decode(b64)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", raw[16:24])
+
+
+# ---------------------------------------------------------------------- the page
+
+def test_sections_and_images(page):
+    path, text = page
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    for needle in ("Model comparison", "Likelihood-ratio tests", "Proportional reduction in variance",
+                   "Fixed effects", "Variance components", "Fit criteria", "Variance decomposition",
+                   "Intraclass correlation", "Conditional modes (caterpillar plot)",
+                   "Normal Q-Q plot", "Scaled residuals", "Group-specific regression lines",
+                   'id="model-1"', 'id="model-2"', "mAch ~ cses + (cses|school)"):
+        assert needle in text, needle
+    images = IMG.findall(text)
+    # null: caterpillar + Q-Q; rc: caterpillar + Q-Q + regression lines (+ residual SDs)
+    assert len(images) == 5 + 2 * EXTRA
+    for b64 in images:
+        w, h = _png_size(b64)
+        assert w > 200 and h > 200
+    assert "Skipped" not in text
+    assert not list(path.parent.glob(".*.tmp"))  # the atomic write left nothing behind
+
+
+def test_self_contained(page):
+    _, text = page
+    assert "<script" not in text and "<link" not in text
+    assert not re.search(r'(src|href)="(?!data:|#)', text)
+    assert "http://" not in text and "https://" not in text
+
+
+def test_numbers_on_the_page(page, dirs):
+    _, text = page
+    null = json.loads((dirs["null"] / "result.json").read_text())
+    tau = null["random_effects"][0]["variance"]
+    icc = tau / (tau + null["residual_variance"])
+    assert f"<b>{icc:.3f}</b>" in text  # 0.180, hsb82's textbook ICC
+    assert icc == pytest.approx(0.18, abs=0.005)
+    rc = json.loads((dirs["rc"] / "result.json").read_text())
+    assert f"{rc['fixed_effects'][1]['estimate']:.3f}" in text  # 2.193: cses
+    # the residual-variance reduction null -> rc, (σ²₀ − σ²₁)/σ²₀
+    red = (null["residual_variance"] - rc["residual_variance"]) / null["residual_variance"]
+    assert f"{red:.3g}" in text
+
+
+def test_single_model_has_no_comparison(dirs, tmp_path):
+    out = rp.report(dirs["null"], tmp_path / "one.html")
+    text = out.read_text()
+    assert "Model comparison" not in text and "Intraclass correlation" in text
+    assert len(IMG.findall(text)) == 2 + EXTRA
+    assert "Group-specific regression lines" not in text  # no random slope
+
+
+# ---------------------------------------------------------------------- the data passes
+
+def _numpy_fitted(run: rp.ModelRun, df: pl.DataFrame) -> np.ndarray:
+    """Xβ̂ + Zb̂ for the columns of the intercept / cses models, in plain numpy."""
+    fe = {r["term"]: r["estimate"] for r in run.result["fixed_effects"]}
+    wide = (run.ranef.pivot(on="term", index="level", values="estimate")
+            .rename({"(Intercept)": "b0", "cses": "b1"}, strict=False))
+    d = df.join(wide, left_on="school", right_on="level", how="left")
+    fitted = fe["(Intercept)"] + d["b0"].to_numpy()
+    if "cses" in fe:  # (cses | school): a random slope too
+        fitted = fitted + (fe["cses"] + d["b1"].to_numpy()) * d["cses"].to_numpy()
+    return fitted
+
+
+def test_residuals_match_numpy(dirs):
+    df = pl.read_parquet(HSB)
+    for name in ("null", "rc"):
+        run = rp.load_run(dirs[name])
+        resid, nrows = rp.residual_sample(run, sample_rows=100_000)  # > n: every row
+        assert nrows == df.height == len(resid)
+        expect = (df["mAch"].to_numpy() - _numpy_fitted(run, df)) / run.result["sigma"]
+        np.testing.assert_allclose(np.sort(resid), np.sort(expect), rtol=0, atol=1e-9)
+        small, _ = rp.residual_sample(run, sample_rows=500)  # a bounded sample
+        assert len(small) == 500 and np.all(np.isin(np.round(small, 9), np.round(expect, 9)))
+
+
+def test_group_lines_are_intercept_plus_slope(dirs):
+    run = rp.load_run(dirs["rc"])
+    assert rp.slope_variables(run) == ["cses"]
+    lines, pop, m, xcol = rp.group_lines(run, "cses", max_groups=50)
+    assert m == 160 and xcol == "cses"
+    assert 40 <= lines["level"].n_unique() <= 50
+    fe = {r["term"]: r["estimate"] for r in run.result["fixed_effects"]}
+    modes = run.ranef.pivot(on="term", index="level", values="estimate")
+    rng = (pl.read_parquet(HSB).group_by("school")
+           .agg(pl.col("cses").min().alias("lo"), pl.col("cses").max().alias("hi")))
+    check = (lines.join(modes, on="level").join(rng, left_on="level", right_on="school"))
+    a = fe["(Intercept)"] + check["(Intercept)"].to_numpy()
+    b = fe["cses"] + check["cses"].to_numpy()
+    np.testing.assert_allclose(check["yhat"].to_numpy(), a + b * check["x"].to_numpy(),
+                               atol=1e-9)
+    np.testing.assert_allclose(check["slope"].to_numpy(), b, atol=1e-12)
+    # each line spans its group's observed range of cses
+    span = check.group_by("level").agg(pl.col("x").min().alias("xmin"),
+                                       pl.col("x").max().alias("xmax"),
+                                       pl.col("lo").first(), pl.col("hi").first())
+    np.testing.assert_allclose(span["xmin"].to_numpy(), span["lo"].to_numpy(), atol=1e-9)
+    np.testing.assert_allclose(span["xmax"].to_numpy(), span["hi"].to_numpy(), atol=1e-9)
+    # the fixed-effects line over the overall range
+    x = pop["x"].to_numpy()
+    np.testing.assert_allclose(pop["yhat"].to_numpy(), fe["(Intercept)"] + fe["cses"] * x)
+
+
+def test_group_lines_hold_group_covariates_against_lme4(tmp_path):
+    """hsb_full: meanses and sector are constant within a school, so each school's line is
+    exactly its fitted values; lme4's fitted values of the first rows (school 1224) lie on it."""
+    run = rp.load_run(_fit(tmp_path / "full", FULL))
+    lines, _, m, _ = rp.group_lines(run, "cses", max_groups=1000)
+    assert lines["level"].n_unique() == m == 160
+    first = pl.read_parquet(HSB).head(20)
+    assert set(first["school"]) == {"1224"}
+    line = lines.filter(pl.col("level") == "1224").sort("x")
+    got = np.interp(first["cses"].to_numpy(), line["x"].to_numpy(), line["yhat"].to_numpy())
+    lme4 = json.loads((DATA / "lme4" / "hsb_full.json").read_text())["reml"]["fitted_head"]
+    np.testing.assert_allclose(got, lme4, rtol=0, atol=2e-3)
+
+
+def test_column_names_that_could_clash(tmp_path):
+    """Data columns named like the report's own SQL names (level, t, u0) still work."""
+    df = pl.read_parquet(HSB).rename({"school": "level", "cses": "t", "meanses": "u0"})
+    data = tmp_path / "renamed.parquet"
+    df.write_parquet(data)
+    formula = "mAch ~ u0 + t + (t | level)"
+    res = mlpipe.fit(str(data), formula)
+    out = res.write(tmp_path / "fit", config={"data": str(data), "formula": formula,
+                                              "method": "REML", "out": str(tmp_path / "fit")})
+    text = rp.report([out], tmp_path / "r.html").read_text()
+    assert "Skipped" not in text and len(IMG.findall(text)) == 3 + EXTRA
+    resid, _ = rp.residual_sample(rp.load_run(out), sample_rows=100_000)
+    assert abs(resid.mean()) < 1e-9  # REML residuals of a model with an intercept sum to ~0
+
+
+# ---------------------------------------------------------------------- degrading gracefully
+
+def test_missing_data_and_no_data(dirs, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(dirs["rc"], moved)
+    (moved / "config.toml").write_text(
+        (moved / "config.toml").read_text().replace(str(HSB), "nowhere/hsb.parquet"))
+    text = rp.report([moved], tmp_path / "moved.html").read_text()
+    assert "Skipped: training data" in text and "Skipped (cses): training data" in text
+    assert len(IMG.findall(text)) == 1  # the caterpillar plot needs no data
+    text = rp.report([dirs["null"]], tmp_path / "nodata.html", data=False).read_text()
+    assert "--no-data" in text and len(IMG.findall(text)) == 1
+
+
+def test_relative_data_path_found_from_the_result_dir(dirs, tmp_path, monkeypatch):
+    # config.toml records the path relative to where `mlpipe fit` ran; the report finds it
+    # from the result directory's parents when run elsewhere
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    shutil.copy(HSB, proj / "data" / "hsb82.parquet")
+    shutil.copytree(dirs["null"], proj / "out" / "null")
+    cfg = proj / "out" / "null" / "config.toml"
+    cfg.write_text(cfg.read_text().replace(str(HSB), "data/hsb82.parquet"))
+    monkeypatch.chdir(tmp_path)
+    text = rp.report([proj / "out" / "null"], "r.html").read_text()
+    assert "Skipped" not in text and len(IMG.findall(text)) == 2 + EXTRA
+
+
+def test_without_the_optional_modules(dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(rp, "_optional", lambda name: None)
+    text = rp.report([dirs["null"], dirs["rc"]], tmp_path / "own.html").read_text()
+    assert "mlpipe.compare is not available" in text
+    assert "mlpipe.variance is not available" in text
+    assert "mlpipe.predict is not available" in text
+    assert "Likelihood-ratio tests" in text and "Intraclass correlation" in text
+    assert len(IMG.findall(text)) == 5
+
+
+def test_uses_mlpipe_predict_when_present(dirs, tmp_path, monkeypatch):
+    """residual_summary's exact quantiles and per-group variances go on the page; the Q-Q
+    plot still comes from the report's bounded sample."""
+    import types
+
+    calls = []
+
+    def residual_summary(result, data, **duckdb_options):
+        calls.append((result, data, duckdb_options))
+        return types.SimpleNamespace(
+            quantiles={"Min": -3.5, "1Q": -0.5, "Median": 0.0, "3Q": 0.5, "Max": 3.25},
+            sigma=2.0, n=7185, exact=True, group="school",
+            by_group=pl.DataFrame({"group": ["school"] * 3, "level": ["a", "b", "c"],
+                                   "n": [10, 20, 1], "mean_residual": [0.0, 0.0, 0.0],
+                                   "residual_variance": [4.0, 16.0, None]}))
+
+    fake = types.SimpleNamespace(residual_summary=residual_summary)
+    real = rp._optional
+    monkeypatch.setattr(rp, "_optional", lambda name: fake if name == "predict" else real(name))
+    text = rp.report([dirs["null"]], tmp_path / "p.html").read_text()
+    assert calls and Path(calls[0][1]).exists() and Path(calls[0][0]) == dirs["null"]
+    assert "Scaled residuals (all 7,185 rows)" in text and "3.250" in text
+    assert "2 groups with two or more rows" in text and "median 1.50" in text
+    assert len(IMG.findall(text)) == 3
+
+
+@pytest.mark.skipif(not PREDICT, reason="mlpipe.predict is not in this tree")
+def test_residual_quantiles_from_mlpipe_predict(dirs):
+    """With the real module: its exact quantiles over every row agree with a numpy pass."""
+    df = pl.read_parquet(HSB)
+    run = rp.load_run(dirs["rc"])
+    resid = (df["mAch"].to_numpy() - _numpy_fitted(run, df)) / run.result["sigma"]
+    html = rp.residual_html(run, data=True, sample_rows=1000)
+    assert "Scaled residuals (all 7,185 rows)" in html
+    assert f"<td class=\"n\">{resid.min():.3f}</td>" in html
+    assert "(160 groups with two or more rows)" in html
+
+
+def test_bad_input(dirs, tmp_path):
+    with pytest.raises(InputError, match="not a result directory"):
+        rp.report([tmp_path], tmp_path / "x.html")
+    with pytest.raises(InputError, match="not found"):
+        rp.report([tmp_path / "nope"], tmp_path / "x.html")
+    with pytest.raises(InputError, match="is a directory"):
+        rp.report([dirs["null"]], tmp_path)
+    assert not list(tmp_path.glob("*.html"))
+
+
+def test_cli(dirs, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="mlpipe")
+    rp.add_cli(parser.add_subparsers(dest="command"))
+    out = tmp_path / "cli.html"
+    args = parser.parse_args(["report", str(dirs["null"]), str(dirs["rc"]), "--out", str(out),
+                              "--sample-rows", "300", "--max-groups", "10"])
+    assert args.func(args) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    text = out.read_text()
+    assert "a reservoir sample of 300 of the 7,185 rows" in text
+    assert "10 of 160 levels of school" in text
+
+
+# ---------------------------------------------------------------------- a real browser
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
+                 "chrome", "headless_shell"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+PROBE = """<script>
+window.addEventListener("load", function () {
+  var out = [];
+  document.querySelectorAll("img").forEach(function (im) {
+    out.push([im.naturalWidth, im.naturalHeight, im.getBoundingClientRect().width]);
+  });
+  var pre = document.createElement("pre");
+  pre.id = "img-probe";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.mark.skipif(_chromium() is None,
+                    reason="no chromium binary on PATH (Debian: apt-get install -y chromium)")
+def test_renders_in_headless_chromium(page, tmp_path):
+    _, text = page
+    probed = tmp_path / "probed.html"
+    probed.write_text(text.replace("</body>", PROBE + "</body>"))
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+           "--window-size=1200,900", "--virtual-time-budget=10000", "--dump-dom",
+           probed.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r'<pre id="img-probe">(.*?)</pre>', proc.stdout, re.S)
+    assert found, f"probe missing from the DOM: {proc.stdout[:500]} {proc.stderr[-1000:]}"
+    sizes = json.loads(found.group(1))
+    assert len(sizes) == 5 + 2 * EXTRA
+    for natural_w, natural_h, shown_w in sizes:
+        assert natural_w > 200 and natural_h > 200 and shown_w > 100
+    assert "Model comparison" in proc.stdout
