@@ -28,7 +28,7 @@ AGGREGATE_FUNCTIONS = ("center", "group_mean")
 class Expr:
     """A numeric expression: a column, a number, an operator or a function call."""
 
-    kind: str  # "col" | "num" | "op" | "neg" | "call"
+    kind: str  # "col" | "num" | "op" | "neg" | "paren" | "call"
     value: str = ""  # column name, number text, operator or function name
     args: tuple[Expr, ...] = ()
     by: str | None = None  # grouping column of center()/group_mean()
@@ -48,18 +48,20 @@ class Expr:
         own = [self] if self.kind == "call" and self.value in AGGREGATE_FUNCTIONS else []
         return own + [g for a in self.args for g in a.aggregates()]
 
-    def deparse(self, top: bool = True) -> str:
-        """R's way of printing the expression (the term label: `I(age^2)`, `log(x)`)."""
+    def deparse(self) -> str:
+        """R's deparse() of the expression (the term label: `I(age^2)`, `log(age/365)`):
+        spaces around `+ - *`, none around `/` and `^`, the user's parentheses kept."""
         if self.kind == "col":
             return self.value if _SIMPLE_NAME.fullmatch(self.value) else f"`{self.value}`"
         if self.kind == "num":
             return self.value
         if self.kind == "neg":
-            return "-" + self.args[0].deparse(False)
+            return "-" + self.args[0].deparse()
+        if self.kind == "paren":
+            return f"({self.args[0].deparse()})"
         if self.kind == "op":
-            a, b = (x.deparse(False) for x in self.args)
-            text = f"{a}^{b}" if self.value == "^" else f"{a} {self.value} {b}"
-            return text if top else f"({text})" if self.value != "^" else text
+            a, b = (x.deparse() for x in self.args)
+            return f"{a}{self.value}{b}" if self.value in "/^" else f"{a} {self.value} {b}"
         inner = ", ".join(a.deparse() for a in self.args)
         if self.by is not None:
             inner += f", by = {Expr('col', self.by).deparse()}"
@@ -73,6 +75,8 @@ class Expr:
             return f"CAST({float(self.value)!r} AS DOUBLE)"
         if self.kind == "neg":
             return f"(-{self.args[0].sql(aggregate_names)})"
+        if self.kind == "paren":
+            return f"({self.args[0].sql(aggregate_names)})"
         if self.kind == "op":
             a, b = (x.sql(aggregate_names) for x in self.args)
             if self.value == "^":
@@ -397,14 +401,12 @@ class _Parser:
         t = self.tok
         if t.kind == "num":
             self.take()
-            value = float(t.text)
-            return Expr("num", str(int(value)) if value.is_integer() and math.isfinite(value)
-                        else t.text)
+            return Expr("num", r_number(float(t.text)))
         if t.text == "(":
             self.take("(")
             e = self.arith()
             self.take(")")
-            return e
+            return Expr("paren", "", (e,))
         if t.kind == "name":
             if self.toks[self.i + 1].text == "(":
                 return self.call()
@@ -412,6 +414,22 @@ class _Parser:
             return Expr("col", t.text)
         raise FormulaError(f"unexpected {t.text or 'end of formula'!r} at position {t.pos + 1} "
                            f"in formula {self.text!r}")
+
+
+def r_number(value: float) -> str:
+    """A number as R deparses it: 15 significant digits, fixed or scientific notation
+    whichever is shorter (fixed on a tie): 2.50 → 2.5, 1e-2 → 0.01, 100000 → 1e+05."""
+    if not math.isfinite(value):
+        return "Inf" if value > 0 else "-Inf" if value < 0 else "NaN"
+    mant, _, exp = f"{value:.14e}".partition("e")
+    mant = mant.rstrip("0").rstrip(".")
+    e = int(exp)
+    sci = f"{mant}e{'-' if e < 0 else '+'}{abs(e):02d}"
+    fixed = f"{value:.15g}"
+    if "e" in fixed:
+        digits = max(0, len(mant.replace("-", "").replace(".", "")) - 1 - e)
+        fixed = f"{value:.{digits}f}"
+    return fixed if len(fixed) <= len(sci) else sci
 
 
 def _join(a: Term, b: Term) -> Term:

@@ -71,6 +71,54 @@ class OptSummary:
 def optimize(obj: Objective, *, maxeval: int = 10000, ftol_rel: float = 1e-12,
              xtol_abs: float = 1e-10, theta0: np.ndarray | None = None,
              method: str = "newton") -> OptSummary:
+    """Minimize the deviance; then escape the spurious stationary points of the Cholesky
+    parameterization: where a diagonal θ_jj is 0, negating the entries below it in column j
+    gives the same covariance but the opposite ∂d/∂θ_jj, so a point held at the bound with
+    an outward gradient may not be a minimum at all.  Optimization restarts from the flipped
+    point while that lowers the deviance."""
+    kw = dict(maxeval=maxeval, ftol_rel=ftol_rel, xtol_abs=xtol_abs, method=method)
+    summary = _optimize_once(obj, theta0=theta0, **kw)
+    for _ in range(len(obj.theta_map)):
+        flipped = _flipped_boundary_point(obj, np.asarray(summary.final_theta))
+        if flipped is None:
+            break
+        trial = _optimize_once(obj, theta0=flipped, **kw)
+        if not trial.final_objective < summary.final_objective - 1e-10 * max(
+                1.0, abs(summary.final_objective)):
+            break
+        trial.initial_theta, trial.initial_objective = (summary.initial_theta,
+                                                        summary.initial_objective)
+        trial.start = summary.start
+        trial.messages.append(f"restarted from the sign-flipped equivalent of the boundary "
+                              f"point θ = {np.round(summary.final_theta, 6).tolist()} "
+                              f"(deviance {summary.final_objective:.6f})")
+        summary = trial
+    return summary
+
+
+def _flipped_boundary_point(obj: Objective, x: np.ndarray) -> np.ndarray | None:
+    """x with the below-diagonal entries of every zero-diagonal column of T negated, when
+    that turns the gradient of some such θ_jj inward (else None)."""
+    tm = obj.theta_map
+    rows, cols = np.asarray(tm.rows), np.asarray(tm.cols)
+    flipped = x.copy()
+    zero_diag = [k for k in range(len(x)) if tm.diagonal[k] and x[k] == 0]
+    changed = False
+    for k in zero_diag:
+        below = (cols == cols[k]) & (rows > rows[k]) & (x != 0)
+        if below.any():
+            flipped[below] = -flipped[below]
+            changed = True
+    if not changed:
+        return None
+    f, g = obj.value_and_gradient(flipped)
+    if not np.isfinite(f) or not any(g[k] < 0 for k in zero_diag):
+        return None
+    return flipped
+
+
+def _optimize_once(obj: Objective, *, maxeval: int, ftol_rel: float, xtol_abs: float,
+                   theta0: np.ndarray | None, method: str) -> OptSummary:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     tm = obj.theta_map

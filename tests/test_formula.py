@@ -67,3 +67,15 @@ def test_errors_name_the_piece(text, piece):
     with pytest.raises(FormulaError, match=None) as e:
         parse_formula(text)
     assert piece in str(e.value)
+
+
+@pytest.mark.parametrize("expr,label", [
+    ("I(temp/5)", "I(temp/5)"), ("log(age/365)", "log(age/365)"),
+    ("I(2*temp + 1)", "I(2 * temp + 1)"), ("I(temp/10/2)", "I(temp/10/2)"),
+    ("exp(-temp/100)", "exp(-temp/100)"), ("I(temp-(200))", "I(temp - (200))"),
+    ("I(x*2.50)", "I(x * 2.5)"), ("I(x*1e-2)", "I(x * 0.01)"), ("I(x*100000)", "I(x * 1e+05)"),
+    ("I(x*0.0001)", "I(x * 1e-04)")])
+def test_labels_deparse_like_r(expr, label):
+    """Term names are R's deparse(): `/` and `^` unspaced, the user's parentheses kept,
+    numbers in R's shortest notation."""
+    assert parse_formula(f"y ~ {expr} + (1|g)").fixed[0][0].label == label
