@@ -23,8 +23,10 @@ demo: $(STAMP)
 	  echo "=================== $$m"; \
 	  $(BIN)/mlpipe fit --config configs/$$m.toml || exit $$?; \
 	done
-	@echo "=================== model comparison"
-	$(BIN)/mlpipe compare $(addprefix out/,$(HSB_MODELS)) --out out/comparison
+	@echo "=================== model comparison: adding level-1 and level-2 predictors (ML refits)"
+	$(BIN)/mlpipe compare out/hsb_null out/hsb_means out/hsb_int_anc out/hsb_full --out out/comparison
+	@echo "=================== model comparison: is the cses slope random? (REML, boundary test)"
+	$(BIN)/mlpipe compare out/hsb_ancova out/hsb_rc --out out/comparison_slope
 	$(BIN)/mlpipe report $(addprefix out/,$(HSB_MODELS)) --out out/report.html
 
 ## the tests (slow ones excluded; `make test-slow` runs those). The report test opens the HTML
