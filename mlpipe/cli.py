@@ -7,6 +7,7 @@
     mlpipe simulate OUT_DIR [--rows N --groups M]      a synthetic Parquet panel
     mlpipe compare A B ... [--out DIR]                 likelihood-ratio tests (lme4's anova)
     mlpipe report RESULT_DIR... --out FILE.html        a self-contained HTML report
+    mlpipe predict RESULT_DIR DATA --out F.parquet     predictions (population / conditional)
 
 Exit codes: 0 success, 2 bad input (one line on stderr, nothing half-written), 1 internal error.
 """
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ci", choices=["wald", "profile", "none"],
                    help="confidence intervals for fixed effects and variance components")
     f.add_argument("--level", type=float, help="confidence level (default 0.95)")
+    f.add_argument("--residuals", action="store_true",
+                   help="one more pass over the data: scaled residuals in the summary, "
+                        "residuals_by_group.parquet in --out")
     f.add_argument("--quiet", "-q", action="store_true", help="do not print the summary")
     _add_duckdb_options(f)
 
@@ -72,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .report import add_cli as add_report_cli
 
     add_report_cli(sub)
+
+    from .predict import add_cli as add_predict_cli
+
+    add_predict_cli(sub)
     return parser
 
 
@@ -89,6 +97,8 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
         cfg["method"] = "ML"
     if args.out:
         cfg["out"] = args.out
+    if args.residuals:
+        cfg["residuals"] = True
     for key in ("ddf", "ci", "level"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -112,6 +122,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result = fit(cfg.get("data"), cfg.get("formula"), method=cfg["method"],
                  stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"),
                  ci=cfg.get("ci"), level=float(cfg.get("level", 0.95)), **duck)
+    if cfg.get("residuals"):
+        from .predict import residual_summary
+
+        result.residuals = residual_summary(result, **duck)
     if not args.quiet:
         print(result.summary())
     if cfg.get("out"):
@@ -153,8 +167,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import cmd_predict as run
+
+    return run(args)
+
+
 COMMANDS = {"fit": cmd_fit, "stats": cmd_stats, "simulate": cmd_simulate,
-            "compare": cmd_compare, "report": cmd_report}
+            "compare": cmd_compare, "report": cmd_report, "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:

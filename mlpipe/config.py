@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .errors import InputError
 
-KEYS = {"data", "formula", "method", "out", "stats", "name", "ddf", "ci", "level", "duckdb"}
+KEYS = {"data", "formula", "method", "out", "stats", "name", "ddf", "ci", "level", "residuals",
+        "duckdb"}
 DUCKDB_KEYS = {"memory_limit", "threads", "temp_directory"}
 
 

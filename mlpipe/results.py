@@ -53,6 +53,7 @@ class FitResult:
     confidence_intervals: pl.DataFrame | None = None  # parameter, estimate, lower, upper, method
     ci_level: float | None = None
     icc: dict | None = None  # for a random-intercept-only model: icc, lower, upper, method
+    residuals: object | None = None  # predict.ResidualSummary, from a second pass when asked
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -125,6 +126,8 @@ class FitResult:
             "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()},
             "icc": self.icc,
         }
+        if self.residuals is not None:
+            out["scaled_residuals"] = dict(self.residuals.quantiles)
         if self.confidence_intervals is not None:
             out["confidence_intervals"] = {"level": self.ci_level,
                                            "intervals": rows(self.confidence_intervals)}
@@ -146,6 +149,8 @@ class FitResult:
             self.ranef.write_parquet(stage / "ranef.parquet")
             if self.stats is not None:  # O(groups): refits (ML, profiles) need no data reread
                 self.stats.save(stage / "stats.parquet")
+            if self.residuals is not None:
+                self.residuals.by_group.write_parquet(stage / "residuals_by_group.parquet")
             if config is not None:
                 (stage / "config.toml").write_text(dump_toml(config))
             out.mkdir(exist_ok=True)
@@ -225,6 +230,8 @@ def render_summary(r: FitResult) -> str:
         lines += _table(["AIC", "BIC", "logLik", "deviance", "df.resid"],
                         [[f"{r.aic:.1f}", f"{r.bic:.1f}", f"{r.loglik:.1f}",
                           f"{r.deviance:.1f}", str(r.nobs - r.npar)]], align_left=0)
+    if r.residuals is not None:
+        lines += ["", str(r.residuals)]
     lines += ["", "Random effects:"]
     corr = {(c["term1"], c["term2"]): c["correlation"]
             for c in r.random_correlations.iter_rows(named=True)}

@@ -105,3 +105,26 @@ def test_csv_input_matches_parquet(tmp_path, capsys):
                  "--out", str(tmp_path / "c"), "-q"]) == 0
     res = json.loads((tmp_path / "c" / "result.json").read_text())
     assert res["reml_criterion"] == pytest.approx(46723.9957062383, rel=1e-6)
+
+
+def test_fit_with_residuals_pass(tmp_path, capsys):
+    """--residuals: lme4's scaled-residual quantiles in the summary and result.json, and the
+    per-group residual variance, from one more pass over the data."""
+    out = tmp_path / "r"
+    assert main(["fit", "tests/data/sleepstudy.parquet", "-f", "Reaction ~ Days + (Days|Subject)",
+                 "--ml", "--residuals", "--out", str(out)]) == 0
+    assert "Scaled residuals:" in capsys.readouterr().out
+    res = json.loads((out / "result.json").read_text())
+    q = res["scaled_residuals"]
+    assert set(q) == {"Min", "1Q", "Median", "3Q", "Max"} and q["Min"] < q["Median"] < q["Max"]
+    by_group = pl.read_parquet(out / "residuals_by_group.parquet")
+    assert by_group.height == 18 and by_group["n"].sum() == 180
+
+
+def test_predict_cli_round_trip(full_dir, tmp_path, capsys):
+    pred = tmp_path / "pred.parquet"
+    assert main(["predict", str(full_dir), HSB, "--out", str(pred)]) == 0
+    df = pl.read_parquet(pred)
+    assert df.height == 7185 and {"fitted", "fitted_population", "residual"} <= set(df.columns)
+    ref = json.loads(open("tests/data/lme4/hsb_full.json").read())["reml"]["fitted_head"]
+    np.testing.assert_allclose(df["fitted"].head(20).to_numpy(), ref, rtol=1e-5)
