@@ -272,7 +272,9 @@ def render_summary(r: FitResult) -> str:
     if r.confidence_intervals is not None:
         ci = r.confidence_intervals
         method = ci["method"][0]
-        lines += ["", f"{method} confidence intervals ({100 * r.ci_level:g}%):"]
+        note = " — profiles of the ML deviance, as lme4's; estimates are ML" \
+            if method == "profile" else ""
+        lines += ["", f"{method} confidence intervals ({100 * r.ci_level:g}%{note}):"]
         lines += _table(["", "estimate", "lower", "upper"],
                         [[c["parameter"], f"{c['estimate']:.4g}", f"{c['lower']:.4g}",
                           f"{c['upper']:.4g}"] for c in ci.iter_rows(named=True)])
