@@ -23,6 +23,18 @@ def reference(case: str) -> dict:
     return json.loads((REFS / f"{case}.json").read_text())
 
 
+def check_criterion(res: mlpipe.FitResult, ref: dict) -> None:
+    """Fit criteria and sizes against one lme4 reference block (REML or ML)."""
+    assert res.converged
+    assert res.deviance == pytest.approx(ref["deviance_or_reml"], rel=1e-6)
+    assert res.loglik == pytest.approx(ref["loglik"], rel=1e-6)
+    assert res.aic == pytest.approx(ref["aic"], rel=1e-6)
+    assert res.bic == pytest.approx(ref["bic"], rel=1e-6)
+    assert res.nobs == ref["nobs"]
+    assert res.groups == ref["ngroups"]
+    assert res.singular == ref["singular"]
+
+
 _cache: dict[tuple[str, str], mlpipe.FitResult] = {}
 
 
