@@ -486,7 +486,7 @@ def _fitted_sql(model: _Model, frame: str, ranef: str) -> str:
 def residual_sample(run: ModelRun, sample_rows: int = SAMPLE_ROWS) -> tuple[np.ndarray, int]:
     """Scaled conditional residuals (y − Xβ̂ − Zb̂)/σ̂ of a reservoir sample of the rows the
     model used, and the number of rows the sample was drawn from (one DuckDB pass)."""
-    from ._sql import first_line, quote_ident
+    from ._sql import first_line, quote_ident, render
 
     model = _compile(run)
     try:
@@ -495,19 +495,10 @@ def residual_sample(run: ModelRun, sample_rows: int = SAMPLE_ROWS) -> tuple[np.n
         sample = int(sample_rows)
         if sample < 1:
             raise ValueError("sample_rows must be positive")
-        sql = f"""
-            WITH frame AS (
-                SELECT {cols} FROM {model.source.relation} WHERE {d.complete_sql}
-            ),
-            sampled AS (
-                SELECT * FROM frame USING SAMPLE reservoir({sample} ROWS) REPEATABLE (20240601)
-            )
-            SELECT (({d.response.sql}) - ({_fitted_sql(model, "sampled", "r")}))
-                   / $mlpipe_sigma AS resid
-            FROM sampled
-            LEFT JOIN mlpipe_ranef AS r
-                   ON CAST(sampled.{quote_ident(d.group)} AS VARCHAR) = r.mlpipe_level
-        """
+        sql = render("report_residual_sample", columns=cols, source=model.source.relation,
+                     complete=d.complete_sql, sample=str(sample), response=d.response.sql,
+                     fitted=_fitted_sql(model, "sampled", "r"),
+                     group=f"sampled.{quote_ident(d.group)}")
         try:
             resid = model.execute(sql).fetchnumpy()["resid"]
         except duckdb.Error as exc:
@@ -544,7 +535,7 @@ def group_lines(run: ModelRun, slope_term: str, max_groups: int = MAX_LINE_GROUP
     other predictors at their group means (categorical ones at the group's mode), for at
     most `max_groups` groups (spread evenly over the ranked slopes); plus the fixed-effects
     line over the overall range at the overall means. One grouped DuckDB pass."""
-    from ._sql import first_line, quote_ident
+    from ._sql import first_line, quote_ident, render
     from .design import is_numeric
     from .formula import parse_formula
 
@@ -580,31 +571,10 @@ def group_lines(run: ModelRun, slope_term: str, max_groups: int = MAX_LINE_GROUP
         keep = ", ".join(quote_ident(c) for c in others)
         keep = (keep + ", ") if keep else ""
         k = LINE_POINTS - 1
-        sql = f"""
-            WITH summary AS (
-                SELECT {group}, {agg_sql}
-                FROM {model.source.relation}
-                WHERE {d.complete_sql}
-                GROUP BY GROUPING SETS (({group}), ())
-            ),
-            chosen AS (
-                SELECT * FROM summary
-                WHERE mlpipe_all = 1
-                   OR CAST({group} AS VARCHAR) IN (SELECT mlpipe_level FROM mlpipe_pick)
-            ),
-            pts AS (
-                SELECT {group}, {keep} mlpipe_all,
-                       mlpipe_lo + (mlpipe_hi - mlpipe_lo) * (mlpipe_t / {k}.0) AS {qx}
-                FROM chosen CROSS JOIN range(0, {k + 1}) AS grid(mlpipe_t)
-            )
-            SELECT CASE WHEN pts.mlpipe_all = 1 THEN NULL
-                        ELSE CAST(pts.{group} AS VARCHAR) END AS level,
-                   CAST({qx} AS DOUBLE) AS x,
-                   {_fitted_sql(model, "pts", "r")} AS yhat
-            FROM pts
-            LEFT JOIN mlpipe_ranef AS r
-                   ON pts.mlpipe_all = 0 AND CAST(pts.{group} AS VARCHAR) = r.mlpipe_level
-        """
+        sql = render("report_group_lines", group=group, aggregates=agg_sql,
+                     source=model.source.relation, complete=d.complete_sql, keep=keep,
+                     lo_hi_x=f"mlpipe_lo + (mlpipe_hi - mlpipe_lo) * (mlpipe_t / {k}.0) AS {qx}",
+                     points=str(k + 1), x=qx, fitted=_fitted_sql(model, "pts", "r"))
         try:
             out = pl.DataFrame(model.execute(sql).fetchall(), orient="row",
                                schema={"level": pl.Utf8, "x": pl.Float64, "yhat": pl.Float64})
