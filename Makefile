@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench install clean browser
+.PHONY: demo test test-slow bench install clean browser lint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,9 @@ test-slow: $(STAMP)
 ## the scale benchmark: simulate a 10M-row panel, fit it, compare with a bare DuckDB query
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check mlpipe tests benchmarks
 
 clean:
 	rm -rf out bench_data

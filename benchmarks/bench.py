@@ -1,4 +1,5 @@
-"""The scale benchmark: simulate a large panel, fit it with mlpipe, compare with a bare DuckDB query.
+"""The scale benchmark: simulate a large panel, fit it with mlpipe, compare with a bare
+DuckDB query.
 
     .venv/bin/python benchmarks/bench.py [--rows 10000000 --groups 100000 ...]   (`make bench`)
 

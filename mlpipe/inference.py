@@ -123,7 +123,8 @@ def criterion_hessian(obj: Objective, vp: np.ndarray) -> np.ndarray:
         h = 1e-4 * max(abs(vp[j]), 1e-2)
         e = np.zeros(k)
         e[j] = h
-        H[:, j] = (_criterion_vp_gradient(obj, vp + e) - _criterion_vp_gradient(obj, vp - e)) / (2 * h)
+        g_plus, g_minus = _criterion_vp_gradient(obj, vp + e), _criterion_vp_gradient(obj, vp - e)
+        H[:, j] = (g_plus - g_minus) / (2 * h)
     return (H + H.T) / 2
 
 
@@ -409,7 +410,7 @@ def _bracket_roots(zeta, x0: float, z: float, step: float, lower: float, upper: 
     for sign in (-1.0, 1.0):
         bound = lower if sign < 0 else upper
         target = sign * z
-        a, fa = x0, -target
+        a = x0
         h = step if step > 0 else 1e-3
         found = bound
         for _ in range(60):
@@ -422,7 +423,7 @@ def _bracket_roots(zeta, x0: float, z: float, step: float, lower: float, upper: 
                 break
             if b == bound:
                 break
-            a, fa = b, fb
+            a = b
             h *= 1.6
         out.append(found)
     return out[0], out[1]

@@ -128,9 +128,10 @@ def validate(stats: Statistics) -> None:
     dependent = rank_deficient_columns(stats.xtx)
     if dependent:
         names = ", ".join(stats.fixed_names[j] for j in dependent)
+        one = len(dependent) == 1
         raise DataError(f"fixed-effects design is rank deficient: {names} "
-                        f"{'is a linear combination' if len(dependent) == 1 else 'are linear combinations'} "
-                        f"of other columns; drop {'it' if len(dependent) == 1 else 'them'}")
+                        f"{'is a linear combination' if one else 'are linear combinations'} "
+                        f"of other columns; drop {'it' if one else 'them'}")
 
 
 def rank_deficient_columns(xtx: np.ndarray, tol: float = 1e-9) -> list[int]:

@@ -27,7 +27,7 @@ v_i = Z_i'(y_i − X_i β̂ − Z_i Λ û_i) (the Z-weighted residuals):
 
     ∂ log|L|²  / ∂θ_k = 2 Σ_i (S_i Q_i')[r, c]                     S_i = Z_i'Z_i
     ∂ r²       / ∂θ_k = −2 Σ_i v_i[r] û_i[c]                       (envelope theorem)
-    ∂ log|R_X|²/ ∂θ_k = −2 Σ_i (Q_i C_i (I − Λ Q_i S_i))[c, r]      C_i = Z_i'X_i (R_X'R_X)⁻¹ X_i'Z_i
+    ∂ log|R_X|²/ ∂θ_k = −2 Σ_i (Q_i C_i (I − Λ Q_i S_i))[c, r]   C_i = Z_i'X_i (R_X'R_X)⁻¹ X_i'Z_i
 
 and d' follows by the chain rule through the log terms.
 """
@@ -223,7 +223,7 @@ class Objective:
         self.theta_map = ThetaMap(stats.blocks, stats.q)
         self.evaluations = 0
         self.gradient_evaluations = 0
-        q, p, m = stats.q, stats.p, stats.m
+        q, p = stats.q, stats.p
         # per-group Z'Z entries as contiguous length-m vectors (views), symmetric access
         ztz = np.ascontiguousarray(stats.ztz, dtype=float)
         self._S = [[ztz[max(a, b), min(a, b)] for b in range(q)] for a in range(q)]
@@ -428,7 +428,7 @@ class Objective:
 
     def _parts(self, theta: np.ndarray, with_rx: bool) -> Parts:
         s = self.stats
-        q, p, n = s.q, s.p, s.n
+        q, p = s.q, s.p
         S, G = self._S, self._G
         w, R, tmp = self._workspace()
         T, L, inv, P, M, logdet_l = self._core(theta, w, R, tmp)

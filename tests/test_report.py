@@ -60,7 +60,8 @@ def _png_size(b64: str) -> tuple[int, int]:
 def test_sections_and_images(page):
     path, text = page
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
-    for needle in ("Model comparison", "Likelihood-ratio tests", "Proportional reduction in variance",
+    for needle in ("Model comparison", "Likelihood-ratio tests",
+                   "Proportional reduction in variance",
                    "Fixed effects", "Variance components", "Fit criteria", "Variance decomposition",
                    "Intraclass correlation", "Conditional modes (caterpillar plot)",
                    "Normal Q-Q plot", "Scaled residuals", "Group-specific regression lines",
