@@ -118,6 +118,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .model import fit
 
     cfg = _resolve_fit(args)
+    if cfg.get("out"):
+        from pathlib import Path
+
+        from .results import check_out_dir
+
+        check_out_dir(Path(cfg["out"]))  # before the work, not after it
     duck = cfg.get("duckdb", {})
     result = fit(cfg.get("data"), cfg.get("formula"), method=cfg["method"],
                  stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"),

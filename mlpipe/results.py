@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 from scipy import linalg
 
+from .errors import InputError
 from .objective import Decomposition, Objective
 from .optimize import SINGULAR_TOL, OptSummary
 from .stats import Statistics
@@ -142,6 +143,7 @@ class FitResult:
         from .config import dump_toml
 
         out = Path(out_dir)
+        check_out_dir(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
@@ -165,6 +167,12 @@ class FitResult:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def check_out_dir(out: Path) -> None:
+    """An output directory must be a directory (or not exist yet)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
 
 
 def _clean(v):

@@ -143,6 +143,10 @@ class _Moments:
         self.x = [self.index(c.sql) for c in design.fixed]
         self.z = [self.index(c.sql) for c in design.random]
         self.y = self.index(design.response.sql)
+        #: a name for each non-constant column, for messages
+        self.labels = {c.name: k for c, k in
+                       zip(design.fixed + design.random + [design.response],
+                           self.x + self.z + [self.y]) if k}
 
     def index(self, sql: str | None) -> int:
         if sql is None:
@@ -225,6 +229,11 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
                         f"({total_rows} rows read, all dropped)")
     if any(v is None for v in totals.values()):
         raise DataError("a model column is entirely missing")
+    bad = [name for name, k in mom.labels.items()
+           if not np.isfinite(float(totals[(k, k)]))]
+    if bad:
+        raise DataError(f"model column(s) {', '.join(bad)} take non-finite values in the rows "
+                        f"used (e.g. log or sqrt of a non-positive number, or division by 0)")
 
     def group_col(i: int, j: int) -> np.ndarray:
         return np.asarray(per_group[mom.name(i, j)], dtype=float)

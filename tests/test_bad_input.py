@@ -138,3 +138,16 @@ def test_cli_process_exit_codes(tmp_path):
                            "-f", "y ~ 1 + (1|g)"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "mlpipe: error: data file not found: missing.parquet"
+
+
+def test_non_finite_model_column(capsys, tmp_path):
+    assert_input_error(capsys, tmp_path, ["fit", HSB, "-f", "mAch ~ log(ses) + (1|school)"],
+                       "log(ses)", "non-finite")
+
+
+def test_out_is_a_file(capsys, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    code, err = run(capsys, "fit", HSB, "-f", "mAch ~ 1 + (1|school)", "--out", str(target))
+    assert code == 2 and "not a directory" in err and err.count("\n") == 1
+    assert target.read_text() == "keep me"
