@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .errors import InputError
 
@@ -119,8 +120,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     cfg = _resolve_fit(args)
     if cfg.get("out"):
-        from pathlib import Path
-
         from .results import check_out_dir
 
         check_out_dir(Path(cfg["out"]))  # before the work, not after it
@@ -137,7 +136,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if cfg.get("out"):
         result.write(cfg["out"], config=cfg)
         if not args.quiet:
-            print(f"\nwrote {os.path.join(cfg['out'], 'result.json')} and ranef.parquet")
+            files = sorted(p.name for p in Path(cfg["out"]).iterdir() if not p.name.startswith("."))
+            print(f"\nwrote {cfg['out']}/: {', '.join(files)}")
     return EXIT_OK
 
 
