@@ -229,6 +229,29 @@ def _table(header: list[str], rows: list[list[str]], align_left: int = 1) -> lis
     return out
 
 
+def _r_decimals(values: list[float], digits: int) -> int:
+    """The decimals R's format(x, digits) gives a numeric vector: enough for every element to
+    show `digits` significant digits, trailing zeros dropped."""
+    need = 0
+    for v in values:
+        if v is None or not math.isfinite(v) or v == 0:
+            continue
+        text = f"{v:.{digits}g}"
+        if "e" in text:
+            mant, exp = text.split("e")
+            frac = len(mant.split(".")[1].rstrip("0")) if "." in mant else 0
+            need = max(need, frac - int(exp))
+        else:
+            need = max(need, len(text.split(".")[1].rstrip("0")) if "." in text else 0)
+    return min(need, 15)
+
+
+def r_format(values: list[float], digits: int = 4) -> list[str]:
+    """Numbers formatted together as R's format(x, digits = 4) does (lme4's VarCorr print)."""
+    d = _r_decimals(values, digits)
+    return [f"{v:.{d}f}" for v in values]
+
+
 def render_summary(r: FitResult) -> str:
     lines = [f"Linear mixed model fit by {'REML' if r.method == 'REML' else 'maximum likelihood'}"
              f" (mlpipe)", f"Formula: {r.formula}", ""]
@@ -244,15 +267,17 @@ def render_summary(r: FitResult) -> str:
     corr = {(c["term1"], c["term2"]): c["correlation"]
             for c in r.random_correlations.iter_rows(named=True)}
     terms = r.random_effects["term"].to_list()
+    variances = r_format(r.random_effects["variance"].to_list() + [r.residual_variance])
+    sds = r_format(r.random_effects["std_dev"].to_list() + [r.sigma])
     rows = []
     for i, row in enumerate(r.random_effects.iter_rows(named=True)):
         cors = [f"{corr[(t, row['term'])]:.2f}" if (t, row["term"]) in corr else ""
                 for t in terms[:i]]
         while cors and cors[-1] == "":
             cors.pop()
-        rows.append([row["group"] if i == 0 else "", row["term"], f"{row['variance']:.4g}",
-                     f"{row['std_dev']:.4g}", " ".join(cors)])
-    rows.append(["Residual", "", f"{r.residual_variance:.4g}", f"{r.sigma:.4g}", ""])
+        rows.append([row["group"] if i == 0 else "", row["term"], variances[i], sds[i],
+                     " ".join(cors)])
+    rows.append(["Residual", "", variances[-1], sds[-1], ""])
     lines += _table(["Groups", "Name", "Variance", "Std.Dev.", "Corr"], rows, align_left=2)
     if r.icc is not None:
         lines.append(f"ICC: {r.icc['icc']:.4f} ({100 * r.icc['level']:g}% CI "
@@ -266,13 +291,17 @@ def render_summary(r: FitResult) -> str:
     header = ["", "Estimate", "Std. Error"] + (["df"] if has_df else []) + ["t value"] + \
         (["Pr(>|t|)"] if has_df else [])
     rows = []
+    # as R's printCoefmat: estimates and SEs share the decimals the estimates need
+    decimals = max(_r_decimals(r.fixed_effects["estimate"].to_list(), 5),
+                   _r_decimals(r.fixed_effects["std_error"].to_list(), 4))
     for fe in r.fixed_effects.iter_rows(named=True):
-        row = [fe["term"], f"{fe['estimate']:.4g}", f"{fe['std_error']:.4g}"]
+        row = [fe["term"], f"{fe['estimate']:.{decimals}f}", f"{fe['std_error']:.{decimals}f}"]
         if has_df:
             row.append(f"{fe['df']:.1f}" if fe["df"] is not None else "NA")
         row.append(f"{fe['t_value']:.3f}")
         if has_df:
-            row.append(f"{fe['p_value']:.3g}" if fe["p_value"] is not None else "NA")
+            p = fe["p_value"]
+            row.append("NA" if p is None else "< 2e-16" if p < 2e-16 else f"{p:.3g}")
         rows.append(row)
     lines += _table(header, rows)
     if r.df_method:
