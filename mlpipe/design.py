@@ -22,6 +22,24 @@ NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYIN
 CATEGORICAL_TYPES = ("VARCHAR", "BOOLEAN", "ENUM")
 
 
+FLOAT_TYPES = ("FLOAT", "DOUBLE", "REAL")
+
+
+def present_sql(column: str, dtype: str) -> str:
+    """SQL that is true where `column` has a value: not NULL and, for floating-point columns,
+    not NaN (R reads NaN as NA, and lme4 drops such rows). `isnan` misses some NaN bit
+    patterns written by numpy, so NaN is tested as "neither finite nor infinite"."""
+    q = quote_ident(column)
+    if dtype.upper().startswith(FLOAT_TYPES):
+        return f"({q} IS NOT NULL AND (isfinite({q}) OR isinf({q})))"
+    return f"{q} IS NOT NULL"
+
+
+def complete_condition(columns: list[str], schema: dict[str, str]) -> str:
+    """The WHERE clause that keeps rows with a value in every one of `columns`."""
+    return " AND ".join(present_sql(c, schema.get(c, "")) for c in columns) or "TRUE"
+
+
 def is_numeric(dtype: str) -> bool:
     return dtype.upper().startswith(NUMERIC_TYPES)
 
@@ -57,12 +75,12 @@ class Design:
     params: dict[str, object] = field(default_factory=dict)
     levels: dict[str, list] = field(default_factory=dict)
     aggregates: Aggregates | None = None
+    schema: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete_sql(self) -> str:
-        """The WHERE clause that keeps rows with no null in any used column."""
-        cols = self.formula.columns()
-        return " AND ".join(f"{quote_ident(c)} IS NOT NULL" for c in cols) or "TRUE"
+        """The WHERE clause that keeps rows with no null (or NaN) in any used column."""
+        return complete_condition(self.formula.columns(), self.schema)
 
 
 class Aggregates:
@@ -141,7 +159,7 @@ def discover_levels(con: duckdb.DuckDBPyConnection, source: Source, formula: For
     if not cats:
         return {}
     lists = ", ".join(f"list_sort(list(DISTINCT {quote_ident(c)}))" for c in cats)
-    complete = " AND ".join(f"{quote_ident(c)} IS NOT NULL" for c in formula.columns())
+    complete = complete_condition(formula.columns(), schema)
     sql = render("levels", lists=lists, source=source.relation, complete=complete)
     try:
         row = con.execute(sql, source.params).fetchone()
@@ -243,5 +261,5 @@ def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, lis
         blocks.append(ReBlock(len(random), len(cols)))
         random += cols
     return Design(formula, response, fixed, random, blocks, groups[0], coder.params, levels,
-                  aggregates)
+                  aggregates, dict(schema))
 

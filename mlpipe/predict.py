@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._sql import Source, connect, first_line, quote_ident, render
-from .design import Design, build_design, discover_levels, is_categorical, is_numeric
+from .design import (Design, build_design, complete_condition, discover_levels, is_categorical,
+                     is_numeric, present_sql)
 from .errors import DataError, FormulaError, InputError
 from .formula import Formula, parse_formula
 
@@ -260,7 +261,7 @@ def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
                                 else "FALSE")
                 conds.append(known[c])
             else:
-                conds.append(f"{quote_ident(c)} IS NOT NULL")
+                conds.append(present_sql(c, schema.get(c, "")))
         return " AND ".join(conds) or "TRUE"
 
     fixed_terms = []
@@ -498,7 +499,7 @@ def residual_summary(result, data=None, *, memory_limit: str | None = None,
         if not comp.has_response:
             cols = ", ".join(formula.response.columns())
             raise DataError(f"response column {cols} is not in {frame.path} (or not numeric)")
-        complete = " AND ".join(f"{quote_ident(c)} IS NOT NULL" for c in formula.columns())
+        complete = complete_condition(formula.columns(), schema)
         predicted = render("predict", output="__mlpipe_key AS level, __mlpipe_y - fitted AS r",
                            zb=comp.zb, input=_input_sql(schema, comp),
                            frame_columns=",\n            ".join(comp.frame_columns),

@@ -128,3 +128,45 @@ def test_predict_cli_round_trip(full_dir, tmp_path, capsys):
     assert df.height == 7185 and {"fitted", "fitted_population", "residual"} <= set(df.columns)
     ref = json.loads(open("tests/data/lme4/hsb_full.json").read())["reml"]["fitted_head"]
     np.testing.assert_allclose(df["fitted"].head(20).to_numpy(), ref, rtol=1e-5)
+
+
+def test_nan_is_missing_like_r(tmp_path, capsys):
+    """NaN in a float column (as pandas writes missing values) is dropped like NULL, as R's
+    NA handling drops it in lme4."""
+    rng = np.random.default_rng(7)
+    n = 120
+    x = rng.normal(size=n)
+    y = 1 + x + rng.normal(size=12).repeat(10) + rng.normal(size=n)
+    y_nan = y.copy()
+    y_nan[[5, 17]] = np.nan
+    x_nan = x.copy()
+    x_nan[40] = np.nan
+    g = [f"g{i // 10}" for i in range(n)]
+    path = tmp_path / "nan.parquet"
+    pq.write_table(pa.table({"y": y_nan, "x": x_nan, "g": g}), path)
+    keep = ~(np.isnan(y_nan) | np.isnan(x_nan))
+    ref = tmp_path / "ref.parquet"
+    pq.write_table(pa.table({"y": y[keep], "x": x[keep], "g": np.array(g)[keep]}), ref)
+    import mlpipe
+    a, b = mlpipe.fit(path, "y ~ x + (1|g)"), mlpipe.fit(ref, "y ~ x + (1|g)")
+    assert a.nobs == 117 and a.rows_dropped == 3
+    assert a.reml_criterion == pytest.approx(b.reml_criterion, rel=1e-12)
+
+
+def test_glob_and_hive_partitioned_directory(tmp_path, capsys):
+    """A glob of files and a hive-partitioned directory read as one table."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"COPY (SELECT * FROM '{HSB}') TO '{tmp_path / 'hive'}' "
+                "(FORMAT parquet, PARTITION_BY (sector))")
+    con.execute(f"COPY (SELECT * FROM '{HSB}' WHERE sector = 'Public') TO "
+                f"'{tmp_path / 'a.parquet'}' (FORMAT parquet)")
+    con.execute(f"COPY (SELECT * FROM '{HSB}' WHERE sector <> 'Public') TO "
+                f"'{tmp_path / 'b.parquet'}' (FORMAT parquet)")
+    import mlpipe
+    want = 46503.6628681261
+    f = "mAch ~ meanses*cses + sector*cses + (cses|school)"
+    assert mlpipe.fit(tmp_path / "hive", f).reml_criterion == pytest.approx(want, rel=1e-8)
+    assert mlpipe.fit(str(tmp_path / "*.parquet"), f).reml_criterion == pytest.approx(want,
+                                                                                    rel=1e-8)
