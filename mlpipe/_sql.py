@@ -16,7 +16,14 @@ import duckdb
 
 from .errors import DataError
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+def _sql_dir() -> Path:
+    """`mlpipe/sql` in an installed wheel; the repository's top-level `sql/` in a checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "sql"
+    return installed if installed.is_dir() else here.parent / "sql"
+
+
+SQL_DIR = _sql_dir()
 
 
 def quote_ident(name: str) -> str:
