@@ -76,6 +76,8 @@ class Source:
     def __init__(self, data: str | os.PathLike[str]):
         path = str(data)
         self.path = path
+        #: where the data is, independent of the current directory (recorded with results)
+        self.location = os.path.abspath(path)
         has_glob = any(ch in path for ch in "*?[")
         if has_glob:
             if not _glob.glob(path, recursive=True):
@@ -95,9 +97,8 @@ class Source:
         lower = probe.lower()
         if lower.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
             self.relation = "read_csv($source, header = true)"
-        else:
-            hive = "true" if os.path.isdir(path) else "false"
-            self.relation = f"read_parquet($source, hive_partitioning = {hive})"
+        else:  # DuckDB detects hive partitioning (key=value folders) by itself
+            self.relation = "read_parquet($source)"
         self.params = {"source": pattern}
 
     def schema(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:

@@ -123,6 +123,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from .results import check_out_dir
 
         check_out_dir(Path(cfg["out"]))  # before the work, not after it
+    if cfg.get("residuals") and cfg.get("formula"):
+        from .formula import parse_formula
+
+        if parse_formula(cfg["formula"]).aggregates():
+            raise InputError("--residuals does not support center()/group_mean() terms yet")
     duck = cfg.get("duckdb", {})
     result = fit(cfg.get("data"), cfg.get("formula"), method=cfg["method"],
                  stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"),
@@ -134,7 +139,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(result.summary())
     if cfg.get("out"):
-        result.write(cfg["out"], config=cfg)
+        # the recorded config names its files by absolute path, so it works from anywhere
+        resolved = {k: (os.path.abspath(v) if k in ("data", "stats", "out") and v else v)
+                    for k, v in cfg.items()}
+        result.write(cfg["out"], config=resolved)
         if not args.quiet:
             files = sorted(p.name for p in Path(cfg["out"]).iterdir() if not p.name.startswith("."))
             print(f"\nwrote {cfg['out']}/: {', '.join(files)}")
@@ -193,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `mlpipe fit ... | head`
         sys.stderr.close()
         return EXIT_OK
+    except OSError as exc:  # an output path that cannot be written, a missing input file
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"mlpipe: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_INPUT
     except KeyboardInterrupt:
         print("mlpipe: interrupted", file=sys.stderr)
         return 130

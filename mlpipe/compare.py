@@ -113,6 +113,22 @@ class Model:
         return fit(cfg["data"], cfg["formula"], method=method, ddf=None, **duck)
 
 
+def _response_sum_of_squares(r: Model) -> float | None:
+    """y'y of the rows a model was fitted to, from its statistics when they are at hand."""
+    stats = getattr(r.result, "stats", None)
+    if stats is not None:
+        return float(stats.yty)
+    if r.directory is not None and (r.directory / "stats.parquet").is_file():
+        try:
+            import pyarrow.parquet as pq
+
+            meta = json.loads(pq.read_schema(r.directory / "stats.parquet").metadata[b"mlpipe"])
+            return float(meta["yty"])
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+    return None
+
+
 def load_model(source, name: str | None = None) -> Model:
     """A `Model` from a FitResult, a `Model`, a config .toml (fitted) or a result directory."""
     from .results import FitResult
@@ -240,6 +256,11 @@ def compare(models, names: list[str] | None = None, *, ml: bool = False) -> Comp
     if len({r.response for r in recs}) > 1:
         raise InputError("models have different responses: "
                          + ", ".join(f"{r.name}: {r.response}" for r in recs))
+    sums = {r.name: _response_sum_of_squares(r) for r in recs}
+    known = [v for v in sums.values() if v is not None]
+    if known and max(known) - min(known) > 1e-9 * max(abs(v) for v in known):
+        raise InputError("models were fitted to different data (the sums of squares of their "
+                         "responses differ); compare fits of the same rows")
 
     fixed_differ = len({frozenset(r.fixed_terms) for r in recs}) > 1
     any_ml = any(r.method == "ML" for r in recs)

@@ -25,6 +25,10 @@ from .errors import InputError
 KEYS = {"data", "formula", "method", "out", "stats", "name", "ddf", "ci", "level", "residuals",
         "duckdb"}
 DUCKDB_KEYS = {"memory_limit", "threads", "temp_directory"}
+TYPES = {"data": str, "formula": str, "method": str, "out": str, "stats": str, "name": str,
+         "ddf": str, "ci": str, "level": (int, float), "residuals": bool}
+TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false",
+              (int, float): "a number"}
 
 
 def load_config(path: str | Path) -> dict:
@@ -42,6 +46,17 @@ def load_config(path: str | Path) -> dict:
     duck = cfg.get("duckdb", {})
     if not isinstance(duck, dict) or set(duck) - DUCKDB_KEYS:
         raise InputError(f"config {path}: [duckdb] takes only {', '.join(sorted(DUCKDB_KEYS))}")
+    for key, value in cfg.items():
+        want = TYPES.get(key)
+        if want and not (isinstance(value, want) and not (want is not bool and
+                                                           isinstance(value, bool))):
+            raise InputError(f"config {path}: {key} must be {TYPE_NAMES[want]}, "
+                             f"not {value!r}")
+    for key, value in duck.items():
+        want = int if key == "threads" else str
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise InputError(f"config {path}: [duckdb] {key} must be {TYPE_NAMES[want]}, "
+                             f"not {value!r}")
     cfg.setdefault("name", p.stem)
     return cfg
 

@@ -72,7 +72,10 @@ class Expr:
         if self.kind == "col":
             return f"CAST({quote_ident(self.value)} AS DOUBLE)"
         if self.kind == "num":
-            return f"CAST({float(self.value)!r} AS DOUBLE)"
+            value = float(self.value)
+            if not math.isfinite(value):
+                raise FormulaError(f"number {self.value} in the formula is not finite")
+            return f"CAST({value!r} AS DOUBLE)"
         if self.kind == "neg":
             return f"(-{self.args[0].sql(aggregate_names)})"
         if self.kind == "paren":

@@ -36,9 +36,9 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     `ddf`: denominator degrees of freedom of the fixed-effect t tests ("satterthwaite",
     "kenward-roger" or None); `ci`: confidence intervals ("wald", "profile" or None).
     """
-    ddf = check_ddf(ddf)
-    ci = check_ci(ci)
-    method = _check_method(method)
+    method, ddf, ci = check_options(method, ddf, ci, level)  # before any work
+    if stats is not None and data is not None:
+        raise InputError("give DATA or saved statistics, not both")
     if stats is None:
         if data is None or formula is None:
             raise InputError("fit needs DATA and a formula, or saved statistics")
@@ -46,7 +46,7 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
                                    temp_directory=temp_directory)
     elif not isinstance(stats, Statistics):
         stats = Statistics.load(stats)
-    if formula is not None and stats is not None and formula != stats.formula and data is None:
+    if formula is not None and " ".join(formula.split()) != " ".join(stats.formula.split()):
         raise InputError(f"the statistics were built for {stats.formula!r}, not {formula!r}")
     return fit_statistics(stats, method=method, ddf=ddf, ci=ci, level=level)
 
@@ -55,10 +55,7 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
                    ddf: str | None = "satterthwaite", ci: str | None = None,
                    level: float = 0.95) -> FitResult:
     """Fit from sufficient statistics alone."""
-    method = _check_method(method)
-    ddf, ci = check_ddf(ddf), check_ci(ci)
-    if ddf == "kenward-roger" and method != "REML":
-        raise InputError("Kenward-Roger degrees of freedom need a REML fit")
+    method, ddf, ci = check_options(method, ddf, ci, level)
     validate(stats)
     t0 = time.perf_counter()
     obj = Objective(stats, reml=method == "REML")
@@ -93,7 +90,18 @@ def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
     elif ci == "profile":
         result.confidence_intervals = profile_intervals(stats, level=level)
     result.ci_level = level if ci else None
-    result.icc = icc_or_none(result)
+    result.icc = icc_or_none(result, level)
+
+
+def check_options(method: str, ddf: str | None, ci: str | None, level: float):
+    """Validated (method, ddf, ci); raises InputError naming the bad option."""
+    method, ddf, ci = _check_method(method), check_ddf(ddf), check_ci(ci)
+    if ddf == "kenward-roger" and method != "REML":
+        raise InputError("Kenward-Roger degrees of freedom need a REML fit")
+    if isinstance(level, bool) or not isinstance(level, (int, float)) \
+            or not 0 < float(level) < 1:
+        raise InputError(f"confidence level must be between 0 and 1, not {level!r}")
+    return method, ddf, ci
 
 
 def check_ci(ci: str | None) -> str | None:

@@ -59,6 +59,7 @@ class FittedModel:
     factor_levels: dict[str, list] | None = None  # levels of categoricals at fit time
     source: str | None = None  # the training data, when known
     nobs: int | None = None
+    group_type: str | None = None  # DuckDB type of the grouping column at fit time
 
     @classmethod
     def from_result(cls, result) -> FittedModel:
@@ -67,7 +68,8 @@ class FittedModel:
         levels = getattr(stats, "factor_levels", None) if stats is not None else None
         source = getattr(stats, "source", None) or None
         return cls(result.formula, dict(result.coef), float(result.sigma), result.ranef,
-                   dict(levels) if levels else None, source, int(result.nobs))
+                   dict(levels) if levels else None, source, int(result.nobs),
+                   getattr(stats, "group_type", None) or None)
 
 
 def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
@@ -97,6 +99,7 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
     if missing:
         raise DataError(f"{rp} lacks column(s) {', '.join(sorted(missing))}")
     levels = meta.get("factor_levels") or None
+    group_type = meta.get("group_type") or None
     source = None
     sp = d / "stats.parquet"  # written with the result since stats are kept: coding, source
     if sp.is_file():
@@ -104,6 +107,7 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
             smeta = json.loads(pq.read_schema(sp).metadata[b"mlpipe"])
             levels = levels or smeta.get("factor_levels") or None
             source = smeta.get("source") or None
+            group_type = group_type or smeta.get("group_type") or None
         except (OSError, pa.ArrowException, KeyError, TypeError, ValueError):
             pass
     cfg = d / "config.toml"
@@ -116,7 +120,7 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
     nobs = meta.get("nobs")
     return FittedModel(formula, fixed, sigma, ranef,
                        dict(levels) if isinstance(levels, dict) else None, source,
-                       int(nobs) if nobs is not None else None)
+                       int(nobs) if nobs is not None else None, group_type)
 
 
 def as_model(result) -> FittedModel:
@@ -203,6 +207,19 @@ def _fit_levels(model: FittedModel, con, formula: Formula,
                      f"and its training data cannot be read; refit with this mlpipe version")
 
 
+_SAFE_TYPE = re.compile(r"[A-Z][A-Z0-9_]*(\(\d+(, ?\d+)?\))?")
+
+
+def _group_key_sql(group: str, group_type: str | None) -> str:
+    """The grouping key as the fit wrote its levels: the value cast to the grouping column's
+    type at fit time, then to VARCHAR (so 1.0 in new data finds level '1' of a BIGINT fit)."""
+    q = quote_ident(group)
+    if group_type and _SAFE_TYPE.fullmatch(group_type.upper()) \
+            and not group_type.upper().startswith("VARCHAR"):
+        return f"CAST(TRY_CAST({q} AS {group_type.upper()}) AS VARCHAR)"
+    return f"CAST({q} AS VARCHAR)"
+
+
 def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
              levels: dict[str, list], level: str, path: str) -> _Compiled:
     if formula.aggregates():
@@ -281,7 +298,7 @@ def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
 
     zb, join = "0.0", ""
     if conditional:
-        frame.append(f"CAST({quote_ident(group)} AS VARCHAR) AS __mlpipe_key")
+        frame.append(f"{_group_key_sql(group, model.group_type)} AS __mlpipe_key")
         internal.append("__mlpipe_key")
         random_cols = [c for rt in formula.random for v in rt.variables()
                        for c in v.expr.columns()]

@@ -24,6 +24,11 @@ from .optimize import SINGULAR_TOL, OptSummary
 from .stats import Statistics
 
 
+#: the files `FitResult.write` may put in a result directory
+RESULT_FILES = {"result.json", "ranef.parquet", "stats.parquet", "config.toml",
+                "residuals_by_group.parquet"}
+
+
 @dataclass
 class FitResult:
     formula: str
@@ -124,6 +129,7 @@ class FitResult:
             "npar": self.npar, "converged": self.converged, "singular": self.singular,
             "theta": self.theta.tolist(), "rows_dropped": self.rows_dropped,
             "factor_levels": self.stats.factor_levels if self.stats is not None else {},
+            "group_type": self.stats.group_type if self.stats is not None else "",
             "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()},
             "icc": self.icc,
         }
@@ -156,8 +162,11 @@ class FitResult:
             if config is not None:
                 (stage / "config.toml").write_text(dump_toml(config))
             out.mkdir(exist_ok=True)
+            written = {f.name for f in stage.iterdir()}
             for f in stage.iterdir():
                 os.replace(f, out / f.name)
+            for name in RESULT_FILES - written:  # no stale file of an earlier run stays
+                (out / name).unlink(missing_ok=True)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return out
@@ -233,8 +242,11 @@ def _r_decimals(values: list[float], digits: int) -> int:
     """The decimals R's format(x, digits) gives a numeric vector: enough for every element to
     show `digits` significant digits, trailing zeros dropped."""
     need = 0
+    finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    scale = max(finite, default=0.0)
     for v in values:
-        if v is None or not math.isfinite(v) or v == 0:
+        # values at the boundary (numerically 0 next to the others) do not set the decimals
+        if v is None or not math.isfinite(v) or abs(v) <= 1e-8 * scale:
             continue
         text = f"{v:.{digits}g}"
         if "e" in text:

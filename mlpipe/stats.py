@@ -54,6 +54,7 @@ class Statistics:
     rows_dropped: int = 0
     source: str = ""
     factor_levels: dict[str, list] = field(default_factory=dict)  # coding of categoricals
+    group_type: str = ""  # DuckDB type of the grouping column (levels are its VARCHAR casts)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -90,7 +91,7 @@ class Statistics:
             "blocks": self.blocks, "group": self.group, "xtx": self.xtx.tolist(),
             "xty": self.xty.tolist(), "yty": self.yty, "n": self.n, "rows_read": self.rows_read,
             "rows_dropped": self.rows_dropped, "source": self.source,
-            "factor_levels": self.factor_levels,
+            "factor_levels": self.factor_levels, "group_type": self.group_type,
         }
         table = pa.table(cols).replace_schema_metadata({"mlpipe": json.dumps(meta)})
         path = Path(path)
@@ -130,7 +131,7 @@ class Statistics:
                    ztx, zty, col("yty"), np.asarray(meta["xtx"]), np.asarray(meta["xty"]),
                    float(meta["yty"]), int(meta["n"]), int(meta["rows_read"]),
                    int(meta["rows_dropped"]), meta.get("source", ""),
-                   meta.get("factor_levels", {}))
+                   meta.get("factor_levels", {}), meta.get("group_type", ""))
 
 
 # ---------------------------------------------------------------------- the statistics pass
@@ -259,5 +260,6 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         levels=np.asarray(per_group["level"], dtype=object), n_i=n_i,
         ztz=ztz, ztx=ztx, zty=zty, yty_i=group_col(mom.y, mom.y), xtx=xtx, xty=xty,
         yty=tot(mom.y, mom.y), n=n, rows_read=int(total_rows), rows_dropped=int(total_rows) - n,
-        source=source.path, factor_levels=design.levels)
+        source=source.location, factor_levels=design.levels,
+        group_type=design.schema.get(design.group, ""))
 

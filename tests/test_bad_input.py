@@ -151,3 +151,39 @@ def test_out_is_a_file(capsys, tmp_path):
     code, err = run(capsys, "fit", HSB, "-f", "mAch ~ 1 + (1|school)", "--out", str(target))
     assert code == 2 and "not a directory" in err and err.count("\n") == 1
     assert target.read_text() == "keep me"
+
+
+def test_data_with_stats_and_formula_mismatch(capsys, tmp_path):
+    s = tmp_path / "s.parquet"
+    assert main(["stats", HSB, "-f", "mAch ~ 1 + (1|school)", "--out", str(s)]) == 0
+    assert_input_error(capsys, tmp_path, ["fit", HSB, "-f", "mAch ~ 1 + (1|school)",
+                                          "--stats", str(s)], "not both")
+    assert_input_error(capsys, tmp_path, ["fit", "-f", "mAch ~ cses + (1|school)",
+                                          "--stats", str(s)], "built for")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--ci", "wald", "--level", "2"], "between 0 and 1"),
+    (["--ml", "--ddf", "kenward-roger"], "REML"),
+])
+def test_bad_options_fail_before_the_work(capsys, tmp_path, argv, needle):
+    assert_input_error(capsys, tmp_path, ["fit", HSB, "-f", "mAch ~ 1 + (1|school)", *argv],
+                       needle)
+
+
+def test_bad_config_types(capsys, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = "{HSB}"\nformula = "mAch ~ 1 + (1|school)"\n'
+                   '[duckdb]\nthreads = "two"\n')
+    assert_input_error(capsys, tmp_path, ["fit", "--config", str(cfg)], "threads")
+
+
+def test_unwritable_output_is_an_input_error(capsys, tmp_path):
+    code, err = run(capsys, "stats", HSB, "-f", "mAch ~ 1 + (1|school)",
+                    "--out", "/proc/no/such/dir/s.parquet")
+    assert code == 2 and err.startswith("mlpipe: error:") and err.count("\n") == 1
+
+
+def test_infinite_literal(capsys, tmp_path):
+    assert_input_error(capsys, tmp_path, ["fit", HSB, "-f", "mAch ~ I(cses*1e999) + (1|school)"],
+                       "not finite")

@@ -245,3 +245,17 @@ def test_bad_input(fits, tmp_path):
         compare([fits["null"], dyestuff])
     with pytest.raises(InputError, match="result directory"):
         compare([fits["null"], tmp_path])
+
+
+def test_fits_to_different_data_are_refused(fits, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(1)
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"mAch": rng.normal(size=7185), "cses": rng.normal(size=7185),
+                             "school": np.repeat(np.arange(160), 45)[:7185]}), other)
+    mine = mlpipe.fit(other, "mAch ~ 1 + (1|school)")
+    with pytest.raises(InputError, match="different data"):
+        compare([fits["null"], mine])

@@ -11,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import mlpipe
+
 from mlpipe.errors import DataError, FormulaError, InputError
 from mlpipe.predict import (FittedModel, PredictionFile, add_cli, load_result_dir, predict,
                             residual_summary)
@@ -330,3 +332,20 @@ def test_json_result_fields_used(sleep, tmp_path):
     df = predict(rdir, SLEEP)
     np.testing.assert_allclose(df["fitted"].to_numpy(), predict(res, SLEEP)["fitted"].to_numpy(),
                                rtol=1e-12)
+
+
+def test_group_key_of_another_numeric_type_still_matches(tmp_path):
+    """Fitted on an integer group column, predicted on the same ids stored as doubles: the
+    conditional modes must still be found (the key is cast to the fit's type first)."""
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(10), 8)
+    x = rng.normal(size=80)
+    y = x + rng.normal(size=10)[g] + rng.normal(size=80)
+    pq.write_table(pa.table({"y": y, "x": x, "g": g}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"x": x[:16], "g": g[:16].astype(float)}), tmp_path / "new.parquet")
+    res = mlpipe.fit(tmp_path / "train.parquet", "y ~ x + (1|g)")
+    res.write(tmp_path / "fit")
+    out = predict(tmp_path / "fit", tmp_path / "new.parquet")
+    b = res.ranef.filter(pl.col("level").is_in(["0", "1"]))["estimate"].to_numpy()
+    np.testing.assert_allclose((out["fitted"] - out["fitted_population"]).to_numpy(),
+                               np.repeat(b, 8), rtol=1e-10)
