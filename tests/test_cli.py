@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -170,3 +171,15 @@ def test_glob_and_hive_partitioned_directory(tmp_path, capsys):
     assert mlpipe.fit(tmp_path / "hive", f).reml_criterion == pytest.approx(want, rel=1e-8)
     assert mlpipe.fit(str(tmp_path / "*.parquet"), f).reml_criterion == pytest.approx(want,
                                                                                     rel=1e-8)
+
+
+def test_rewriting_a_result_dir_leaves_no_stale_files(tmp_path, capsys):
+    out = tmp_path / "o"
+    f = "Reaction ~ Days + (Days|Subject)"
+    assert main(["fit", "tests/data/sleepstudy.parquet", "-f", f, "--residuals",
+                 "--out", str(out), "-q"]) == 0
+    assert (out / "residuals_by_group.parquet").is_file()
+    assert main(["fit", "tests/data/sleepstudy.parquet", "-f", f, "--out", str(out), "-q"]) == 0
+    assert not (out / "residuals_by_group.parquet").exists()
+    cfg = (out / "config.toml").read_text()
+    assert f'data = "{Path("tests/data/sleepstudy.parquet").resolve()}"' in cfg
