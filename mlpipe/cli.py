@@ -123,11 +123,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from .results import check_out_dir
 
         check_out_dir(Path(cfg["out"]))  # before the work, not after it
-    if cfg.get("residuals") and cfg.get("formula"):
-        from .formula import parse_formula
-
-        if parse_formula(cfg["formula"]).aggregates():
-            raise InputError("--residuals does not support center()/group_mean() terms yet")
     duck = cfg.get("duckdb", {})
     result = fit(cfg.get("data"), cfg.get("formula"), method=cfg["method"],
                  stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"),

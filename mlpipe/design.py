@@ -85,7 +85,8 @@ class Design:
 
 class Aggregates:
     """center(x), center(x, by=g) and group_mean(x, by=g): grand and group means computed by
-    a pre-aggregation over the model's complete rows, joined into the statistics pass."""
+    a pre-aggregation over the model's complete rows and joined to every row: `source()` wraps
+    the data source in a relation that carries them as extra columns."""
 
     def __init__(self, formula: Formula):
         self.refs: dict[Expr, str] = {}
@@ -97,33 +98,31 @@ class Aggregates:
             alias = f"__mlpipe_a{k}"
             by = call.by
             self.tables.setdefault(by, []).append((alias, arg.sql()))
-            ref = f"{self.table_name(by)}.{alias}"
-            self.refs[call] = f"({arg.sql()} - {ref})" if call.value == "center" else ref
+            self.refs[call] = f"({arg.sql()} - {alias})" if call.value == "center" else alias
 
     def table_name(self, by: str | None) -> str:
         return "__mlpipe_all" if by is None else f"__mlpipe_by{list(self.tables).index(by)}"
 
-    def ctes(self, source: str, complete: str) -> str:
-        """`WITH ...` clauses of the means (empty when the formula has none)."""
-        parts = []
-        for by, cols in self.tables.items():
-            means = ", ".join(f"avg({sql}) AS {alias}" for alias, sql in cols)
+    def source(self, source: str, complete: str) -> str:
+        """The data source, with the means as columns when the formula has any (a subquery
+        whose pre-aggregations read the source's complete rows)."""
+        if not self.tables:
+            return source
+        ctes, joins, cols = [], [], []
+        for by, means in self.tables.items():
+            t = self.table_name(by)
+            avg = ", ".join(f"avg({sql}) AS {alias}" for alias, sql in means)
+            cols += [f"{t}.{alias} AS {alias}" for alias, _ in means]
             if by is None:
-                parts.append(f"{self.table_name(by)} AS (SELECT {means} FROM {source} "
-                             f"WHERE {complete})")
+                ctes.append(f"{t} AS (SELECT {avg} FROM {source} WHERE {complete})")
+                joins.append(f"CROSS JOIN {t}")
             else:
                 key = quote_ident(by)
-                parts.append(f"{self.table_name(by)} AS (SELECT {key} AS __mlpipe_key, "
-                             f"{means} FROM {source} WHERE {complete} GROUP BY {key})")
-        return ("WITH " + ",\n     ".join(parts)) if parts else ""
-
-    def joins(self) -> str:
-        out = []
-        for by in self.tables:
-            t = self.table_name(by)
-            out.append(f"CROSS JOIN {t}" if by is None else
-                       f"LEFT JOIN {t} ON {t}.__mlpipe_key = src.{quote_ident(by)}")
-        return ("\n    " + "\n    ".join(out)) if out else ""
+                ctes.append(f"{t} AS (SELECT {key} AS __mlpipe_key, {avg} FROM {source} "
+                            f"WHERE {complete} GROUP BY {key})")
+                joins.append(f"LEFT JOIN {t} ON {t}.__mlpipe_key = __mlpipe_src.{key}")
+        return (f"(WITH {', '.join(ctes)} SELECT __mlpipe_src.*, {', '.join(cols)} "
+                f"FROM {source} AS __mlpipe_src {' '.join(joins)})")
 
 
 def check_columns(formula: Formula, schema: dict[str, str]) -> None:

@@ -221,10 +221,11 @@ def _group_key_sql(group: str, group_type: str | None) -> str:
 
 
 def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
-             levels: dict[str, list], level: str, path: str) -> _Compiled:
-    if formula.aggregates():
-        raise FormulaError(f"prediction from a model with center()/group_mean() is not "
-                           f"supported yet (formula {formula.text!r})")
+             levels: dict[str, list], level: str, path: str, *,
+             training: bool = False) -> _Compiled:
+    if formula.aggregates() and not training:
+        raise FormulaError(f"prediction on new data from a model with center()/group_mean() "
+                           f"is not supported yet (formula {formula.text!r})")
     conditional = level == "conditional"
     needed = _predictor_columns(formula, conditional)
     missing = [c for c in needed if c not in schema]
@@ -350,13 +351,13 @@ def _input_sql(schema: dict[str, str], comp: _Compiled) -> str:
     return f"* EXCLUDE ({', '.join(quote_ident(c) for c in clash)})"
 
 
-def _prepare(model: FittedModel, frame: _Frame, level: str, con):
+def _prepare(model: FittedModel, frame: _Frame, level: str, con, *, training: bool = False):
     formula = parse_formula(model.formula)
     if len(formula.grouping_factors) != 1:
         raise FormulaError(f"prediction needs exactly one grouping factor ({model.formula!r})")
     schema = frame.schema()
     levels = _fit_levels(model, con, formula, schema)
-    comp = _compile(model, formula, schema, levels, level, frame.path)
+    comp = _compile(model, formula, schema, levels, level, frame.path, training=training)
     if level == "conditional":
         con.register(_RANEF_VIEW, _ranef_table(model, comp.design))
     return formula, schema, comp
@@ -512,7 +513,8 @@ def residual_summary(result, data=None, *, memory_limit: str | None = None,
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
         frame = _Frame(data, con)
-        formula, schema, comp = _prepare(model, frame, "conditional", con)
+        # the training data: center() / group_mean() means are recomputed from its rows
+        formula, schema, comp = _prepare(model, frame, "conditional", con, training=True)
         if not comp.has_response:
             cols = ", ".join(formula.response.columns())
             raise DataError(f"response column {cols} is not in {frame.path} (or not numeric)")
@@ -520,8 +522,8 @@ def residual_summary(result, data=None, *, memory_limit: str | None = None,
         predicted = render("predict", output="__mlpipe_key AS level, __mlpipe_y - fitted AS r",
                            zb=comp.zb, input=_input_sql(schema, comp),
                            frame_columns=",\n            ".join(comp.frame_columns),
-                           source=frame.relation, where=complete, join=comp.join, order="",
-                           limit="")
+                           source=comp.design.aggregates.source(frame.relation, complete),
+                           where=complete, join=comp.join, order="", limit="")
         sql = render("residuals", predicted=predicted,
                      quantile="quantile_cont" if exact else "approx_quantile")
         table = _fetch(con, sql, {**frame.params, **comp.params}, frame.path)

@@ -495,7 +495,10 @@ def residual_sample(run: ModelRun, sample_rows: int = SAMPLE_ROWS) -> tuple[np.n
         sample = int(sample_rows)
         if sample < 1:
             raise ValueError("sample_rows must be positive")
-        sql = render("report_residual_sample", columns=cols, source=model.source.relation,
+        cols = ", ".join([cols] + [alias for means in d.aggregates.tables.values()
+                                   for alias, _ in means])
+        sql = render("report_residual_sample", columns=cols,
+                     source=d.aggregates.source(model.source.relation, d.complete_sql),
                      complete=d.complete_sql, sample=str(sample), response=d.response.sql,
                      fitted=_fitted_sql(model, "sampled", "r"),
                      group=f"sampled.{quote_ident(d.group)}")
@@ -572,7 +575,8 @@ def group_lines(run: ModelRun, slope_term: str, max_groups: int = MAX_LINE_GROUP
         keep = (keep + ", ") if keep else ""
         k = LINE_POINTS - 1
         sql = render("report_group_lines", group=group, aggregates=agg_sql,
-                     source=model.source.relation, complete=d.complete_sql, keep=keep,
+                     source=d.aggregates.source(model.source.relation, d.complete_sql),
+                     complete=d.complete_sql, keep=keep,
                      lo_hi_x=f"mlpipe_lo + (mlpipe_hi - mlpipe_lo) * (mlpipe_t / {k}.0) AS {qx}",
                      points=str(k + 1), x=qx, fitted=_fitted_sql(model, "pts", "r"))
         try:

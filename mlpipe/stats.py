@@ -202,12 +202,10 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
     columns = ",\n        ".join(f"{sql} AS c{k + 1}" for k, sql in enumerate(mom.exprs))
     sums = ",\n    ".join(mom.sum_sql(i, j) for i, j in pairs)
     params = {**source.params, **design.params}
-    aggs = design.aggregates
     sql = render("group_moments", sums=sums, group=f"src.{quote_ident(design.group)}",
-                 columns=columns or "1 AS c_unused", source=source.relation,
-                 complete=design.complete_sql, means=aggs.ctes(source.relation,
-                                                              design.complete_sql),
-                 joins=aggs.joins())
+                 columns=columns or "1 AS c_unused",
+                 source=design.aggregates.source(source.relation, design.complete_sql),
+                 complete=design.complete_sql)
     try:
         con.execute(sql, params)
     except duckdb.Error as exc:

@@ -1,10 +1,9 @@
 -- Per-group sufficient statistics: sums of cross-products of the model columns [Z X y].
--- One streaming scan of the source (plus one pre-aggregation per level of centring when the
--- formula uses center() / group_mean()). Rows are grouped by the grouping factor and by
--- whether they are complete (no null in a used column), so the same scan also counts the rows
--- the model drops; the incomplete groups are never read back.
+-- One streaming scan of the source (which carries the means of center() / group_mean() from
+-- a pre-aggregation when the formula uses them). Rows are grouped by the grouping factor and
+-- by whether they are complete (no null in a used column), so the same scan also counts the
+-- rows the model drops; the incomplete groups are never read back.
 CREATE OR REPLACE TEMP TABLE group_moments AS
-{means}
 SELECT
     grp,
     complete,
@@ -15,6 +14,6 @@ FROM (
         {group} AS grp,
         ({complete}) AS complete,
         {columns}
-    FROM {source} AS src{joins}
+    FROM {source} AS src
 ) AS model_frame
 GROUP BY grp, complete

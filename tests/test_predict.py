@@ -349,3 +349,16 @@ def test_group_key_of_another_numeric_type_still_matches(tmp_path):
     b = res.ranef.filter(pl.col("level").is_in(["0", "1"]))["estimate"].to_numpy()
     np.testing.assert_allclose((out["fitted"] - out["fitted_population"]).to_numpy(),
                                np.repeat(b, 8), rtol=1e-10)
+
+
+def test_residuals_of_a_model_with_computed_centering():
+    """center(by=) / group_mean(by=) recomputed in the residual pass give the same residuals
+    as the precomputed HSB columns."""
+    a = mlpipe.fit(HSB, "mAch ~ group_mean(ses, by=school) + center(ses, by=school) "
+                        "+ (center(ses, by=school) | school)")
+    b = mlpipe.fit(HSB, "mAch ~ meanses + cses + (cses | school)")
+    ra, rb = residual_summary(a), residual_summary(b)
+    for k in ("Min", "1Q", "Median", "3Q", "Max"):
+        assert ra.quantiles[k] == pytest.approx(rb.quantiles[k], rel=1e-6, abs=1e-9)
+    np.testing.assert_allclose(ra.by_group["residual_variance"].to_numpy(),
+                               rb.by_group["residual_variance"].to_numpy(), rtol=1e-6)
