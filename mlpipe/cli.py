@@ -116,21 +116,18 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .model import fit
+    from .model import fit_config
 
     cfg = _resolve_fit(args)
     if cfg.get("out"):
         from .results import check_out_dir
 
         check_out_dir(Path(cfg["out"]))  # before the work, not after it
-    duck = cfg.get("duckdb", {})
-    result = fit(cfg.get("data"), cfg.get("formula"), method=cfg["method"],
-                 stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"),
-                 ci=cfg.get("ci"), level=float(cfg.get("level", 0.95)), **duck)
+    result = fit_config(cfg)
     if cfg.get("residuals"):
         from .predict import residual_summary
 
-        result.residuals = residual_summary(result, **duck)
+        result.residuals = residual_summary(result, **cfg.get("duckdb", {}))
     if not args.quiet:
         print(result.summary())
     if cfg.get("out"):

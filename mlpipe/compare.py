@@ -92,7 +92,7 @@ class Model:
     def refit(self, method: str = "ML"):
         """This model fitted by `method`: from its statistics if it has them, else from the
         statistics file or data named by its config."""
-        from .model import fit, fit_statistics
+        from .model import fit, fit_config, fit_statistics
 
         res = self.result
         if res is not None and getattr(res, "stats", None) is not None:
@@ -104,13 +104,10 @@ class Model:
         if not cfg:
             raise InputError(f"cannot refit {where} by {method}: it has no statistics and no "
                              f"config.toml naming its data")
-        duck = cfg.get("duckdb", {}) or {}
-        if cfg.get("stats"):
-            return fit(stats=cfg["stats"], method=method, ddf=None)
-        if not (cfg.get("data") and cfg.get("formula")):
+        if not cfg.get("stats") and not (cfg.get("data") and cfg.get("formula")):
             raise InputError(f"cannot refit {where} by {method}: its config names no data and "
                              f"formula")
-        return fit(cfg["data"], cfg["formula"], method=method, ddf=None, **duck)
+        return fit_config(cfg, method=method, ddf=None, ci=None)
 
 
 def _response_sum_of_squares(r: Model) -> float | None:
@@ -150,15 +147,12 @@ def load_model(source, name: str | None = None) -> Model:
 
 def _fit_config(path: Path, name: str | None) -> Model:
     from .config import load_config
-    from .model import fit
+    from .model import fit_config
 
     cfg = load_config(path)
-    method = str(cfg.get("method", "REML")).upper()
     if not cfg.get("stats") and not (cfg.get("data") and cfg.get("formula")):
         raise InputError(f"config {path} names neither data and formula nor statistics")
-    duck = cfg.get("duckdb", {}) or {}
-    result = fit(cfg.get("data"), cfg.get("formula"), method=method, stats=cfg.get("stats"),
-                 **({} if cfg.get("stats") else duck))
+    result = fit_config(cfg, ddf=None, ci=None)  # the comparison needs only the likelihood
     return Model.from_result(result, name or cfg["name"], config=cfg)
 
 

@@ -51,6 +51,18 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     return fit_statistics(stats, method=method, ddf=ddf, ci=ci, level=level)
 
 
+def fit_config(cfg: dict, **overrides) -> FitResult:
+    """Fit what a config names (data and formula, or saved statistics) with its options;
+    `overrides` replace config keys (e.g. method="ML", ddf=None, ci=None)."""
+    cfg = {**cfg, **overrides}
+    if not cfg.get("stats") and not (cfg.get("data") and cfg.get("formula")):
+        raise InputError("the config names neither DATA and a formula nor statistics")
+    duck = {} if cfg.get("stats") else (cfg.get("duckdb") or {})
+    return fit(cfg.get("data"), cfg.get("formula"), method=str(cfg.get("method", "REML")),
+               stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"), ci=cfg.get("ci"),
+               level=float(cfg.get("level", 0.95)), **duck)
+
+
 def fit_statistics(stats: Statistics, *, method: str = "REML",
                    ddf: str | None = "satterthwaite", ci: str | None = None,
                    level: float = 0.95) -> FitResult:

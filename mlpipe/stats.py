@@ -161,11 +161,18 @@ class _Moments:
         i, j = min(i, j), max(i, j)
         return "n" if (i, j) == (0, 0) else f"s_{i}_{j}"
 
+    @staticmethod
+    def _products(left: list[int], right: list[int]) -> set[tuple[int, int]]:
+        return {(min(a, b), max(a, b)) for a in left for b in right} - {(0, 0)}
+
+    def group_pairs(self) -> list[tuple[int, int]]:
+        """The sums read back per group: Z with [Z X y], and y'y."""
+        return sorted(self._products(self.z, self.z + self.x + [self.y])
+                      | self._products([self.y], [self.y]))
+
     def pairs(self) -> list[tuple[int, int]]:
-        wanted = {(min(a, b), max(a, b)) for a in self.z for b in self.z + self.x + [self.y]}
-        wanted |= {(min(a, b), max(a, b)) for a in self.x for b in self.x + [self.y]}
-        wanted.add((self.y, self.y))
-        return sorted(wanted - {(0, 0)})
+        """Every sum the scan computes: the per-group ones and those of the totals X'X, X'y."""
+        return sorted(set(self.group_pairs()) | self._products(self.x, self.x + [self.y]))
 
     def sum_sql(self, i: int, j: int) -> str:
         a, b = min(i, j), max(i, j)
@@ -212,9 +219,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         raise DataError(f"statistics pass over {source.path} failed: {first_line(exc)}") \
             from None
 
-    z_pairs = sorted({(min(a, b), max(a, b)) for a in mom.z for b in mom.z + mom.x + [mom.y]}
-                     | {(mom.y, mom.y)})
-    z_cols = ", ".join(mom.name(i, j) for i, j in z_pairs if (i, j) != (0, 0))
+    z_cols = ", ".join(mom.name(i, j) for i, j in mom.group_pairs())
     per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
     tot_sql = render("totals", sums=", ".join(f"sum({mom.name(i, j)})"
                                               for i, j in [(0, 0)] + pairs))

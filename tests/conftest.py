@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import mlpipe
@@ -21,6 +22,20 @@ DATA_FILE = {"dyestuff": "dyestuff.parquet", "sleepstudy": "sleepstudy.parquet",
 
 def reference(case: str) -> dict:
     return json.loads((REFS / f"{case}.json").read_text())
+
+
+def listify(x):
+    """A reference JSON value as a list (R writes a one-element vector as a scalar)."""
+    return x if isinstance(x, list) else [x]
+
+
+def check_fixed_effects(res: mlpipe.FitResult, ref: dict) -> None:
+    """Estimates within 1e-3 × SE and SEs within 1e-3 relative of one lme4 reference block."""
+    fe = res.fixed_effects
+    se_ref = np.array(listify(ref["fixed"]["se"]))
+    np.testing.assert_allclose(fe["estimate"].to_numpy(), listify(ref["fixed"]["estimate"]),
+                               rtol=0, atol=1e-3 * se_ref.min())
+    np.testing.assert_allclose(fe["std_error"].to_numpy(), se_ref, rtol=1e-3)
 
 
 def check_criterion(res: mlpipe.FitResult, ref: dict) -> None:
