@@ -63,6 +63,7 @@ class OptSummary:
     messages: list[str] = field(default_factory=list)
     gradient_evaluations: int = 0
     start: str = "default"  # where θ started: "default", "moments" or "given"
+    boundary_checks: list[dict] = field(default_factory=list)  # see optimize()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,51 +71,154 @@ class OptSummary:
 
 def optimize(obj: Objective, *, maxeval: int = 10000, ftol_rel: float = 1e-12,
              xtol_abs: float = 1e-10, theta0: np.ndarray | None = None,
-             method: str = "newton") -> OptSummary:
-    """Minimize the deviance; then escape the spurious stationary points of the Cholesky
-    parameterization: where a diagonal θ_jj is 0, negating the entries below it in column j
-    gives the same covariance but the opposite ∂d/∂θ_jj, so a point held at the bound with
-    an outward gradient may not be a minimum at all.  Optimization restarts from the flipped
-    point while that lowers the deviance."""
+             method: str = "newton", guard: bool = True) -> OptSummary:
+    """Minimize the deviance, then make sure a boundary answer is a minimum.
+
+    The Cholesky parameterization has false stationary points on its boundary.  Where a
+    diagonal θ_jj is 0 and the entries below it in column j are 0 too, the deviance is even
+    in θ_jj (negating column j leaves T T' unchanged), so ∂d/∂θ_jj = 0 there *whatever* the
+    curvature: a gradient-based method that lands on θ_jj = 0 (a projected step) never
+    leaves, even when the point is a maximum along θ_jj.  Where the entries below are not
+    0, negating them gives the same covariance with the opposite ∂d/∂θ_jj.  So at every
+    boundary answer (`_boundary_check`): the projected gradient must not point inward, and
+    the deviance must not decrease along small and moderate steps off the bound (from the
+    point and from its sign-flipped twin); when it does, optimization restarts from the
+    best such step.  Then, while a diagonal θ is still 0, bounded BOBYQA (derivative-free)
+    from the moment estimate and from lme4's default start acts as an independent guard,
+    and the lowest criterion wins.  Every check is recorded in `messages` and
+    `boundary_checks`."""
     kw = dict(maxeval=maxeval, ftol_rel=ftol_rel, xtol_abs=xtol_abs, method=method)
     summary = _optimize_once(obj, theta0=theta0, **kw)
-    for _ in range(len(obj.theta_map)):
-        flipped = _flipped_boundary_point(obj, np.asarray(summary.final_theta))
-        if flipped is None:
+    first = summary
+    for _ in range(2 * len(obj.theta_map) + 2):
+        check = _boundary_check(obj, np.asarray(summary.final_theta), summary.final_objective)
+        summary.boundary_checks.append(check["record"])
+        if check["restart"] is None:
             break
-        trial = _optimize_once(obj, theta0=flipped, **kw)
-        if not trial.final_objective < summary.final_objective - 1e-10 * max(
-                1.0, abs(summary.final_objective)):
+        trial = _optimize_once(obj, theta0=check["restart"], **kw)
+        if not trial.final_objective < summary.final_objective - _tol(summary.final_objective):
             break
-        trial.initial_theta, trial.initial_objective = (summary.initial_theta,
-                                                        summary.initial_objective)
-        trial.start = summary.start
-        trial.messages.append(f"restarted from the sign-flipped equivalent of the boundary "
-                              f"point θ = {np.round(summary.final_theta, 6).tolist()} "
-                              f"(deviance {summary.final_objective:.6f})")
+        trial.messages = summary.messages + [
+            f"restarted from {check['why']} at the boundary point "
+            f"θ = {np.round(summary.final_theta, 6).tolist()} "
+            f"(criterion {summary.final_objective:.6f})"]
+        trial.boundary_checks = summary.boundary_checks
         summary = trial
+    if guard and len(obj.theta_map) > 1 and _on_boundary(obj, summary.final_theta):
+        summary = _bobyqa_guard(obj, summary, kw)
+    summary.initial_theta, summary.initial_objective = (first.initial_theta,
+                                                        first.initial_objective)
+    summary.start = first.start
+    summary.evaluations = obj.evaluations
+    summary.gradient_evaluations = obj.gradient_evaluations
     return summary
 
 
-def _flipped_boundary_point(obj: Objective, x: np.ndarray) -> np.ndarray | None:
-    """x with the below-diagonal entries of every zero-diagonal column of T negated, when
-    that turns the gradient of some such θ_jj inward (else None)."""
+def _tol(f: float) -> float:
+    return 1e-10 * max(1.0, abs(f))
+
+
+def _on_boundary(obj: Objective, theta) -> bool:
+    x = np.asarray(theta, dtype=float)
+    return bool(np.any(obj.theta_map.diagonal & (x <= 0)))
+
+
+def _boundary_check(obj: Objective, x: np.ndarray, fx: float) -> dict:
+    """One-sided optimality at a boundary point x (diagonal θ entries at 0).
+
+    For each such θ_jj: its derivative into the interior (at x and at the twin with the
+    entries below it negated, which has the same deviance), and the deviance change along
+    steps θ_jj = δ off the bound (δ = 10⁻³ … 1 relative to the largest diagonal θ), from
+    both points.  → {"record": what was checked, "restart": the best point that lowers the
+    deviance (or None), "why": how it was found}."""
     tm = obj.theta_map
     rows, cols = np.asarray(tm.rows), np.asarray(tm.cols)
-    flipped = x.copy()
-    zero_diag = [k for k in range(len(x)) if tm.diagonal[k] and x[k] == 0]
-    changed = False
-    for k in zero_diag:
-        below = (cols == cols[k]) & (rows > rows[k]) & (x != 0)
-        if below.any():
+    zero = [k for k in range(len(x)) if tm.diagonal[k] and x[k] <= 0]
+    record = {"theta": x.tolist(), "criterion": float(fx), "at_bound": zero, "entries": [],
+              "passed": True}
+    if not zero:
+        return {"record": record, "restart": None, "why": ""}
+    scale = max(1.0, float(np.max(np.where(tm.diagonal, np.abs(x), 0.0))))
+    tol = _tol(fx)
+    best_f, best_x, why = fx - tol, None, ""
+    for k in zero:
+        below = (cols == cols[k]) & (rows > rows[k])
+        twins = [("the point", x)]
+        if np.any(x[below] != 0):
+            flipped = x.copy()
             flipped[below] = -flipped[below]
-            changed = True
-    if not changed:
-        return None
-    f, g = obj.value_and_gradient(flipped)
-    if not np.isfinite(f) or not any(g[k] < 0 for k in zero_diag):
-        return None
-    return flipped
+            twins.append(("its sign-flipped twin", flipped))
+        entry = {"index": k, "gradient": [], "steps": [], "passed": True}
+        for name, base in twins:
+            _, g = obj.value_and_gradient(base)
+            entry["gradient"].append(float(g[k]))
+            if np.isfinite(g[k]) and g[k] < -1e-6 * max(1.0, abs(fx)):
+                entry["passed"] = False
+            for delta in (1e-3, 1e-2, 1e-1, 0.5, 1.0):
+                xs = base.copy()
+                xs[k] = delta * scale
+                fs, gs = obj.value_and_gradient(xs)
+                entry["steps"].append([name, delta * scale, float(fs - fx), float(gs[k])])
+                if not np.isfinite(fs):
+                    continue
+                if fs < best_f:
+                    best_f, best_x = fs, xs
+                    why = f"a step θ[{k}] = {delta * scale:.3g} off the bound from {name}"
+                if fs < fx - tol:
+                    entry["passed"] = False
+                elif delta <= 1e-2 and gs[k] < -1e-9 * max(1.0, abs(fx)) and best_x is None:
+                    # the deviance still decreases into the interior here: a descent
+                    # direction off the bound too flat for the step itself to show it
+                    entry["passed"] = False
+                    best_x, why = xs, (f"a descent direction at θ[{k}] = {delta * scale:.3g} "
+                                       f"off the bound from {name}")
+        if entry["passed"] is False and best_x is None:
+            # an inward derivative without a lower step found: a tiny step along it
+            for name, base in twins:
+                xs = base.copy()
+                xs[k] = 1e-6 * scale
+                fs = obj(xs)
+                if np.isfinite(fs) and fs < best_f:
+                    best_f, best_x, why = fs, xs, f"the inward gradient from {name}"
+        record["entries"].append(entry)
+        record["passed"] = record["passed"] and entry["passed"]
+    return {"record": record, "restart": best_x, "why": why}
+
+
+def _bobyqa_guard(obj: Objective, summary: OptSummary, kw: dict) -> OptSummary:
+    """Bounded BOBYQA from the moment estimate and from lme4's default θ; a lower criterion
+    than the boundary answer replaces it (polished by the main optimizer)."""
+    tm = obj.theta_map
+    starts = [("default", np.array(tm.initial, dtype=float))]
+    mom = obj.moment_start()
+    if mom is not None:
+        starts.insert(0, ("moments", np.maximum(mom, tm.lower)))
+    tried = []
+    best = summary
+    for name, x0 in starts:
+        f0 = obj(x0)
+        if not np.isfinite(f0):
+            continue
+        trial = OptSummary("LN_BOBYQA", x0.tolist(), f0, reml=obj.reml, start=name)
+        trial = _bobyqa(obj, x0, f0, trial, time.perf_counter(), kw["maxeval"],
+                        kw["ftol_rel"], kw["xtol_abs"])
+        tried.append({"start": name, "criterion": trial.final_objective,
+                      "theta": trial.final_theta})
+        if trial.final_objective < best.final_objective - _tol(best.final_objective):
+            polished = _optimize_once(obj, theta0=np.asarray(trial.final_theta), **kw)
+            if polished.final_objective <= trial.final_objective:
+                trial = polished
+            trial.messages = summary.messages + [
+                f"the boundary answer θ = {np.round(summary.final_theta, 6).tolist()} "
+                f"(criterion {summary.final_objective:.6f}) was beaten by BOBYQA from the "
+                f"{name} start (criterion {trial.final_objective:.6f})"]
+            trial.optimizer = f"{summary.optimizer}; guard LN_BOBYQA"
+            best = trial
+    best.boundary_checks = summary.boundary_checks + [{"guard": tried}]
+    if best is not summary:
+        check = _boundary_check(obj, np.asarray(best.final_theta), best.final_objective)
+        best.boundary_checks.append(check["record"])
+    return best
 
 
 def _optimize_once(obj: Objective, *, maxeval: int, ftol_rel: float, xtol_abs: float,
