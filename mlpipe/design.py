@@ -64,18 +64,32 @@ class ReBlock:
     size: int
 
 
+@dataclass(frozen=True)
+class FactorDesign:
+    """The random effects on one grouping factor: lme4's name (`school:class`), the columns
+    whose combination it is, its Z columns (as indices into `Design.random`, the distinct Z
+    columns of the model) and their correlated blocks (in the factor's own column order)."""
+
+    name: str
+    columns: tuple[str, ...]
+    z: tuple[int, ...]
+    names: tuple[str, ...]
+    blocks: tuple[ReBlock, ...]
+
+
 @dataclass
 class Design:
     formula: Formula
     response: Column
     fixed: list[Column]
-    random: list[Column]  # Z, for the single grouping factor
-    blocks: list[ReBlock]
-    group: str | None
+    random: list[Column]  # the distinct columns of Z (one factor: its columns, in order)
+    blocks: list[ReBlock]  # one factor: its correlated blocks; several: empty
+    group: str | None  # one factor: its grouping column; several: None
     params: dict[str, object] = field(default_factory=dict)
     levels: dict[str, list] = field(default_factory=dict)
     aggregates: Aggregates | None = None
     schema: dict[str, str] = field(default_factory=dict)
+    factors: list[FactorDesign] = field(default_factory=list)
 
     @property
     def complete_sql(self) -> str:
@@ -238,10 +252,6 @@ def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, lis
     if not formula.random:
         raise FormulaError(f"formula {formula.text!r} has no random-effects term such as "
                            f"(1 | group); fit a mixed model or use ordinary regression")
-    groups = formula.grouping_factors
-    if len(groups) > 1:
-        raise FormulaError(f"random effects on more than one grouping factor "
-                           f"({', '.join(groups)}) are not supported yet; use one factor")
     aggregates = Aggregates(formula)
     coder = _Coder(schema, levels, aggregates)
     response = Column(formula.response.deparse(), formula.response.sql(aggregates.refs))
@@ -249,16 +259,30 @@ def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, lis
     if not fixed:
         raise FormulaError(f"formula {formula.text!r} has no fixed effects; keep the intercept "
                            f"or add a predictor")
-    random: list[Column] = []
-    blocks: list[ReBlock] = []
-    for rt in formula.random:
-        cols = coder.columns(rt.terms, rt.intercept)
-        for c in cols:
-            if any(c.name == r.name for r in random):
-                raise FormulaError(f"random effect {c.name!r} for {rt.group!r} appears in two "
-                                   f"random terms")
-        blocks.append(ReBlock(len(random), len(cols)))
-        random += cols
-    return Design(formula, response, fixed, random, blocks, groups[0], coder.params, levels,
-                  aggregates, dict(schema))
-
+    random: list[Column] = []  # distinct Z columns (by SQL) over all factors
+    factors: list[FactorDesign] = []
+    for group in formula.grouping_factors:
+        own: list[Column] = []
+        blocks: list[ReBlock] = []
+        for rt in (r for r in formula.random if r.group == group):
+            cols = coder.columns(rt.terms, rt.intercept)
+            for c in cols:
+                if any(c.name == r.name for r in own):
+                    raise FormulaError(f"random effect {c.name!r} for {rt.group!r} appears "
+                                       f"in two random terms")
+            blocks.append(ReBlock(len(own), len(cols)))
+            own += cols
+        z = []
+        for c in own:
+            if c.sql not in [r.sql for r in random]:
+                random.append(c)
+            z.append([r.sql for r in random].index(c.sql))
+        factors.append(FactorDesign(group, formula.factor_columns(group), tuple(z),
+                                    tuple(c.name for c in own), tuple(blocks)))
+    if len(factors) == 1:
+        f = factors[0]
+        return Design(formula, response, fixed, random, list(f.blocks), f.columns[0]
+                      if len(f.columns) == 1 else None, coder.params, levels, aggregates,
+                      dict(schema), factors)
+    return Design(formula, response, fixed, random, [], None, coder.params, levels,
+                  aggregates, dict(schema), factors)

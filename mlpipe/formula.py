@@ -122,9 +122,14 @@ class RandomTerm:
 
     terms: tuple[Term, ...]  # without the intercept
     intercept: bool
-    group: str  # grouping column
+    group: str  # lme4's name of the grouping factor: a column, or `b:a` for an interaction
     correlated: bool = True  # False for `||`
     text: str = ""
+    group_columns: tuple[str, ...] = ()  # the columns whose combination is the factor
+
+    def __post_init__(self):
+        if not self.group_columns:
+            object.__setattr__(self, "group_columns", (self.group,))
 
     def variables(self) -> list[Variable]:
         return _unique(v for t in self.terms for v in t)
@@ -143,7 +148,7 @@ class Formula:
         exprs = [self.response] + [v.expr for t in self.fixed for v in t]
         exprs += [v.expr for r in self.random for v in r.variables()]
         cols = _unique(c for e in exprs for c in e.columns())
-        return _unique(cols + [r.group for r in self.random])
+        return _unique(cols + [c for r in self.random for c in r.group_columns])
 
     def aggregates(self) -> list[Expr]:
         exprs = [self.response] + [v.expr for t in self.fixed for v in t]
@@ -152,7 +157,11 @@ class Formula:
 
     @property
     def grouping_factors(self) -> list[str]:
+        """lme4's names of the grouping factors, in order of first appearance."""
         return _unique(r.group for r in self.random)
+
+    def factor_columns(self, group: str) -> tuple[str, ...]:
+        return next(r.group_columns for r in self.random if r.group == group)
 
 
 def _unique(items):
@@ -299,10 +308,11 @@ class _Parser:
             node = self.sum_()
             if self.tok.text in ("|", "||"):
                 bar = self.take().text
-                group = self.group_name()
+                groups = self.group_names()
                 self.take(")")
                 body = " ".join(x.text for x in self.toks[start:self.i - 1])
-                self.add_random(node, group, bar == "|", body)
+                for cols in groups:
+                    self.add_random(node, cols, bar == "|", body)
                 return [], None
             self.take(")")
             return node
@@ -324,15 +334,31 @@ class _Parser:
         raise FormulaError(f"unexpected {t.text or 'end of formula'!r} at position {t.pos + 1} "
                            f"in formula {self.text!r}")
 
-    def group_name(self) -> str:
-        tok = self.take(kind="name")
-        if self.tok.text in (":", "/"):
-            raise FormulaError(f"nested or interaction grouping factors ({tok.text}"
-                               f"{self.tok.text}...) are not supported yet in formula "
-                               f"{self.text!r}")
-        return tok.text
+    def group_names(self) -> list[tuple[str, ...]]:
+        """The grouping factor(s) after `|`: `g`, `a:b` (one factor, the combination), or
+        `a/b/c` (nesting) = `a`, `a:b`, `a:b:c` — as lme4's `expandSlash`, each factor
+        named with the inner column first (`c:b:a`).  → column tuples, innermost first."""
+        parts = [self.group_component()]
+        while self.tok.text == "/":
+            self.take("/")
+            parts.append(self.group_component())
+        out, cols = [], ()
+        for comp in parts:  # a/b: b:a, a (lme4's order: innermost factor first)
+            cols = comp + cols
+            out.insert(0, cols)
+        return out
 
-    def add_random(self, node, group: str, correlated: bool, body: str) -> None:
+    def group_component(self) -> tuple[str, ...]:
+        names = [self.take(kind="name").text]
+        while self.tok.text == ":":
+            self.take(":")
+            names.append(self.take(kind="name").text)
+        return tuple(names)  # R labels a level of a:b "a_level:b_level"
+
+    def add_random(self, node, columns: tuple[str, ...], correlated: bool, body: str) -> None:
+        group = ":".join(columns)
+        if len(set(columns)) < len(columns):
+            raise self.fail(f"grouping factor {group} repeats a column")
         terms, icpt = node
         intercept = icpt is not False
         order = _unique(v for t in terms for v in t)
@@ -340,14 +366,14 @@ class _Parser:
         if not terms and not intercept:
             raise self.fail(f"random term ({body}) has no effects")
         if correlated:
-            self.random.append(RandomTerm(tuple(terms), intercept, group, True, body))
+            self.random.append(RandomTerm(tuple(terms), intercept, group, True, body, columns))
             return
         # (a + b || g) == (1 | g) + (0 + a | g) + (0 + b | g), as in lme4
         if intercept:
-            self.random.append(RandomTerm((), True, group, True, "1"))
+            self.random.append(RandomTerm((), True, group, True, "1", columns))
         for t in terms:
             self.random.append(RandomTerm((t,), False, group, True,
-                                          "0 + " + ":".join(v.label for v in t)))
+                                          "0 + " + ":".join(v.label for v in t), columns))
 
     # -- arithmetic inside I(), log(), ...
     def call(self) -> Expr:

@@ -15,6 +15,7 @@ import polars as pl
 from .errors import DataError, InputError
 from .inference import (check_ddf, kenward_roger, profile_intervals, satterthwaite,
                         wald_intervals)
+from .blocked import BlockedObjective
 from .objective import Objective
 from .optimize import optimize
 from .results import FitResult
@@ -70,15 +71,32 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     method, ddf, ci = check_options(method, ddf, ci, level)
     validate(stats)
     t0 = time.perf_counter()
-    obj = Objective(stats, reml=method == "REML")
-    summary = optimize(obj)
-    dec = obj.decompose(np.asarray(summary.final_theta))
-    result = FitResult.build(stats, obj, dec, summary)
+    if stats.general:  # several grouping factors: the sparse blocked objective
+        obj = BlockedObjective(stats, reml=method == "REML")
+        summary = optimize(obj, method=obj.default_method)
+        dec = obj.decompose(np.asarray(summary.final_theta))
+        result = FitResult.build_general(stats, obj, dec, summary)
+        if ddf is not None or ci is not None:
+            ddf, ci = general_inference(ddf, ci)
+    else:
+        obj = Objective(stats, reml=method == "REML")
+        summary = optimize(obj)
+        dec = obj.decompose(np.asarray(summary.final_theta))
+        result = FitResult.build(stats, obj, dec, summary)
     t1 = time.perf_counter()
     add_inference(result, ddf=ddf, ci=ci, level=level)
     result.timings = {**stats.timings, "solve": t1 - t0,
                       "inference": time.perf_counter() - t1}
     return result
+
+
+def general_inference(ddf: str | None, ci: str | None) -> tuple[str | None, str | None]:
+    """What inference models with several grouping factors get for now: none (t values
+    only); a confidence-interval request is refused."""
+    if ci is not None:
+        raise InputError("confidence intervals for models with several grouping factors "
+                         "are not available yet")
+    return None, None
 
 
 def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
@@ -133,6 +151,36 @@ def _check_method(method: str) -> str:
 
 def validate(stats: Statistics) -> None:
     """lme4's checks on the model's dimensions and the fixed-effects design."""
+    if stats.general:
+        _validate_factors(stats)
+    else:
+        _validate_group(stats)
+    if stats.n <= stats.p:
+        raise DataError(f"{stats.p} fixed effects for {stats.n} observations")
+    dependent = rank_deficient_columns(stats.xtx)
+    if dependent:
+        names = ", ".join(stats.fixed_names[j] for j in dependent)
+        one = len(dependent) == 1
+        raise DataError(f"fixed-effects design is rank deficient: {names} "
+                        f"{'is a linear combination' if one else 'are linear combinations'} "
+                        f"of other columns; drop {'it' if one else 'them'}")
+
+
+def _validate_factors(stats: Statistics) -> None:
+    for f in stats.factors:
+        if f.m < 2:
+            raise DataError(f"grouping factor {f.name!r} has {f.m} level; a random effect "
+                            f"needs at least 2")
+        if f.m >= stats.n:
+            raise DataError(f"grouping factor {f.name!r} has {f.m} levels for {stats.n} "
+                            f"observations; it must have fewer levels than observations")
+    total = sum(f.m * f.q for f in stats.factors)
+    if total >= stats.n:
+        raise DataError(f"{total} random effects for {stats.n} observations: the random "
+                        f"effects are not identifiable; simplify the random part")
+
+
+def _validate_group(stats: Statistics) -> None:
     if stats.m < 2:
         raise DataError(f"grouping factor {stats.group!r} has {stats.m} level; "
                         f"a random effect needs at least 2")
@@ -143,15 +191,6 @@ def validate(stats: Statistics) -> None:
         raise DataError(f"{stats.q * stats.m} random effects ({stats.q} per level of "
                         f"{stats.group!r}) for {stats.n} observations: the random effects are "
                         f"not identifiable; simplify the random part")
-    if stats.n <= stats.p:
-        raise DataError(f"{stats.p} fixed effects for {stats.n} observations")
-    dependent = rank_deficient_columns(stats.xtx)
-    if dependent:
-        names = ", ".join(stats.fixed_names[j] for j in dependent)
-        one = len(dependent) == 1
-        raise DataError(f"fixed-effects design is rank deficient: {names} "
-                        f"{'is a linear combination' if one else 'are linear combinations'} "
-                        f"of other columns; drop {'it' if one else 'them'}")
 
 
 def rank_deficient_columns(xtx: np.ndarray, tol: float = 1e-9) -> list[int]:

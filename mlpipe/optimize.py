@@ -64,6 +64,7 @@ class OptSummary:
     gradient_evaluations: int = 0
     start: str = "default"  # where θ started: "default", "moments" or "given"
     boundary_checks: list[dict] = field(default_factory=list)  # see optimize()
+    structure: list[dict] = field(default_factory=list)  # several factors: how they relate
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -107,6 +107,62 @@ class FitResult:
             ranef=_conditional_modes(stats, dec, sigma), theta=theta,
             rows_dropped=stats.rows_dropped, stats=stats)
 
+    @classmethod
+    def build_general(cls, stats: Statistics, obj, dec, opt: OptSummary) -> FitResult:
+        """The result of a model with several grouping factors (`blocked.BlockedObjective`):
+        one block of variance components, correlations and conditional modes per factor,
+        factors in lme4's order (most levels first)."""
+        reml = obj.reml
+        sigma = obj.sigma(dec)
+        s2 = sigma**2
+        p = stats.p
+        vcov = s2 * linalg.cho_solve((dec.rx, False), np.eye(p))
+        se = np.sqrt(np.diag(vcov))
+        fixed = pl.DataFrame({
+            "term": stats.fixed_names, "estimate": dec.beta, "std_error": se,
+            "t_value": dec.beta / se, "df": [None] * p, "p_value": [None] * p,
+        }, schema={"term": pl.Utf8, "estimate": pl.Float64, "std_error": pl.Float64,
+                   "t_value": pl.Float64, "df": pl.Float64, "p_value": pl.Float64})
+        rand_rows, corr_rows, ranef_parts = [], [], []
+        modes = obj.conditional_modes(dec, sigma)
+        for f, T, mode in zip(obj.factors, dec.T, modes):
+            cov = s2 * T @ T.T
+            for a, name in enumerate(f.names):
+                rand_rows.append((f.name, name, cov[a, a], math.sqrt(cov[a, a])))
+            for start, size in f.blocks:
+                for a in range(start, start + size):
+                    for b in range(a + 1, start + size):
+                        denom = math.sqrt(cov[a, a] * cov[b, b])
+                        corr = cov[a, b] / denom if denom > 0 else float("nan")
+                        corr_rows.append((f.name, f.names[a], f.names[b], corr))
+            levels = pl.Series("level", f.levels, dtype=pl.Utf8)
+            for a, name in enumerate(f.names):
+                ranef_parts.append(pl.DataFrame(
+                    {"level": levels, "estimate": mode["b"][:, a],
+                     "cond_sd": mode["cond_sd"][:, a]}).select(
+                    pl.lit(f.name).alias("group"), "level", pl.lit(name).alias("term"),
+                    "estimate", "cond_sd"))
+        rand = pl.DataFrame(rand_rows, schema={"group": pl.Utf8, "term": pl.Utf8,
+                                               "variance": pl.Float64, "std_dev": pl.Float64},
+                            orient="row")
+        corrs = pl.DataFrame(corr_rows, schema={"group": pl.Utf8, "term1": pl.Utf8,
+                                                "term2": pl.Utf8, "correlation": pl.Float64},
+                             orient="row")
+        dev = obj.deviance_of(dec)
+        theta = np.asarray(dec.theta)
+        npar = p + len(theta) + 1
+        singular = bool(np.any(theta[obj.theta_map.diagonal] < SINGULAR_TOL))
+        opt.structure = obj.structure()
+        return cls(
+            formula=stats.formula, method="REML" if reml else "ML", nobs=stats.n,
+            groups={f.name: f.m for f in obj.factors}, fixed_effects=fixed, vcov=vcov,
+            random_effects=rand, random_correlations=corrs, residual_variance=s2, sigma=sigma,
+            loglik=-dev / 2, deviance=dev, reml_criterion=dev if reml else None,
+            aic=dev + 2 * npar, bic=dev + npar * math.log(stats.n), npar=npar,
+            converged=opt.converged, singular=singular, optimizer=opt,
+            ranef=pl.concat(ranef_parts), theta=theta, rows_dropped=stats.rows_dropped,
+            stats=stats)
+
     # ------------------------------------------------------------------ accessors
     @property
     def coef(self) -> dict[str, float]:
@@ -264,6 +320,22 @@ def r_format(values: list[float], digits: int = 4) -> list[str]:
     return [f"{v:.{d}f}" for v in values]
 
 
+def structure_text(structure: list[dict]) -> str:
+    """The factors, largest first, each with how it relates to the larger ones before it
+    (`school (30 levels) contains school:class`, or crossed), as detected from the data."""
+    parts = []
+    for s in structure:
+        inner = [k for k, v in s["relations"].items() if v == "nested"]
+        crossed = [k for k, v in s["relations"].items() if v == "crossed"]
+        text = f"{s['factor']} ({s['levels']} levels, {s['columns']} per level)"
+        if inner:
+            text += " contains " + ", ".join(inner)
+        if crossed:
+            text += (" and" if inner else "") + " crossed with " + ", ".join(crossed)
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def render_summary(r: FitResult) -> str:
     lines = [f"Linear mixed model fit by {'REML' if r.method == 'REML' else 'maximum likelihood'}"
              f" (mlpipe)", f"Formula: {r.formula}", ""]
@@ -276,28 +348,34 @@ def render_summary(r: FitResult) -> str:
     if r.residuals is not None:
         lines += ["", str(r.residuals)]
     lines += ["", "Random effects:"]
-    corr = {(c["term1"], c["term2"]): c["correlation"]
+    corr = {(c["group"], c["term1"], c["term2"]): c["correlation"]
             for c in r.random_correlations.iter_rows(named=True)}
-    terms = r.random_effects["term"].to_list()
     variances = r_format(r.random_effects["variance"].to_list() + [r.residual_variance])
     sds = r_format(r.random_effects["std_dev"].to_list() + [r.sigma])
     rows = []
+    before: list[str] = []  # the earlier terms of the current group
     for i, row in enumerate(r.random_effects.iter_rows(named=True)):
-        cors = [f"{corr[(t, row['term'])]:.2f}" if (t, row["term"]) in corr else ""
-                for t in terms[:i]]
+        first = i == 0 or row["group"] != r.random_effects["group"][i - 1]
+        if first:
+            before = []
+        key = lambda t: (row["group"], t, row["term"])  # noqa: E731
+        cors = [f"{corr[key(t)]:.2f}" if key(t) in corr else "" for t in before]
         while cors and cors[-1] == "":
             cors.pop()
-        rows.append([row["group"] if i == 0 else "", row["term"], variances[i], sds[i],
+        rows.append([row["group"] if first else "", row["term"], variances[i], sds[i],
                      " ".join(cors)])
+        before.append(row["term"])
     rows.append(["Residual", "", variances[-1], sds[-1], ""])
     lines += _table(["Groups", "Name", "Variance", "Std.Dev.", "Corr"], rows, align_left=2)
     if r.icc is not None:
         lines.append(f"ICC: {r.icc['icc']:.4f} ({100 * r.icc['level']:g}% CI "
                      f"{r.icc['lower']:.4f} to {r.icc['upper']:.4f}, {r.icc['method']})")
-    groups = ", ".join(f"{g}, {n}" for g, n in r.groups.items())
+    groups = "; ".join(f"{g}, {n}" for g, n in r.groups.items())
     lines.append(f"Number of obs: {r.nobs}, groups:  {groups}")
     if r.rows_dropped:
         lines.append(f"({r.rows_dropped} rows with missing values dropped)")
+    if r.optimizer.structure:
+        lines.append("Random-effects structure: " + structure_text(r.optimizer.structure))
     lines += ["", "Fixed effects:"]
     has_df = r.fixed_effects["df"].null_count() < r.fixed_effects.height
     header = ["", "Estimate", "Std. Error"] + (["df"] if has_df else []) + ["t value"] + \

@@ -29,7 +29,31 @@ from .design import Design, build_design, check_columns, discover_levels
 from .errors import DataError
 from .formula import parse_formula
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: several grouping factors (per-cell statistics, factor columns)
+
+
+@dataclass
+class Factor:
+    """One grouping factor of a model with several: lme4's name, its columns, its Z columns
+    (indices into `Statistics.random_names`, the model's distinct Z columns), their names
+    and correlated blocks in the factor's own order, its level labels, and the level of
+    every cell (`index`, (cells,) int64)."""
+
+    name: str
+    columns: list[str]
+    z: list[int]
+    names: list[str]
+    blocks: list[tuple[int, int]]
+    levels: np.ndarray
+    index: np.ndarray
+
+    @property
+    def m(self) -> int:
+        return len(self.levels)
+
+    @property
+    def q(self) -> int:
+        return len(self.z)
 
 
 @dataclass
@@ -56,6 +80,23 @@ class Statistics:
     factor_levels: dict[str, list] = field(default_factory=dict)  # coding of categoricals
     group_type: str = ""  # DuckDB type of the grouping column (levels are its VARCHAR casts)
     timings: dict[str, float] = field(default_factory=dict)
+    #: several grouping factors (or one on a combination of columns): the per-cell arrays
+    #: above (ztz, ..., n_i over the cells) and every factor's levels and cell index;
+    #: empty for one factor on one column (then `group` and `levels` say it all)
+    factors: list[Factor] = field(default_factory=list)
+    group_types: dict[str, str] = field(default_factory=dict)  # DuckDB type per column
+
+    @property
+    def general(self) -> bool:
+        """True when the statistics are per cell of several factors (`factors`)."""
+        return bool(self.factors)
+
+    @property
+    def groups(self) -> dict[str, int]:
+        """lme4's `ngroups`: levels per factor."""
+        if self.factors:
+            return {f.name: f.m for f in self.factors}
+        return {self.group: self.m}
 
     @property
     def m(self) -> int:
@@ -85,7 +126,13 @@ class Statistics:
                 cols[f"ztz_{a}_{b}"] = self.ztz[a, b]
             for j in range(p):
                 cols[f"ztx_{a}_{j}"] = self.ztx[a, j]
+        for k, f in enumerate(self.factors):
+            cols[f"f{k}"] = f.index
+            cols[f"l{k}"] = pa.array(f.levels[f.index].astype(str))
         meta = {
+            "factors": [{"name": f.name, "columns": f.columns, "z": f.z, "names": f.names,
+                         "blocks": f.blocks} for f in self.factors],
+            "group_types": self.group_types,
             "format_version": FORMAT_VERSION, "formula": self.formula, "response": self.response,
             "fixed_names": self.fixed_names, "random_names": self.random_names,
             "blocks": self.blocks, "group": self.group, "xtx": self.xtx.tolist(),
@@ -113,6 +160,10 @@ class Statistics:
         except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{path} is not an mlpipe statistics file ({first_line(exc)})") \
                 from None
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DataError(f"{path} has statistics format version {version}; this mlpipe "
+                            f"reads version {FORMAT_VERSION} (rebuild it with mlpipe stats)")
         p, q = len(meta["fixed_names"]), len(meta["random_names"])
         col = lambda name: table.column(name).to_numpy().astype(float)  # noqa: E731
         m = table.num_rows
@@ -131,7 +182,17 @@ class Statistics:
                    ztx, zty, col("yty"), np.asarray(meta["xtx"]), np.asarray(meta["xty"]),
                    float(meta["yty"]), int(meta["n"]), int(meta["rows_read"]),
                    int(meta["rows_dropped"]), meta.get("source", ""),
-                   meta.get("factor_levels", {}), meta.get("group_type", ""))
+                   meta.get("factor_levels", {}), meta.get("group_type", ""),
+                   factors=[_load_factor(table, k, f) for k, f in enumerate(meta["factors"])],
+                   group_types=meta.get("group_types", {}))
+
+
+def _load_factor(table: pa.Table, k: int, meta: dict) -> Factor:
+    index = table.column(f"f{k}").to_numpy().astype(np.int64)
+    levels = np.empty(int(index.max()) + 1 if len(index) else 0, dtype=object)
+    levels[index] = np.asarray(table.column(f"l{k}").to_pylist(), dtype=object)
+    return Factor(meta["name"], list(meta["columns"]), list(meta["z"]), list(meta["names"]),
+                  [tuple(b) for b in meta["blocks"]], levels, index)
 
 
 # ---------------------------------------------------------------------- the statistics pass
@@ -209,7 +270,13 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
     columns = ",\n        ".join(f"{sql} AS c{k + 1}" for k, sql in enumerate(mom.exprs))
     sums = ",\n    ".join(mom.sum_sql(i, j) for i, j in pairs)
     params = {**source.params, **design.params}
-    sql = render("group_moments", sums=sums, group=f"src.{quote_ident(design.group)}",
+    if design.group is not None:
+        groups, group_by = f"src.{quote_ident(design.group)} AS grp", "grp"
+    else:
+        gcols = _cell_columns(design)
+        groups = ", ".join(f"src.{quote_ident(c)} AS g{k}" for k, c in enumerate(gcols))
+        group_by = ", ".join(f"g{k}" for k in range(len(gcols)))
+    sql = render("group_moments", sums=sums, groups=groups, group_by=group_by,
                  columns=columns or "1 AS c_unused",
                  source=design.aggregates.source(source.relation, design.complete_sql),
                  complete=design.complete_sql)
@@ -220,7 +287,20 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
             from None
 
     z_cols = ", ".join(mom.name(i, j) for i, j in mom.group_pairs())
-    per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
+    if design.group is not None:
+        per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
+    else:
+        gcols = _cell_columns(design)
+        fcols = []
+        for k, f in enumerate(design.factors):
+            keys = ", ".join(f"g{gcols.index(c)}" for c in f.columns)
+            label = " || ':' || ".join(f"CAST(g{gcols.index(c)} AS VARCHAR)"
+                                       for c in f.columns)
+            fcols += [f"CAST(dense_rank() OVER (ORDER BY {keys}) - 1 AS BIGINT) AS f{k}",
+                      f"{label} AS l{k}"]
+        per_group = con.execute(render(
+            "cell_statistics", factor_columns=", ".join(fcols), columns=z_cols,
+            cell_order=", ".join(f"g{k}" for k in range(len(gcols))))).fetchnumpy()
     tot_sql = render("totals", sums=", ".join(f"sum({mom.name(i, j)})"
                                               for i, j in [(0, 0)] + pairs))
     total_rows, *sums = con.execute(tot_sql).fetchone()
@@ -256,13 +336,29 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
     xtx = np.array([[tot(i, j) for j in mom.x] for i in mom.x])
     xty = np.array([tot(i, mom.y) for i in mom.x])
     n_i = np.asarray(per_group["n"], dtype=float)
+    factors = []
+    if design.group is None:
+        for k, f in enumerate(design.factors):
+            index = np.asarray(per_group[f"f{k}"], dtype=np.int64)
+            labels = np.empty(int(index.max()) + 1 if len(index) else 0, dtype=object)
+            labels[index] = np.asarray(per_group[f"l{k}"], dtype=object)
+            factors.append(Factor(f.name, list(f.columns), list(f.z), list(f.names),
+                                  [(b.start, b.size) for b in f.blocks], labels, index))
     return Statistics(
         formula=design.formula.text, response=design.response.name,
         fixed_names=[c.name for c in design.fixed], random_names=[c.name for c in design.random],
-        blocks=[(b.start, b.size) for b in design.blocks], group=design.group,
-        levels=np.asarray(per_group["level"], dtype=object), n_i=n_i,
+        blocks=[(b.start, b.size) for b in design.blocks], group=design.group or "",
+        levels=(np.asarray(per_group["level"], dtype=object) if design.group is not None
+                else np.arange(len(n_i)).astype(str).astype(object)), n_i=n_i,
         ztz=ztz, ztx=ztx, zty=zty, yty_i=group_col(mom.y, mom.y), xtx=xtx, xty=xty,
         yty=tot(mom.y, mom.y), n=n, rows_read=int(total_rows), rows_dropped=int(total_rows) - n,
         source=source.location, factor_levels=design.levels,
-        group_type=design.schema.get(design.group, ""))
+        group_type=design.schema.get(design.group, "") if design.group else "",
+        factors=factors,
+        group_types={c: design.schema.get(c, "") for c in _cell_columns(design)})
+
+
+def _cell_columns(design: Design) -> list[str]:
+    """The distinct grouping columns of all factors, in order of appearance."""
+    return list(dict.fromkeys(c for f in design.factors for c in f.columns))
 

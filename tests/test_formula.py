@@ -62,7 +62,7 @@ def test_backticks_and_columns():
 @pytest.mark.parametrize("text,piece", [
     ("y ~", "missing predictors"), ("~ x", "missing response"),
     ("y ~ x + (1|g", "end of formula"), ("y ~ 2 + (1|g)", "'2'"),
-    ("y ~ x + (0|g)", "no effects"), ("y ~ x + (1|a/b)", "not supported yet")])
+    ("y ~ x + (0|g)", "no effects"), ("y ~ x + (1|a/a)", "repeats a column")])
 def test_errors_name_the_piece(text, piece):
     with pytest.raises(FormulaError, match=None) as e:
         parse_formula(text)
@@ -79,3 +79,24 @@ def test_labels_deparse_like_r(expr, label):
     """Term names are R's deparse(): `/` and `^` unspaced, the user's parentheses kept,
     numbers in R's shortest notation."""
     assert parse_formula(f"y ~ {expr} + (1|g)").fixed[0][0].label == label
+
+
+@pytest.mark.parametrize("text,groups", [
+    ("y ~ 1 + (1|batch/cask)", [("cask:batch", ("cask", "batch")), ("batch", ("batch",))]),
+    ("y ~ 1 + (1|a/b/c)", [("c:b:a", ("c", "b", "a")), ("b:a", ("b", "a")), ("a", ("a",))]),
+    ("y ~ 1 + (1|a:b)", [("a:b", ("a", "b"))]),
+    ("y ~ t + (t|school) + (t|school:child)",
+     [("school", ("school",)), ("school:child", ("school", "child"))]),
+    ("y ~ 1 + (1|a) + (1|b) + (1|c)", [("a", ("a",)), ("b", ("b",)), ("c", ("c",))]),
+])
+def test_grouping_factors_expand_as_lme4(text, groups):
+    """`a/b` is lme4's expandSlash: `b:a` (named inner column first) and `a`."""
+    f = parse_formula(text)
+    assert [(r.group, r.group_columns) for r in f.random] == groups
+    assert f.grouping_factors == [g for g, _ in groups]
+
+
+def test_double_bar_at_every_level():
+    f = parse_formula("y ~ x + (x || a/b)")
+    assert [(r.group, r.intercept, len(r.terms)) for r in f.random] == [
+        ("b:a", True, 0), ("b:a", False, 1), ("a", True, 0), ("a", False, 1)]
