@@ -1,0 +1,211 @@
+"""Random effects on several grouping factors: nested, crossed, and both.
+
+* lme4 references (tests/data/lme4/pastes_nested.json, penicillin_crossed.json and the cases
+  of tests/data/multilevel/ made by its make_refs.R), REML and ML, with the core tolerances.
+* Brute force: the deviance of the sparse blocked objective equals a dense marginal-likelihood
+  computation from the raw rows for random θ, for each structure, on small random data.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import mlpipe
+from conftest import check_criterion, check_fixed_effects, listify
+from mlpipe.blocked import BlockedObjective
+from mlpipe.stats import Statistics, compute_statistics
+
+DATA = Path(__file__).parent / "data"
+MULTI = DATA / "multilevel"
+CORE = {"pastes_nested": DATA / "pastes.parquet", "penicillin_crossed": DATA / "penicillin.parquet"}
+CASES = sorted(CORE) + sorted(p.stem for p in MULTI.glob("*.json"))
+
+
+@cache
+def reference(case: str) -> dict:
+    path = DATA / "lme4" / f"{case}.json" if case in CORE else MULTI / f"{case}.json"
+    return json.loads(path.read_text())
+
+
+def data_file(case: str) -> Path:
+    return CORE[case] if case in CORE else MULTI / f"{reference(case)['data']}.parquet"
+
+
+@cache
+def fitted(case: str, method: str):
+    ref = reference(case)
+    return mlpipe.fit(data_file(case), ref["formula"], method=method, ddf=None), \
+        ref[method.lower()]
+
+
+def _values(re: dict) -> np.ndarray:
+    v = np.asarray(re["values"], dtype=float)
+    return v.reshape(len(listify(re["levels"])), -1)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("case", CASES)
+def test_against_lme4(case, method):
+    res, ref = fitted(case, method)
+    check_criterion(res, ref)
+    # never worse than lme4: a lower lme4 criterion means mlpipe is wrong
+    assert res.deviance <= ref["deviance_or_reml"] + 1e-6 * abs(ref["deviance_or_reml"])
+    check_fixed_effects(res, ref)
+    # variance components: per group, in lme4's order (the residual last)
+    sd = {(r["group"], r["term"]): r["std_dev"] for r in res.random_effects.iter_rows(named=True)}
+    cor = {}
+    for r in res.random_correlations.iter_rows(named=True):
+        cor[(r["group"], r["term1"], r["term2"])] = r["correlation"]
+        cor[(r["group"], r["term2"], r["term1"])] = r["correlation"]
+    for row in ref["varcorr"]:
+        grp = row["grp"].split(".")[0] if row["grp"] not in res.groups else row["grp"]
+        if row["grp"] == "Residual":
+            got = res.sigma
+        elif row["var2"] is None:
+            got = sd[(grp, row["var1"])]
+        else:
+            got = cor[(grp, row["var1"], row["var2"])]
+        want = row["sdcor"]
+        assert got == pytest.approx(want, rel=1e-3, abs=1e-4 * res.sigma), row
+    # conditional modes and SDs of every factor
+    for re in ref["ranef"]:
+        sub = res.ranef.filter(group=re["group"])
+        terms = listify(re["terms"])
+        levels = [str(v) for v in listify(re["levels"])]
+        vals, sds = _values(re), np.asarray(re["cond_sd"], float).reshape(len(levels), -1)
+        for t, term in enumerate(terms):
+            mine = sub.filter(term=term)
+            assert mine["level"].to_list() == levels
+            est, csd = mine["estimate"].to_numpy(), mine["cond_sd"].to_numpy()
+            np.testing.assert_allclose(est, vals[:, t], rtol=0, atol=1e-3 * sds[:, t].min())
+            np.testing.assert_allclose(csd, sds[:, t], rtol=1e-3)
+
+
+def test_summary_shows_every_factor_and_the_structure():
+    res, _ = fitted("pastes_nested", "REML")
+    text = res.summary()
+    assert "Number of obs: 60, groups:  cask:batch, 30; batch, 10" in text
+    assert "Random-effects structure: cask:batch (30 levels, 1 per level); batch (10 levels, " \
+           "1 per level) contains cask:batch" in text
+    assert res.optimizer.structure[1]["relations"] == {"cask:batch": "nested"}
+    crossed, _ = fitted("penicillin_crossed", "REML")
+    assert crossed.optimizer.structure[1]["relations"] == {"plate": "crossed"}
+
+
+def test_statistics_round_trip_and_refit(tmp_path):
+    """The per-cell statistics are saved with their factors and refit to the same answer."""
+    res, _ = fitted("pastes_nested", "ML")
+    res.stats.save(tmp_path / "s.parquet")
+    back = Statistics.load(tmp_path / "s.parquet")
+    assert [f.name for f in back.factors] == ["cask:batch", "batch"]
+    for a, b in zip(res.stats.factors, back.factors):
+        assert list(a.levels) == list(b.levels)
+        np.testing.assert_array_equal(a.index, b.index)
+    again = mlpipe.fit(stats=back, method="ML", ddf=None)
+    assert again.deviance == pytest.approx(res.deviance, rel=1e-12)
+
+
+def test_format_version_is_checked(tmp_path):
+    res, _ = fitted("pastes_nested", "ML")
+    path = tmp_path / "s.parquet"
+    res.stats.save(path)
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"mlpipe"])
+    meta["format_version"] = 1
+    pq.write_table(table.replace_schema_metadata({"mlpipe": json.dumps(meta)}), path)
+    with pytest.raises(mlpipe.DataError, match="format version 1"):
+        Statistics.load(path)
+
+
+# ------------------------------------------------------------------ brute force
+
+def _dense_deviance(y, X, Zs, T, reml):
+    """V = I + Σ_k Z_k (I ⊗ T_k T_k') Z_k' (relative to σ²), GLS for β, profiled σ."""
+    n, p = X.shape
+    V = np.eye(n)
+    for Zk, Tk in zip(Zs, T):
+        V += Zk @ np.kron(np.eye(Zk.shape[1] // Tk.shape[0]), Tk @ Tk.T) @ Zk.T
+    Vi = np.linalg.inv(V)
+    XtViX = X.T @ Vi @ X
+    beta = np.linalg.solve(XtViX, X.T @ Vi @ y)
+    r = y - X @ beta
+    logdet_v = np.linalg.slogdet(V)[1]
+    if reml:
+        s2 = r @ Vi @ r / (n - p)
+        return (n - p) * (1 + np.log(2 * np.pi * s2)) + logdet_v + np.linalg.slogdet(XtViX)[1]
+    s2 = r @ Vi @ r / n
+    return n * (1 + np.log(2 * np.pi * s2)) + logdet_v
+
+
+def _z(levels: np.ndarray, cols: list[np.ndarray]) -> np.ndarray:
+    """Raw-row Z of one factor: per level, its columns (level-major, as the objective)."""
+    uniq = np.unique(levels)
+    Z = np.zeros((len(levels), len(uniq) * len(cols)))
+    for i, lv in enumerate(uniq):
+        rows = levels == lv
+        for a, c in enumerate(cols):
+            Z[rows, i * len(cols) + a] = c[rows]
+    return Z
+
+
+STRUCTURES = {
+    # name: formula, and per factor (sorted by levels, largest first) its level key + columns
+    "nested_slopes": "y ~ x + (x | school) + (x | school:class)",
+    "three_levels": "y ~ x + (1 | school/class/pupil)",
+    "crossed_slope": "y ~ x + (x | a) + (1 | b)",
+    "nested_and_crossed": "y ~ x + (1 | class) + (1 | school) + (1 | hood)",
+    "same_factor_twice": "y ~ x + (1 | school) + (0 + x | school) + (1 | b)",
+}
+
+
+def _simulate(rng, n=160):
+    school = rng.integers(0, 5, n)
+    klass = school * 10 + rng.integers(0, 3, n)  # nested in school
+    pupil = klass * 10 + rng.integers(0, 4, n)  # nested in class
+    a = rng.integers(0, 9, n)
+    b = rng.integers(0, 4, n)  # crossed with a
+    hood = rng.integers(0, 6, n)  # crossed with the schools
+    x = rng.normal(size=n)
+    y = 1 + x + rng.normal(size=5)[school] + rng.normal(size=50)[klass] * 0.5 \
+        + rng.normal(size=9)[a] * x + rng.normal(size=6)[hood] + rng.normal(size=n)
+    cols = {"y": y, "x": x, "school": school.astype(str), "class": klass, "pupil": pupil,
+            "a": a, "b": [f"b{v}" for v in b], "hood": hood}
+    return cols
+
+
+def _factor_keys(cols, f):
+    return np.array([":".join(str(cols[c][i]) for c in f.columns) for i in range(len(cols["y"]))])
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("structure", sorted(STRUCTURES))
+def test_blocked_deviance_matches_dense(tmp_path, structure, reml):
+    rng = np.random.default_rng(sorted(STRUCTURES).index(structure))
+    cols = _simulate(rng)
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table(cols), path)
+    stats = compute_statistics(path, STRUCTURES[structure])
+    assert stats.general
+    obj = BlockedObjective(stats, reml=reml)
+    n = len(cols["y"])
+    X = np.column_stack([np.ones(n), cols["x"]])
+    one = {"(Intercept)": np.ones(n), "x": cols["x"]}
+    Zs = []
+    for f in obj.factors:
+        keys = _factor_keys(cols, f)
+        # the objective orders a factor's levels as its columns sort (numbers numerically)
+        order = {lab: i for i, lab in enumerate(f.levels)}
+        idx = np.array([order[k] for k in keys])
+        Zs.append(_z(idx, [one[name] for name in f.names]))
+    for _ in range(3):
+        theta = rng.uniform(0.2, 1.5, size=len(obj.theta_map))
+        theta[~obj.theta_map.diagonal] = rng.normal(size=(~obj.theta_map.diagonal).sum())
+        dense = _dense_deviance(np.asarray(cols["y"]), X, Zs, obj.T_blocks(theta), reml)
+        assert obj(theta) == pytest.approx(dense, rel=1e-10)
