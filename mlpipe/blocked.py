@@ -264,6 +264,16 @@ class BlockedObjective:
         except (linalg.LinAlgError, FloatingPointError, ValueError):
             return np.inf
 
+    def parts_at(self, theta: np.ndarray) -> tuple[float, float, float]:
+        """(r², log|L|², log|R_X|²) at θ."""
+        with self._lock:
+            return self._evaluate(np.asarray(theta, dtype=float))
+
+    def xtx_adj_at(self, theta: np.ndarray) -> np.ndarray:
+        """R_X'R_X at θ (σ² times its inverse is Var(β̂))."""
+        with self._lock:
+            return self._evaluate(np.asarray(theta, dtype=float), keep=True).xtx_adj
+
     def decompose(self, theta: np.ndarray) -> BlockedDecomposition:
         with self._lock:
             dec = self._evaluate(np.asarray(theta, dtype=float), keep=True)

@@ -180,6 +180,61 @@ def satterthwaite(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.n
     return DdfResult("Satterthwaite", df, se, t, 2 * sstats.t.sf(np.abs(t), df))
 
 
+def richardson_jacobian(f, x: np.ndarray, eps: float = 1e-4, d: float = 1e-4, r: int = 4,
+                        v: float = 2.0) -> list[np.ndarray]:
+    """numDeriv::jacobian (method "Richardson", its default method.args), ported: for each
+    coordinate the derivative of the array-valued f, by extrapolated central differences."""
+    zero_tol = np.sqrt(np.finfo(float).eps / 7e-7)
+    h0 = np.abs(d * x) + eps * (np.abs(x) < zero_tol)
+    out = []
+    for i in range(len(x)):
+        h = h0[i]
+        a = []
+        for _ in range(r):
+            e = np.zeros(len(x))
+            e[i] = h
+            a.append((np.asarray(f(x + e)) - np.asarray(f(x - e))) / (2 * h))
+            h = h / v
+        for m in range(1, r):
+            a = [(a[k + 1] * 4**m - a[k]) / (4**m - 1) for k in range(len(a) - 1)]
+        out.append(a[0])
+    return out
+
+
+def satterthwaite_general(obj, theta: np.ndarray, sigma: float,
+                          beta: np.ndarray) -> DdfResult:
+    """Satterthwaite df for any random-effects structure, as lmerTest computes them: the
+    Hessian of the criterion in (θ, σ) (β profiled, σ explicit) and the Jacobian of
+    Var(β̂) = σ² (R_X'R_X)⁻¹(θ) in (θ, σ), both by numDeriv's Richardson schemes."""
+    n, p = obj.stats.n, obj.stats.p
+
+    def crit(vp: np.ndarray) -> float:
+        r2, logdet_l, logdet_rx = obj.parts_at(vp[:-1])
+        s2 = vp[-1] ** 2
+        dev = logdet_l + r2 / s2 + n * (LOG_2PI + np.log(s2))
+        if obj.reml:
+            dev += logdet_rx - p * (LOG_2PI + np.log(s2))
+        return float(dev)
+
+    def vcov(vp: np.ndarray) -> np.ndarray:
+        return vp[-1] ** 2 * np.linalg.inv(obj.xtx_adj_at(vp[:-1]))
+
+    vp = np.r_[theta, sigma]
+    hess = richardson_hessian(crit, vp)
+    w, U = np.linalg.eigh(hess)
+    pos = w > 1e-8
+    avp = 2 * (U[:, pos] / w[pos]) @ U[:, pos].T
+    cov = vcov(vp)
+    jac = richardson_jacobian(vcov, vp)
+    se = np.sqrt(np.diag(cov))
+    df = np.empty(p)
+    for j in range(p):
+        g = np.array([J[j, j] for J in jac])
+        df[j] = 2 * cov[j, j] ** 2 / (g @ avp @ g)
+    t = beta / se
+    return DdfResult("Satterthwaite", df, se, t, 2 * sstats.t.sf(np.abs(t), df))
+
+
 # ---------------------------------------------------------------------- Kenward-Roger
 
 def kenward_roger(stats: Statistics, theta: np.ndarray, sigma: float,

@@ -14,7 +14,7 @@ import polars as pl
 
 from .errors import DataError, InputError
 from .inference import (check_ddf, kenward_roger, profile_intervals, satterthwaite,
-                        wald_intervals)
+                        satterthwaite_general, wald_intervals)
 from .blocked import BlockedObjective
 from .objective import Objective
 from .optimize import optimize
@@ -70,14 +70,18 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     """Fit from sufficient statistics alone."""
     method, ddf, ci = check_options(method, ddf, ci, level)
     validate(stats)
+    check_general_options(stats, ddf, ci)
     t0 = time.perf_counter()
     if stats.general:  # several grouping factors: the sparse blocked objective
         obj = BlockedObjective(stats, reml=method == "REML")
         summary = optimize(obj, method=obj.default_method)
         dec = obj.decompose(np.asarray(summary.final_theta))
         result = FitResult.build_general(stats, obj, dec, summary)
-        if ddf is not None or ci is not None:
-            ddf, ci = general_inference(ddf, ci)
+        t1 = time.perf_counter()
+        general_inference(result, obj, ddf=ddf, ci=ci)
+        result.timings = {**stats.timings, "solve": t1 - t0,
+                          "inference": time.perf_counter() - t1}
+        return result
     else:
         obj = Objective(stats, reml=method == "REML")
         summary = optimize(obj)
@@ -90,13 +94,28 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     return result
 
 
-def general_inference(ddf: str | None, ci: str | None) -> tuple[str | None, str | None]:
-    """What inference models with several grouping factors get for now: none (t values
-    only); a confidence-interval request is refused."""
+def general_inference(result: FitResult, obj: BlockedObjective, *, ddf: str | None,
+                      ci: str | None) -> None:
+    """Inference for models with several grouping factors: Satterthwaite df and p-values
+    (numerical derivatives, as lmerTest); Kenward-Roger and confidence intervals are not
+    available for them yet (refused before any work by `check_general_options`)."""
+    if ddf == "satterthwaite":
+        beta = result.fixed_effects["estimate"].to_numpy()
+        res = satterthwaite_general(obj, result.theta, result.sigma, beta)
+        result.fixed_effects = result.fixed_effects.with_columns(
+            pl.Series("df", res.df), pl.Series("p_value", res.p_value))
+        result.df_method = res.method
+
+
+def check_general_options(stats: Statistics, ddf: str | None, ci: str | None) -> None:
+    if not stats.general:
+        return
+    if ddf == "kenward-roger":
+        raise InputError("Kenward-Roger degrees of freedom are not available yet for models "
+                         "with several grouping factors; use --ddf satterthwaite")
     if ci is not None:
-        raise InputError("confidence intervals for models with several grouping factors "
-                         "are not available yet")
-    return None, None
+        raise InputError("confidence intervals are not available yet for models with "
+                         "several grouping factors")
 
 
 def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
