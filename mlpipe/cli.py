@@ -147,8 +147,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     stats = compute_statistics(args.data, args.formula, memory_limit=args.memory_limit,
                                threads=args.threads, temp_directory=args.temp_directory)
     stats.save(args.out)
-    print(f"wrote statistics for {stats.m} groups of {stats.group!r} ({stats.n} rows used, "
-          f"{stats.rows_dropped} dropped) to {args.out}")
+    if stats.general:
+        what = (f"{stats.m} cells of " + ", ".join(f"{f.name} ({f.m} levels)"
+                                                   for f in stats.factors))
+    else:
+        what = f"{stats.m} groups of {stats.group!r}"
+    print(f"wrote statistics for {what} ({stats.n} rows used, {stats.rows_dropped} dropped) "
+          f"to {args.out}")
     return EXIT_OK
 
 

@@ -60,6 +60,9 @@ class FitResult:
     ci_level: float | None = None
     icc: dict | None = None  # for a random-intercept-only model: icc, lower, upper, method
     residuals: object | None = None  # predict.ResidualSummary, from a second pass when asked
+    #: random intercepts on several factors: each level's share of the total variance
+    #: (the multilevel ICC: [{"group", "variance", "proportion"}], the residual last)
+    variance_partition: list[dict] | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -153,6 +156,12 @@ class FitResult:
         npar = p + len(theta) + 1
         singular = bool(np.any(theta[obj.theta_map.diagonal] < SINGULAR_TOL))
         opt.structure = obj.structure()
+        partition = None
+        if all(r[1] == "(Intercept)" for r in rand_rows):
+            total = sum(r[2] for r in rand_rows) + s2
+            partition = [{"group": g, "variance": v, "proportion": v / total}
+                         for g, _t, v, _sd in rand_rows]
+            partition.append({"group": "Residual", "variance": s2, "proportion": s2 / total})
         return cls(
             formula=stats.formula, method="REML" if reml else "ML", nobs=stats.n,
             groups={f.name: f.m for f in obj.factors}, fixed_effects=fixed, vcov=vcov,
@@ -161,7 +170,7 @@ class FitResult:
             aic=dev + 2 * npar, bic=dev + npar * math.log(stats.n), npar=npar,
             converged=opt.converged, singular=singular, optimizer=opt,
             ranef=pl.concat(ranef_parts), theta=theta, rows_dropped=stats.rows_dropped,
-            stats=stats)
+            stats=stats, variance_partition=partition)
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -188,6 +197,7 @@ class FitResult:
             "group_type": self.stats.group_type if self.stats is not None else "",
             "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()},
             "icc": self.icc,
+            "variance_partition": self.variance_partition,
         }
         if self.residuals is not None:
             out["scaled_residuals"] = dict(self.residuals.quantiles)
@@ -370,6 +380,9 @@ def render_summary(r: FitResult) -> str:
     if r.icc is not None:
         lines.append(f"ICC: {r.icc['icc']:.4f} ({100 * r.icc['level']:g}% CI "
                      f"{r.icc['lower']:.4f} to {r.icc['upper']:.4f}, {r.icc['method']})")
+    if r.variance_partition:
+        lines.append("Variance partition (share of the total variance): " + ", ".join(
+            f"{v['group']} {100 * v['proportion']:.1f}%" for v in r.variance_partition))
     groups = "; ".join(f"{g}, {n}" for g, n in r.groups.items())
     lines.append(f"Number of obs: {r.nobs}, groups:  {groups}")
     if r.rows_dropped:

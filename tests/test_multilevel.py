@@ -209,3 +209,14 @@ def test_blocked_deviance_matches_dense(tmp_path, structure, reml):
         theta[~obj.theta_map.diagonal] = rng.normal(size=(~obj.theta_map.diagonal).sum())
         dense = _dense_deviance(np.asarray(cols["y"]), X, Zs, obj.T_blocks(theta), reml)
         assert obj(theta) == pytest.approx(dense, rel=1e-10)
+
+
+def test_variance_partition_of_random_intercepts():
+    """The multilevel ICC: each level's variance over the total, from lme4's variances."""
+    res, ref = fitted("pastes_nested", "REML")
+    var = {r["grp"]: r["vcov"] for r in ref["varcorr"]}
+    total = sum(var.values())
+    got = {v["group"]: v["proportion"] for v in res.variance_partition}
+    for grp, v in var.items():
+        assert got[grp] == pytest.approx(v / total, rel=1e-3)
+    assert "Variance partition (share of the total variance): cask:batch 78.3%, batch 15.4%, Residual 6.3%" in res.summary()
