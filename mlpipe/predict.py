@@ -4,11 +4,14 @@
     residual_summary(result, data=None)    lme4's scaled-residual quantiles + per-group variance
     load_result_dir(path)                  what prediction needs, from `mlpipe fit --out DIR`
 
-The fixed part X·β is compiled to SQL exactly as for the fit (`design.build_design` with the
-factor levels *of the fit*, β as bound parameters); the conditional modes b — one row per
-group, O(groups) — are registered with DuckDB as a small relation and joined on the grouping
-factor to add Z·b.  Rows of groups the model has not seen (or whose group is null) fall back to
-the population prediction, as lme4's `predict(..., allow.new.levels = TRUE)`; rows with a null
+The linear predictor is compiled once, by `linear_predictor` (a `LinearPredictor`, rendered
+into sql/predict.sql), for predictions, residuals and the report's data passes.  The fixed part
+X·β is compiled to SQL exactly as for the fit (`design.build_design` with the factor levels
+*of the fit*, β as bound parameters); each grouping factor's conditional modes b_k — one row
+per level, O(levels) — are registered with DuckDB as a small relation and joined on that
+factor's columns (their values typed as at fit time) to add Z_k·b_k.  A level of a factor the
+model has not seen (or a null in one of its columns) drops that factor's term only — the
+others still apply, as lme4's `predict(..., allow.new.levels = TRUE)`; rows with a null
 predictor, or a factor level unknown to the model, get null predictions.  Raw rows never enter
 Python unless a polars DataFrame is asked for (small data only).
 """
@@ -31,8 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._sql import Source, connect, first_line, quote_ident, render
-from .design import (Design, build_design, complete_condition, discover_levels, is_categorical,
-                     is_numeric, present_sql)
+from .design import (Design, FactorDesign, build_design, complete_condition, discover_levels,
+                     is_categorical, is_numeric, present_sql)
 from .errors import DataError, FormulaError, InputError
 from .formula import Formula, parse_formula
 
@@ -42,7 +45,6 @@ IN_MEMORY_MAX_ROWS = 10_000_000
 #: `residual_summary` switches to approximate (t-digest) quartiles above this many rows
 EXACT_QUANTILE_MAX_ROWS = 50_000_000
 OUTPUT_COLUMNS = ("fitted_population", "fitted", "residual")
-_RANEF_VIEW = "mlpipe_ranef"
 _INPUT_VIEW = "mlpipe_input"
 
 
@@ -60,6 +62,8 @@ class FittedModel:
     source: str | None = None  # the training data, when known
     nobs: int | None = None
     group_type: str | None = None  # DuckDB type of the grouping column at fit time
+    #: DuckDB type of every grouping column at fit time (levels are their VARCHAR casts)
+    group_types: dict[str, str] | None = None
 
     @classmethod
     def from_result(cls, result) -> FittedModel:
@@ -67,9 +71,10 @@ class FittedModel:
         stats = getattr(result, "stats", None)
         levels = getattr(stats, "factor_levels", None) if stats is not None else None
         source = getattr(stats, "source", None) or None
+        types = getattr(stats, "group_types", None) if stats is not None else None
         return cls(result.formula, dict(result.coef), float(result.sigma), result.ranef,
                    dict(levels) if levels else None, source, int(result.nobs),
-                   getattr(stats, "group_type", None) or None)
+                   getattr(stats, "group_type", None) or None, dict(types) if types else None)
 
 
 def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
@@ -100,7 +105,7 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
         raise DataError(f"{rp} lacks column(s) {', '.join(sorted(missing))}")
     levels = meta.get("factor_levels") or None
     group_type = meta.get("group_type") or None
-    source = None
+    source, group_types = None, meta.get("group_types") or None
     sp = d / "stats.parquet"  # written with the result since stats are kept: coding, source
     if sp.is_file():
         try:
@@ -108,6 +113,7 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
             levels = levels or smeta.get("factor_levels") or None
             source = smeta.get("source") or None
             group_type = group_type or smeta.get("group_type") or None
+            group_types = group_types or smeta.get("group_types") or None
         except (OSError, pa.ArrowException, KeyError, TypeError, ValueError):
             pass
     cfg = d / "config.toml"
@@ -120,7 +126,8 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
     nobs = meta.get("nobs")
     return FittedModel(formula, fixed, sigma, ranef,
                        dict(levels) if isinstance(levels, dict) else None, source,
-                       int(nobs) if nobs is not None else None, group_type)
+                       int(nobs) if nobs is not None else None, group_type,
+                       dict(group_types) if isinstance(group_types, dict) else None)
 
 
 def as_model(result) -> FittedModel:
@@ -136,7 +143,7 @@ def as_model(result) -> FittedModel:
 
 # ---------------------------------------------------------------------- compiling the model
 
-class _Frame:
+class Frame:
     """A data source (file/dir/glob/CSV via `Source`, or an in-memory polars/arrow table)."""
 
     def __init__(self, data, con: duckdb.DuckDBPyConnection):
@@ -158,26 +165,83 @@ class _Frame:
 
 
 @dataclass
-class _Compiled:
-    """The SQL pieces of the prediction query and their bound parameters."""
+class LinearPredictor:
+    """A fitted model's linear predictor compiled to SQL over the rows of one data source:
+    `fitted_population` = X·β and `fitted` = X·β + Σ_k Z_k·b_k (k over the grouping
+    factors), rendered into sql/predict.sql by `sql()`.  It is the one compilation that
+    `predict`, `residual_summary` and the report's data passes share.
 
+    Per input row the frame computes X·β (NULL when a fixed-effect predictor is missing or a
+    factor level is unknown to the model), the response, the columns of Z and, per grouping
+    column, the key its levels are matched on: the value cast to the column's type at fit
+    time.  Each factor's conditional modes — one row per level, one column per term,
+    O(levels) — are LEFT JOINed on that factor's keys (sql/predict_modes.sql).  A row whose
+    level of a factor the model never saw, or with a null in one of that factor's columns,
+    finds no match and only that factor's Z_k·b_k drops out (lme4's `allow.new.levels =
+    TRUE`); the other factors still apply.  A missing or unknown random-effect variable of a
+    factor whose level is known makes `fitted` NULL.
+    """
+
+    formula: Formula
+    schema: dict[str, str]
     design: Design
-    frame_columns: list[str]  # "expr AS __mlpipe_name"
-    internal: list[str]  # the __mlpipe_ names, excluded from the output
+    level: str
+    factors: list[str]  # the factors joined, in the order of the conditional modes
+    frame_columns: list[str]  # "expr AS __mlpipe_name", computed per input row
+    internal: list[str]  # the __mlpipe_ names, excluded from predict's output
+    joins: list[str]
     zb: str
-    join: str
     has_response: bool
     params: dict[str, object] = field(default_factory=dict)
+    tables: dict[str, pa.Table] = field(default_factory=dict)  # to register with DuckDB
+
+    def register(self, con: duckdb.DuckDBPyConnection) -> None:
+        for name, table in self.tables.items():
+            con.register(name, table)
+
+    @property
+    def matched(self) -> list[str]:
+        """Per factor, the output column with the level label it matched (NULL: none)."""
+        return [f"__mlpipe_level{k}" for k in range(len(self.factors))]
+
+    def input_sql(self) -> str:
+        """All input columns but those the output replaces (fitted, ...) and reserved names."""
+        produced = OUTPUT_COLUMNS if self.has_response else OUTPUT_COLUMNS[:2]
+        clash = [c for c in self.schema if c in produced or c.startswith("__mlpipe_")]
+        if not clash:
+            return "*"
+        return f"* EXCLUDE ({', '.join(quote_ident(c) for c in clash)})"
+
+    def sql(self, output: str, source: str, *, where: str = "TRUE", order: str = "",
+            limit: str = "", number_rows: bool = False, response: bool = True,
+            input: str | None = None) -> str:
+        """sql/predict.sql over `source` (a table expression) for the rows passing `where`;
+        `output` is the outer select list (`fitted`, `fitted_population`, `__mlpipe_y`,
+        the `matched` levels and the input columns are available); `number_rows` adds the
+        input row number `__mlpipe_row`; `response=False` leaves out `__mlpipe_y` (for
+        sources without the response column); `input` replaces `input_sql()`."""
+        columns = [c for c in self.frame_columns
+                   if response or not c.endswith(" AS __mlpipe_y")]
+        columns += ["row_number() OVER () AS __mlpipe_row"] if number_rows else []
+        matched = "".join(f",\n        re{k}.__mlpipe_level AS {name}"
+                          for k, name in enumerate(self.matched))
+        return render("predict", output=output, zb=self.zb, matched=matched,
+                      input=input or self.input_sql(), frame_columns=",\n            ".join(columns),
+                      source=source, where=where, joins="\n    ".join(self.joins),
+                      order=order, limit=limit)
 
 
-def _predictor_columns(formula: Formula, random: bool) -> list[str]:
+def _variable_columns(formula: Formula, random: bool) -> list[str]:
+    """The data columns of the fixed-effect (and, with `random`, random-effect) terms."""
     terms = list(formula.fixed)
     if random:
         terms += [t for r in formula.random for t in r.terms]
-    cols = [c for t in terms for v in t for c in v.expr.columns()]
-    if random:
-        cols += formula.grouping_factors
-    return list(dict.fromkeys(cols))
+    return list(dict.fromkeys(c for t in terms for v in t for c in v.expr.columns()))
+
+
+def _grouping_columns(formula: Formula) -> list[str]:
+    """The distinct columns of all grouping factors, in order of appearance."""
+    return list(dict.fromkeys(c for r in formula.random for c in r.group_columns))
 
 
 def _bare_columns(formula: Formula) -> list[str]:
@@ -210,34 +274,68 @@ def _fit_levels(model: FittedModel, con, formula: Formula,
 _SAFE_TYPE = re.compile(r"[A-Z][A-Z0-9_]*(\(\d+(, ?\d+)?\))?")
 
 
-def _group_key_sql(group: str, group_type: str | None) -> str:
-    """The grouping key as the fit wrote its levels: the value cast to the grouping column's
-    type at fit time, then to VARCHAR (so 1.0 in new data finds level '1' of a BIGINT fit)."""
-    q = quote_ident(group)
-    if group_type and _SAFE_TYPE.fullmatch(group_type.upper()) \
-            and not group_type.upper().startswith("VARCHAR"):
-        return f"CAST(TRY_CAST({q} AS {group_type.upper()}) AS VARCHAR)"
-    return f"CAST({q} AS VARCHAR)"
+def _key_type(model: FittedModel, column: str, columns: list[str]) -> str | None:
+    """The DuckDB type a grouping column had at fit time (levels are its VARCHAR casts), when
+    known and a plain type name; None means compare as text."""
+    types = model.group_types or {}
+    dtype = types.get(column) or (model.group_type if columns == [column] else None)
+    if dtype and _SAFE_TYPE.fullmatch(dtype.upper()) \
+            and not dtype.upper().startswith("VARCHAR"):
+        return dtype.upper()
+    return None
+
+
+def _key_sql(expr: str, dtype: str | None) -> str:
+    """A grouping key as the fit typed it: so 1.0 in new data finds level '1' of a BIGINT fit
+    (and '1' in a CSV-typed VARCHAR finds it too)."""
+    return f"TRY_CAST({expr} AS {dtype})" if dtype else f"CAST({expr} AS VARCHAR)"
+
+
+def _factor_modes(model: FittedModel, factor: FactorDesign, several: bool) -> pl.DataFrame:
+    """One factor's conditional modes wide: level (label), then one column per term."""
+    modes = model.ranef
+    if "group" in modes.columns:
+        modes = modes.filter(pl.col("group").cast(pl.Utf8) == factor.name)
+    elif several:
+        raise DataError("the conditional modes have no group column, so they cannot be told "
+                        "apart by grouping factor")
+    terms = list(dict.fromkeys(modes["term"].to_list()))
+    if terms != list(factor.names):
+        raise DataError(f"the conditional modes of {factor.name} ({', '.join(terms) or 'none'}) "
+                        f"do not match the model's random effects ({', '.join(factor.names)})")
+    modes = modes.select(pl.col("level").cast(pl.Utf8), pl.col("term"),
+                         pl.col("estimate").cast(pl.Float64))
+    wide = modes.pivot(on="term", index="level", values="estimate", aggregate_function="first")
+    return wide.select("level", *[pl.col(t).fill_null(0.0) for t in factor.names])
+
+
+def _factor_order(model: FittedModel, factors: list[FactorDesign]) -> list[FactorDesign]:
+    """The factors in the order of the conditional modes (lme4's: most levels first)."""
+    if "group" not in model.ranef.columns:
+        return factors
+    seen = list(dict.fromkeys(model.ranef["group"].cast(pl.Utf8).to_list()))
+    return sorted(factors, key=lambda f: seen.index(f.name) if f.name in seen else len(seen))
 
 
 def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
              levels: dict[str, list], level: str, path: str, *,
-             training: bool = False) -> _Compiled:
+             training: bool = False) -> LinearPredictor:
     if formula.aggregates() and not training:
         raise FormulaError(f"prediction on new data from a model with center()/group_mean() "
                            f"is not supported yet (formula {formula.text!r})")
     conditional = level == "conditional"
-    needed = _predictor_columns(formula, conditional)
+    variables = _variable_columns(formula, conditional)
+    gcols = _grouping_columns(formula)
+    needed = list(dict.fromkeys(variables + (gcols if conditional else [])))
     missing = [c for c in needed if c not in schema]
     if missing:
-        fixed_only = missing[0] in _predictor_columns(formula, False)
+        fixed_only = missing[0] in _variable_columns(formula, False)
         what = "predictor" if fixed_only else "grouping/random-effect"
         hint = "" if fixed_only else " (or predict at the population level: --population)"
         raise DataError(f"{what} column {missing[0]!r} is not in {path}{hint}")
-    group = formula.grouping_factors[0] if formula.grouping_factors else None
-    for col in needed:
-        if col == group:
-            continue
+    # grouping columns and center()/group_mean()'s `by` may have any type: they are matched
+    keys = set(gcols) | {a.by for a in formula.aggregates() if a.by is not None}
+    for col in [c for c in variables if c not in keys or c in _bare_columns(formula)]:
         if col in levels:
             if not is_categorical(schema[col]):
                 raise DataError(f"column {col!r} was categorical when the model was fitted "
@@ -264,10 +362,15 @@ def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
     params: dict[str, object] = dict(design.params)
 
     known: dict[str, str] = {}  # column -> "col IN ($kl0, ...)"
+    # center(x, by = g) reads g only through the means joined to the row (training data)
+    by_only = {a.by for a in formula.aggregates() if a.by is not None} \
+        - set(_bare_columns(formula))
 
     def ok_sql(cols: list[str]) -> str:
         conds = []
         for c in cols:
+            if c in by_only:
+                continue
             if c in levels:
                 if c not in known:
                     names_ = []
@@ -287,8 +390,8 @@ def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
         params[f"beta{j}"] = float(model.fixed[col.name])
         fixed_terms.append(f"$beta{j}" if col.sql is None else f"$beta{j} * ({col.sql})")
     xb = " + ".join(fixed_terms)
-    fixed_cols = _predictor_columns(formula, False)
-    frame = [f"CASE WHEN {ok_sql(fixed_cols)} THEN {xb} END AS __mlpipe_xb"]
+    frame = [f"CASE WHEN {ok_sql(_variable_columns(formula, False))} THEN {xb} END "
+             f"AS __mlpipe_xb"]
     internal = ["__mlpipe_xb"]
 
     response_cols = formula.response.columns()
@@ -297,70 +400,92 @@ def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
         frame.append(f"{design.response.sql} AS __mlpipe_y")
         internal.append("__mlpipe_y")
 
-    zb, join = "0.0", ""
+    pred = LinearPredictor(formula, schema, design, level, [], frame, internal, [], "0.0",
+                           has_response, params)
     if conditional:
-        frame.append(f"{_group_key_sql(group, model.group_type)} AS __mlpipe_key")
-        internal.append("__mlpipe_key")
-        random_cols = [c for rt in formula.random for v in rt.variables()
-                       for c in v.expr.columns()]
-        frame.append(f"{ok_sql(list(dict.fromkeys(random_cols)))} AS __mlpipe_zok")
-        internal.append("__mlpipe_zok")
-        parts = []
-        for k, col in enumerate(design.random):
-            b = f"re.__mlpipe_b{k}"
-            if col.sql is None:
-                parts.append(b)
-                continue
-            frame.append(f"{col.sql} AS __mlpipe_z{k}")
-            internal.append(f"__mlpipe_z{k}")
-            parts.append(f"frame.__mlpipe_z{k} * {b}")
-        # unseen / missing group: Z·b = 0; a random-effect variable missing or unknown: NULL
-        zb = (f"(CASE WHEN re.__mlpipe_level IS NULL THEN 0.0 "
-              f"WHEN frame.__mlpipe_zok THEN {' + '.join(parts)} END)")
-        join = (f"LEFT JOIN {quote_ident(_RANEF_VIEW)} AS re "
-                f"ON frame.__mlpipe_key = re.__mlpipe_level")
-    return _Compiled(design, frame, internal, zb, join, has_response, params)
+        _compile_random(pred, model, gcols, ok_sql)
+    return pred
 
 
-def _ranef_table(model: FittedModel, design: Design) -> pa.Table:
-    """Conditional modes as one row per level: __mlpipe_level, __mlpipe_b0, ... (O(groups))."""
-    rnames = [c.name for c in design.random]
-    modes = model.ranef
-    group = design.group
-    if "group" in modes.columns:
-        modes = modes.filter(pl.col("group") == group)
-    terms = list(dict.fromkeys(modes["term"].to_list()))
-    if terms != rnames:
-        raise DataError(f"the conditional modes ({', '.join(terms) or 'none'}) do not match the "
-                        f"model's random effects ({', '.join(rnames)})")
-    modes = modes.select(pl.col("level").cast(pl.Utf8), pl.col("term"),
-                         pl.col("estimate").cast(pl.Float64))
-    wide = modes.pivot(on="term", index="level", values="estimate", aggregate_function="first")
-    cols = {"__mlpipe_level": wide["level"].to_arrow()}
-    for k, name in enumerate(rnames):
-        cols[f"__mlpipe_b{k}"] = wide[name].fill_null(0.0).to_arrow()
-    return pa.table(cols)
+def _compile_random(pred: LinearPredictor, model: FittedModel, gcols: list[str],
+                    ok_sql) -> None:
+    """Add Σ_k Z_k·b_k: per grouping column its typed key, per Z column its value, per
+    factor the join of its conditional modes and its term of the sum."""
+    design, frame, internal = pred.design, pred.frame_columns, pred.internal
+    types = {c: _key_type(model, c, gcols) for c in gcols}
+    for j, c in enumerate(gcols):
+        frame.append(f"{_key_sql(quote_ident(c), types[c])} AS __mlpipe_g{j}")
+        internal.append(f"__mlpipe_g{j}")
+    for i, col in enumerate(design.random):
+        if col.sql is not None:
+            frame.append(f"{col.sql} AS __mlpipe_z{i}")
+            internal.append(f"__mlpipe_z{i}")
+    several = len(design.factors) > 1
+    parts = []
+    for k, factor in enumerate(_factor_order(model, design.factors)):
+        wide = _factor_modes(model, factor, several)
+        if wide["level"].is_duplicated().any():
+            raise DataError(f"the conditional modes of {factor.name} list a level twice")
+        alias, table = f"re{k}", f"mlpipe_modes{k}"
+        cols = {"__mlpipe_level": wide["level"].to_arrow()}
+        idx = [gcols.index(c) for c in factor.columns]
+        split = wide["level"].str.split(":") if len(idx) > 1 else None
+        if split is None or bool((split.list.len() == len(idx)).all()):
+            # join on the typed key: the label's parts, cast as the fit typed the columns
+            for n, j in enumerate(idx):
+                part = wide["level"] if split is None else split.list.get(n)
+                cols[f"__mlpipe_p{j}"] = part.to_arrow()
+            keys = "".join(f", {_key_sql(f'__mlpipe_p{j}', types[gcols[j]])} AS __mlpipe_g{j}"
+                           for j in idx)
+            on = " AND ".join(f"frame.__mlpipe_g{j} = {alias}.__mlpipe_g{j}" for j in idx)
+        else:
+            # a value contains ':' so the label cannot be split: match the label itself,
+            # built from the row as the statistics pass built it
+            label = " || ':' || ".join(
+                f"CAST({_key_sql(quote_ident(gcols[j]), types[gcols[j]])} AS VARCHAR)"
+                for j in idx)
+            frame.append(f"{label} AS __mlpipe_l{k}")
+            internal.append(f"__mlpipe_l{k}")
+            keys, on = "", f"frame.__mlpipe_l{k} = {alias}.__mlpipe_level"
+        for a, name in enumerate(factor.names):
+            cols[f"__mlpipe_b{a}"] = wide[name].to_arrow()
+        pred.tables[table] = pa.table(cols)
+        pred.joins.append(render("predict_modes", keys=keys, table=quote_ident(table),
+                                 alias=alias, on=on))
+        terms = []
+        for a, zi in enumerate(factor.z):
+            b = f"{alias}.__mlpipe_b{a}"
+            terms.append(b if design.random[zi].sql is None else f"frame.__mlpipe_z{zi} * {b}")
+        random_cols = [c for rt in pred.formula.random if rt.group == factor.name
+                       for v in rt.variables() for c in v.expr.columns()]
+        zok = ok_sql(list(dict.fromkeys(random_cols)))
+        # unseen level / null key: this factor adds 0; its variable missing or unknown: NULL
+        if zok == "TRUE":
+            parts.append(f"(CASE WHEN {alias}.__mlpipe_level IS NULL THEN 0.0 "
+                         f"ELSE {' + '.join(terms)} END)")
+        else:
+            frame.append(f"{zok} AS __mlpipe_zok{k}")
+            internal.append(f"__mlpipe_zok{k}")
+            parts.append(f"(CASE WHEN {alias}.__mlpipe_level IS NULL THEN 0.0 "
+                         f"WHEN frame.__mlpipe_zok{k} THEN {' + '.join(terms)} END)")
+        pred.factors.append(factor.name)
+    pred.internal += pred.matched
+    pred.zb = " + ".join(parts) or "0.0"
 
 
-def _input_sql(schema: dict[str, str], comp: _Compiled) -> str:
-    """All input columns but those the output replaces (fitted, ...) and reserved names."""
-    produced = OUTPUT_COLUMNS if comp.has_response else OUTPUT_COLUMNS[:2]
-    clash = [c for c in schema if c in produced or c.startswith("__mlpipe_")]
-    if not clash:
-        return "*"
-    return f"* EXCLUDE ({', '.join(quote_ident(c) for c in clash)})"
-
-
-def _prepare(model: FittedModel, frame: _Frame, level: str, con, *, training: bool = False):
+def linear_predictor(model: FittedModel, frame: Frame, con: duckdb.DuckDBPyConnection, *,
+                     level: str = "conditional", training: bool = False) -> LinearPredictor:
+    """Compile `model`'s linear predictor over `frame` and register its conditional modes
+    with `con`.  `training=True`: `frame` is the training data (then center() /
+    group_mean() means are recomputed from its rows: use `design.aggregates.source`)."""
+    if level not in LEVELS:
+        raise InputError(f"level must be 'conditional' or 'population', not {level!r}")
     formula = parse_formula(model.formula)
-    if len(formula.grouping_factors) != 1:
-        raise FormulaError(f"prediction needs exactly one grouping factor ({model.formula!r})")
     schema = frame.schema()
     levels = _fit_levels(model, con, formula, schema)
-    comp = _compile(model, formula, schema, levels, level, frame.path, training=training)
-    if level == "conditional":
-        con.register(_RANEF_VIEW, _ranef_table(model, comp.design))
-    return formula, schema, comp
+    pred = _compile(model, formula, schema, levels, level, frame.path, training=training)
+    pred.register(con)
+    return pred
 
 
 # ---------------------------------------------------------------------- predict
@@ -388,9 +513,11 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
     (response − fitted).  With `out`, the rows are written to that Parquet file (atomically)
     and a `PredictionFile` is returned; otherwise a polars DataFrame (small data only).
 
-    Conditional predictions join the O(groups) table of conditional modes; a join does not
-    keep row order, so with `keep_order` (default) rows are sorted back into input order,
-    which for very large data costs a sort (DuckDB spills under `memory_limit`);
+    Conditional predictions join each grouping factor's O(levels) table of conditional
+    modes on that factor's columns; a level of one factor the model never saw (or a null in
+    one of its columns) drops only that factor's Z_k·b_k.  A join does not keep row order,
+    so with `keep_order` (default) rows are sorted back into input order, which for very
+    large data costs a sort (DuckDB spills under `memory_limit`);
     `keep_order=False` skips it.
     """
     if level not in LEVELS:
@@ -398,21 +525,17 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
     model = as_model(result)
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
-        frame = _Frame(data, con)
-        formula, schema, comp = _prepare(model, frame, level, con)
-        order = ""
-        if level == "conditional" and keep_order:
-            comp.frame_columns.append("row_number() OVER () AS __mlpipe_row")
-            comp.internal.append("__mlpipe_row")
-            order = "ORDER BY __mlpipe_row"
-        output = f"* EXCLUDE ({', '.join(comp.internal)})"
-        if comp.has_response:
+        frame = Frame(data, con)
+        pred = linear_predictor(model, frame, con, level=level)
+        numbered = level == "conditional" and keep_order
+        internal = pred.internal + (["__mlpipe_row"] if numbered else [])
+        output = f"* EXCLUDE ({', '.join(internal)})"
+        if pred.has_response:
             output += ", __mlpipe_y - fitted AS residual"
-        sql = render("predict", output=output, zb=comp.zb, input=_input_sql(schema, comp),
-                     frame_columns=",\n            ".join(comp.frame_columns),
-                     source=frame.relation, where="TRUE", join=comp.join, order=order,
-                     limit="" if out is not None else "LIMIT $mlpipe_limit")
-        params = {**frame.params, **comp.params}
+        sql = pred.sql(output, frame.relation, number_rows=numbered,
+                       order="ORDER BY __mlpipe_row" if numbered else "",
+                       limit="" if out is not None else "LIMIT $mlpipe_limit")
+        params = {**frame.params, **pred.params}
         if out is None:
             # small data only: stop after IN_MEMORY_MAX_ROWS + 1 rows instead of exhausting RAM
             params["mlpipe_limit"] = IN_MEMORY_MAX_ROWS + 1
@@ -473,14 +596,18 @@ def _parquet_counts(path: Path, column: str) -> tuple[int, int]:
 
 @dataclass
 class ResidualSummary:
-    """Scaled conditional residuals (lme4's summary) and the residual variance per group."""
+    """Scaled conditional residuals (lme4's summary) and the residual variance per level of
+    every grouping factor."""
 
-    quantiles: dict[str, float]  # Min, 1Q, Median, 3Q, Max of (y − Xβ − Zb) / σ
+    quantiles: dict[str, float]  # Min, 1Q, Median, 3Q, Max of (y − Xβ − Σ Z_k b_k) / σ
     sigma: float
     n: int
-    group: str
-    by_group: pl.DataFrame  # group, level, n, mean_residual, residual_variance (unscaled)
+    group: str  # the first grouping factor (most levels); all of them: `groups`
+    #: per factor (lme4's name in `group`, the factors in `groups` order) and level (the
+    #: labels of `ranef`): n, mean_residual, residual_variance (unscaled)
+    by_group: pl.DataFrame
     exact: bool = True
+    groups: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         cells = [(k, f"{v:.4f}") for k, v in self.quantiles.items()]
@@ -494,9 +621,10 @@ class ResidualSummary:
 def residual_summary(result, data=None, *, memory_limit: str | None = None,
                      threads: int | None = None, temp_directory: str | None = None,
                      exact: bool | None = None) -> ResidualSummary:
-    """One more pass over the training data: conditional residuals r = y − Xβ − Zb of the rows
-    the model used (no null in any model column), their scaled quantiles (r/σ: Min, 1Q,
-    Median, 3Q, Max, as lme4's summary, quantile type 7) and per group n, mean and variance.
+    """One more pass over the training data: conditional residuals r = y − Xβ − Σ_k Z_k b_k
+    of the rows the model used (no null in any model column), their scaled quantiles (r/σ:
+    Min, 1Q, Median, 3Q, Max, as lme4's summary, quantile type 7) and, for every level of
+    every grouping factor, n, mean and variance.
 
     `data` defaults to the training data recorded with the fit.  Quartiles are exact
     (`quantile_cont`) unless `exact=False`, or by default for more than
@@ -512,37 +640,43 @@ def residual_summary(result, data=None, *, memory_limit: str | None = None,
         exact = model.nobs is None or model.nobs <= EXACT_QUANTILE_MAX_ROWS
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
-        frame = _Frame(data, con)
+        frame = Frame(data, con)
         # the training data: center() / group_mean() means are recomputed from its rows
-        formula, schema, comp = _prepare(model, frame, "conditional", con, training=True)
-        if not comp.has_response:
-            cols = ", ".join(formula.response.columns())
+        pred = linear_predictor(model, frame, con, training=True)
+        if not pred.has_response:
+            cols = ", ".join(pred.formula.response.columns())
             raise DataError(f"response column {cols} is not in {frame.path} (or not numeric)")
-        complete = complete_condition(formula.columns(), schema)
-        predicted = render("predict", output="__mlpipe_key AS level, __mlpipe_y - fitted AS r",
-                           zb=comp.zb, input=_input_sql(schema, comp),
-                           frame_columns=",\n            ".join(comp.frame_columns),
-                           source=comp.design.aggregates.source(frame.relation, complete),
-                           where=complete, join=comp.join, order="", limit="")
-        sql = render("residuals", predicted=predicted,
+        complete = complete_condition(pred.formula.columns(), pred.schema)
+        predicted = pred.sql(", ".join(["__mlpipe_y - fitted AS r"] + pred.matched),
+                             pred.design.aggregates.source(frame.relation, complete),
+                             where=complete)
+        sql = render("residuals", predicted=predicted, levels=", ".join(pred.matched),
                      quantile="quantile_cont" if exact else "approx_quantile")
-        table = _fetch(con, sql, {**frame.params, **comp.params}, frame.path)
+        table = _fetch(con, sql, {**frame.params, **pred.params}, frame.path)
     finally:
         con.close()
-    overall = table.filter(pl.col("level").is_null())
+    overall = table.filter(pl.col("factor").is_null())
     n = int(overall["n"][0]) if overall.height else 0
     if n == 0 or overall["quantiles"][0] is None:
         raise DataError(f"no complete rows in {frame.path} to compute residuals from")
     q = np.asarray(overall["quantiles"][0].to_list(), dtype=float) / model.sigma
     quantiles = dict(zip(("Min", "1Q", "Median", "3Q", "Max"), q.tolist()))
-    by = table.filter(pl.col("level").is_not_null()).drop("quantiles")
-    order = pl.DataFrame({"level": list(dict.fromkeys(model.ranef["level"].cast(pl.Utf8)
-                                                      .to_list()))}).with_row_index("_i")
-    by = (by.join(order, on="level", how="left").sort("_i", "level", nulls_last=True)
-          .drop("_i").with_columns(pl.lit(comp.design.group).alias("group"))
+    name = dict(zip(pred.matched, pred.factors))
+    by = (table.filter(pl.col("factor").is_not_null()).drop("quantiles")
+          .with_columns(pl.col("factor").replace_strict(name).alias("group")))
+    ranef = model.ranef
+    keys = ranef.select((pl.col("group").cast(pl.Utf8) if "group" in ranef.columns
+                         else pl.lit(pred.factors[0])).alias("group"),
+                        pl.col("level").cast(pl.Utf8)).unique(maintain_order=True)
+    order = keys.with_columns(pl.col("group").replace_strict(
+        {f: i for i, f in enumerate(pred.factors)}, default=len(pred.factors),
+        return_dtype=pl.Int64).alias("_f")).with_row_index("_i")
+    by = (by.join(order, on=["group", "level"], how="left")
+          .sort("_f", "_i", "level", nulls_last=True)
           .select("group", "level", pl.col("n").cast(pl.Int64), "mean_residual",
                   "residual_variance"))
-    return ResidualSummary(quantiles, model.sigma, n, comp.design.group, by, exact)
+    return ResidualSummary(quantiles, model.sigma, n, pred.factors[0], by, exact,
+                           list(pred.factors))
 
 
 # ---------------------------------------------------------------------- command line
