@@ -3,9 +3,10 @@
     mlpipe report out/hsb_null out/hsb_rc --out report.html
 
 For each result directory (result.json, ranef.parquet, config.toml, as `mlpipe fit --out`
-writes them) the page shows the summary tables, a caterpillar plot of the conditional modes,
-the variance decomposition, a Q-Q plot of the scaled residuals and, for a random slope on a
-numeric variable, the group-specific regression lines.  With several directories it adds
+writes them) the page shows the summary tables, a caterpillar plot of the conditional modes
+of every grouping factor, the variance decomposition, a Q-Q plot of the scaled residuals and,
+for a random slope on a numeric variable, the group-specific regression lines (of the first
+factor, most levels first, with such a slope).  With several directories it adds
 the model-comparison table and the proportional reduction in variance between consecutive
 models.
 
@@ -15,9 +16,11 @@ is inline; there are no scripts and no external links.
 
 The data-dependent parts read the training data named in config.toml again with DuckDB
 (a relative path is looked up from the current directory, then from the result directory
-and its parents): the residual Q-Q plot from a bounded reservoir sample (`sample_rows`
-rows), the regression lines from one grouped pass (per group: the slope variable's range
-and the means of the other predictors), and, through the optional helpers,
+and its parents), through the model's linear predictor as mlpipe.predict compiles it
+(`linear_predictor`: X·β + Σ_k Z_k·b_k, sql/predict.sql): the residual Q-Q plot from a
+bounded reservoir sample (`sample_rows` rows), the regression lines from one grouped pass
+(per group: the slope variable's range and the means of the other predictors), and, through
+the optional helpers,
 `mlpipe.predict.residual_summary` (exact scaled-residual quantiles, per-group residual
 variance), `mlpipe.variance.icc` (the ICC's interval, from a refit of the statistics) and
 `mlpipe.compare.compare` (ML refits when the fixed effects differ).  Memory stays
@@ -79,8 +82,28 @@ class ModelRun:
 
     @property
     def group(self) -> str | None:
+        """The first grouping factor (the one with most levels)."""
         groups = self.result.get("groups") or {}
         return next(iter(groups), None)
+
+    @property
+    def factors(self) -> list[str]:
+        """The grouping factors, most levels first (result.json's `groups`)."""
+        return list(self.result.get("groups") or {})
+
+    def factor_terms(self, factor: str | None) -> list[str]:
+        """The random-effect terms of one grouping factor."""
+        return [r["term"] for r in self.result.get("random_effects", [])
+                if factor is None or r.get("group", factor) == factor]
+
+    def factor_ranef(self, factor: str | None) -> pl.DataFrame:
+        """The conditional modes of one grouping factor (all of them without a group
+        column, as in results of one factor)."""
+        if self.ranef is None:
+            return pl.DataFrame()
+        if factor is None or "group" not in self.ranef.columns:
+            return self.ranef
+        return self.ranef.filter(pl.col("group").cast(pl.Utf8) == factor)
 
     @property
     def random_terms(self) -> list[str]:
@@ -401,15 +424,27 @@ def resolve_data(run: ModelRun) -> str:
 
 @dataclass
 class _Model:
-    """The fitted model compiled back to SQL over its training data."""
+    """The fitted model's linear predictor over its training data: mlpipe.predict's
+    `LinearPredictor`, the one compilation of X·β + Σ_k Z_k·b_k (with the conditional modes
+    of every factor registered on `con`)."""
 
     con: Any
-    source: Any
-    design: Any
-    schema: dict[str, str]
-    beta: list[float]
+    frame: Any  # mlpipe.predict.Frame
+    pred: Any  # mlpipe.predict.LinearPredictor
     sigma: float
     params: dict[str, object]
+
+    @property
+    def complete(self) -> str:
+        """The rows the model used: no null (or NaN) in any model column."""
+        from .design import complete_condition
+
+        return complete_condition(self.pred.formula.columns(), self.pred.schema)
+
+    @property
+    def source(self) -> str:
+        """The training rows, with the means of center() / group_mean() as columns."""
+        return self.pred.design.aggregates.source(self.frame.relation, self.complete)
 
     def close(self) -> None:
         self.con.close()
@@ -421,87 +456,50 @@ class _Model:
 
 
 def _compile(run: ModelRun) -> _Model:
-    """Connect, check the data against the formula, rebuild the SQL design, register the
-    conditional modes as table `mlpipe_ranef(mlpipe_level, mlpipe_u0, mlpipe_u1, ...)`."""
-    from ._sql import Source, connect
-    from .design import build_design, check_columns, discover_levels
-    from .formula import parse_formula
+    """Connect, and compile the model's linear predictor over its training data
+    (mlpipe.predict.linear_predictor: the data checked against the formula, the fit's factor
+    coding, β bound, every factor's conditional modes registered)."""
+    import dataclasses
+
+    from ._sql import connect
+    from .predict import Frame, linear_predictor, load_result_dir
 
     if run.ranef is None:
         raise _NoData("the conditional modes (ranef.parquet) are missing")
     data = resolve_data(run)
+    model = dataclasses.replace(load_result_dir(run.path), ranef=run.ranef, source=data)
     duck = run.config.get("duckdb") or {}
     con = connect(memory_limit=duck.get("memory_limit"), threads=duck.get("threads"),
                   temp_directory=duck.get("temp_directory"))
     try:
-        formula = parse_formula(run.result["formula"])
-        source = Source(data)
-        schema = source.schema(con)
-        check_columns(formula, schema)
-        levels = run.result.get("factor_levels")
-        if levels is None:
-            levels = discover_levels(con, source, formula, schema)
-        design = build_design(formula, schema, levels)
-        fixed = {r["term"]: r["estimate"] for r in run.result["fixed_effects"]}
-        if [c.name for c in design.fixed] != list(fixed):
-            raise _NoData("the data's columns no longer give the model's fixed effects "
-                          f"({', '.join(c.name for c in design.fixed)})")
-        if [c.name for c in design.random] != run.random_terms:
-            raise _NoData("the data's columns no longer give the model's random effects")
-        beta = [float(fixed[c.name]) for c in design.fixed]
-        # conditional modes wide: one row per level, a column mlpipe_u{k} per random term
-        # (names that cannot clash with the data's columns in the joins below)
-        slot = {t: f"mlpipe_u{k}" for k, t in enumerate(run.random_terms)}
-        wide = (run.ranef.filter(pl.col("term").is_in(list(slot)))
-                .select(pl.col("level").cast(pl.Utf8).alias("mlpipe_level"),
-                        pl.col("term").replace_strict(slot).alias("slot"),
-                        pl.col("estimate").cast(pl.Float64))
-                .pivot(on="slot", index="mlpipe_level", values="estimate"))
-        wide = wide.select(["mlpipe_level"] + [pl.col(u) if u in wide.columns
-                                               else pl.lit(0.0).alias(u)
-                                               for u in slot.values()])
-        con.register("mlpipe_ranef", wide.to_arrow())
-        params = {**source.params, **design.params}
-        params.update({f"mlpipe_b{j}": b for j, b in enumerate(beta)})
+        frame = Frame(data, con)
+        pred = linear_predictor(model, frame, con, training=True)
+        if not pred.has_response:
+            raise _NoData(f"the response ({pred.formula.response.deparse()}) is not a numeric "
+                          f"column of {data}")
         sigma = float(run.result.get("sigma") or math.sqrt(run.result["residual_variance"]))
-        params["mlpipe_sigma"] = sigma
-        return _Model(con, source, design, schema, beta, sigma, params)
+        params = {**frame.params, **pred.params, "mlpipe_sigma": sigma}
+        return _Model(con, frame, pred, sigma, params)
     except BaseException:
         con.close()
         raise
 
 
-def _fitted_sql(model: _Model, frame: str, ranef: str) -> str:
-    """Σ β_j x_j + Σ u_k z_k: the design's SQL over the data columns of `frame`, and the
-    conditional modes of the joined `ranef` table."""
-    parts = []
-    for j, c in enumerate(model.design.fixed):
-        parts.append(f"$mlpipe_b{j}" + ("" if c.sql is None else f" * ({c.sql})"))
-    for k, c in enumerate(model.design.random):
-        u = f"coalesce({ranef}.mlpipe_u{k}, 0.0)"
-        parts.append(u + ("" if c.sql is None else f" * ({c.sql})"))
-    return " + ".join(parts)
-
-
 def residual_sample(run: ModelRun, sample_rows: int = SAMPLE_ROWS) -> tuple[np.ndarray, int]:
-    """Scaled conditional residuals (y − Xβ̂ − Zb̂)/σ̂ of a reservoir sample of the rows the
-    model used, and the number of rows the sample was drawn from (one DuckDB pass)."""
-    from ._sql import first_line, quote_ident, render
+    """Scaled conditional residuals (y − Xβ̂ − Σ_k Z_k b̂_k)/σ̂ of a reservoir sample of the
+    rows the model used, and the number of rows the sample was drawn from (one DuckDB
+    pass)."""
+    from ._sql import first_line, render
 
+    sample = int(sample_rows)
+    if sample < 1:
+        raise ValueError("sample_rows must be positive")
     model = _compile(run)
     try:
-        d = model.design
-        cols = ", ".join(quote_ident(c) for c in d.formula.columns())
-        sample = int(sample_rows)
-        if sample < 1:
-            raise ValueError("sample_rows must be positive")
-        cols = ", ".join([cols] + [alias for means in d.aggregates.tables.values()
-                                   for alias, _ in means])
-        sql = render("report_residual_sample", columns=cols,
-                     source=d.aggregates.source(model.source.relation, d.complete_sql),
-                     complete=d.complete_sql, sample=str(sample), response=d.response.sql,
-                     fitted=_fitted_sql(model, "sampled", "r"),
-                     group=f"sampled.{quote_ident(d.group)}")
+        rows = render("report_residual_sample", source=model.source, complete=model.complete,
+                      sample=str(sample))
+        sql = model.pred.sql("(__mlpipe_y - fitted) / $mlpipe_sigma AS resid",
+                             f"({rows}) AS __mlpipe_sample")
         try:
             resid = model.execute(sql).fetchnumpy()["resid"]
         except duckdb.Error as exc:
@@ -511,47 +509,63 @@ def residual_sample(run: ModelRun, sample_rows: int = SAMPLE_ROWS) -> tuple[np.n
         model.close()
 
 
-def slope_variables(run: ModelRun, schema: dict[str, str] | None = None) -> list[str]:
-    """Random-slope terms that are a bare numeric column (`(x | g)` with x numeric)."""
+def line_factor(run: ModelRun, schema: dict[str, str] | None = None
+                ) -> tuple[str | None, list[str]]:
+    """The grouping factor whose group-specific lines the report draws — the first (most
+    levels) with a random slope on a bare numeric column — and its slope terms."""
     from .design import is_numeric
     from .formula import parse_formula
 
     try:
         formula = parse_formula(run.result["formula"])
     except MlpipeError:
-        return []
-    out = []
-    for rt in formula.random:
-        for var in rt.variables():
-            col = var.column
-            if col is None or var.label not in run.random_terms or var.label in out:
-                continue
-            if schema is not None and not is_numeric(schema.get(col, "VARCHAR")):
-                continue
-            out.append(var.label)
-    return out
+        return None, []
+    for factor in run.factors or formula.grouping_factors:
+        terms = run.factor_terms(factor)
+        out = []
+        for rt in (r for r in formula.random if r.group == factor):
+            for var in rt.variables():
+                col = var.column
+                if col is None or var.label not in terms or var.label in out:
+                    continue
+                if schema is not None and not is_numeric(schema.get(col, "VARCHAR")):
+                    continue
+                out.append(var.label)
+        if out:
+            return factor, out
+    return None, []
+
+
+def slope_variables(run: ModelRun, schema: dict[str, str] | None = None) -> list[str]:
+    """Random-slope terms that are a bare numeric column (`(x | g)` with x numeric), of the
+    factor the lines are drawn for (`line_factor`)."""
+    return line_factor(run, schema)[1]
 
 
 def group_lines(run: ModelRun, slope_term: str, max_groups: int = MAX_LINE_GROUPS
                 ) -> tuple[pl.DataFrame, pl.DataFrame, int, str]:
-    """Fitted lines over the slope variable's observed range within each group, with the
-    other predictors at their group means (categorical ones at the group's mode), for at
-    most `max_groups` groups (spread evenly over the ranked slopes); plus the fixed-effects
-    line over the overall range at the overall means. One grouped DuckDB pass."""
+    """Fitted lines over the slope variable's observed range within each level of the
+    `line_factor`, with the other predictors at the level's means (categorical ones at its
+    mode), for at most `max_groups` levels (spread evenly over the ranked slopes); plus the
+    fixed-effects line over the overall range at the overall means.  Other grouping factors'
+    columns are left null, so their conditional modes do not enter the lines.  One grouped
+    DuckDB pass, through the model's linear predictor (sql/predict.sql)."""
     from ._sql import first_line, quote_ident, render
     from .design import is_numeric
-    from .formula import parse_formula
 
+    factor, _ = line_factor(run)
     model = _compile(run)
     try:
-        d, schema = model.design, model.schema
-        formula = parse_formula(run.result["formula"])
-        var = next(v for rt in formula.random for v in rt.variables() if v.label == slope_term)
+        formula, schema = model.pred.formula, model.pred.schema
+        var = next((v for rt in formula.random if rt.group == factor
+                    for v in rt.variables() if v.label == slope_term), None)
+        if var is None:
+            raise _NoData(f"{slope_term} is not a random slope of {factor}")
         xcol = var.column
         if xcol is None or not is_numeric(schema[xcol]):
             raise _NoData(f"{slope_term} is not a numeric column")
-        # the groups to draw: evenly spaced over the ranked conditional modes of the slope
-        slopes = (run.ranef.filter(pl.col("term") == slope_term)
+        # the levels to draw: evenly spaced over the ranked conditional modes of the slope
+        slopes = (run.factor_ranef(factor).filter(pl.col("term") == slope_term)
                   .select(pl.col("level").cast(pl.Utf8), pl.col("estimate").cast(pl.Float64))
                   .sort("estimate"))
         m = slopes.height
@@ -561,24 +575,37 @@ def group_lines(run: ModelRun, slope_term: str, max_groups: int = MAX_LINE_GROUP
         model.con.register("mlpipe_pick",
                            slopes.select(pl.col("level").alias("mlpipe_level")).to_arrow())
 
-        group = quote_ident(d.group)
+        keys = list(formula.factor_columns(factor))
+        qkeys = [quote_ident(c) for c in keys]
+        grouping = {c for rt in formula.random for c in rt.group_columns}
+        variables = {c for t in list(formula.fixed) + [t for rt in formula.random
+                                                        for t in rt.terms]
+                     for v in t for c in v.expr.columns()}
         others = [c for c in formula.columns()
-                  if c not in (xcol, d.group) and c not in formula.response.columns()]
+                  if c not in [xcol, *keys] and c not in formula.response.columns()]
+        held = [c for c in others if c in variables or c not in grouping]
+        means = [alias for ms in model.pred.design.aggregates.tables.values()
+                 for alias, _ in ms]
         aggs = []
-        for c in others:
+        for c in held:
             qc = quote_ident(c)
             aggs.append(f"avg({qc}) AS {qc}" if is_numeric(schema[c]) else f"mode({qc}) AS {qc}")
+        aggs += [f"avg({a}) AS {a}" for a in means]
         qx = quote_ident(xcol)
-        agg_sql = ", ".join(["min(" + qx + ") AS mlpipe_lo", "max(" + qx + ") AS mlpipe_hi",
-                             "grouping(" + group + ") AS mlpipe_all"] + aggs)
-        keep = ", ".join(quote_ident(c) for c in others)
-        keep = (keep + ", ") if keep else ""
+        agg_sql = ", ".join([f"min({qx}) AS __mlpipe_lo", f"max({qx}) AS __mlpipe_hi",
+                             f"grouping({qkeys[0]}) AS __mlpipe_all"] + aggs)
+        keep = [quote_ident(c) for c in held] + means
+        keep += [f"NULL AS {quote_ident(c)}" for c in others if c not in held]
         k = LINE_POINTS - 1
-        sql = render("report_group_lines", group=group, aggregates=agg_sql,
-                     source=d.aggregates.source(model.source.relation, d.complete_sql),
-                     complete=d.complete_sql, keep=keep,
-                     lo_hi_x=f"mlpipe_lo + (mlpipe_hi - mlpipe_lo) * (mlpipe_t / {k}.0) AS {qx}",
-                     points=str(k + 1), x=qx, fitted=_fitted_sql(model, "pts", "r"))
+        points = render("report_group_lines", keys=", ".join(qkeys), aggregates=agg_sql,
+                        source=model.source, complete=model.complete,
+                        label=" || ':' || ".join(f"CAST({q} AS VARCHAR)" for q in qkeys),
+                        keep="".join(f"{c}, " for c in keep), points=str(k + 1),
+                        lo_hi_x=f"__mlpipe_lo + (__mlpipe_hi - __mlpipe_lo) "
+                                f"* (__mlpipe_t / {k}.0) AS {qx}")
+        sql = model.pred.sql(f"__mlpipe_line AS level, CAST({qx} AS DOUBLE) AS x, "
+                             f"fitted AS yhat", f"({points}) AS __mlpipe_points",
+                             response=False, input="*")
         try:
             out = pl.DataFrame(model.execute(sql).fetchall(), orient="row",
                                schema={"level": pl.Utf8, "x": pl.Float64, "yhat": pl.Float64})
@@ -793,7 +820,8 @@ def variance_change_section(runs: list[ModelRun]) -> str:
     for a, b in zip(runs, runs[1:]):
         out.append(f"<h3>{_e(a.name)} → {_e(b.name)}</h3>")
         ve = None
-        if variance is not None:
+        # variance_explained names no factor: with several, the report's own numbers follow
+        if variance is not None and len(a.factors) <= 1 and len(b.factors) <= 1:
             try:
                 ve = variance.variance_explained(a.path, b.path)
             except Exception as exc:  # noqa: BLE001 - fall back to our own numbers
@@ -879,14 +907,17 @@ def model_section(i: int, run: ModelRun, *, data: bool, sample_rows: int,
 
     # --- variance components
     out.append("<h3>Variance components</h3>")
-    corr = {(c["term1"], c["term2"]): c.get("correlation")
+    corr = {(c.get("group"), c["term1"], c["term2"]): c.get("correlation")
             for c in r.get("random_correlations", [])}
-    terms = run.random_terms
     rows = []
-    for k, re_ in enumerate(r.get("random_effects", [])):
-        cors = [_fmt(corr.get((t, re_["term"])), 3) for t in terms[:k]
-                if (t, re_["term"]) in corr]
-        rows.append([re_["group"], re_["term"], _fmt(re_["variance"]), _fmt(re_["std_dev"]),
+    before: dict[Any, list[str]] = {}  # the earlier terms of each factor
+    for re_ in r.get("random_effects", []):
+        g = re_.get("group")
+        earlier = before.setdefault(g, [])
+        cors = [_fmt(corr[(g, t, re_["term"])], 3) for t in earlier
+                if (g, t, re_["term"]) in corr]
+        earlier.append(re_["term"])
+        rows.append([g, re_["term"], _fmt(re_["variance"]), _fmt(re_["std_dev"]),
                      " ".join(cors)])
     rows.append(["Residual", "", _fmt(r.get("residual_variance")), _fmt(r.get("sigma")), ""])
     out.append(_table(["group", "term", "variance", "std. dev.", "corr."], rows, cls="num"))
@@ -906,12 +937,22 @@ def model_section(i: int, run: ModelRun, *, data: bool, sample_rows: int,
     out.append("<h3>Variance decomposition</h3>")
     comps = _components(run)
     icc, icc_notes = icc_info(run, data=data)
+    partition = r.get("variance_partition") if len(run.factors) > 1 else None
     if run.intercept_only:
         total = sum(comps.values())
         out.append(_table(["component", "variance", "share of total"],
                           [[c, _fmt(v), _fmt(v / total if total else None, 3)]
                            for c, v in comps.items()], cls="num"))
-    if icc is not None and icc.get("icc") is not None:
+    elif partition:
+        out.append(_table(["component", "variance", "share of total"],
+                          [[p_.get("group"), _fmt(p_.get("variance")),
+                            _fmt(p_.get("proportion"), 3)] for p_ in partition], cls="num"))
+    if partition:
+        out.append(_note("Random intercepts on several grouping factors: each factor's share "
+                         "of the total variance (given the fixed effects). Two observations "
+                         "that share a level of a factor, and of every factor it is nested "
+                         "in, correlate by the sum of those shares."))
+    elif icc is not None and icc.get("icc") is not None:
         ci = ""
         if icc.get("lower") is not None and icc.get("upper") is not None:
             level = f"{100 * float(icc.get('level') or 0.95):g}%"
@@ -934,29 +975,50 @@ def model_section(i: int, run: ModelRun, *, data: bool, sample_rows: int,
     if run.ranef is None or run.ranef.height == 0:
         out.append(_note("Skipped: no conditional modes (ranef.parquet)."))
     else:
-        try:
-            img, notes = caterpillar_plot(run.ranef, terms or
-                                          run.ranef["term"].unique(maintain_order=True).to_list(),
-                                          run.group or "group")
-            out.append(f"<figure>{img}<figcaption>Conditional modes of the random effects with "
-                       f"±1.96 conditional SD, one panel per term, levels sorted by their "
-                       f"estimate.</figcaption></figure>")
-            out += [_note(n) for n in notes]
-        except Exception as exc:  # noqa: BLE001 - one failed plot must not lose the report
-            out.append(_note(f"Skipped: the caterpillar plot failed ({_first_line(exc)})."))
+        out += caterpillar_html(run)
 
     # --- residuals
     out.append("<h3>Residuals</h3>")
     out.append(residual_html(run, data=data, sample_rows=sample_rows))
 
-    # --- group-specific lines
-    slopes = slope_variables(run)
+    # --- group-specific lines (of the first factor with a random slope)
+    factor, slopes = line_factor(run)
     if slopes:
         out.append("<h3>Group-specific regression lines</h3>")
+        if len(run.factors) > 1:
+            out.append(_note(f"Lines for the levels of {factor}, the first grouping factor "
+                             f"with a random slope; the conditional modes of the other "
+                             f"factors ({', '.join(f for f in run.factors if f != factor)}) "
+                             f"are left out."))
         for term in slopes:
             out.append(lines_html(run, term, data=data, max_groups=max_groups))
     out.append("</section>")
     return "\n".join(out)
+
+
+def caterpillar_html(run: ModelRun) -> list[str]:
+    """One caterpillar plot per grouping factor (most levels first)."""
+    out: list[str] = []
+    factors = run.factors or [None]
+    for factor in factors:
+        ranef = run.factor_ranef(factor)
+        name = factor or "group"
+        if len(factors) > 1:
+            out.append(f"<h4>{_e(name)}</h4>")
+        if ranef.height == 0:
+            out.append(_note(f"Skipped: no conditional modes of {name} in ranef.parquet."))
+            continue
+        terms = run.factor_terms(factor) or ranef["term"].unique(maintain_order=True).to_list()
+        try:
+            img, notes = caterpillar_plot(ranef, terms, name)
+            out.append(f"<figure>{img}<figcaption>Conditional modes of the random effects of "
+                       f"{_e(name)} with ±1.96 conditional SD, one panel per term, levels "
+                       f"sorted by their estimate.</figcaption></figure>")
+            out += [_note(n) for n in notes]
+        except Exception as exc:  # noqa: BLE001 - one failed plot must not lose the report
+            out.append(_note(f"Skipped: the caterpillar plot of {name} failed "
+                             f"({_first_line(exc)})."))
+    return out
 
 
 def residual_html(run: ModelRun, *, data: bool, sample_rows: int) -> str:
@@ -1009,10 +1071,16 @@ def residual_html(run: ModelRun, *, data: bool, sample_rows: int) -> str:
     out.append(qq)
     by_group = getattr(summary, "by_group", None)
     if isinstance(by_group, pl.DataFrame) and by_group.height:
-        try:
-            out.append(_group_variance_html(by_group, float(summary.sigma), run.group or "group"))
-        except Exception as exc:  # noqa: BLE001 - an optional figure
-            out.append(_note(f"Skipped the per-group residual SD plot ({_first_line(exc)})."))
+        factors = (by_group["group"].cast(pl.Utf8).unique(maintain_order=True).to_list()
+                   if "group" in by_group.columns else [run.group or "group"])
+        for factor in factors:  # one plot per grouping factor
+            part = (by_group.filter(pl.col("group").cast(pl.Utf8) == factor)
+                    if "group" in by_group.columns else by_group)
+            try:
+                out.append(_group_variance_html(part, float(summary.sigma), factor))
+            except Exception as exc:  # noqa: BLE001 - an optional figure
+                out.append(_note(f"Skipped the per-group residual SD plot of {factor} "
+                                 f"({_first_line(exc)})."))
     return "\n".join(out)
 
 
@@ -1035,7 +1103,7 @@ def _group_variance_html(by_group: pl.DataFrame, sigma: float, group: str) -> st
     ax.legend(fontsize=8)
     ax.grid(color="0.93")
     q = np.quantile(ratio, [0.0, 0.5, 1.0])
-    return (f"<figure>{_img(fig, 'residual standard deviation by group')}<figcaption>Standard "
+    return (f"<figure>{_img(fig, f'residual standard deviation by {group}')}<figcaption>Standard "
             f"deviation of the conditional residuals within each {_e(group)} ({d.height:,} "
             f"groups with two or more rows), relative to σ̂, against the group's size "
             f"(mlpipe.predict.residual_summary): min {_e(_fmt(q[0], 3))}, median "
@@ -1058,18 +1126,23 @@ def lines_html(run: ModelRun, term: str, *, data: bool, max_groups: int) -> str:
     from .formula import parse_formula
 
     formula = parse_formula(run.result["formula"])
-    title = (f"{formula.response.deparse()} on {term}: {shown} of {m} levels of {run.group}"
+    factor = line_factor(run)[0]
+    title = (f"{formula.response.deparse()} on {term}: {shown} of {m} levels of {factor}"
              if shown < m else f"{formula.response.deparse()} on {term}: all {m} levels of "
-             f"{run.group}")
+             f"{factor}")
     img = lines_plot(lines, pop, xcol, formula.response.deparse(), title)
-    others = [c for c in formula.columns() if c not in (xcol, run.group)
-              and c not in formula.response.columns()]
+    grouping = {c for rt in formula.random for c in rt.group_columns}
+    variables = {c for t in list(formula.fixed) + [t for rt in formula.random for t in rt.terms]
+                 for v in t for c in v.expr.columns()}
+    others = [c for c in formula.columns()
+              if c not in [xcol, *formula.factor_columns(factor)]
+              and c not in formula.response.columns() and (c in variables or c not in grouping)]
     held = (f" Other predictors ({', '.join(others)}) are held at each group's mean "
             f"(categorical ones at the group's most frequent level); the dashed line at "
             f"their overall means." if others else "")
-    which = (f"{shown} of {m} levels of {run.group}, spread evenly over the ranked "
+    which = (f"{shown} of {m} levels of {factor}, spread evenly over the ranked "
              f"conditional modes of the slope"
-             if shown < m else f"all {m} levels of {run.group}")
+             if shown < m else f"all {m} levels of {factor}")
     return (f"<figure>{img}<figcaption>Group-specific lines of {_e(term)} ({_e(which)}): "
             f"fixed effects plus conditional modes, over each group's observed range of "
             f"{_e(xcol)}; colour is the group's slope.{_e(held)}</figcaption></figure>")
