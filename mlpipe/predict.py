@@ -226,9 +226,9 @@ class LinearPredictor:
         matched = "".join(f",\n        re{k}.__mlpipe_level AS {name}"
                           for k, name in enumerate(self.matched))
         return render("predict", output=output, zb=self.zb, matched=matched,
-                      input=input or self.input_sql(), frame_columns=",\n            ".join(columns),
-                      source=source, where=where, joins="\n    ".join(self.joins),
-                      order=order, limit=limit)
+                      input=input or self.input_sql(),
+                      frame_columns=",\n            ".join(columns), source=source,
+                      where=where, joins="\n    ".join(self.joins), order=order, limit=limit)
 
 
 def _variable_columns(formula: Formula, random: bool) -> list[str]:

@@ -188,6 +188,80 @@ def test_column_names_that_could_clash(tmp_path):
     assert abs(resid.mean()) < 1e-9  # REML residuals of a model with an intercept sum to ~0
 
 
+# ---------------------------------------------------------------------- several factors
+
+CATERPILLAR = re.compile(r'alt="caterpillar plot of the conditional modes by ([^"]+)"')
+
+
+def _fit_to(out: Path, data: Path, formula: str) -> Path:
+    res = mlpipe.fit(str(data), formula)
+    return res.write(out, config={"data": str(data), "formula": formula, "method": "REML",
+                                  "out": str(out)})
+
+
+@pytest.fixture(scope="module")
+def crossed_slope(tmp_path_factory) -> Path:
+    """y ~ x + (x|a) + (1|b) on simulated crossed data: a has the most levels."""
+    base = tmp_path_factory.mktemp("crossed")
+    rng = np.random.default_rng(3)
+    n = 1200
+    a, b, x = rng.integers(0, 30, n), rng.integers(0, 8, n), rng.normal(size=n)
+    y = (1 + 0.5 * x + rng.normal(size=30)[a] + 0.5 * rng.normal(size=30)[a] * x
+         + 0.7 * rng.normal(size=8)[b] + rng.normal(size=n))
+    data = base / "crossed.parquet"
+    pl.DataFrame({"y": y, "x": x, "a": a, "b": [f"b{i}" for i in b]}).write_parquet(data)
+    return _fit_to(base / "fit", data, "y ~ x + (x|a) + (1|b)")
+
+
+def test_several_factors_report(crossed_slope, tmp_path):
+    """Nested (pastes) and crossed-with-slope models: every data pass works, one caterpillar
+    plot per factor (most levels first), one residual-SD plot per factor, the lines for the
+    factor with the random slope; the nested model's variance partition."""
+    pastes = _fit_to(tmp_path / "pastes", DATA / "pastes.parquet",
+                     "strength ~ 1 + (1|batch/cask)")
+    text = rp.report([pastes, crossed_slope], tmp_path / "multi.html").read_text()
+    assert "Skipped" not in text
+    assert CATERPILLAR.findall(text) == ["cask:batch", "batch", "a", "b"]
+    assert "<h4>cask:batch</h4>" in text and "<h4>b</h4>" in text
+    assert "Group-specific regression lines" in text and "levels of a" in text
+    assert "the conditional modes of the other factors (b) are left out" in text
+    assert "Random intercepts on several grouping factors" in text
+    # per model: caterpillars + Q-Q (+ a residual-SD plot per factor); lines for the slope
+    assert len(IMG.findall(text)) == (2 + 1 + 2 * EXTRA) + (2 + 1 + 2 * EXTRA + 1)
+    for b64 in IMG.findall(text):
+        w, h = _png_size(b64)
+        assert w > 200 and h > 200
+
+
+def test_several_factors_data_passes_match_numpy(crossed_slope):
+    run = rp.load_run(crossed_slope)
+    df = pl.read_parquet(run.config["data"])
+    fe = {r["term"]: r["estimate"] for r in run.result["fixed_effects"]}
+    modes = {(g, lv, t): e for g, lv, t, e in
+             run.ranef.select("group", "level", "term", "estimate").iter_rows()}
+    a, b = df["a"].cast(pl.Utf8).to_list(), df["b"].to_list()
+    x = df["x"].to_numpy()
+    ua = np.array([modes[("a", v, "(Intercept)")] for v in a])
+    va = np.array([modes[("a", v, "x")] for v in a])
+    ub = np.array([modes[("b", v, "(Intercept)")] for v in b])
+    fitted = fe["(Intercept)"] + ua + ub + (fe["x"] + va) * x
+    resid, nrows = rp.residual_sample(run, sample_rows=100_000)
+    assert nrows == df.height == len(resid)
+    np.testing.assert_allclose(np.sort(resid),
+                               np.sort((df["y"].to_numpy() - fitted) / run.result["sigma"]),
+                               atol=1e-9)
+    # the lines of a: its intercept and slope only (b's modes left out)
+    assert rp.line_factor(run) == ("a", ["x"])
+    lines, pop, m, _ = rp.group_lines(run, "x", max_groups=1000)
+    assert m == 30 and lines["level"].n_unique() == 30
+    la = lines["level"].to_list()
+    expect = (fe["(Intercept)"] + np.array([modes[("a", v, "(Intercept)")] for v in la])
+              + (fe["x"] + np.array([modes[("a", v, "x")] for v in la])) * lines["x"].to_numpy())
+    np.testing.assert_allclose(lines["yhat"].to_numpy(), expect, atol=1e-9)
+    np.testing.assert_allclose(pop["yhat"].to_numpy(),
+                               fe["(Intercept)"] + fe["x"] * pop["x"].to_numpy(), atol=1e-9)
+
+
 # ---------------------------------------------------------------------- degrading gracefully
 
 def test_missing_data_and_no_data(dirs, tmp_path):
