@@ -25,8 +25,9 @@ and the deviance is formed as in `objective.py`.  The sparsity of L follows the 
 a nested hierarchy stays block-sparse (no fill beyond the tree), crossed factors fill the
 trailing block of the factor with fewer levels — `structure()` reports which, and its size.
 
-The gradient is by central differences of the deviance (2 evaluations per θ); the default
-optimizer for this objective is bounded BOBYQA, as lme4's.
+The gradient is exact (`value_and_gradient`: the selected inverse of the factor gives the
+entries of (Λ'Z'ZΛ + I)⁻¹ the trace needs); the optimizer is the projected Newton method of
+`optimize.py`, with BOBYQA as its fallback, as for one factor.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import qdldl
 import scipy.sparse as sp
 from scipy import linalg
 
-from .objective import LOG_2PI, ThetaMap
+from .objective import LOG_2PI, ThetaMap, _vdot
 from .stats import Factor, Statistics
 
 
@@ -77,10 +78,39 @@ def _group_sum(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def lme4_order(factors: list[Factor]) -> list[Factor]:
+    """The factors (and the terms within each) in lme4's order of random-effect terms:
+    `mkReTrms` reorders the terms by number of levels, largest first, as rev(order(nl)) —
+    so ties come out in reverse formula order — and only when some term has more levels
+    than the one before it; otherwise formula order stands."""
+    terms = [(k, b) for k, f in enumerate(factors) for b in range(len(f.blocks))]
+    nl = [factors[k].m for k, _ in terms]
+    if any(b > a for a, b in zip(nl, nl[1:])):
+        asc = sorted(range(len(terms)), key=lambda i: nl[i])  # stable, as R's order()
+        terms = [terms[i] for i in reversed(asc)]
+    out: list[Factor] = []
+    seen: dict[int, list[int]] = {}
+    for k, b in terms:
+        seen.setdefault(k, []).append(b)
+    for k, blocks in seen.items():
+        f = factors[k]
+        if blocks == list(range(len(f.blocks))):
+            out.append(f)
+            continue
+        cols = [c for b in blocks for c in range(f.blocks[b][0], sum(f.blocks[b]))]
+        new_blocks, start = [], 0
+        for b in blocks:
+            new_blocks.append((start, f.blocks[b][1]))
+            start += f.blocks[b][1]
+        out.append(Factor(f.name, f.columns, [f.z[c] for c in cols], [f.names[c] for c in cols],
+                          new_blocks, f.levels, f.index))
+    return out
+
+
 class BlockedObjective:
     """`BlockedObjective(stats, reml=True)(theta)` → the deviance, for `stats.general`."""
 
-    default_method = "bobyqa"
+    default_method = "newton"
 
     def __init__(self, stats: Statistics, *, reml: bool = True):
         if not stats.general:
@@ -89,9 +119,7 @@ class BlockedObjective:
         self.reml = reml
         self.evaluations = 0
         self.gradient_evaluations = 0
-        # factors by number of levels, largest first (stable: formula order on ties)
-        self.order = sorted(range(len(stats.factors)), key=lambda k: -stats.factors[k].m)
-        self.factors: list[Factor] = [stats.factors[k] for k in self.order]
+        self.factors: list[Factor] = lme4_order(stats.factors)
         qs = [f.q for f in self.factors]
         self.toff = np.concatenate([[0], np.cumsum(qs)]).astype(int)  # offsets in global T
         blocks = [(int(self.toff[k]) + s, n) for k, f in enumerate(self.factors)
@@ -152,6 +180,17 @@ class BlockedObjective:
         mat.sort_indices()
         self._csc = mat
         self._slot = mat.data.astype(np.int64) - 1  # csc slot → value position
+        self._vals = np.empty(len(rows))
+        # the blocks "pair last" (q_j, q_k, n): contiguous vectors for the scaling per θ
+        self._blocks_t = [np.ascontiguousarray(np.moveaxis(pr.blocks, 0, -1))
+                          for pr in self.pairs]
+        self._tmp = np.empty(max(len(pr.rows) for pr in self.pairs))
+        self._entries = {}
+        for pr in self.pairs:
+            qj, qk = self.factors[pr.j].q, self.factors[pr.k].q
+            self._entries[(pr.j, pr.k)] = [(a, b) for a in range(qj) for b in range(qk)
+                                           if pr.j != pr.k or b <= a]
+        self._mat = mat.copy()  # the matrix handed to the factorization, values per θ
         self._diag_slots = np.flatnonzero(mat.indices == np.repeat(np.arange(self.Q),
                                                                    np.diff(mat.indptr)))
 
@@ -193,26 +232,55 @@ class BlockedObjective:
                 for k in range(len(self.factors))]
 
     def _matrix(self, Ts: list[np.ndarray]) -> sp.csc_matrix:
-        vals = []
-        for pr in self.pairs:
+        """Λ'Z'ZΛ + I in the fixed pattern: every pair's blocks scaled at once — entry (a, b)
+        of T_j' B T_k as Σ_rs T_j[r, a] T_k[s, b] B[r, s], elementwise over the contiguous
+        per-pair vectors (q is small; zero entries of T are skipped) — written into one
+        reused value buffer and gathered into CSC order."""
+        vals = self._vals
+        pos = 0
+        for pr, blocks in zip(self.pairs, self._blocks_t):
             Tj, Tk = Ts[pr.j], Ts[pr.k]
-            v = np.einsum("ra,nrs,sb->nab", Tj, pr.blocks, Tk, optimize=True)
-            if pr.j == pr.k:
-                q = Tj.shape[0]
-                a, b = np.meshgrid(np.arange(q), np.arange(q), indexing="ij")
-                v = v + np.eye(q)[None]
-                v = v[:, b <= a]
-            vals.append(v.ravel())
-        vals = np.concatenate(vals)
-        mat = self._csc.copy()
-        mat.data = vals[self._slot]
+            qj, qk, n = blocks.shape
+            entries = self._entries[(pr.j, pr.k)]
+            seg = vals[pos:pos + n * len(entries)].reshape(n, len(entries))
+            tmp = self._tmp[:n]
+            for e, (a, b) in enumerate(entries):
+                out = seg[:, e]
+                first = True
+                for r in range(qj):
+                    if Tj[r, a] == 0.0:
+                        continue
+                    for c in range(qk):
+                        coef = Tj[r, a] * Tk[c, b]
+                        if coef == 0.0:
+                            continue
+                        if first:
+                            np.multiply(blocks[r, c], coef, out=tmp)
+                            out[:] = tmp
+                            first = False
+                        else:
+                            np.multiply(blocks[r, c], coef, out=tmp)
+                            out += tmp
+                if first:
+                    out[:] = 0.0
+                if pr.j == pr.k and a == b:
+                    out += 1.0
+            pos += n * len(entries)
+        mat = self._mat
+        np.take(vals, self._slot, out=mat.data)
         return mat
 
     def _rhs(self, Ts: list[np.ndarray]) -> np.ndarray:
         """Λ'Z'[X y] as (Q, p+1)."""
-        parts = [np.einsum("ra,mrj->maj", T, G).reshape(-1, G.shape[2])
-                 for T, G in zip(Ts, self.G)]
-        return np.concatenate(parts, axis=0)
+        out = np.zeros((self.Q, self.stats.p + 1))
+        for k, (T, G) in enumerate(zip(Ts, self.G)):
+            m, q, _ = G.shape
+            dst = out[self.uoff[k]:self.uoff[k + 1]].reshape(m, q, -1)
+            for a in range(q):  # (T'G)[:, a] = Σ_r T[r, a] G[:, r]: q is small
+                for r in range(q):
+                    if T[r, a] != 0.0:
+                        dst[:, a] += T[r, a] * G[:, r]
+        return out
 
     def _factor(self, mat: sp.csc_matrix):
         if self._solver is None:
@@ -233,6 +301,16 @@ class BlockedObjective:
         logdet_l = float(np.sum(np.log(D)))
         C = self._rhs(Ts)
         W = np.column_stack([solver.solve(np.ascontiguousarray(C[:, j])) for j in range(p + 1)])
+        xtx_adj, rx, beta, r2, logdet_rx = self._profile(C, W)
+        if not keep:
+            return r2, logdet_l, logdet_rx
+        u = W[:, p] - W[:, :p] @ beta
+        return BlockedDecomposition(np.asarray(theta, float), Ts, xtx_adj, rx, beta, r2,
+                                    logdet_l, logdet_rx, u, solver)
+
+    def _profile(self, C: np.ndarray, W: np.ndarray):
+        """From Λ'Z'[X y] and A⁻¹ of it: R_X'R_X, R_X, β̂, r², log|R_X|²."""
+        p = self.stats.p
         M = self._M0 - C.T @ W
         M = (M + M.T) / 2
         xtx_adj = M[:p, :p].copy()
@@ -241,11 +319,7 @@ class BlockedObjective:
         beta = linalg.cho_solve((rx, False), xty_adj, check_finite=False)
         r2 = float(M[p, p]) - float(beta @ xty_adj)
         logdet_rx = 2.0 * float(np.sum(np.log(np.abs(np.diag(rx)))))
-        if not keep:
-            return r2, logdet_l, logdet_rx
-        u = W[:, p] - W[:, :p] @ beta
-        return BlockedDecomposition(np.asarray(theta, float), Ts, xtx_adj, rx, beta, r2,
-                                    logdet_l, logdet_rx, u, solver)
+        return xtx_adj, rx, beta, r2, logdet_rx
 
     def _deviance(self, r2: float, logdet_l: float, logdet_rx: float) -> float:
         n, p = self.stats.n, self.stats.p
@@ -288,19 +362,135 @@ class BlockedObjective:
         return float(np.sqrt(dec.r2 / dof))
 
     def value_and_gradient(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        """The deviance and its gradient by central differences (inf and NaNs if undefined)."""
+        """The deviance and its exact gradient in θ (inf and NaNs if undefined).
+
+        With Ω = (Λ'Z'ZΛ + I)⁻¹, E_t = ∂Λ/∂θ_t (entry (r, c) of T_k at every level of
+        factor k), u the conditional modes, W = Ω Λ'Z'X and Y = Z'ZΛW:
+
+            ∂ log|L|² = 2 Σ_i (Ω Λ'Z'Z)[(k,i,c), (k,i,r)]     (Ω on the pattern of Z'Z only:
+                                                               the selected inverse)
+            ∂ r²      = −2 Σ_i u[(k,i,c)] (Z'(y − Xβ̂) − Z'ZΛu)[(k,i,r)]     (envelope)
+            ∂ R_X'R_X = −(F + F' − G − G'),  F = (E'Z'X)'W,  G = (E W)'Y
+        """
         x = np.asarray(theta, dtype=float)
-        f = self(x)
+        self.evaluations += 1
         self.gradient_evaluations += 1
-        g = np.full(len(x), np.nan)
+        try:
+            with np.errstate(invalid="raise", divide="raise"), self._lock:
+                return self._value_and_gradient(x)
+        except (linalg.LinAlgError, FloatingPointError, ValueError, ZeroDivisionError):
+            return np.inf, np.full(len(x), np.nan)
+
+    def _gradient_setup(self) -> None:
+        """Once: the full symmetric Z'Z (CSR) and every pair's global entry indices."""
+        if getattr(self, "_ztz", None) is not None:
+            return
+        rows, cols, vals, self._pair_idx = [], [], [], []
+        for pr in self.pairs:
+            qj, qk = self.factors[pr.j].q, self.factors[pr.k].q
+            n = len(pr.rows)
+            ui = np.broadcast_to(self.uoff[pr.j] + pr.rows[:, None, None] * qj
+                                 + np.arange(qj)[None, :, None], (n, qj, qk)).ravel()
+            uk = np.broadcast_to(self.uoff[pr.k] + pr.cols[:, None, None] * qk
+                                 + np.arange(qk)[None, None, :], (n, qj, qk)).ravel()
+            rows.append(ui)
+            cols.append(uk)
+            vals.append(pr.blocks.ravel())
+            if pr.j != pr.k:
+                rows.append(uk)
+                cols.append(ui)
+                vals.append(pr.blocks.ravel())
+            self._pair_idx.append((ui, uk))
+        self._ztz = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
+                                                          np.concatenate(cols))),
+                                  shape=(self.Q, self.Q))
+        tm = self.theta_map
+        self._param = []  # (factor, r, c) of every θ
+        for R, Cc in zip(tm.rows, tm.cols):
+            k = int(np.searchsorted(self.toff, R, side="right") - 1)
+            self._param.append((k, R - int(self.toff[k]), Cc - int(self.toff[k])))
+
+    def _lam(self, Ts: list[np.ndarray], v: np.ndarray) -> np.ndarray:
+        """Λ v for v (Q,) or (Q, r)."""
+        out = np.empty_like(v)
+        for k, f in enumerate(self.factors):
+            seg = v[self.uoff[k]:self.uoff[k + 1]]
+            blk = seg.reshape((f.m, f.q) + v.shape[1:])
+            dst = out[self.uoff[k]:self.uoff[k + 1]].reshape(blk.shape)
+            T = Ts[k]
+            for a in range(f.q):  # (Λv)[:, a] = Σ_b T[a, b] v[:, b]: q is small
+                dst[:, a] = 0.0
+                for b in range(f.q):
+                    if T[a, b] != 0.0:
+                        dst[:, a] += T[a, b] * blk[:, b]
+        return out
+
+    def _value_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        from ._selinv import lookup, selected_inverse
+
+        self._gradient_setup()
+        s = self.stats
+        p, n = s.p, s.n
+        Ts = self.T_blocks(x)
+        solver = self._factor(self._matrix(Ts))
+        L, D, P = solver.factors()
+        if not np.all(D > 0):
+            raise linalg.LinAlgError("Λ'Z'ZΛ + I is not positive definite")
+        logdet_l = float(np.sum(np.log(D)))
+        C = self._rhs(Ts)
+        W = np.column_stack([solver.solve(np.ascontiguousarray(C[:, j])) for j in range(p + 1)])
+        xtx_adj, rx, beta, r2, logdet_rx = self._profile(C, W)
+        f = float(self._deviance(r2, logdet_l, logdet_rx))
         if not np.isfinite(f):
-            return np.inf, g
-        for j in range(len(x)):
-            h = 1e-6 * max(1.0, abs(x[j]))
-            xp, xm = x.copy(), x.copy()
-            xp[j] += h
-            xm[j] -= h
-            g[j] = (self(xp) - self(xm)) / (2 * h)
+            raise linalg.LinAlgError("the deviance is not finite")
+        gamma = np.append(-beta, 1.0)
+        u = W @ gamma
+        zr = np.concatenate([(G @ gamma).ravel() for G in self.G])
+        v = zr - self._ztz @ self._lam(Ts, u)
+        WX = W[:, :p]
+        Y = self._ztz @ self._lam(Ts, WX)
+        minv = linalg.cho_solve((rx, False), np.eye(p), check_finite=False)
+        # Ω on the pattern of every pair: the selected inverse of the LDL' factor
+        L = L.tocsc()
+        L.sort_indices()
+        indptr, indices = L.indptr.astype(np.int64), L.indices.astype(np.int64)
+        zdiag, zdata = selected_inverse(indptr, indices, L.data.astype(float), D)
+        pos = np.empty(self.Q, dtype=np.int64)
+        pos[np.asarray(P)] = np.arange(self.Q)
+        gld = [np.zeros((f_.q, f_.q)) for f_ in self.factors]
+        for pr, (ui, uk), blocks_t in zip(self.pairs, self._pair_idx, self._blocks_t):
+            nb, qj, qk = pr.blocks.shape
+            # Ω on the pair's entries, "pair last": om[a, b] is a contiguous (n,) vector
+            om = lookup(indptr, indices, zdata, zdiag, pos[ui], pos[uk])
+            om = np.ascontiguousarray(om.reshape(nb, qj, qk).transpose(1, 2, 0))
+            dd = np.empty((qj, qk, qj, qk))  # dd[a, b, c, d] = Σ_n Ω_n[a, b] S_n[c, d]
+            for a in range(qj):
+                for b in range(qk):
+                    for c in range(qj):
+                        for d in range(qk):
+                            dd[a, b, c, d] = _vdot(om[a, b], blocks_t[c, d])
+            Tj, Tk = Ts[pr.j], Ts[pr.k]
+            # ∂/∂T_k: Σ_n (Ω_n' T_j' S_n)[c, r] = Σ_bs T_j[s, b] dd[b, c, s, r]
+            gld[pr.k] += np.einsum("sb,bcsr->cr", Tj, dd)
+            if pr.j != pr.k:  # ∂/∂T_j: Σ_n (Ω_n T_k' S_n')[c, r] = Σ_bs T_k[s, b] dd[c, b, r, s]
+                gld[pr.j] += np.einsum("sb,cbrs->cr", Tk, dd)
+        g = np.empty(len(x))
+        for t, (k, r, c) in enumerate(self._param):
+            fk = self.factors[k]
+            sl = slice(self.uoff[k], self.uoff[k + 1])
+            uk_, vk = u[sl].reshape(fk.m, fk.q), v[sl].reshape(fk.m, fk.q)
+            g_r2 = -2.0 * float(uk_[:, c] @ vk[:, r])
+            g_ld = 2.0 * gld[k][c, r]
+            if self.reml:
+                wx = WX[sl].reshape(fk.m, fk.q, p)
+                yk = Y[sl].reshape(fk.m, fk.q, p)
+                zx = self.G[k][:, :, :p]
+                F = zx[:, r, :].T @ wx[:, c, :]
+                Gm = wx[:, c, :].T @ yk[:, r, :]
+                dM = -(F + F.T - Gm - Gm.T)
+                g[t] = g_ld + float(np.sum(minv * dM)) + (n - p) / r2 * g_r2
+            else:
+                g[t] = g_ld + n / r2 * g_r2
         return f, g
 
     def moment_start(self) -> None:
@@ -309,30 +499,20 @@ class BlockedObjective:
     # ------------------------------------------------------------------ conditional modes
     def conditional_modes(self, dec: BlockedDecomposition, sigma: float) -> list[dict]:
         """Per factor (sorted order): b = Λ u as (m, q), and the conditional SDs
-        sqrt(diag(σ² T (Λ'Z'ZΛ + I)⁻¹_ii T')) per level — the diagonal blocks of the
-        inverse from the LDL' factor, by triangular solves in chunks of columns."""
+        sqrt(diag(σ² T (Λ'Z'ZΛ + I)⁻¹_ii T')) per level, the diagonal blocks of the inverse
+        read off the LDL' factor by the selected inverse (`_selinv`)."""
+        from ._selinv import inverse_blocks
+
         L, D, P = dec.solver.factors()
-        Lfull = (L + sp.eye(self.Q, format="csc")).tocsr()
-        pos = np.empty(self.Q, dtype=np.int64)
-        pos[P] = np.arange(self.Q)  # u index → row of the permuted system
         out = []
         for k, f in enumerate(self.factors):
             q, m = f.q, f.m
             T = dec.T[k]
             u = dec.u[self.uoff[k]:self.uoff[k + 1]].reshape(m, q)
             b = u @ T.T
-            cov = np.empty((m, q, q))
-            chunk = int(max(1, min(4096, 2e7 // self.Q) // q))  # ≤ 160 MB per chunk
-            for start in range(0, m, chunk):
-                lv = np.arange(start, min(m, start + chunk))
-                idx = (self.uoff[k] + lv[:, None] * q + np.arange(q)[None]).ravel()
-                rhs = sp.csr_matrix((np.ones(len(idx)), (pos[idx], np.arange(len(idx)))),
-                                    shape=(self.Q, len(idx))).toarray()
-                Xs = sp.linalg.spsolve_triangular(Lfull, rhs, lower=True, unit_diagonal=True)
-                Xs = Xs / np.sqrt(D)[:, None]
-                Xs = Xs.reshape(self.Q, len(lv), q)
-                blockinv = np.einsum("nla,nlb->lab", Xs, Xs)
-                cov[lv] = T[None] @ blockinv @ T.T[None]
+            index = self.uoff[k] + np.arange(m)[:, None] * q + np.arange(q)[None]
+            blockinv = inverse_blocks(L, D, P, index)
+            cov = T[None] @ blockinv @ T.T[None]
             sd = sigma * np.sqrt(np.clip(np.einsum("maa->ma", cov), 0, None))
             out.append({"factor": f, "b": b, "cond_sd": sd})
         return out

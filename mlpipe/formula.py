@@ -311,8 +311,8 @@ class _Parser:
                 groups = self.group_names()
                 self.take(")")
                 body = " ".join(x.text for x in self.toks[start:self.i - 1])
-                for cols in groups:
-                    self.add_random(node, cols, bar == "|", body)
+                for cols, name in groups:
+                    self.add_random(node, cols, bar == "|", body, name)
                 return [], None
             self.take(")")
             return node
@@ -337,15 +337,20 @@ class _Parser:
     def group_names(self) -> list[tuple[str, ...]]:
         """The grouping factor(s) after `|`: `g`, `a:b` (one factor, the combination), or
         `a/b/c` (nesting) = `a`, `a:b`, `a:b:c` — as lme4's `expandSlash`, each factor
-        named with the inner column first (`c:b:a`).  → column tuples, innermost first."""
+        named with the inner column first (`b:a`, `c:(b:a)`).  → [(columns, name)],
+        innermost first; a level is labelled by its column values joined by ':'."""
         parts = [self.group_component()]
         while self.tok.text == "/":
             self.take("/")
             parts.append(self.group_component())
-        out, cols = [], ()
+        out, cols, name = [], (), ""
         for comp in parts:  # a/b: b:a, a (lme4's order: innermost factor first)
             cols = comp + cols
-            out.insert(0, cols)
+            label = ":".join(comp)
+            # R deparses a right-nested ':' with parentheses: a/b/c names c:(b:a)
+            name = label if not name else f"{label}:({name})" if ":" in name \
+                else f"{label}:{name}"
+            out.insert(0, (cols, name))
         return out
 
     def group_component(self) -> tuple[str, ...]:
@@ -355,8 +360,8 @@ class _Parser:
             names.append(self.take(kind="name").text)
         return tuple(names)  # R labels a level of a:b "a_level:b_level"
 
-    def add_random(self, node, columns: tuple[str, ...], correlated: bool, body: str) -> None:
-        group = ":".join(columns)
+    def add_random(self, node, columns: tuple[str, ...], correlated: bool, body: str,
+                   group: str) -> None:
         if len(set(columns)) < len(columns):
             raise self.fail(f"grouping factor {group} repeats a column")
         terms, icpt = node

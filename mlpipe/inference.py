@@ -6,30 +6,42 @@
   extrapolation as numDeriv does).
 * Kenward–Roger (pbkrtest's definition): covariance parameters γ = (entries of σ²TT', σ²),
   Σ linear in γ; P, Q, expected information and the adjusted covariance Φ_A, all from per-group
-  Z'Z / Z'X blocks and the total X'X via Woodbury — no n×n matrix.
+  Z'Z / Z'X blocks and the total X'X via Woodbury — no n×n matrix.  Several grouping factors
+  (`kenward_roger_general`): the same with Q-dimensional algebra (Q = all random effects) on
+  the blocked objective's Z_j'Z_k and Z_k'X blocks, in column chunks, up to
+  KR_MAX_RANDOM_EFFECTS.
 * Confidence intervals: Wald (fixed effects, and variance components on the sd/cor/σ scale
   from the curvature of the criterion) and profile likelihood (lme4's `confint(method =
   "profile")`: the ML deviance, variance parameters on the sd/cor/σ scale, fixed effects via
-  an offset with θ re-optimized; bounds where the signed root deviance reaches ±z).
+  an offset with θ re-optimized; bounds where the signed root deviance reaches ±z) — for one
+  grouping factor or several, the parameters in lme4's order and with its names.
 
 The derivations, and their checks against lmerTest/pbkrtest/lme4, are in docs/inference.md.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 
 import nlopt
 import numpy as np
 import polars as pl
+import qdldl
+import scipy.sparse as sp
 from scipy import optimize as sopt
 from scipy import stats as sstats
 
-from .errors import InputError
+from .blocked import BlockedObjective
+from .errors import FormulaError, InputError
+from .formula import parse_formula
 from .objective import Objective
 from .stats import Statistics
 
 LOG_2PI = float(np.log(2 * np.pi))
+#: Kenward-Roger for several grouping factors works with Q x Q algebra (Q = total random
+#: effects), in column chunks; above this Q it is refused
+KR_MAX_RANDOM_EFFECTS = 20000
 DDF_METHODS = {"satterthwaite": "Satterthwaite", "kenward-roger": "Kenward-Roger"}
 
 
@@ -128,15 +140,23 @@ def criterion_hessian(obj: Objective, vp: np.ndarray) -> np.ndarray:
     return (H + H.T) / 2
 
 
-def _criterion_vp(obj: Objective, vp: np.ndarray) -> float:
-    """lmerTest's devfun_vp: the REML (or ML) criterion at (θ, σ), β profiled, σ explicit."""
+def _criterion_vp(obj, vp: np.ndarray) -> float:
+    """lmerTest's devfun_vp: the REML (or ML) criterion at (θ, σ), β profiled, σ explicit
+    (an Objective or a BlockedObjective)."""
     theta, sigma = vp[:-1], vp[-1]
-    dec = obj.decompose(theta)
+    if isinstance(obj, BlockedObjective):
+        try:
+            r2, logdet_l, logdet_rx = obj.parts_at(theta)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            return np.inf
+    else:
+        dec = obj.decompose(theta)
+        r2, logdet_l, logdet_rx = dec.r2, dec.logdet_l, dec.logdet_rx
     s2 = sigma**2
     n, p = obj.stats.n, obj.stats.p
-    dev = dec.logdet_l + dec.r2 / s2 + n * (LOG_2PI + np.log(s2))
+    dev = logdet_l + r2 / s2 + n * (LOG_2PI + np.log(s2))
     if obj.reml:
-        dev += dec.logdet_rx - p * (LOG_2PI + np.log(s2))
+        dev += logdet_rx - p * (LOG_2PI + np.log(s2))
     return float(dev)
 
 
@@ -242,7 +262,7 @@ def kenward_roger(stats: Statistics, theta: np.ndarray, sigma: float,
     obj = Objective(stats, reml=True)
     bl = _blocks(stats, obj, theta)
     A, B, H = bl.A, bl.B, bl.H
-    q, p = stats.q, stats.p
+    q = stats.q
     s2 = sigma**2
     AH = A @ H
     H2 = 2 * H - H @ AH
@@ -279,6 +299,15 @@ def kenward_roger(stats: Statistics, theta: np.ndarray, sigma: float,
                 Q[r, s] = xsx(H3, 3)
                 K[r, s] = float(np.sum(stats.n_i - np.einsum("mab,mba->m", H2, A))) / s2**2
             K[s, r] = K[r, s]
+    return _kenward_roger_finish(phi, P, Q, K, beta)
+
+
+def _kenward_roger_finish(phi: np.ndarray, P: list[np.ndarray],
+                          Q: dict[tuple[int, int], np.ndarray], K: np.ndarray,
+                          beta: np.ndarray) -> DdfResult:
+    """pbkrtest's vcovAdj and Lb_ddf (one row of L per fixed effect) from Φ, P_r, Q_rs (r ≤ s)
+    and K_rs: the expected information, W = 2·IE2⁻¹, Φ_A = Φ + 2ΦUΦ and df = 2(L'ΦL)²/(g'Wg)."""
+    R, p = len(P), len(phi)
     ie2 = np.zeros((R, R))
     for r in range(R):
         for s in range(r, R):
@@ -301,19 +330,247 @@ def kenward_roger(stats: Statistics, theta: np.ndarray, sigma: float,
     return DdfResult("Kenward-Roger", df, se, t, 2 * sstats.t.sf(np.abs(t), df))
 
 
+# ---------------------------------------------------------------------- several factors
+
+def _blocked_system(obj: BlockedObjective, theta: np.ndarray):
+    """Z'Z (sparse Q×Q), Z'X (Q×p) and Λ (sparse, I_{m_k} ⊗ T_k per factor) of a
+    BlockedObjective, from its per-pair blocks (`pairs`) and per-level Z_k'[X y] (`G`); the
+    random effects in its order (factor k, level i, column a) → uoff[k] + i·q_k + a."""
+    Q, p = obj.Q, obj.stats.p
+    rows, cols, vals = [], [], []
+    for pr in obj.pairs:
+        qj, qk = obj.factors[pr.j].q, obj.factors[pr.k].q
+        ui = obj.uoff[pr.j] + pr.rows[:, None, None] * qj + np.arange(qj)[None, :, None]
+        uk = obj.uoff[pr.k] + pr.cols[:, None, None] * qk + np.arange(qk)[None, None, :]
+        ui, uk = np.broadcast_arrays(ui, uk)
+        rows.append(ui.ravel())
+        cols.append(uk.ravel())
+        vals.append(pr.blocks.ravel())
+        if pr.j != pr.k:
+            rows.append(uk.ravel())
+            cols.append(ui.ravel())
+            vals.append(pr.blocks.ravel())
+    A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(Q, Q))
+    B = np.concatenate([G[:, :, :p].reshape(-1, p) for G in obj.G], axis=0)
+    lam = sp.block_diag([sp.kron(sp.eye(f.m), T) for f, T in zip(obj.factors,
+                                                                  obj.T_blocks(theta))],
+                        format="csr")
+    return A, B, lam
+
+
+def kenward_roger_general(obj: BlockedObjective, theta: np.ndarray, sigma: float,
+                          beta: np.ndarray, *, chunk_bytes: float = 4e7) -> DdfResult:
+    """pbkrtest's Kenward-Roger for any random-effects structure, without an n×n matrix.
+
+    With Z (n×Q), Γ = ΛΛ', Σ = σ²(I + ZΓZ') and H = Λ(Λ'Z'ZΛ + I)⁻¹Λ' (Woodbury: Σ⁻¹ =
+    σ⁻²(I − ZHZ')), every piece pbkrtest forms from n×n matrices is Q-dimensional; writing
+    A = Z'Z, B = Z'X, N = I − HA, Y = X − ZHB (so Z'Y = B − AHB and Σ⁻¹X = σ⁻²Y):
+
+        S  = Z'Σ⁻¹Z = σ⁻²AN          S2 = Z'Σ⁻²Z = σ⁻²N'S          F = Z'Σ⁻¹X = σ⁻²(B − AHB)
+        F2 = Z'Σ⁻²X = σ⁻²N'F         X'Σ⁻¹X = σ⁻²(X'X − B'HB)       X'Σ⁻²X = σ⁻⁴ Y'Y
+        X'Σ⁻³X = σ⁻⁶(Y'Y − (Z'Y)'H(Z'Y))                           tr Σ⁻² = σ⁻⁴(n − Q + ‖K⁻¹‖²_F)
+
+    (K = Λ'AΛ + I).  A variance/covariance parameter r of factor k has G_r = Z Ẽ_r Z' with
+    Ẽ_r = I_{m_k} ⊗ E_r, so P_r = −F'Ẽ_rF, Q_rs = (Ẽ_rF)'S(Ẽ_sF), K_rs = tr(Ẽ_rSẼ_sS) (a sum
+    over the level pairs of factors k and l of tr(E_r S_ij E_s S_ij')), Q_r,σ² = (Ẽ_rF)'F2,
+    K_r,σ² = Σ_i tr(E_r S2_ii).  S is never stored whole: it is built in chunks of columns
+    (`chunk_bytes` per Q×w array) from sparse LDL' solves with K, which accumulate S·(Ẽ_sF),
+    the level-pair sums Ω_kl and the diagonal blocks of S2.  Cost O(Q·solve + Q²q²); refused
+    above KR_MAX_RANDOM_EFFECTS random effects."""
+    stats = obj.stats
+    Q, p, n = obj.Q, stats.p, stats.n
+    if Q > KR_MAX_RANDOM_EFFECTS:
+        raise InputError(f"Kenward-Roger is limited to {KR_MAX_RANDOM_EFFECTS} random effects "
+                         f"for several grouping factors; this model has {Q}: use --ddf "
+                         f"satterthwaite")
+    s2 = sigma**2
+    A, B, lam = _blocked_system(obj, theta)
+    lam_t = lam.T.tocsr()
+    K = sp.triu(lam_t @ A @ lam + sp.eye(Q)).tocsc()
+    ldl = qdldl.Solver(K, upper=True)  # sparse LDL' with AMD ordering, as blocked.py
+
+    def solve(M: np.ndarray) -> np.ndarray:  # K⁻¹·M, a column at a time (faster than SuperLU)
+        M = np.asarray(M)
+        out = np.empty_like(M)
+        for j in range(M.shape[1]):
+            out[:, j] = ldl.solve(np.ascontiguousarray(M[:, j]))
+        return out
+
+    def h(M: np.ndarray) -> np.ndarray:  # H·M
+        return lam @ solve(lam_t @ M)
+
+    # the variance parameters γ: one per θ entry (lme4's order), then σ²
+    par = []
+    tm = obj.theta_map
+    for r, c in zip(tm.rows, tm.cols):
+        k = int(np.searchsorted(obj.toff, r, side="right") - 1)
+        q = obj.factors[k].q
+        E = np.zeros((q, q))
+        E[r - obj.toff[k], c - obj.toff[k]] = E[c - obj.toff[k], r - obj.toff[k]] = 1.0
+        par.append((k, E))
+    nr = len(par)
+
+    def et(k: int, E: np.ndarray, M: np.ndarray) -> np.ndarray:  # Ẽ·M
+        f, sl = obj.factors[k], slice(obj.uoff[k], obj.uoff[k + 1])
+        out = np.zeros_like(M)
+        out[sl] = np.einsum("ab,ibj->iaj", E, M[sl].reshape(f.m, f.q, -1)).reshape(
+            -1, M.shape[1])
+        return out
+
+    xtx = stats.xtx
+    HB = h(B)
+    ZY = B - A @ HB
+    F = ZY / s2
+    YY = xtx - 2 * B.T @ HB + HB.T @ (A @ HB)
+    phi = np.linalg.inv((xtx - B.T @ HB) / s2)
+    xs2 = YY / s2**2
+    xs3 = (YY - ZY.T @ h(ZY)) / s2**3
+    F2 = (F - A @ h(F)) / s2
+    EF = np.concatenate([et(k, E, F) for k, E in par], axis=1) if nr else np.zeros((Q, 0))
+
+    SEF = np.zeros_like(EF)
+    omega: dict[tuple[int, int], np.ndarray] = {}
+    s2diag = [np.zeros((f.q, f.q)) for f in obj.factors]
+    kinv_f2 = 0.0
+    for fc, f in enumerate(obj.factors):  # the chunk's columns: levels of factor fc
+        step = max(1, int(chunk_bytes / (8 * Q)) // f.q)
+        for start in range(0, f.m, step):
+            lv = min(f.m, start + step) - start
+            lo = int(obj.uoff[fc]) + start * f.q
+            w = lv * f.q
+            Ac = A[:, lo:lo + w].toarray()
+            sol = solve(lam_t @ Ac)  # K⁻¹Λ'A[:, c]
+            # K⁻¹[:, c] = I[:, c] − K⁻¹Λ'AΛ[:, c], and Λ[:, c] = Λ[c, c] (level-aligned chunk)
+            kinv = -np.asarray((lam[lo:lo + w, lo:lo + w].T @ sol.T).T)
+            kinv[lo + np.arange(w), np.arange(w)] += 1.0
+            kinv_f2 += float(np.sum(kinv**2))
+            HAc = lam @ sol
+            Sc = (Ac - A @ HAc) / s2
+            Nc = -HAc
+            Nc[lo + np.arange(w), np.arange(w)] += 1.0
+            s2diag[fc] += np.einsum("wia,wib->ab", Nc.reshape(Q, lv, f.q),
+                                   Sc.reshape(Q, lv, f.q)) / s2
+            for k, fk in enumerate(obj.factors):
+                S4 = Sc[obj.uoff[k]:obj.uoff[k + 1]].reshape(fk.m, fk.q, lv, f.q)
+                o = np.einsum("ixjy,iajb->xyab", S4, S4)
+                omega[k, fc] = omega[k, fc] + o if (k, fc) in omega else o
+            SEF += Sc @ EF[lo:lo + w]
+
+    R = nr + 1
+    P = [-F.T @ EF[:, r * p:(r + 1) * p] for r in range(nr)] + [-xs2]
+    Qd: dict[tuple[int, int], np.ndarray] = {}
+    Kmat = np.zeros((R, R))
+    for r in range(R):
+        for s in range(r, R):
+            if s < nr:
+                (kr, Er), (ks, Es) = par[r], par[s]
+                Qd[r, s] = EF[:, r * p:(r + 1) * p].T @ SEF[:, s * p:(s + 1) * p]
+                Kmat[r, s] = np.einsum("ab,cd,bcad->", Er, Es, omega[kr, ks])
+            elif r < nr:
+                kr, Er = par[r]
+                Qd[r, s] = EF[:, r * p:(r + 1) * p].T @ F2
+                Kmat[r, s] = np.sum(Er * s2diag[kr].T)
+            else:
+                Qd[r, s] = xs3
+                Kmat[r, s] = (n - Q + kinv_f2) / s2**2
+            Kmat[s, r] = Kmat[r, s]
+    return _kenward_roger_finish(phi, P, Qd, Kmat, beta)
+
+
 # ---------------------------------------------------------------------- sd/cor parameterization
+#
+# The variance parameters of the intervals are lme4's: per random-effect term the sd of each
+# column and the correlations of the pairs, in θ's order within the term (sd_1, cor_21, ...,
+# sd_2, ...), the terms in lme4's order, then σ.  lme4 orders the terms (mkReTrms) as they
+# appear in the formula (`(x || g)` being two terms) unless some term has more levels than
+# the one before it; then by levels, most first, ties in *reverse* formula order
+# (rev(order(nl))), e.g. for (day || Dog) + (1 | Dog:Side): Dog:Side, Dog.day, Dog.(Intercept).
+# The blocked objective keeps a factor's terms together in its θ, so the orders can differ
+# (terms of two factors interleaved in the formula); `_lme4_order` maps θ to lme4's order by
+# matching each term by its factor and columns, whatever order the objective uses.
 
-def parameter_names(stats: Statistics, obj: Objective) -> list[str]:
-    """lme4's names: sd_(Intercept)|g, cor_x.(Intercept)|g, sd_x|g, ..., sigma."""
+def _term_slices(obj) -> list[tuple[str, list[str], list[int]]]:
+    """Per correlated block of T, in θ's order: (group name, column names, θ indices)."""
+    tm = obj.theta_map
+    out = []
+    pos = 0
+    if isinstance(obj, BlockedObjective):
+        blocks = [(f.name, f.names, s, n) for f in obj.factors for s, n in f.blocks]
+    else:
+        rn = obj.stats.random_names
+        blocks = [(obj.stats.group, rn, s, n) for s, n in tm.blocks]
+    for group, names, start, size in blocks:
+        k = size * (size + 1) // 2
+        out.append((group, list(names[start:start + size]), list(range(pos, pos + k))))
+        pos += k
+    return out
+
+
+_ORDER_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _lme4_order(obj) -> np.ndarray:
+    """The permutation `perm` with θ[perm] in lme4's order of the variance parameters
+    (cached per objective: the profiles convert sd/cor to θ thousands of times)."""
+    if obj not in _ORDER_CACHE:
+        _ORDER_CACHE[obj] = _lme4_order_of(obj)
+    return _ORDER_CACHE[obj]
+
+
+def _lme4_order_of(obj) -> np.ndarray:
+    terms = _term_slices(obj)
+    ident = np.arange(len(obj.theta_map))
+    if not isinstance(obj, BlockedObjective):
+        return ident  # one factor: lme4 keeps the terms in formula order (equal levels)
+    # the formula's random terms in order: the t-th term on factor g is block t of g in the
+    # statistics (the design's order); a block is known by its factor and column names,
+    # whatever order the objective keeps its blocks in
+    try:
+        formula_terms = [r.group for r in parse_formula(obj.stats.formula).random]
+    except FormulaError:
+        return ident
+    factors = {f.name: f for f in obj.stats.factors}
+    keys, seen = [], {}
+    for g in formula_terms:
+        t = seen.get(g, 0)
+        seen[g] = t + 1
+        if g not in factors or t >= len(factors[g].blocks):
+            return ident
+        start, size = factors[g].blocks[t]
+        keys.append((g, tuple(factors[g].names[start:start + size])))
+    theta_of = {(g, tuple(cols)): idx for g, cols, idx in terms}
+    if sorted(keys) != sorted(theta_of):
+        return ident
+    nl = [factors[g].m for g, _ in keys]
+    if any(y > x for x, y in zip(nl, nl[1:])):  # lme4: rev(order(nl)), order() is stable
+        asc = sorted(range(len(keys)), key=lambda i: nl[i])
+        keys = [keys[i] for i in reversed(asc)]
+    return np.array([i for key in keys for i in theta_of[key]], dtype=int)
+
+
+def parameter_names(stats: Statistics, obj) -> list[str]:
+    """lme4's names: sd_(Intercept)|g, cor_x.(Intercept)|g, sd_x|g, ..., sigma — for several
+    factors with their lme4 names (sd_(Intercept)|cask:batch), in lme4's order."""
     names = []
-    rn = stats.random_names
-    for r, c in zip(obj.theta_map.rows, obj.theta_map.cols):
-        names.append(f"sd_{rn[r]}|{stats.group}" if r == c
-                     else f"cor_{rn[r]}.{rn[c]}|{stats.group}")
-    return names + ["sigma"]
+    for group, cols, _ in _term_slices(obj):
+        size = len(cols)
+        for c in range(size):
+            for r in range(c, size):
+                names.append(f"sd_{cols[r]}|{group}" if r == c
+                             else f"cor_{cols[r]}.{cols[c]}|{group}")
+    perm = _lme4_order(obj)
+    return [names[i] for i in perm] + ["sigma"]
 
 
-def theta_to_sdcor(obj: Objective, theta: np.ndarray, sigma: float) -> np.ndarray:
+def _bounds_sv(obj) -> tuple[np.ndarray, np.ndarray]:
+    """The parameter space of (sd, cor, ..., σ) in lme4's order: sd, σ ≥ 0, −1 ≤ cor ≤ 1."""
+    diag = obj.theta_map.diagonal[_lme4_order(obj)]
+    return (np.r_[np.where(diag, 0.0, -1.0), 0.0], np.r_[np.where(diag, np.inf, 1.0), np.inf])
+
+
+def theta_to_sdcor(obj, theta: np.ndarray, sigma: float) -> np.ndarray:
+    """(sd, cor, ..., σ) in lme4's order from θ and σ (an Objective or a BlockedObjective)."""
     T = obj.theta_map.T(theta)
     D = sigma**2 * T @ T.T
     sd = np.sqrt(np.diag(D))
@@ -323,21 +580,24 @@ def theta_to_sdcor(obj: Objective, theta: np.ndarray, sigma: float) -> np.ndarra
             out.append(sd[r])
         else:
             out.append(D[r, c] / (sd[r] * sd[c]) if sd[r] * sd[c] > 0 else 0.0)
-    return np.array(out + [sigma])
+    return np.r_[np.array(out)[_lme4_order(obj)], sigma]
 
 
-def sdcor_to_theta(obj: Objective, sv: np.ndarray) -> np.ndarray:
-    """lme4's Sv_to_Cv: a semidefinite-safe Cholesky of D/σ² within each block."""
+def sdcor_to_theta(obj, sv: np.ndarray) -> np.ndarray:
+    """lme4's Sv_to_Cv: a semidefinite-safe Cholesky of D/σ² within each block; `sv` in lme4's
+    order (as `theta_to_sdcor` gives it), θ in the objective's order."""
     tm = obj.theta_map
-    q = obj.stats.q
+    q = tm.q
     sigma = sv[-1]
+    vals = np.empty(len(tm))
+    vals[_lme4_order(obj)] = sv[:-1]
     sd = np.zeros(q)
     for k, (r, c) in enumerate(zip(tm.rows, tm.cols)):
         if r == c:
-            sd[r] = sv[k]
+            sd[r] = vals[k]
     D = np.zeros((q, q))
     for k, (r, c) in enumerate(zip(tm.rows, tm.cols)):
-        D[r, c] = D[c, r] = sd[r] ** 2 if r == c else sv[k] * sd[r] * sd[c]
+        D[r, c] = D[c, r] = sd[r] ** 2 if r == c else vals[k] * sd[r] * sd[c]
     L = np.zeros((q, q))
     for j in range(q):
         v = D[j, j] - L[j, :j] @ L[j, :j]
@@ -348,17 +608,32 @@ def sdcor_to_theta(obj: Objective, sv: np.ndarray) -> np.ndarray:
     return L[tm.rows, tm.cols]
 
 
-def _criterion_sv(obj: Objective, sv: np.ndarray) -> float:
+def _criterion_sv(obj, sv: np.ndarray) -> float:
     return _criterion_vp(obj, np.r_[sdcor_to_theta(obj, sv), sv[-1]])
 
 
 # ---------------------------------------------------------------------- confidence intervals
 
+def _objective(stats: Statistics, reml: bool):
+    """The objective of the statistics' structure: one factor or several (blocked)."""
+    return BlockedObjective(stats, reml=reml) if stats.general else Objective(stats, reml=reml)
+
+
+def _optimize(obj, theta0: np.ndarray | None = None):
+    from .optimize import optimize
+
+    if isinstance(obj, BlockedObjective):
+        return optimize(obj, theta0=theta0, method=obj.default_method)
+    return optimize(obj, theta0=theta0)
+
+
 def wald_intervals(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.ndarray,
                    se: np.ndarray, *, reml: bool, level: float = 0.95) -> pl.DataFrame:
-    """β ± z·SE; variance parameters on the sd/cor/σ scale from the criterion's curvature."""
+    """β ± z·SE; variance parameters on the sd/cor/σ scale from the criterion's curvature
+    (the fit's criterion, REML or ML; lme4's confint(method = "Wald") gives NA for them).
+    Any structure: one grouping factor or several (lme4's order and names)."""
     z = sstats.norm.ppf(0.5 + level / 2)
-    obj = Objective(stats, reml=reml)
+    obj = _objective(stats, reml)
     sv = theta_to_sdcor(obj, theta, sigma)
     names = parameter_names(stats, obj)
     hess = richardson_hessian(lambda v: _criterion_sv(obj, v), sv)
@@ -366,13 +641,15 @@ def wald_intervals(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.
     pos = w > 1e-8
     cov = 2 * (U[:, pos] / w[pos]) @ U[:, pos].T
     sv_se = np.sqrt(np.clip(np.diag(cov), 0, None))
-    on_bound = np.array([v <= 0 for v in sv[:-1]] + [False])
-    sv_se[on_bound] = np.nan
+    lo_sv, hi_sv = _bounds_sv(obj)
+    # an sd at 0 (a boundary fit) has no Wald interval; correlations may be negative
+    is_sd = np.r_[obj.theta_map.diagonal[_lme4_order(obj)], False]
+    sv_se[is_sd & (sv <= 0)] = np.nan
     est = np.r_[sv, beta]
     err = np.r_[sv_se, se]
     # variance parameters: clipped to their space (sd, σ ≥ 0; -1 ≤ cor ≤ 1)
-    lo_b = np.r_[np.where(obj.theta_map.diagonal, 0.0, -1.0), 0.0, np.full(len(beta), -np.inf)]
-    hi_b = np.r_[np.where(obj.theta_map.diagonal, np.inf, 1.0), np.inf, np.full(len(beta), np.inf)]
+    lo_b = np.r_[lo_sv, np.full(len(beta), -np.inf)]
+    hi_b = np.r_[hi_sv, np.full(len(beta), np.inf)]
     return pl.DataFrame({"parameter": names + list(stats.fixed_names), "estimate": est,
                          "lower": np.clip(est - z * err, lo_b, hi_b),
                          "upper": np.clip(est + z * err, lo_b, hi_b), "method": "Wald"})
@@ -405,21 +682,20 @@ def _bobyqa_min(f, x0: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> floa
 
 
 def profile_intervals(stats: Statistics, *, level: float = 0.95) -> pl.DataFrame:
-    """lme4's profile confidence intervals: the ML deviance profiled for each parameter."""
-    from .optimize import optimize
-
+    """lme4's profile confidence intervals: the ML deviance profiled for each parameter.
+    Any structure: one grouping factor or several (the blocked objective, re-optimized with
+    its default method; parameters in lme4's order)."""
     z = sstats.norm.ppf(0.5 + level / 2)
-    obj = Objective(stats, reml=False)
-    opt = optimize(obj)
+    obj = _objective(stats, reml=False)
+    opt = _optimize(obj)
     theta_ml = np.asarray(opt.final_theta)
     dec = obj.decompose(theta_ml)
     sigma_ml = obj.sigma(dec)
     base = obj.deviance_of(dec)
     sv0 = theta_to_sdcor(obj, theta_ml, sigma_ml)
     names = parameter_names(stats, obj)
-    tm = obj.theta_map
-    lower_b = np.array([0.0 if d else -1.0 for d in tm.diagonal] + [1e-12 * sigma_ml])
-    upper_b = np.array([np.inf if d else 1.0 for d in tm.diagonal] + [np.inf])
+    lower_b, upper_b = _bounds_sv(obj)
+    lower_b[-1] = 1e-12 * sigma_ml
 
     def zeta_var(w: int, x: float) -> float:
         free = [k for k in range(len(sv0)) if k != w]
@@ -446,9 +722,8 @@ def profile_intervals(stats: Statistics, *, level: float = 0.95) -> pl.DataFrame
     se_ml = sigma_ml * np.sqrt(np.diag(np.linalg.inv(dec.xtx_adj)))
     for j in range(stats.p):
         def zeta_fixed(b: float, j: int = j) -> float:
-            sub = _offset_statistics(stats, j, b)
-            o = Objective(sub, reml=False)
-            r = optimize(o, theta0=theta_ml)
+            o = _objective(_offset_statistics(stats, j, b), reml=False)
+            r = _optimize(o, theta0=theta_ml)
             return float(np.sign(b - beta_ml[j]) * np.sqrt(max(r.final_objective - base, 0.0)))
 
         lo, hi = _bracket_roots(zeta_fixed, beta_ml[j], z, se_ml[j], -np.inf, np.inf)

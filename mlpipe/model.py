@@ -95,27 +95,48 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
 
 
 def general_inference(result: FitResult, obj: BlockedObjective, *, ddf: str | None,
-                      ci: str | None) -> None:
+                      ci: str | None, level: float = 0.95) -> None:
     """Inference for models with several grouping factors: Satterthwaite df and p-values
-    (numerical derivatives, as lmerTest); Kenward-Roger and confidence intervals are not
-    available for them yet (refused before any work by `check_general_options`)."""
+    (numerical derivatives, as lmerTest), Kenward-Roger (pbkrtest's, by Q-dimensional
+    Woodbury algebra: adjusted SEs, t, df, p), Wald intervals (β ± z·SE with lme4's
+    unadjusted vcov, as confint(method = "Wald"); the sd/cor/σ from the criterion's
+    curvature) and lme4's profile intervals."""
+    from .inference import kenward_roger_general
+
+    stats = result.stats
+    beta = result.fixed_effects["estimate"].to_numpy()
     if ddf == "satterthwaite":
-        beta = result.fixed_effects["estimate"].to_numpy()
         res = satterthwaite_general(obj, result.theta, result.sigma, beta)
         result.fixed_effects = result.fixed_effects.with_columns(
             pl.Series("df", res.df), pl.Series("p_value", res.p_value))
         result.df_method = res.method
+    elif ddf == "kenward-roger":
+        res = kenward_roger_general(obj, result.theta, result.sigma, beta)
+        result.fixed_effects = result.fixed_effects.with_columns(
+            pl.Series("std_error", res.std_error), pl.Series("t_value", res.t_value),
+            pl.Series("df", res.df), pl.Series("p_value", res.p_value))
+        result.df_method = res.method
+    if ci == "wald":
+        result.confidence_intervals = wald_intervals(
+            stats, result.theta, result.sigma, beta, np.sqrt(np.diag(result.vcov)),
+            reml=obj.reml, level=level)
+    elif ci == "profile":
+        result.confidence_intervals = profile_intervals(stats, level=level)
+    result.ci_level = level if ci else None
 
 
 def check_general_options(stats: Statistics, ddf: str | None, ci: str | None) -> None:
+    """Options a model with several grouping factors cannot have, refused before any work:
+    Kenward-Roger above KR_MAX_RANDOM_EFFECTS random effects."""
+    from .inference import KR_MAX_RANDOM_EFFECTS
+
     if not stats.general:
         return
-    if ddf == "kenward-roger":
-        raise InputError("Kenward-Roger degrees of freedom are not available yet for models "
-                         "with several grouping factors; use --ddf satterthwaite")
-    if ci is not None:
-        raise InputError("confidence intervals are not available yet for models with "
-                         "several grouping factors")
+    q_total = sum(f.m * f.q for f in stats.factors)
+    if ddf == "kenward-roger" and q_total > KR_MAX_RANDOM_EFFECTS:
+        raise InputError(f"Kenward-Roger is limited to {KR_MAX_RANDOM_EFFECTS} random effects "
+                         f"for several grouping factors; this model has {q_total}: use --ddf "
+                         f"satterthwaite")
 
 
 def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,

@@ -83,7 +83,7 @@ def test_labels_deparse_like_r(expr, label):
 
 @pytest.mark.parametrize("text,groups", [
     ("y ~ 1 + (1|batch/cask)", [("cask:batch", ("cask", "batch")), ("batch", ("batch",))]),
-    ("y ~ 1 + (1|a/b/c)", [("c:b:a", ("c", "b", "a")), ("b:a", ("b", "a")), ("a", ("a",))]),
+    ("y ~ 1 + (1|a/b/c)", [("c:(b:a)", ("c", "b", "a")), ("b:a", ("b", "a")), ("a", ("a",))]),
     ("y ~ 1 + (1|a:b)", [("a:b", ("a", "b"))]),
     ("y ~ t + (t|school) + (t|school:child)",
      [("school", ("school",)), ("school:child", ("school", "child"))]),

@@ -25,7 +25,10 @@ from mlpipe.stats import Statistics, compute_statistics
 DATA = Path(__file__).parent / "data"
 MULTI = DATA / "multilevel"
 CORE = {"pastes_nested": DATA / "pastes.parquet", "penicillin_crossed": DATA / "penicillin.parquet"}
-CASES = sorted(CORE) + sorted(p.stem for p in MULTI.glob("*.json"))
+#: cases whose fit takes more than a few seconds: `make test-slow` runs them
+SLOW = {"insteval_crossed", "insteval_nested_crossed"}
+CASES = [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c
+         for c in sorted(CORE) + sorted(p.stem for p in MULTI.glob("*.json"))]
 
 
 @cache
@@ -64,8 +67,13 @@ def test_against_lme4(case, method):
     for r in res.random_correlations.iter_rows(named=True):
         cor[(r["group"], r["term1"], r["term2"])] = r["correlation"]
         cor[(r["group"], r["term2"], r["term1"])] = r["correlation"]
+    # lme4 renames groups in VarCorr when a factor carries several terms (Dog.1, Dog.Side);
+    # `reterms` (made by make_refs.R) gives the real factor of each term, in order
+    names = list(dict.fromkeys(r["grp"] for r in ref["varcorr"] if r["grp"] != "Residual"))
+    real = [t["group"] for t in ref.get("reterms", [])] or names
+    rename = dict(zip(names, real))
     for row in ref["varcorr"]:
-        grp = row["grp"].split(".")[0] if row["grp"] not in res.groups else row["grp"]
+        grp = rename.get(row["grp"], row["grp"])
         if row["grp"] == "Residual":
             got = res.sigma
         elif row["var2"] is None:
@@ -73,7 +81,8 @@ def test_against_lme4(case, method):
         else:
             got = cor[(grp, row["var1"], row["var2"])]
         want = row["sdcor"]
-        assert got == pytest.approx(want, rel=1e-3, abs=1e-4 * res.sigma), row
+        tol = 1e-3 * res.sigma if ref["singular"] else 1e-4 * res.sigma
+        assert got == pytest.approx(want, rel=1e-3, abs=tol), row
     # conditional modes and SDs of every factor
     for re in ref["ranef"]:
         sub = res.ranef.filter(group=re["group"])
@@ -84,8 +93,12 @@ def test_against_lme4(case, method):
             mine = sub.filter(term=term)
             assert mine["level"].to_list() == levels
             est, csd = mine["estimate"].to_numpy(), mine["cond_sd"].to_numpy()
-            np.testing.assert_allclose(est, vals[:, t], rtol=0, atol=1e-3 * sds[:, t].min())
-            np.testing.assert_allclose(csd, sds[:, t], rtol=1e-3)
+            # on the boundary (a variance at 0) the criterion is flat there: both fits only
+            # agree to optimizer accuracy, in units of the residual SD
+            floor = 1e-3 * res.sigma if ref["singular"] else 0.0
+            np.testing.assert_allclose(est, vals[:, t], rtol=0,
+                                       atol=max(1e-3 * sds[:, t].min(), floor))
+            np.testing.assert_allclose(csd, sds[:, t], rtol=1e-3, atol=floor)
 
 
 def test_summary_shows_every_factor_and_the_structure():
