@@ -300,7 +300,7 @@ def _factor_modes(model: FittedModel, factor: FactorDesign, several: bool) -> pl
         raise DataError("the conditional modes have no group column, so they cannot be told "
                         "apart by grouping factor")
     terms = list(dict.fromkeys(modes["term"].to_list()))
-    if terms != list(factor.names):
+    if sorted(terms) != sorted(factor.names):  # the solver may order a factor's terms
         raise DataError(f"the conditional modes of {factor.name} ({', '.join(terms) or 'none'}) "
                         f"do not match the model's random effects ({', '.join(factor.names)})")
     modes = modes.select(pl.col("level").cast(pl.Utf8), pl.col("term"),

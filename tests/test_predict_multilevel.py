@@ -86,6 +86,23 @@ def test_conditional_fitted_match_lme4(case, data):
                                atol=1e-12)
 
 
+MULTILEVEL = DATA / "multilevel"
+
+
+@pytest.mark.parametrize("case", ["oxide_3level", "pixel_nested_diag", "tvbo_nested_crossed",
+                                  "scotssec_crossed_slope"])
+def test_more_structures_match_lme4(case):
+    """Three nested levels (Wafer:(Lot:Source)), `||` with lme4's reordered terms beside a
+    nested factor, nested-and-crossed interaction factors, a crossed random slope: lme4's
+    first conditional fitted values, within the fits' own accuracy."""
+    ref = json.loads((MULTILEVEL / f"{case}.json").read_text())
+    data = MULTILEVEL / f"{ref['data']}.parquet"
+    res = mlpipe.fit(data, ref["formula"], ddf=None)
+    head = ref["reml"]["fitted_head"]
+    fitted = predict(res, data)["fitted"].drop_nulls().to_numpy()[:len(head)]
+    np.testing.assert_allclose(fitted, head, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------- new levels
 
 def test_new_level_of_one_crossed_factor_drops_only_its_term(penicillin):
