@@ -36,10 +36,10 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-import qdldl
 import scipy.sparse as sp
 from scipy import linalg
 
+from ._schur import Factorization, Structure
 from .objective import LOG_2PI, ThetaMap, _vdot
 from .stats import Factor, Statistics
 
@@ -68,7 +68,7 @@ class BlockedDecomposition:
     logdet_l: float
     logdet_rx: float
     u: np.ndarray  # (Q,) spherical conditional modes
-    solver: object  # the QDLDL factorization of Λ'Z'ZΛ + I
+    solver: object  # the two-stage factorization of Λ'Z'ZΛ + I (`_schur.Factorization`)
 
 
 def _group_sum(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
@@ -153,47 +153,15 @@ class BlockedObjective:
         m0[:p, p] = m0[p, :p] = stats.xty
         m0[p, p] = stats.yty
         self._M0 = m0
-        self._pattern()
-        self._solver = None
-        self._lock = threading.Lock()
-
-    # ------------------------------------------------------------------ structure
-    def _pattern(self) -> None:
-        """The upper triangle of Λ'Z'ZΛ + I as a fixed CSC pattern, and for every value the
-        blocks produce (in their order) the slot it goes to."""
-        rows, cols = [], []
-        for pr in self.pairs:
-            qj, qk = self.factors[pr.j].q, self.factors[pr.k].q
-            # value (a, b) of block (level i of j, level l of k) is entry
-            # (u index of (k, l, b), u index of (j, i, a)): k ≤ j, so upper triangle
-            a, b = np.meshgrid(np.arange(qj), np.arange(qk), indexing="ij")
-            ui = self.uoff[pr.j] + pr.rows[:, None, None] * qj + a[None]
-            uk = self.uoff[pr.k] + pr.cols[:, None, None] * qk + b[None]
-            if pr.j == pr.k:  # a diagonal block: its upper triangle only
-                keep = (b <= a)[None].repeat(len(pr.rows), 0)
-                ui, uk = ui[keep], uk[keep]
-            rows.append(uk.ravel())
-            cols.append(ui.ravel())
-        rows, cols = np.concatenate(rows), np.concatenate(cols)
-        slot = np.arange(1, len(rows) + 1, dtype=float)
-        mat = sp.csc_matrix((slot, (rows, cols)), shape=(self.Q, self.Q))
-        mat.sort_indices()
-        self._csc = mat
-        self._slot = mat.data.astype(np.int64) - 1  # csc slot → value position
-        self._vals = np.empty(len(rows))
         # the blocks "pair last" (q_j, q_k, n): contiguous vectors for the scaling per θ
         self._blocks_t = [np.ascontiguousarray(np.moveaxis(pr.blocks, 0, -1))
                           for pr in self.pairs]
-        self._tmp = np.empty(max(len(pr.rows) for pr in self.pairs))
-        self._entries = {}
-        for pr in self.pairs:
-            qj, qk = self.factors[pr.j].q, self.factors[pr.k].q
-            self._entries[(pr.j, pr.k)] = [(a, b) for a in range(qj) for b in range(qk)
-                                           if pr.j != pr.k or b <= a]
-        self._mat = mat.copy()  # the matrix handed to the factorization, values per θ
-        self._diag_slots = np.flatnonzero(mat.indices == np.repeat(np.arange(self.Q),
-                                                                   np.diff(mat.indptr)))
+        self._st = Structure([f.q for f in self.factors], [f.m for f in self.factors],
+                             [(pr.j, pr.k, pr.rows, pr.cols, bt)
+                              for pr, bt in zip(self.pairs, self._blocks_t)])
+        self._lock = threading.Lock()
 
+    # ------------------------------------------------------------------ structure
     def structure(self) -> list[dict]:
         """Per factor: name, levels, columns, and how it relates to each earlier (larger)
         factor — "nested" (each level of the larger lies within one level of this one),
@@ -221,54 +189,15 @@ class BlockedObjective:
                          + (f" [{rel}]" if rel else ""))
         return "; ".join(parts)
 
-    def nnz_estimate(self) -> int:
-        """Nonzeros of the pattern of Λ'Z'ZΛ + I (its factor has at least as many)."""
-        return int(self._csc.nnz)
+    def memory_bytes(self) -> int:
+        """Estimated memory of the per-θ factorization (the Schur complement's factor)."""
+        return self._st.memory_bytes()
 
     # ------------------------------------------------------------------ per θ
     def T_blocks(self, theta: np.ndarray) -> list[np.ndarray]:
         T = self.theta_map.T(np.asarray(theta, dtype=float))
         return [T[self.toff[k]:self.toff[k + 1], self.toff[k]:self.toff[k + 1]]
                 for k in range(len(self.factors))]
-
-    def _matrix(self, Ts: list[np.ndarray]) -> sp.csc_matrix:
-        """Λ'Z'ZΛ + I in the fixed pattern: every pair's blocks scaled at once — entry (a, b)
-        of T_j' B T_k as Σ_rs T_j[r, a] T_k[s, b] B[r, s], elementwise over the contiguous
-        per-pair vectors (q is small; zero entries of T are skipped) — written into one
-        reused value buffer and gathered into CSC order."""
-        vals = self._vals
-        pos = 0
-        for pr, blocks in zip(self.pairs, self._blocks_t):
-            Tj, Tk = Ts[pr.j], Ts[pr.k]
-            qj, qk, n = blocks.shape
-            entries = self._entries[(pr.j, pr.k)]
-            seg = vals[pos:pos + n * len(entries)].reshape(n, len(entries))
-            tmp = self._tmp[:n]
-            for e, (a, b) in enumerate(entries):
-                out = seg[:, e]
-                first = True
-                for r in range(qj):
-                    if Tj[r, a] == 0.0:
-                        continue
-                    for c in range(qk):
-                        coef = Tj[r, a] * Tk[c, b]
-                        if coef == 0.0:
-                            continue
-                        if first:
-                            np.multiply(blocks[r, c], coef, out=tmp)
-                            out[:] = tmp
-                            first = False
-                        else:
-                            np.multiply(blocks[r, c], coef, out=tmp)
-                            out += tmp
-                if first:
-                    out[:] = 0.0
-                if pr.j == pr.k and a == b:
-                    out += 1.0
-            pos += n * len(entries)
-        mat = self._mat
-        np.take(vals, self._slot, out=mat.data)
-        return mat
 
     def _rhs(self, Ts: list[np.ndarray]) -> np.ndarray:
         """Λ'Z'[X y] as (Q, p+1)."""
@@ -282,31 +211,26 @@ class BlockedObjective:
                         dst[:, a] += T[r, a] * G[:, r]
         return out
 
-    def _factor(self, mat: sp.csc_matrix):
-        if self._solver is None:
-            self._solver = qdldl.Solver(mat, upper=True)
-        else:
-            self._solver.update(mat, upper=True)
-        return self._solver
+    def _factorize(self, Ts: list[np.ndarray]):
+        """Factorization at θ and W = A⁻¹ Λ'Z'[X y] → (fac, C, W), C and W (Q, p+1)."""
+        fac = Factorization(self._st, Ts)
+        C = self._rhs(Ts)
+        n1 = int(self.uoff[1])
+        f0 = self.factors[0]
+        W1, W2 = fac.solve(C[:n1].reshape(f0.m, f0.q, -1), C[n1:])
+        return fac, C, np.concatenate([W1.reshape(n1, -1), W2], axis=0)
 
     def _evaluate(self, theta: np.ndarray, keep: bool = False):
-        s = self.stats
-        p = s.p
+        p = self.stats.p
         Ts = self.T_blocks(theta)
-        mat = self._matrix(Ts)
-        solver = self._factor(mat)
-        _L, D, _P = solver.factors()
-        if not np.all(D > 0):
-            raise linalg.LinAlgError("Λ'Z'ZΛ + I is not positive definite")
-        logdet_l = float(np.sum(np.log(D)))
-        C = self._rhs(Ts)
-        W = np.column_stack([solver.solve(np.ascontiguousarray(C[:, j])) for j in range(p + 1)])
+        fac, C, W = self._factorize(Ts)
+        logdet_l = fac.logdet
         xtx_adj, rx, beta, r2, logdet_rx = self._profile(C, W)
         if not keep:
             return r2, logdet_l, logdet_rx
         u = W[:, p] - W[:, :p] @ beta
         return BlockedDecomposition(np.asarray(theta, float), Ts, xtx_adj, rx, beta, r2,
-                                    logdet_l, logdet_rx, u, solver)
+                                    logdet_l, logdet_rx, u, fac)
 
     def _profile(self, C: np.ndarray, W: np.ndarray):
         """From Λ'Z'[X y] and A⁻¹ of it: R_X'R_X, R_X, β̂, r², log|R_X|²."""
@@ -350,9 +274,7 @@ class BlockedObjective:
 
     def decompose(self, theta: np.ndarray) -> BlockedDecomposition:
         with self._lock:
-            dec = self._evaluate(np.asarray(theta, dtype=float), keep=True)
-        self._solver = None  # the decomposition keeps this factorization
-        return dec
+            return self._evaluate(np.asarray(theta, dtype=float), keep=True)
 
     def deviance_of(self, dec: BlockedDecomposition) -> float:
         return self._deviance(dec.r2, dec.logdet_l, dec.logdet_rx)
@@ -380,6 +302,30 @@ class BlockedObjective:
                 return self._value_and_gradient(x)
         except (linalg.LinAlgError, FloatingPointError, ValueError, ZeroDivisionError):
             return np.inf, np.full(len(x), np.nan)
+
+    def pair_omegas(self, fac) -> list[np.ndarray]:
+        """Ω = (Λ'Z'ZΛ + I)⁻¹ on every pair's blocks, "pair last" (q_j, q_k, n) — the
+        entries the gradient's trace and the conditional variances need."""
+        om11, om21, om22 = fac.omega()
+        st = self._st
+        out: list[np.ndarray | None] = [None] * len(self.pairs)
+        out[0] = om11
+        start = 0
+        for t in st.b_pairs:
+            pr = self.pairs[t]
+            nb, qj, q1 = pr.blocks.shape
+            blk = om21[start:start + nb * qj].reshape(nb, qj, q1)
+            out[t] = np.ascontiguousarray(blk.transpose(1, 2, 0))
+            start += nb * qj
+        start = 0
+        for t in st.r_pairs:
+            pr = self.pairs[t]
+            nb, qj, qk = pr.blocks.shape
+            size = nb * qj * qk
+            vals = om22(st.r_row[start:start + size], st.r_col[start:start + size])
+            out[t] = vals.reshape(qj, qk, nb)
+            start += size
+        return out
 
     def _gradient_setup(self) -> None:
         """Once: the full symmetric Z'Z (CSR) and every pair's global entry indices."""
@@ -426,19 +372,12 @@ class BlockedObjective:
         return out
 
     def _value_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        from ._selinv import lookup, selected_inverse
-
         self._gradient_setup()
         s = self.stats
         p, n = s.p, s.n
         Ts = self.T_blocks(x)
-        solver = self._factor(self._matrix(Ts))
-        L, D, P = solver.factors()
-        if not np.all(D > 0):
-            raise linalg.LinAlgError("Λ'Z'ZΛ + I is not positive definite")
-        logdet_l = float(np.sum(np.log(D)))
-        C = self._rhs(Ts)
-        W = np.column_stack([solver.solve(np.ascontiguousarray(C[:, j])) for j in range(p + 1)])
+        fac, C, W = self._factorize(Ts)
+        logdet_l = fac.logdet
         xtx_adj, rx, beta, r2, logdet_rx = self._profile(C, W)
         f = float(self._deviance(r2, logdet_l, logdet_rx))
         if not np.isfinite(f):
@@ -450,19 +389,10 @@ class BlockedObjective:
         WX = W[:, :p]
         Y = self._ztz @ self._lam(Ts, WX)
         minv = linalg.cho_solve((rx, False), np.eye(p), check_finite=False)
-        # Ω on the pattern of every pair: the selected inverse of the LDL' factor
-        L = L.tocsc()
-        L.sort_indices()
-        indptr, indices = L.indptr.astype(np.int64), L.indices.astype(np.int64)
-        zdiag, zdata = selected_inverse(indptr, indices, L.data.astype(float), D)
-        pos = np.empty(self.Q, dtype=np.int64)
-        pos[np.asarray(P)] = np.arange(self.Q)
+        oms = self.pair_omegas(fac)
         gld = [np.zeros((f_.q, f_.q)) for f_ in self.factors]
-        for pr, (ui, uk), blocks_t in zip(self.pairs, self._pair_idx, self._blocks_t):
+        for pr, om, blocks_t in zip(self.pairs, oms, self._blocks_t):
             nb, qj, qk = pr.blocks.shape
-            # Ω on the pair's entries, "pair last": om[a, b] is a contiguous (n,) vector
-            om = lookup(indptr, indices, zdata, zdiag, pos[ui], pos[uk])
-            om = np.ascontiguousarray(om.reshape(nb, qj, qk).transpose(1, 2, 0))
             dd = np.empty((qj, qk, qj, qk))  # dd[a, b, c, d] = Σ_n Ω_n[a, b] S_n[c, d]
             for a in range(qj):
                 for b in range(qk):
@@ -500,18 +430,16 @@ class BlockedObjective:
     def conditional_modes(self, dec: BlockedDecomposition, sigma: float) -> list[dict]:
         """Per factor (sorted order): b = Λ u as (m, q), and the conditional SDs
         sqrt(diag(σ² T (Λ'Z'ZΛ + I)⁻¹_ii T')) per level, the diagonal blocks of the inverse
-        read off the LDL' factor by the selected inverse (`_selinv`)."""
-        from ._selinv import inverse_blocks
-
-        L, D, P = dec.solver.factors()
+        from the two-stage factorization (`pair_omegas`)."""
+        oms = self.pair_omegas(dec.solver)
+        diag = {pr.j: om for pr, om in zip(self.pairs, oms) if pr.j == pr.k}
         out = []
         for k, f in enumerate(self.factors):
             q, m = f.q, f.m
             T = dec.T[k]
             u = dec.u[self.uoff[k]:self.uoff[k + 1]].reshape(m, q)
             b = u @ T.T
-            index = self.uoff[k] + np.arange(m)[:, None] * q + np.arange(q)[None]
-            blockinv = inverse_blocks(L, D, P, index)
+            blockinv = np.moveaxis(diag[k], -1, 0)  # (m, q, q)
             cov = T[None] @ blockinv @ T.T[None]
             sd = sigma * np.sqrt(np.clip(np.einsum("maa->ma", cov), 0, None))
             out.append({"factor": f, "b": b, "cond_sd": sd})

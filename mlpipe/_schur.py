@@ -1,0 +1,324 @@
+"""The per-θ factorization of Λ'Z'ZΛ + I for several grouping factors, by structure.
+
+The random effects are ordered factor by factor, the factor with most levels first (lme4's
+order).  Its diagonal block is block-diagonal — one q₁×q₁ block per level — so it is
+eliminated first, batched over its levels with elementwise small-matrix algebra (no LAPACK
+call per level):
+
+    A = [ D₁  B' ]      D₁ = L₁L₁' (per level),  B̃ = B L₁⁻ᵀ  (one block per shared cell),
+        [ B   E  ]      S  = E − B̃B̃'            (the Schur complement onto the other factors)
+
+S is accumulated from the per-level outer products B̃ᵢB̃ᵢ' (Σᵢ kᵢ² terms, kᵢ the entries of
+level i in B: one parent level per factor for nested designs, the crossed levels it meets
+otherwise) with `bincount`.  S is then factored densely (LAPACK) when it is small — the
+crossed case: the filled block of the factors with fewer levels — or as a sparse LDL'
+(QDLDL, fill-reducing ordering computed once) when it is large and sparse — the nested case,
+where S keeps the tree's block structure.  Solves, log-determinants and the entries of
+A⁻¹ that the gradient and the conditional variances need (on the pattern of Z'Z: the
+diagonal blocks of every factor and the blocks between levels that share cells) follow
+from the two stages: with Ω = A⁻¹,
+
+    Ω₂₂ = S⁻¹,   Ω₂₁ = −S⁻¹ B̃ L₁⁻¹,   Ω₁₁,ᵢ = L₁ᵢ⁻ᵀ (I + B̃ᵢ'S⁻¹B̃ᵢ) L₁ᵢ⁻¹
+
+(S⁻¹ dense, or its selected inverse on the pattern of its factor: `_selinv`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import qdldl
+import scipy.sparse as sp
+from scipy import linalg
+
+#: a Schur complement up to this order is factored densely (8000² doubles = 512 MB)
+DENSE_MAX = 8000
+
+
+def chol_batched(A: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factors of (q, q, m) symmetric blocks, elementwise over m."""
+    q, _, m = A.shape
+    L = np.zeros_like(A)
+    for j in range(q):
+        d = A[j, j] - np.sum(L[j, :j] ** 2, axis=0)
+        if not np.all(d > 0):
+            raise linalg.LinAlgError("a diagonal block is not positive definite")
+        L[j, j] = np.sqrt(d)
+        for i in range(j + 1, q):
+            L[i, j] = (A[i, j] - np.sum(L[i, :j] * L[j, :j], axis=0)) / L[j, j]
+    return L
+
+
+def tri_inv_batched(L: np.ndarray) -> np.ndarray:
+    """Inverses of (q, q, m) lower-triangular blocks, elementwise over m."""
+    q, _, m = L.shape
+    inv = np.zeros_like(L)
+    for i in range(q):
+        inv[i, i] = 1.0 / L[i, i]
+        for j in range(i):
+            acc = np.zeros(m)
+            for k in range(j, i):
+                acc += L[i, k] * inv[k, j]
+            inv[i, j] = -acc * inv[i, i]
+    return inv
+
+
+def scale_blocks(blocks_t: np.ndarray, Tj: np.ndarray, Tk: np.ndarray) -> np.ndarray:
+    """T_j' B_n T_k for blocks (q_j, q_k, n) → (q_j, q_k, n), elementwise over n."""
+    qj, qk, n = blocks_t.shape
+    out = np.zeros((Tj.shape[1], Tk.shape[1], n))
+    for a in range(Tj.shape[1]):
+        for b in range(Tk.shape[1]):
+            for r in range(qj):
+                if Tj[r, a] == 0.0:
+                    continue
+                for c in range(qk):
+                    coef = Tj[r, a] * Tk[c, b]
+                    if coef != 0.0:
+                        out[a, b] += coef * blocks_t[r, c]
+    return out
+
+
+class Structure:
+    """What the factorization needs from the pairs of factors, computed once.
+
+    `pairs[t]` = (j, k, rows, cols, blocks_t): level pairs of factors j ≥ k sharing cells and
+    their summed Z_j'Z_k blocks "pair last" (q_j, q_k, n).  Factor 0 is the leading one.
+    """
+
+    def __init__(self, qs: list[int], ms: list[int], pairs: list[tuple]):
+        self.qs, self.ms = qs, ms
+        self.q1, self.m1 = qs[0], ms[0]
+        self.pairs = pairs
+        self.roff = np.concatenate([[0], np.cumsum([m * q for m, q in zip(ms[1:], qs[1:])])]
+                                   ).astype(np.int64)  # rest offsets per factor (1..)
+        self.R = int(self.roff[-1])
+        # entries of B: one per (pair n, row a of its q_j): the rest row and the level of 0
+        e_row, e_level, e_pair = [], [], []
+        for t, (j, k, rows, cols, _b) in enumerate(pairs):
+            if k != 0 or j == 0:
+                continue
+            qj = qs[j]
+            e_row.append((self.roff[j - 1] + rows[:, None] * qj + np.arange(qj)[None]).ravel())
+            e_level.append(np.repeat(cols, qj))
+            e_pair.append(t)
+        self.b_pairs = e_pair
+        self.e_row = np.concatenate(e_row) if e_row else np.zeros(0, np.int64)
+        self.e_level = np.concatenate(e_level) if e_level else np.zeros(0, np.int64)
+        # all ordered pairs of entries of the same level: Σ_i k_i² (the Schur update)
+        order = np.argsort(self.e_level, kind="stable")
+        lev = self.e_level[order]
+        starts = np.searchsorted(lev, np.arange(self.m1))
+        counts = np.bincount(lev, minlength=self.m1)
+        rep = np.repeat(counts, counts)  # for each entry (sorted), its level's count
+        first = np.repeat(starts, counts)
+        self.n_triplets = int(np.sum(counts.astype(np.int64) ** 2))
+        ia = np.repeat(np.arange(len(order)), rep)
+        ib = first[ia] + (np.arange(self.n_triplets) - np.repeat(np.cumsum(rep) - rep, rep))
+        self.t_a, self.t_b = order[ia], order[ib]  # entry indices
+        self.dense = self.R <= DENSE_MAX
+        # the rest's own blocks (pairs with k ≥ 1): rows/cols in rest indices
+        r_rows, r_cols, r_off, self.r_pairs = [], [], [], []
+        for t, (j, k, rows, cols, _b) in enumerate(pairs):
+            if k == 0:
+                continue
+            qj, qk = qs[j], qs[k]
+            rr = self.roff[j - 1] + rows[:, None, None] * qj + np.arange(qj)[None, :, None]
+            cc = self.roff[k - 1] + cols[:, None, None] * qk + np.arange(qk)[None, None, :]
+            rr, cc = np.broadcast_arrays(rr, cc)
+            # "pair last" value order (a, b, n) as scale_blocks returns
+            r_rows.append(np.moveaxis(rr, 0, -1).ravel())
+            r_cols.append(np.moveaxis(cc, 0, -1).ravel())
+            r_off.append(np.full(rr.size, j != k))
+            self.r_pairs.append(t)
+        self.r_row = np.concatenate(r_rows) if r_rows else np.zeros(0, np.int64)
+        self.r_col = np.concatenate(r_cols) if r_cols else np.zeros(0, np.int64)
+        self.r_off = np.concatenate(r_off) if r_off else np.zeros(0, bool)
+        if not self.dense:
+            self._sparse_pattern()
+        self.solver = None
+
+    def _sparse_pattern(self) -> None:
+        """The upper-triangle pattern of S (its own blocks ∪ the Schur fill) and slot maps."""
+        R = self.R
+        rows = np.concatenate([self.r_row, self.e_row[self.t_a], np.arange(R)])
+        cols = np.concatenate([self.r_col, self.e_row[self.t_b], np.arange(R)])
+        lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
+        key = lo * R + hi
+        uniq, inv = np.unique(key, return_inverse=True)
+        self.s_slot_r = inv[:len(self.r_row)]
+        self.s_slot_t = inv[len(self.r_row):len(self.r_row) + len(self.t_a)]
+        self.s_slot_d = inv[len(self.r_row) + len(self.t_a):]
+        # the rest's blocks are stored once per pair (j ≥ k), an off-diagonal block entry
+        # (row > col) lands in the upper triangle once; a diagonal-pair entry appears at
+        # (a, b) and (b, a): keep only one of the two (and the diagonal once)
+        self.r_keep = (self.r_row <= self.r_col) | self.r_off
+        self.t_keep = self.e_row[self.t_a] <= self.e_row[self.t_b]
+        self.n_slots = len(uniq)
+        urow, ucol = uniq // R, uniq % R
+        slot = np.arange(1, len(uniq) + 1, dtype=float)
+        mat = sp.csc_matrix((slot, (urow, ucol)), shape=(R, R))
+        mat.sort_indices()
+        self.csc_order = mat.data.astype(np.int64) - 1
+        self.mat = mat
+
+    def memory_bytes(self) -> int:
+        """Memory of the stage-2 factor: dense R², or a sparse estimate (slots, 3×)."""
+        if self.dense:
+            return 8 * self.R * self.R * 2
+        return 8 * 3 * self.n_slots + 16 * self.n_triplets
+
+
+class Factorization:
+    """Λ'Z'ZΛ + I at one θ, factored in two stages (see the module docstring)."""
+
+    def __init__(self, st: Structure, Ts: list[np.ndarray]):
+        self.st = st
+        q1 = st.q1
+        j0, k0, _r0, _c0, d1 = st.pairs[0]
+        assert j0 == 0 and k0 == 0
+        A1 = scale_blocks(d1, Ts[0], Ts[0])
+        for a in range(q1):
+            A1[a, a] += 1.0
+        self.L1 = chol_batched(A1)
+        self.L1inv = tri_inv_batched(self.L1)  # (q1, q1, m1)
+        # B̃ entries: Bv[e, c] = (T_j' B_n T_1 L1⁻ᵀ)[a, c]
+        parts = []
+        for t in st.b_pairs:
+            j, _k, _rows, cols, bt = st.pairs[t]
+            raw = scale_blocks(bt, Ts[j], Ts[0])  # (qj, q1, n)
+            li = self.L1inv[:, :, cols]  # (q1, q1, n)
+            out = np.zeros_like(raw)
+            for c in range(q1):
+                for d in range(c + 1):  # L⁻ᵀ[d, c] = L⁻¹[c, d]
+                    out[:, c] += raw[:, d] * li[c, d]
+            parts.append(out.transpose(2, 0, 1).reshape(-1, q1))  # (n·qj, q1), n-major
+        self.Bv = np.concatenate(parts) if parts else np.zeros((0, q1))
+        self.logdet = 2.0 * float(np.sum(np.log(self.L1[np.arange(q1), np.arange(q1)])))
+        self._stage2(Ts)
+
+    # ------------------------------------------------------------------ stage 2
+    def _rest_values(self, Ts: list[np.ndarray]) -> np.ndarray:
+        st = self.st
+        vals = [scale_blocks(st.pairs[t][4], Ts[st.pairs[t][0]], Ts[st.pairs[t][1]]).ravel()
+                for t in st.r_pairs]
+        return np.concatenate(vals) if vals else np.zeros(0)
+
+    def _stage2(self, Ts: list[np.ndarray]) -> None:
+        st = self.st
+        R = st.R
+        if R == 0:
+            return
+        ev = self._rest_values(Ts)
+        tv = np.einsum("tc,tc->t", self.Bv[st.t_a], self.Bv[st.t_b]) if st.n_triplets \
+            else np.zeros(0)
+        if st.dense:
+            # a diagonal pair (j = k) holds its blocks whole; an off-diagonal one (j > k)
+            # holds the lower blocks only: mirror those
+            off = np.bincount(st.r_row[st.r_off] * R + st.r_col[st.r_off], ev[st.r_off],
+                              minlength=R * R).reshape(R, R)
+            S = np.bincount(st.r_row[~st.r_off] * R + st.r_col[~st.r_off], ev[~st.r_off],
+                            minlength=R * R).reshape(R, R) + off + off.T
+            S -= np.bincount(st.e_row[st.t_a] * R + st.e_row[st.t_b], tv,
+                             minlength=R * R).reshape(R, R)
+            S[np.diag_indices(R)] += 1.0
+            self.S_chol = linalg.cholesky(S, lower=True, check_finite=False)
+            self.logdet += 2.0 * float(np.sum(np.log(np.diag(self.S_chol))))
+            return
+        vals = np.bincount(st.s_slot_r[st.r_keep], ev[st.r_keep], minlength=st.n_slots)
+        vals -= np.bincount(st.s_slot_t[st.t_keep], tv[st.t_keep], minlength=st.n_slots)
+        vals += np.bincount(st.s_slot_d, np.ones(R), minlength=st.n_slots)
+        mat = st.mat
+        mat.data = vals[st.csc_order]
+        if st.solver is None:
+            st.solver = qdldl.Solver(mat, upper=True)
+        else:
+            st.solver.update(mat, upper=True)
+        self.solver = st.solver
+        _L, D, _P = self.solver.factors()
+        if not np.all(D > 0):
+            raise linalg.LinAlgError("the Schur complement is not positive definite")
+        self.logdet += float(np.sum(np.log(D)))
+
+    def _solve_S(self, rhs: np.ndarray) -> np.ndarray:
+        if self.st.R == 0:
+            return rhs
+        if self.st.dense:
+            return linalg.cho_solve((self.S_chol, True), rhs, check_finite=False)
+        return np.column_stack([self.solver.solve(np.ascontiguousarray(rhs[:, j]))
+                                for j in range(rhs.shape[1])])
+
+    # ------------------------------------------------------------------ solves
+    def solve(self, C1: np.ndarray, C2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A⁻¹ [C1; C2] for C1 (m1, q1, r) and C2 (R, r) → (W1 (m1, q1, r), W2 (R, r))."""
+        st = self.st
+        q1, m1 = st.q1, st.m1
+        r = C1.shape[2]
+        y1 = np.zeros_like(C1)  # L1⁻¹ C1 per level
+        for a in range(q1):
+            for b in range(a + 1):
+                y1[:, a] += self.L1inv[a, b][:, None] * C1[:, b]
+        # C2 − B̃ y1:  row e_row[e] −= Bv[e] · y1[e_level[e]]
+        c2 = C2.copy()
+        if len(st.e_row):
+            contrib = np.einsum("ec,ecr->er", self.Bv, y1[st.e_level])
+            for col in range(r):
+                c2[:, col] -= np.bincount(st.e_row, contrib[:, col], minlength=st.R)
+        W2 = self._solve_S(c2)
+        # W1 = L1⁻ᵀ (y1 − B̃' W2) per level
+        z = y1.copy()
+        if len(st.e_row):
+            bw = self.Bv[:, :, None] * W2[st.e_row][:, None, :]  # (e, q1, r)
+            for a in range(q1):
+                for col in range(r):
+                    z[:, a, col] -= np.bincount(st.e_level, bw[:, a, col], minlength=m1)
+        W1 = np.zeros_like(z)
+        for a in range(q1):
+            for b in range(a, q1):  # L⁻ᵀ[a, b] = L⁻¹[b, a]
+                W1[:, a] += self.L1inv[b, a][:, None] * z[:, b]
+        return W1, W2
+
+    # ------------------------------------------------------------------ Ω = A⁻¹ on the pattern
+    def omega(self) -> tuple[np.ndarray, np.ndarray, object]:
+        """→ (Ω₁₁ diagonal blocks (q1, q1, m1), Ω₂₁ at B's entries (e, q1), Ω₂₂ lookup)."""
+        st = self.st
+        q1, m1 = st.q1, st.m1
+        om22 = self._omega22()
+        if len(st.e_row):
+            w = om22(st.e_row[st.t_a], st.e_row[st.t_b])  # Ω₂₂ between entries of a level
+            H = np.zeros((len(st.e_row), q1))
+            for c in range(q1):
+                H[:, c] = np.bincount(st.t_a, w * self.Bv[st.t_b, c], minlength=len(st.e_row))
+        else:
+            H = np.zeros((0, q1))
+        # Ω₁₁,ᵢ = L⁻ᵀ (I + B̃ᵢ'Ω₂₂B̃ᵢ) L⁻¹
+        K = np.zeros((q1, q1, m1))
+        for a in range(q1):
+            K[a, a] += 1.0
+            for b in range(q1):
+                if len(st.e_row):
+                    K[a, b] += np.bincount(st.e_level, self.Bv[:, a] * H[:, b], minlength=m1)
+        Li = self.L1inv
+        tmp = np.einsum("bam,bcm->acm", Li, K)  # L⁻ᵀ K
+        om11 = np.einsum("acm,cdm->adm", tmp, Li)  # (L⁻ᵀ K) L⁻¹
+        # Ω₂₁ rows at B's entries: −H L⁻¹
+        om21 = -np.einsum("ec,cde->ed", H, Li[:, :, st.e_level]) if len(st.e_row) \
+            else np.zeros((0, q1))
+        return om11, om21, om22
+
+    def _omega22(self):
+        st = self.st
+        if st.R == 0:
+            return lambda a, b: np.zeros(len(a))
+        if st.dense:
+            inv = linalg.cho_solve((self.S_chol, True), np.eye(st.R), check_finite=False)
+            return lambda a, b: inv[a, b]
+        from ._selinv import lookup, selected_inverse
+
+        L, D, P = self.solver.factors()
+        L = L.tocsc()
+        L.sort_indices()
+        indptr, indices = L.indptr.astype(np.int64), L.indices.astype(np.int64)
+        zdiag, zdata = selected_inverse(indptr, indices, L.data.astype(float), D)
+        pos = np.empty(st.R, dtype=np.int64)
+        pos[np.asarray(P)] = np.arange(st.R)
+        return lambda a, b: lookup(indptr, indices, zdata, zdiag, pos[a], pos[b])
