@@ -294,7 +294,9 @@ def _newton(obj: Objective, x: np.ndarray, fx: float, *, ftol_rel: float, maxeva
         if obj.evaluations - evals0 > maxeval:
             return x, f, g, "MAXEVAL_REACHED"
         # the active set: at the bound with the gradient pushing outward
-        at_bound = (x <= lower) & (g > 0)
+        # at the bound with the gradient pushing outward, or exactly 0 there (the even
+        # direction of a zero diagonal: held, and left to the boundary check afterwards)
+        at_bound = (x <= lower) & (g >= 0)
         free = np.flatnonzero(~at_bound)
         if len(free) == 0:
             return x, f, g, "SUCCESS"
