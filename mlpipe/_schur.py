@@ -78,6 +78,23 @@ def scale_blocks(blocks_t: np.ndarray, Tj: np.ndarray, Tk: np.ndarray) -> np.nda
     return out
 
 
+def estimate(qs: list[int], ms: list[int], pairs: list[tuple]) -> dict:
+    """The solver's size before anything is built: the order R of the Schur complement,
+    the Σᵢ kᵢ² terms of its update, whether it is factored densely, and the bytes of the
+    arrays this takes (the update's index and value arrays, the dense or sparse factor)."""
+    R = int(sum(m * q for m, q in zip(ms[1:], qs[1:])))
+    k = np.zeros(ms[0])
+    for j, kk, _rows, cols, _b in pairs:
+        if kk == 0 and j != 0:
+            k += qs[j] * np.bincount(cols, minlength=ms[0])
+    triplets = int(np.sum(k.astype(np.int64) ** 2))
+    dense = R <= DENSE_MAX
+    stage2 = 8 * 3 * R * R if dense else 8 * 4 * (triplets + sum(
+        b.size for j, kk, _r, _c, b in pairs if kk > 0) + R)
+    return {"order": R, "update_terms": triplets, "dense": dense,
+            "bytes": int(48 * triplets + stage2)}
+
+
 class Structure:
     """What the factorization needs from the pairs of factors, computed once.
 

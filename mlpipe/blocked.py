@@ -32,6 +32,7 @@ entries of (Λ'Z'ZΛ + I)⁻¹ the trace needs); the optimizer is the projected 
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -39,7 +40,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import linalg
 
-from ._schur import Factorization, Structure
+from ._schur import Factorization, Structure, estimate
+from .errors import InputError
 from .objective import LOG_2PI, ThetaMap, _vdot
 from .stats import Factor, Statistics
 
@@ -78,6 +80,38 @@ def _group_sum(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def parse_bytes(text: str) -> int | None:
+    """'4GB', '512MB', '2GiB', '1e9' → bytes (DuckDB's spelling of memory limits)."""
+    t = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3,
+             "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for u, f in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[:-len(u)]) * f)
+            except ValueError:
+                return None
+    try:
+        return int(float(t))
+    except ValueError:
+        return None
+
+
+def physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
 def lme4_order(factors: list[Factor]) -> list[Factor]:
     """The factors (and the terms within each) in lme4's order of random-effect terms:
     `mkReTrms` reorders the terms by number of levels, largest first, as rev(order(nl)) —
@@ -112,7 +146,8 @@ class BlockedObjective:
 
     default_method = "newton"
 
-    def __init__(self, stats: Statistics, *, reml: bool = True):
+    def __init__(self, stats: Statistics, *, reml: bool = True,
+                 memory_limit: str | None = None):
         if not stats.general:
             raise ValueError("BlockedObjective needs per-cell statistics of several factors")
         self.stats = stats
@@ -156,9 +191,19 @@ class BlockedObjective:
         # the blocks "pair last" (q_j, q_k, n): contiguous vectors for the scaling per θ
         self._blocks_t = [np.ascontiguousarray(np.moveaxis(pr.blocks, 0, -1))
                           for pr in self.pairs]
-        self._st = Structure([f.q for f in self.factors], [f.m for f in self.factors],
-                             [(pr.j, pr.k, pr.rows, pr.cols, bt)
-                              for pr, bt in zip(self.pairs, self._blocks_t)])
+        spec = ([f.q for f in self.factors], [f.m for f in self.factors],
+                [(pr.j, pr.k, pr.rows, pr.cols, bt) for pr, bt in zip(self.pairs,
+                                                                     self._blocks_t)])
+        self.size = estimate(*spec)
+        limit = parse_bytes(memory_limit) if memory_limit else physical_memory()
+        if limit and self.size["bytes"] > limit:
+            raise InputError(
+                f"the random-effects structure needs about {human_bytes(self.size['bytes'])} "
+                f"for the solver (a Schur complement of order {self.size['order']} with "
+                f"{self.size['update_terms']:,} update terms), more than the "
+                f"{'memory limit ' + memory_limit if memory_limit else 'machine has'}; "
+                f"simplify the random part or raise --memory-limit")
+        self._st = Structure(*spec)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ structure
@@ -175,19 +220,9 @@ class BlockedObjective:
                     rel[self.factors[pr.k].name] = "nested" if nested else "crossed"
             out.append({"factor": f.name, "levels": f.m, "columns": f.q,
                         "relations": rel})
+        if out:
+            out[0]["solver"] = {**self.size, "memory": human_bytes(self.size["bytes"])}
         return out
-
-    def structure_line(self) -> str:
-        """One line for the summary: the factors largest first and how each relates to the
-        ones before it, with the size of the sparse factor."""
-        parts = []
-        for s in self.structure():
-            rel = "; ".join(f"{v} in {k}" if v == "nested" else f"crossed with {k}"
-                            for k, v in s["relations"].items())
-            # "nested in school" reads naturally for the inner factor: say it of the larger
-            parts.append(f"{s['factor']} ({s['levels']} levels x {s['columns']})"
-                         + (f" [{rel}]" if rel else ""))
-        return "; ".join(parts)
 
     def memory_bytes(self) -> int:
         """Estimated memory of the per-θ factorization (the Schur complement's factor)."""

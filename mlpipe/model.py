@@ -49,7 +49,8 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         stats = Statistics.load(stats)
     if formula is not None and " ".join(formula.split()) != " ".join(stats.formula.split()):
         raise InputError(f"the statistics were built for {stats.formula!r}, not {formula!r}")
-    return fit_statistics(stats, method=method, ddf=ddf, ci=ci, level=level)
+    return fit_statistics(stats, method=method, ddf=ddf, ci=ci, level=level,
+                          memory_limit=memory_limit)
 
 
 def fit_config(cfg: dict, **overrides) -> FitResult:
@@ -66,19 +67,21 @@ def fit_config(cfg: dict, **overrides) -> FitResult:
 
 def fit_statistics(stats: Statistics, *, method: str = "REML",
                    ddf: str | None = "satterthwaite", ci: str | None = None,
-                   level: float = 0.95) -> FitResult:
-    """Fit from sufficient statistics alone."""
+                   level: float = 0.95, memory_limit: str | None = None) -> FitResult:
+    """Fit from sufficient statistics alone.  `memory_limit` (as DuckDB spells it, e.g.
+    "4GB") bounds the solver of models with several grouping factors: a structure whose
+    estimated solver memory exceeds it (or the machine's memory) is refused up front."""
     method, ddf, ci = check_options(method, ddf, ci, level)
     validate(stats)
     check_general_options(stats, ddf, ci)
     t0 = time.perf_counter()
     if stats.general:  # several grouping factors: the sparse blocked objective
-        obj = BlockedObjective(stats, reml=method == "REML")
+        obj = BlockedObjective(stats, reml=method == "REML", memory_limit=memory_limit)
         summary = optimize(obj, method=obj.default_method)
         dec = obj.decompose(np.asarray(summary.final_theta))
         result = FitResult.build_general(stats, obj, dec, summary)
         t1 = time.perf_counter()
-        general_inference(result, obj, ddf=ddf, ci=ci)
+        general_inference(result, obj, ddf=ddf, ci=ci, level=level)
         result.timings = {**stats.timings, "solve": t1 - t0,
                           "inference": time.perf_counter() - t1}
         return result

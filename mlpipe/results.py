@@ -343,6 +343,11 @@ def structure_text(structure: list[dict]) -> str:
         if crossed:
             text += (" and" if inner else "") + " crossed with " + ", ".join(crossed)
         parts.append(text)
+    solver = structure[0].get("solver") if structure else None
+    if solver and solver["order"]:
+        kind = "dense" if solver["dense"] else "sparse"
+        parts.append(f"solver: Schur complement of order {solver['order']} ({kind}), "
+                     f"{solver['update_terms']:,} update terms, about {solver['memory']}")
     return "; ".join(parts)
 
 

@@ -195,8 +195,6 @@ def test_level_reaches_the_intervals():
     res.confidence_intervals = None
 
 
-@pytest.mark.xfail(strict=True, reason="model.fit_statistics does not pass `level` on to "
-                   "general_inference yet (outside this change); the intervals are 95%")
 def test_fit_passes_the_level_for_several_factors():
     res = mlpipe.fit(DATA / "penicillin.parquet", "diameter ~ 1 + (1|plate) + (1|sample)",
                      ddf=None, ci="wald", level=0.9)

@@ -233,3 +233,15 @@ def test_variance_partition_of_random_intercepts():
     for grp, v in var.items():
         assert got[grp] == pytest.approx(v / total, rel=1e-3)
     assert "Variance partition (share of the total variance): cask:batch 78.3%, batch 15.4%, Residual 6.3%" in res.summary()
+
+
+def test_solver_memory_is_estimated_printed_and_bounded():
+    """The solver's size is estimated before it is built, printed in the summary, and a
+    structure above --memory-limit is refused with a one-line input error."""
+    res, _ = fitted("penicillin_crossed", "REML")
+    solver = res.optimizer.structure[0]["solver"]
+    assert solver["order"] == 6 and solver["dense"]
+    assert solver["update_terms"] == 24 * 6 * 6  # every plate meets all 6 samples
+    assert "solver: Schur complement of order 6 (dense), 864 update terms" in res.summary()
+    with pytest.raises(mlpipe.InputError, match="more than the memory limit 10KB"):
+        mlpipe.fit(stats=res.stats, ddf=None, memory_limit="10KB")
