@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench install clean browser lint
+.PHONY: demo test test-slow bench bench-nested bench-crossed install clean browser lint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,7 +17,7 @@ install: $(STAMP)
 HSB_MODELS := hsb_null hsb_ancova hsb_means hsb_int_anc hsb_rc hsb_full
 
 ## the main job: the HLM sequence of six two-level models on the shipped HSB data (DuckDB),
-## their comparison table and an HTML report, all under out/
+## their comparison table and an HTML report, then a three-level growth model, all under out/
 demo: $(STAMP)
 	@for m in $(HSB_MODELS); do \
 	  echo "=================== $$m"; \
@@ -28,6 +28,8 @@ demo: $(STAMP)
 	@echo "=================== model comparison: is the cses slope random? (REML, boundary test)"
 	$(BIN)/mlpipe compare out/hsb_ancova out/hsb_rc --out out/comparison_slope
 	$(BIN)/mlpipe report $(addprefix out/,$(HSB_MODELS)) --out out/report.html
+	@echo "=================== three-level growth: pupils in schools over six grades (egsingle)"
+	$(BIN)/mlpipe fit --config configs/egsingle_growth.toml
 
 ## the tests (slow ones excluded; `make test-slow` runs those). The report test opens the HTML
 ## in headless Chromium: installed from Debian's packages when missing and we are root.
@@ -45,6 +47,14 @@ test-slow: $(STAMP)
 ## the scale benchmark: simulate a 10M-row panel, fit it, compare with a bare DuckDB query
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+## several grouping factors: 20M rows of children nested in schools; InstEval (crossed) and
+## a 10M-row crossed design (see benchmarks/bench_multilevel.py)
+bench-nested: $(STAMP)
+	$(BIN)/python benchmarks/bench_multilevel.py nested
+
+bench-crossed: $(STAMP)
+	$(BIN)/python benchmarks/bench_multilevel.py crossed
 
 lint: $(STAMP)
 	$(BIN)/ruff check mlpipe tests benchmarks

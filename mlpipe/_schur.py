@@ -78,6 +78,12 @@ def scale_blocks(blocks_t: np.ndarray, Tj: np.ndarray, Tk: np.ndarray) -> np.nda
     return out
 
 
+def use_dense(order: int, entries: int) -> bool:
+    """Factor the Schur complement densely when it is small, or filled: its entries (an
+    upper bound: the update terms plus its own blocks) reach a tenth of order²."""
+    return order <= 500 or (order <= DENSE_MAX and entries >= 0.1 * order * order)
+
+
 def estimate(qs: list[int], ms: list[int], pairs: list[tuple]) -> dict:
     """The solver's size before anything is built: the order R of the Schur complement,
     the Σᵢ kᵢ² terms of its update, whether it is factored densely, and the bytes of the
@@ -88,7 +94,7 @@ def estimate(qs: list[int], ms: list[int], pairs: list[tuple]) -> dict:
         if kk == 0 and j != 0:
             k += qs[j] * np.bincount(cols, minlength=ms[0])
     triplets = int(np.sum(k.astype(np.int64) ** 2))
-    dense = R <= DENSE_MAX
+    dense = use_dense(R, triplets + sum(b.size for j, kk, _r, _c, b in pairs if kk > 0))
     stage2 = 8 * 3 * R * R if dense else 8 * 4 * (triplets + sum(
         b.size for j, kk, _r, _c, b in pairs if kk > 0) + R)
     return {"order": R, "update_terms": triplets, "dense": dense,
@@ -132,7 +138,8 @@ class Structure:
         ia = np.repeat(np.arange(len(order)), rep)
         ib = first[ia] + (np.arange(self.n_triplets) - np.repeat(np.cumsum(rep) - rep, rep))
         self.t_a, self.t_b = order[ia], order[ib]  # entry indices
-        self.dense = self.R <= DENSE_MAX
+        self.dense = use_dense(self.R, self.n_triplets + int(sum(
+            b.size for j, k, _r, _c, b in pairs if k > 0)))
         # the rest's own blocks (pairs with k ≥ 1): rows/cols in rest indices
         r_rows, r_cols, r_off, self.r_pairs = [], [], [], []
         for t, (j, k, rows, cols, _b) in enumerate(pairs):

@@ -110,6 +110,75 @@ class Statistics:
     def q(self) -> int:
         return len(self.random_names)
 
+    # ------------------------------------------------------------------ merging
+    def merge(self, other: Statistics) -> Statistics:
+        """The statistics of the union of two disjoint sets of rows of the same model (e.g.
+        two partitions, or yesterday's data and today's): per-group (per-cell) sums add up,
+        groups (cells) present in both are combined, levels re-sorted as the grouping
+        columns sort.  Raises InputError when the two were built for different models."""
+        from .errors import InputError
+
+        same = (self.formula == other.formula and self.fixed_names == other.fixed_names
+                and self.random_names == other.random_names and self.blocks == other.blocks
+                and self.factor_levels == other.factor_levels
+                and [f.name for f in self.factors] == [f.name for f in other.factors])
+        if not same:
+            raise InputError("cannot merge statistics of different models (formula, columns "
+                             "or factor coding differ)")
+        types = self.group_types or {self.group: self.group_type}
+        if self.factors:
+            keys = [_cell_keys(st) for st in (self, other)]
+        else:
+            keys = [np.asarray(self.levels, dtype=object), np.asarray(other.levels, dtype=object)]
+        allkeys = np.concatenate(keys)
+        uniq, inv = np.unique(allkeys.astype(str), return_inverse=True)
+        m = len(uniq)
+
+        def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            stacked = np.concatenate([a, b], axis=-1)
+            out = np.zeros(stacked.shape[:-1] + (m,))
+            flat = stacked.reshape(-1, stacked.shape[-1])
+            res = out.reshape(-1, m)
+            for r in range(flat.shape[0]):
+                res[r] = np.bincount(inv, flat[r], minlength=m)
+            return out
+
+        n_i = add(self.n_i, other.n_i)
+        ztz, ztx = add(self.ztz, other.ztz), add(self.ztx, other.ztx)
+        zty, yty_i = add(self.zty, other.zty), add(self.yty_i, other.yty_i)
+        # the first occurrence of each merged key tells its labels
+        first = np.full(m, -1)
+        first[inv[::-1]] = np.arange(len(inv))[::-1]
+        if self.factors:
+            factors = []
+            for k, f in enumerate(self.factors):
+                g = other.factors[k]
+                labels = np.concatenate([f.levels[f.index], g.levels[g.index]])[first]
+                cols = f.columns
+                lv = sorted(set(labels.tolist()), key=lambda x: _label_key(x, cols, types))
+                pos = {v: i for i, v in enumerate(lv)}
+                index = np.array([pos[v] for v in labels], dtype=np.int64)
+                factors.append(Factor(f.name, f.columns, f.z, f.names, f.blocks,
+                                      np.asarray(lv, dtype=object), index))
+            order = np.lexsort([f.index for f in reversed(factors)])
+            levels = np.arange(m).astype(str).astype(object)
+        else:
+            labels = allkeys[first]
+            order = np.array(sorted(range(m), key=lambda i: _label_key(
+                labels[i], [self.group], types)), dtype=np.int64)
+            levels = labels[order]
+            factors = []
+        for f in factors:
+            f.index = f.index[order]
+        return Statistics(
+            self.formula, self.response, self.fixed_names, self.random_names, self.blocks,
+            self.group, levels, n_i[order], ztz[..., order], ztx[..., order], zty[..., order],
+            yty_i[order], self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty,
+            self.n + other.n, self.rows_read + other.rows_read,
+            self.rows_dropped + other.rows_dropped, f"{self.source} + {other.source}",
+            self.factor_levels, self.group_type, factors=factors,
+            group_types=self.group_types)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write to one Parquet file: a row per group, the totals in the file's metadata.
@@ -185,6 +254,37 @@ class Statistics:
                    meta.get("factor_levels", {}), meta.get("group_type", ""),
                    factors=[_load_factor(table, k, f) for k, f in enumerate(meta["factors"])],
                    group_types=meta.get("group_types", {}))
+
+
+def _cell_keys(st: Statistics) -> np.ndarray:
+    """One text key per cell: every factor's level label (a cell is their combination)."""
+    parts = [f.levels[f.index].astype(str) for f in st.factors]
+    out = parts[0].astype(object)
+    for p in parts[1:]:
+        out = out + "\x1f" + p.astype(object)
+    return out
+
+
+def _label_key(label, columns: list[str], types: dict[str, str]):
+    """Sort key of a level label as the grouping columns sort (numbers numerically)."""
+    from .design import is_numeric
+
+    parts = str(label).split(":") if len(columns) > 1 else [str(label)]
+    if len(parts) != len(columns):
+        return (str(label),)
+    key = []
+    for part, col in zip(parts, columns):
+        if is_numeric(types.get(col, "")):
+            try:
+                key.append((0, float(part), ""))
+                continue
+            except ValueError:
+                pass
+        if types.get(col, "").upper().startswith("BOOLEAN"):
+            key.append((0, float(part.lower() == "true"), ""))
+            continue
+        key.append((1, 0.0, part.encode()))
+    return tuple(key)
 
 
 def _load_factor(table: pa.Table, k: int, meta: dict) -> Factor:

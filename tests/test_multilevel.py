@@ -245,3 +245,40 @@ def test_solver_memory_is_estimated_printed_and_bounded():
     assert "solver: Schur complement of order 6 (dense), 864 update terms" in res.summary()
     with pytest.raises(mlpipe.InputError, match="more than the memory limit 10KB"):
         mlpipe.fit(stats=res.stats, ddf=None, memory_limit="10KB")
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + (x | school) + (1 | school:class)",
+                                     "y ~ x + (x | a) + (1 | b)", "y ~ x + (x | a)"])
+def test_statistics_merge_of_two_partitions_equals_one_pass(tmp_path, formula):
+    """Statistics of two row partitions merged equal those of one pass over all rows, and
+    fit to the same criterion (cells in both partitions combine; levels re-sort, numbers
+    numerically)."""
+    cols = _simulate(np.random.default_rng(3), n=300)
+    table = pa.table(cols)
+    pq.write_table(table, tmp_path / "all.parquet")
+    pq.write_table(table.slice(0, 170), tmp_path / "a.parquet")
+    pq.write_table(table.slice(170), tmp_path / "b.parquet")
+    whole = compute_statistics(tmp_path / "all.parquet", formula)
+    merged = compute_statistics(tmp_path / "a.parquet", formula).merge(
+        compute_statistics(tmp_path / "b.parquet", formula))
+    assert merged.n == whole.n and merged.m == whole.m
+    np.testing.assert_allclose(merged.ztz, whole.ztz, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(merged.ztx, whole.ztx, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(merged.xtx, whole.xtx, rtol=1e-12)
+    for f, g in zip(merged.factors, whole.factors):
+        assert list(f.levels) == list(g.levels)
+        np.testing.assert_array_equal(f.index, g.index)
+    if not whole.factors:
+        assert list(merged.levels) == list(whole.levels)
+    a = mlpipe.fit(stats=merged, ddf=None)
+    b = mlpipe.fit(stats=whole, ddf=None)
+    assert a.deviance == pytest.approx(b.deviance, rel=1e-10)
+
+
+def test_merge_refuses_different_models(tmp_path):
+    cols = _simulate(np.random.default_rng(4))
+    pq.write_table(pa.table(cols), tmp_path / "d.parquet")
+    one = compute_statistics(tmp_path / "d.parquet", "y ~ x + (1 | a) + (1 | b)")
+    two = compute_statistics(tmp_path / "d.parquet", "y ~ x + (x | a) + (1 | b)")
+    with pytest.raises(mlpipe.InputError, match="different models"):
+        one.merge(two)
