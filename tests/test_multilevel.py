@@ -232,7 +232,8 @@ def test_variance_partition_of_random_intercepts():
     got = {v["group"]: v["proportion"] for v in res.variance_partition}
     for grp, v in var.items():
         assert got[grp] == pytest.approx(v / total, rel=1e-3)
-    assert "Variance partition (share of the total variance): cask:batch 78.3%, batch 15.4%, Residual 6.3%" in res.summary()
+    assert ("Variance partition (share of the total variance): cask:batch 78.3%, "
+            "batch 15.4%, Residual 6.3%") in res.summary()
 
 
 def test_solver_memory_is_estimated_printed_and_bounded():
