@@ -42,7 +42,7 @@ from scipy import linalg
 
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError
-from .objective import LOG_2PI, ThetaMap, _vdot
+from .objective import ThetaMap, _vdot, profiled_deviance
 from .stats import Factor, Statistics
 
 
@@ -281,13 +281,8 @@ class BlockedObjective:
         return xtx_adj, rx, beta, r2, logdet_rx
 
     def _deviance(self, r2: float, logdet_l: float, logdet_rx: float) -> float:
-        n, p = self.stats.n, self.stats.p
-        if not np.isfinite(r2) or r2 <= 0:
-            return np.inf
-        if self.reml:
-            dof = n - p
-            return logdet_l + logdet_rx + dof * (1.0 + LOG_2PI + np.log(r2 / dof))
-        return logdet_l + n * (1.0 + LOG_2PI + np.log(r2 / n))
+        return profiled_deviance(r2, logdet_l, logdet_rx, self.stats.n, self.stats.p,
+                                 self.reml)
 
     def __call__(self, theta: np.ndarray) -> float:
         self.evaluations += 1

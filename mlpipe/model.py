@@ -75,57 +75,25 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     validate(stats)
     check_general_options(stats, ddf, ci)
     t0 = time.perf_counter()
-    if stats.general:  # several grouping factors: the sparse blocked objective
-        obj = BlockedObjective(stats, reml=method == "REML", memory_limit=memory_limit)
-        summary = optimize(obj, method=obj.default_method)
-        dec = obj.decompose(np.asarray(summary.final_theta))
-        result = FitResult.build_general(stats, obj, dec, summary)
-        t1 = time.perf_counter()
-        general_inference(result, obj, ddf=ddf, ci=ci, level=level)
-        result.timings = {**stats.timings, "solve": t1 - t0,
-                          "inference": time.perf_counter() - t1}
-        return result
-    else:
-        obj = Objective(stats, reml=method == "REML")
-        summary = optimize(obj)
-        dec = obj.decompose(np.asarray(summary.final_theta))
-        result = FitResult.build(stats, obj, dec, summary)
+    obj = make_objective(stats, reml=method == "REML", memory_limit=memory_limit)
+    summary = optimize(obj, method=obj.default_method)
+    dec = obj.decompose(np.asarray(summary.final_theta))
+    build = FitResult.build_general if stats.general else FitResult.build
+    result = build(stats, obj, dec, summary)
     t1 = time.perf_counter()
-    add_inference(result, ddf=ddf, ci=ci, level=level)
+    add_inference(result, ddf=ddf, ci=ci, level=level, obj=obj)
     result.timings = {**stats.timings, "solve": t1 - t0,
                       "inference": time.perf_counter() - t1}
     return result
 
 
-def general_inference(result: FitResult, obj: BlockedObjective, *, ddf: str | None,
-                      ci: str | None, level: float = 0.95) -> None:
-    """Inference for models with several grouping factors: Satterthwaite df and p-values
-    (numerical derivatives, as lmerTest), Kenward-Roger (pbkrtest's, by Q-dimensional
-    Woodbury algebra: adjusted SEs, t, df, p), Wald intervals (β ± z·SE with lme4's
-    unadjusted vcov, as confint(method = "Wald"); the sd/cor/σ from the criterion's
-    curvature) and lme4's profile intervals."""
-    from .inference import kenward_roger_general
-
-    stats = result.stats
-    beta = result.fixed_effects["estimate"].to_numpy()
-    if ddf == "satterthwaite":
-        res = satterthwaite_general(obj, result.theta, result.sigma, beta)
-        result.fixed_effects = result.fixed_effects.with_columns(
-            pl.Series("df", res.df), pl.Series("p_value", res.p_value))
-        result.df_method = res.method
-    elif ddf == "kenward-roger":
-        res = kenward_roger_general(obj, result.theta, result.sigma, beta)
-        result.fixed_effects = result.fixed_effects.with_columns(
-            pl.Series("std_error", res.std_error), pl.Series("t_value", res.t_value),
-            pl.Series("df", res.df), pl.Series("p_value", res.p_value))
-        result.df_method = res.method
-    if ci == "wald":
-        result.confidence_intervals = wald_intervals(
-            stats, result.theta, result.sigma, beta, np.sqrt(np.diag(result.vcov)),
-            reml=obj.reml, level=level)
-    elif ci == "profile":
-        result.confidence_intervals = profile_intervals(stats, level=level)
-    result.ci_level = level if ci else None
+def make_objective(stats: Statistics, *, reml: bool, memory_limit: str | None = None):
+    """The objective, with storage chosen by structure: one factor on one column → the
+    uniform block-diagonal `Objective` (batched per group); several factors (or one on a
+    combination of columns) → the two-stage `BlockedObjective` over their cells."""
+    if stats.general:
+        return BlockedObjective(stats, reml=reml, memory_limit=memory_limit)
+    return Objective(stats, reml=reml)
 
 
 def check_general_options(stats: Statistics, ddf: str | None, ci: str | None) -> None:
@@ -143,13 +111,26 @@ def check_general_options(stats: Statistics, ddf: str | None, ci: str | None) ->
 
 
 def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
-                  level: float = 0.95) -> None:
-    """Fill df / p-values (and confidence intervals) of a fitted result."""
+                  level: float = 0.95, obj=None) -> None:
+    """Fill df / p-values (and confidence intervals) of a fitted result.
+
+    One factor: Satterthwaite and Kenward-Roger by per-group Woodbury algebra.  Several
+    factors (`obj`, the fit's `BlockedObjective`): Satterthwaite by numerical derivatives (as
+    lmerTest), Kenward-Roger by Q-dimensional Woodbury algebra, Wald intervals with lme4's
+    unadjusted vcov (as confint(method = "Wald")).  Profile intervals as lme4's for both."""
+    from .inference import kenward_roger_general
+
     stats, reml = result.stats, result.method == "REML"
+    general = stats.general
+    if general and obj is None:
+        obj = make_objective(stats, reml=reml)
     beta = result.fixed_effects["estimate"].to_numpy()
     if ddf is not None:
         if ddf == "kenward-roger":
-            res = kenward_roger(stats, result.theta, result.sigma, beta)
+            res = kenward_roger_general(obj, result.theta, result.sigma, beta) if general \
+                else kenward_roger(stats, result.theta, result.sigma, beta)
+        elif general:
+            res = satterthwaite_general(obj, result.theta, result.sigma, beta)
         else:
             res = satterthwaite(stats, result.theta, result.sigma, beta, reml=reml)
         result.fixed_effects = result.fixed_effects.with_columns(
@@ -157,13 +138,15 @@ def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
             pl.Series("df", res.df), pl.Series("p_value", res.p_value))
         result.df_method = res.method
     if ci == "wald":
+        se = np.sqrt(np.diag(result.vcov)) if general \
+            else result.fixed_effects["std_error"].to_numpy()
         result.confidence_intervals = wald_intervals(
-            stats, result.theta, result.sigma, beta,
-            result.fixed_effects["std_error"].to_numpy(), reml=reml, level=level)
+            stats, result.theta, result.sigma, beta, se, reml=reml, level=level)
     elif ci == "profile":
         result.confidence_intervals = profile_intervals(stats, level=level)
     result.ci_level = level if ci else None
-    result.icc = icc_or_none(result, level)
+    if not general:
+        result.icc = icc_or_none(result, level)
 
 
 def check_options(method: str, ddf: str | None, ci: str | None, level: float):

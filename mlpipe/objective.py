@@ -45,6 +45,17 @@ from .stats import Statistics
 LOG_2PI = float(np.log(2 * np.pi))
 
 
+def profiled_deviance(r2: float, logdet_l: float, logdet_rx: float, n: int, p: int,
+                      reml: bool) -> float:
+    """The profiled deviance (REML criterion) from its pieces; inf when r² is not positive."""
+    if not np.isfinite(r2) or r2 <= 0:
+        return np.inf
+    if reml:
+        dof = n - p
+        return logdet_l + logdet_rx + dof * (1.0 + LOG_2PI + np.log(r2 / dof))
+    return logdet_l + n * (1.0 + LOG_2PI + np.log(r2 / n))
+
+
 class ThetaMap:
     """The free entries of T: lower triangles of the correlated blocks, lme4's order."""
 
@@ -217,6 +228,8 @@ class Objective:
     deviance evaluations (with or without gradient), `gradient_evaluations` those with one.
     """
 
+    default_method = "newton"
+
     def __init__(self, stats: Statistics, *, reml: bool = True):
         self.stats = stats
         self.reml = reml
@@ -369,13 +382,8 @@ class Objective:
                              xtx_adj, rx, beta, r2, logdet_l, logdet_rx)
 
     def _deviance(self, r2: float, logdet_l: float, logdet_rx: float) -> float:
-        n, p = self.stats.n, self.stats.p
-        if not np.isfinite(r2) or r2 <= 0:
-            return np.inf
-        if self.reml:
-            dof = n - p
-            return logdet_l + logdet_rx + dof * (1.0 + LOG_2PI + np.log(r2 / dof))
-        return logdet_l + n * (1.0 + LOG_2PI + np.log(r2 / n))
+        return profiled_deviance(r2, logdet_l, logdet_rx, self.stats.n, self.stats.p,
+                                 self.reml)
 
     def deviance_of(self, dec: Decomposition) -> float:
         return self._deviance(dec.r2, dec.logdet_l, dec.logdet_rx)

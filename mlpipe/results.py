@@ -72,13 +72,7 @@ class FitResult:
         sigma = obj.sigma(dec)
         s2 = sigma**2
         p = stats.p
-        vcov = s2 * linalg.cho_solve((dec.rx, False), np.eye(p))
-        se = np.sqrt(np.diag(vcov))
-        fixed = pl.DataFrame({
-            "term": stats.fixed_names, "estimate": dec.beta, "std_error": se,
-            "t_value": dec.beta / se, "df": [None] * p, "p_value": [None] * p,
-        }, schema={"term": pl.Utf8, "estimate": pl.Float64, "std_error": pl.Float64,
-                   "t_value": pl.Float64, "df": pl.Float64, "p_value": pl.Float64})
+        fixed, vcov = _fixed_table(stats.fixed_names, dec.beta, dec.rx, s2)
 
         T = dec.T
         cov = s2 * T @ T.T
@@ -119,13 +113,7 @@ class FitResult:
         sigma = obj.sigma(dec)
         s2 = sigma**2
         p = stats.p
-        vcov = s2 * linalg.cho_solve((dec.rx, False), np.eye(p))
-        se = np.sqrt(np.diag(vcov))
-        fixed = pl.DataFrame({
-            "term": stats.fixed_names, "estimate": dec.beta, "std_error": se,
-            "t_value": dec.beta / se, "df": [None] * p, "p_value": [None] * p,
-        }, schema={"term": pl.Utf8, "estimate": pl.Float64, "std_error": pl.Float64,
-                   "t_value": pl.Float64, "df": pl.Float64, "p_value": pl.Float64})
+        fixed, vcov = _fixed_table(stats.fixed_names, dec.beta, dec.rx, s2)
         rand_rows, corr_rows, ranef_parts = [], [], []
         modes = obj.conditional_modes(dec, sigma)
         for f, T, mode in zip(obj.factors, dec.T, modes):
@@ -242,6 +230,20 @@ class FitResult:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _fixed_table(names: list[str], beta: np.ndarray, rx: np.ndarray,
+                 s2: float) -> tuple[pl.DataFrame, np.ndarray]:
+    """The fixed-effects table (df and p empty until inference fills them) and Var(β̂)."""
+    p = len(names)
+    vcov = s2 * linalg.cho_solve((rx, False), np.eye(p))
+    se = np.sqrt(np.diag(vcov))
+    fixed = pl.DataFrame({
+        "term": names, "estimate": beta, "std_error": se, "t_value": beta / se,
+        "df": [None] * p, "p_value": [None] * p,
+    }, schema={"term": pl.Utf8, "estimate": pl.Float64, "std_error": pl.Float64,
+               "t_value": pl.Float64, "df": pl.Float64, "p_value": pl.Float64})
+    return fixed, vcov
 
 
 def check_out_dir(out: Path) -> None:

@@ -65,3 +65,77 @@ def fitted(case: str, method: str) -> tuple[mlpipe.FitResult, dict]:
 @pytest.fixture
 def data_dir() -> Path:
     return DATA
+
+
+# ---------------------------------------------------------------- one-factor reference pairing
+# lme4's random-effect terms paired with mlpipe's by position (a naming difference is checked
+# separately and so neither hides nor fakes a numeric one)
+
+def term_map(res, ref) -> dict[str, str]:
+    """lme4's random-effect term name -> mlpipe's, paired by position."""
+    (re,) = ref["ranef"]
+    mine = res.random_effects["term"].to_list()
+    theirs = listify(re["terms"])
+    return dict(zip(theirs, mine)) if len(mine) == len(theirs) else {t: t for t in theirs}
+
+
+def varcorr_pairs(res, ref) -> list[tuple[dict, float | None]]:
+    """(reference varcorr row, mlpipe's value or None when mlpipe has no such term)."""
+    tm = term_map(res, ref)
+    sd = {r["term"]: r["std_dev"] for r in res.random_effects.iter_rows(named=True)}
+    cor = {}
+    for r in res.random_correlations.iter_rows(named=True):
+        cor[(r["term1"], r["term2"])] = cor[(r["term2"], r["term1"])] = r["correlation"]
+    out = []
+    for row in ref["varcorr"]:
+        if row["grp"] == "Residual":
+            got = res.sigma
+        elif row["var2"] is None:
+            got = sd.get(tm.get(row["var1"]))
+        else:
+            got = cor.get((tm.get(row["var1"]), tm.get(row["var2"])))
+        out.append((row, got))
+    return out
+
+
+def ranef_table(res, ref) -> dict[str, dict[str, tuple[float, float]]]:
+    """lme4's term name -> level (as text) -> mlpipe's (conditional mode, conditional SD)."""
+    back = {v: k for k, v in term_map(res, ref).items()}
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for r in res.ranef.iter_rows(named=True):
+        term = back.get(r["term"], r["term"])
+        out.setdefault(term, {})[str(r["level"])] = (r["estimate"], r["cond_sd"])
+    return out
+
+
+# ---------------------------------------------------------------- brute force
+
+def dense_deviance(y, X, Zs, Ts, reml: bool) -> float:
+    """The profiled deviance from raw rows, marginal form: V = I + Σ_k Z_k (I ⊗ T_k T_k') Z_k'
+    (relative to σ²), GLS for β, σ profiled. Z_k is level-major (a level's columns together)."""
+    n, p = X.shape
+    V = np.eye(n)
+    for Zk, Tk in zip(Zs, Ts):
+        V += Zk @ np.kron(np.eye(Zk.shape[1] // Tk.shape[0]), Tk @ Tk.T) @ Zk.T
+    Vi = np.linalg.inv(V)
+    XtViX = X.T @ Vi @ X
+    beta = np.linalg.solve(XtViX, X.T @ Vi @ y)
+    r = y - X @ beta
+    logdet_v = np.linalg.slogdet(V)[1]
+    if reml:
+        s2 = r @ Vi @ r / (n - p)
+        return (n - p) * (1 + np.log(2 * np.pi * s2)) + logdet_v + np.linalg.slogdet(XtViX)[1]
+    s2 = r @ Vi @ r / n
+    return n * (1 + np.log(2 * np.pi * s2)) + logdet_v
+
+
+def level_major_z(levels, cols) -> np.ndarray:
+    """Raw-row Z of one factor: per level (in sorted order), its columns."""
+    uniq = np.unique(levels)
+    Z = np.zeros((len(levels), len(uniq) * len(cols)))
+    for i, lv in enumerate(uniq):
+        rows = levels == lv
+        for a, c in enumerate(cols):
+            Z[rows, i * len(cols) + a] = c[rows]
+    return Z
+

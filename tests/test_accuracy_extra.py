@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 
 import mlpipe
-from conftest import check_criterion, check_fixed_effects, listify
+from conftest import (check_criterion, check_fixed_effects, listify, ranef_table, varcorr_pairs)
 
 EXTRA = Path(__file__).parent / "data" / "extra"
 CASE_NAMES = sorted(p.stem for p in EXTRA.glob("*.json"))
@@ -73,43 +73,6 @@ def fitted(case: str, method: str) -> tuple[mlpipe.FitResult, dict]:
 def _rel(got, want) -> float:
     got, want = np.asarray(got, float), np.asarray(want, float)
     return float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-300)))
-
-
-def _term_map(res, ref) -> dict[str, str]:
-    """lme4's random-effect term name -> mlpipe's, paired by position."""
-    (re,) = ref["ranef"]
-    mine = res.random_effects["term"].to_list()
-    theirs = listify(re["terms"])
-    return dict(zip(theirs, mine)) if len(mine) == len(theirs) else {t: t for t in theirs}
-
-
-def _varcorr_pairs(res, ref) -> list[tuple[dict, float | None]]:
-    """(reference varcorr row, mlpipe's value or None when mlpipe has no such term)."""
-    tm = _term_map(res, ref)
-    sd = {r["term"]: r["std_dev"] for r in res.random_effects.iter_rows(named=True)}
-    cor = {}
-    for r in res.random_correlations.iter_rows(named=True):
-        cor[(r["term1"], r["term2"])] = cor[(r["term2"], r["term1"])] = r["correlation"]
-    out = []
-    for row in ref["varcorr"]:
-        if row["grp"] == "Residual":
-            got = res.sigma
-        elif row["var2"] is None:
-            got = sd.get(tm.get(row["var1"]))
-        else:
-            got = cor.get((tm.get(row["var1"]), tm.get(row["var2"])))
-        out.append((row, got))
-    return out
-
-
-def _ranef_table(res, ref) -> dict[str, dict[str, tuple[float, float]]]:
-    """lme4's term name -> level (as text) -> mlpipe's (conditional mode, conditional SD)."""
-    back = {v: k for k, v in _term_map(res, ref).items()}
-    out: dict[str, dict[str, tuple[float, float]]] = {}
-    for r in res.ranef.iter_rows(named=True):
-        term = back.get(r["term"], r["term"])
-        out.setdefault(term, {})[str(r["level"])] = (r["estimate"], r["cond_sd"])
-    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -145,7 +108,7 @@ def test_variance_components(case, method):
     n_ref_terms = sum(1 for r in ref["varcorr"] if r["grp"] != "Residual" and r["var2"] is None)
     assert res.random_effects.height == n_ref_terms
     atol = SINGULAR_ABS * ref["sigma"] if ref["singular"] else 1e-4
-    for row, got in _varcorr_pairs(res, ref):
+    for row, got in varcorr_pairs(res, ref):
         assert got is not None, f"mlpipe has no component {row['var1']} / {row['var2']}"
         tol = SINGULAR_ABS if (ref["singular"] and row["var2"] is not None) else atol
         assert got == pytest.approx(row["sdcor"], rel=1e-3, abs=tol), row
@@ -157,7 +120,7 @@ def test_conditional_modes(case, method):
     (re,) = ref["ranef"]
     terms = listify(re["terms"])
     values, cond_sd = np.array(re["values"]), np.array(re["cond_sd"])
-    tab = _ranef_table(res, ref)
+    tab = ranef_table(res, ref)
     assert sorted(tab) == sorted(terms)
     for k, term in enumerate(terms):
         assert set(tab[term]) == set(re["levels"]), term
@@ -198,10 +161,10 @@ def error_summary(case: str, method: str) -> dict[str, float | str]:
     else:
         out["fe/SE"] = out["SE"] = "count"
     errs = [abs(got - row["sdcor"]) / max(abs(row["sdcor"]), 1e-4)
-            for row, got in _varcorr_pairs(res, ref) if got is not None]
+            for row, got in varcorr_pairs(res, ref) if got is not None]
     out["sd/cor"] = max(errs) if errs else float("nan")
     (re,) = ref["ranef"]
-    tab = _ranef_table(res, ref)
+    tab = ranef_table(res, ref)
     values, cond_sd = np.array(re["values"]), np.array(re["cond_sd"])
     e_mode, e_csd = 0.0, 0.0
     for k, term in enumerate(listify(re["terms"])):

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import mlpipe
-from conftest import check_criterion, check_fixed_effects, listify
+from conftest import (check_criterion, check_fixed_effects, listify, ranef_table, varcorr_pairs)
 from mlpipe.objective import Objective, ThetaMap
 from mlpipe.optimize import optimize
 from mlpipe.stats import compute_statistics
@@ -78,42 +78,6 @@ def fitted(case: str, method: str) -> tuple[mlpipe.FitResult, dict]:
     res = mlpipe.fit(BOUNDARY / f"{ref['data']}.parquet", ref["formula"], method=method,
                      ddf=None)
     return res, ref[method.lower()]
-
-
-# The three helpers below are copied from test_accuracy_extra.py (there is no shared one in
-# conftest): they pair lme4's random-effect terms with mlpipe's by position.
-def _term_map(res, ref) -> dict[str, str]:
-    (re,) = ref["ranef"]
-    mine = res.random_effects["term"].to_list()
-    theirs = listify(re["terms"])
-    return dict(zip(theirs, mine)) if len(mine) == len(theirs) else {t: t for t in theirs}
-
-
-def _varcorr_pairs(res, ref) -> list[tuple[dict, float | None]]:
-    tm = _term_map(res, ref)
-    sd = {r["term"]: r["std_dev"] for r in res.random_effects.iter_rows(named=True)}
-    cor = {}
-    for r in res.random_correlations.iter_rows(named=True):
-        cor[(r["term1"], r["term2"])] = cor[(r["term2"], r["term1"])] = r["correlation"]
-    out = []
-    for row in ref["varcorr"]:
-        if row["grp"] == "Residual":
-            got = res.sigma
-        elif row["var2"] is None:
-            got = sd.get(tm.get(row["var1"]))
-        else:
-            got = cor.get((tm.get(row["var1"]), tm.get(row["var2"])))
-        out.append((row, got))
-    return out
-
-
-def _ranef_table(res, ref) -> dict[str, dict[str, tuple[float, float]]]:
-    back = {v: k for k, v in _term_map(res, ref).items()}
-    out: dict[str, dict[str, tuple[float, float]]] = {}
-    for r in res.ranef.iter_rows(named=True):
-        term = back.get(r["term"], r["term"])
-        out.setdefault(term, {})[str(r["level"])] = (r["estimate"], r["cond_sd"])
-    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,7 +125,7 @@ def test_variance_components(case, method):
     n_ref_terms = sum(1 for r in ref["varcorr"] if r["grp"] != "Residual" and r["var2"] is None)
     assert res.random_effects.height == n_ref_terms
     atol = SINGULAR_ABS * ref["sigma"] if ref["singular"] else 1e-4
-    for row, got in _varcorr_pairs(res, ref):
+    for row, got in varcorr_pairs(res, ref):
         assert got is not None, f"mlpipe has no component {row['var1']} / {row['var2']}"
         tol = SINGULAR_ABS if (ref["singular"] and row["var2"] is not None) else atol
         assert got == pytest.approx(row["sdcor"], rel=1e-3, abs=tol), row
@@ -173,7 +137,7 @@ def test_conditional_modes(case, method):
     (re,) = ref["ranef"]
     terms = listify(re["terms"])
     values, cond_sd = np.array(re["values"]), np.array(re["cond_sd"])
-    tab = _ranef_table(res, ref)
+    tab = ranef_table(res, ref)
     assert sorted(tab) == sorted(terms)
     for k, term in enumerate(terms):
         assert set(tab[term]) == set(re["levels"]), term

@@ -25,7 +25,7 @@ import mlpipe
 from conftest import listify
 from mlpipe import inference
 from mlpipe.blocked import BlockedObjective
-from mlpipe.model import fit_statistics, general_inference
+from mlpipe.model import add_inference, fit_statistics
 
 DATA = Path(__file__).parent / "data"
 REFS = DATA / "multilevel_inference"
@@ -175,7 +175,7 @@ def test_kenward_roger_equals_the_one_factor_computation():
     np.testing.assert_allclose(kr.df, one.fixed_effects["df"].to_numpy(), rtol=1e-10)
     np.testing.assert_allclose(kr.std_error, one.fixed_effects["std_error"].to_numpy(),
                                rtol=1e-10)
-    general_inference(gen, obj, ddf=None, ci="profile")
+    add_inference(gen, ddf=None, ci="profile", obj=obj)
     np.testing.assert_allclose(gen.confidence_intervals["lower"].to_numpy(),
                                one.confidence_intervals["lower"].to_numpy(), rtol=1e-6)
     np.testing.assert_allclose(gen.confidence_intervals["upper"].to_numpy(),
@@ -186,7 +186,7 @@ def test_kenward_roger_equals_the_one_factor_computation():
 def test_level_reaches_the_intervals():
     res = fitted("penicillin_crossed", None, None)
     obj = BlockedObjective(res.stats, reml=True)
-    general_inference(res, obj, ddf=None, ci="wald", level=0.9)
+    add_inference(res, ddf=None, ci="wald", level=0.9, obj=obj)
     assert res.ci_level == 0.9
     fe = res.fixed_effects.row(0, named=True)
     ci = res.confidence_intervals.filter(parameter="(Intercept)")

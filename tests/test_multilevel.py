@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import mlpipe
-from conftest import check_criterion, check_fixed_effects, listify
+from conftest import (check_criterion, check_fixed_effects, dense_deviance, level_major_z,
+                      listify)
 from mlpipe.blocked import BlockedObjective
 from mlpipe.stats import Statistics, compute_statistics
 
@@ -139,35 +140,6 @@ def test_format_version_is_checked(tmp_path):
 
 # ------------------------------------------------------------------ brute force
 
-def _dense_deviance(y, X, Zs, T, reml):
-    """V = I + Σ_k Z_k (I ⊗ T_k T_k') Z_k' (relative to σ²), GLS for β, profiled σ."""
-    n, p = X.shape
-    V = np.eye(n)
-    for Zk, Tk in zip(Zs, T):
-        V += Zk @ np.kron(np.eye(Zk.shape[1] // Tk.shape[0]), Tk @ Tk.T) @ Zk.T
-    Vi = np.linalg.inv(V)
-    XtViX = X.T @ Vi @ X
-    beta = np.linalg.solve(XtViX, X.T @ Vi @ y)
-    r = y - X @ beta
-    logdet_v = np.linalg.slogdet(V)[1]
-    if reml:
-        s2 = r @ Vi @ r / (n - p)
-        return (n - p) * (1 + np.log(2 * np.pi * s2)) + logdet_v + np.linalg.slogdet(XtViX)[1]
-    s2 = r @ Vi @ r / n
-    return n * (1 + np.log(2 * np.pi * s2)) + logdet_v
-
-
-def _z(levels: np.ndarray, cols: list[np.ndarray]) -> np.ndarray:
-    """Raw-row Z of one factor: per level, its columns (level-major, as the objective)."""
-    uniq = np.unique(levels)
-    Z = np.zeros((len(levels), len(uniq) * len(cols)))
-    for i, lv in enumerate(uniq):
-        rows = levels == lv
-        for a, c in enumerate(cols):
-            Z[rows, i * len(cols) + a] = c[rows]
-    return Z
-
-
 STRUCTURES = {
     # name: formula, and per factor (sorted by levels, largest first) its level key + columns
     "nested_slopes": "y ~ x + (x | school) + (x | school:class)",
@@ -216,11 +188,11 @@ def test_blocked_deviance_matches_dense(tmp_path, structure, reml):
         # the objective orders a factor's levels as its columns sort (numbers numerically)
         order = {lab: i for i, lab in enumerate(f.levels)}
         idx = np.array([order[k] for k in keys])
-        Zs.append(_z(idx, [one[name] for name in f.names]))
+        Zs.append(level_major_z(idx, [one[name] for name in f.names]))
     for _ in range(3):
         theta = rng.uniform(0.2, 1.5, size=len(obj.theta_map))
         theta[~obj.theta_map.diagonal] = rng.normal(size=(~obj.theta_map.diagonal).sum())
-        dense = _dense_deviance(np.asarray(cols["y"]), X, Zs, obj.T_blocks(theta), reml)
+        dense = dense_deviance(np.asarray(cols["y"]), X, Zs, obj.T_blocks(theta), reml)
         assert obj(theta) == pytest.approx(dense, rel=1e-10)
 
 
