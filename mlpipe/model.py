@@ -13,14 +13,13 @@ import numpy as np
 import polars as pl
 
 from .errors import DataError, InputError
-from .inference import (check_ddf, kenward_roger, profile_intervals, satterthwaite,
+from .inference import (check_ddf, icc_or_none, kenward_roger, profile_intervals, satterthwaite,
                         satterthwaite_general, wald_intervals)
 from .blocked import BlockedObjective
 from .objective import Objective
 from .optimize import optimize
 from .results import FitResult
 from .stats import Statistics, compute_statistics
-from .variance import icc_or_none
 
 METHODS = ("REML", "ML")
 

@@ -27,42 +27,13 @@ deviance, and the interval expit(2 log θ̂ ± z·2·se(log θ̂)).  It is not d
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
 
-import numpy as np
 import polars as pl
-from scipy import optimize, stats as sps
 
 from .errors import InputError
 
-INTERCEPT = "(Intercept)"
-ICC_METHODS = ("profile", "wald")
-
-
-@dataclass
-class ICC:
-    icc: float
-    lower: float
-    upper: float
-    level: float
-    method: str  # e.g. "profile-likelihood (REML)"
-    tau00: float
-    sigma2: float
-
-    def to_dict(self) -> dict:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in asdict(self).items()}
-
-    def __str__(self) -> str:
-        pct = f"{100 * self.level:g}%"
-        return (f"ICC = {self.icc:.4f}  ({pct} CI {self.lower:.4f} to {self.upper:.4f}, "
-                f"{self.method}); tau00 = {self.tau00:.4g}, sigma^2 = {self.sigma2:.4g}")
-
-
-def is_random_intercept_only(result) -> bool:
-    re = result.random_effects
-    return re.height == 1 and re["term"][0] == INTERCEPT
+from .inference import ICC, ICC_METHODS, INTERCEPT, icc_of, icc_or_none, \
+    is_random_intercept_only  # noqa: F401  (the ICC is computed with the fit, below api)
 
 
 def icc(result, level: float = 0.95, *, method: str = "profile") -> ICC:
@@ -71,68 +42,7 @@ def icc(result, level: float = 0.95, *, method: str = "profile") -> ICC:
     `result` is a `FitResult` (with its statistics, as `fit` returns it), a config .toml
     or a result directory (refitted from its config.toml with the recorded method).
     """
-    result = _fitted(result)
-    if not is_random_intercept_only(result):
-        terms = ", ".join(result.random_effects["term"].to_list())
-        raise InputError(f"the ICC needs a model with one random intercept and no random "
-                         f"slopes; {result.formula!r} has random terms {terms}")
-    if not 0 < level < 1:
-        raise InputError(f"level must be between 0 and 1, not {level!r}")
-    if method not in ICC_METHODS:
-        raise InputError(f"method must be one of {', '.join(ICC_METHODS)}, not {method!r}")
-    if result.stats is None:
-        raise InputError("the ICC interval needs the model's statistics; fit it with "
-                         "mlpipe.fit or pass a config / result directory")
-    from .objective import Objective
-
-    tau00 = float(result.random_effects["variance"][0])
-    sigma2 = float(result.residual_variance)
-    obj = Objective(result.stats, reml=result.method == "REML")
-    th = float(abs(np.asarray(result.theta)[0]))
-    d_hat = obj(np.array([th]))
-    to_icc = lambda t: t * t / (1.0 + t * t)  # noqa: E731
-    point = tau00 / (tau00 + sigma2)
-
-    if method == "profile":
-        crit = float(sps.chi2.ppf(level, 1))
-        f = lambda t: obj(np.array([t])) - d_hat - crit  # noqa: E731
-        lo = 0.0 if f(0.0) <= 0 else optimize.brentq(f, 0.0, th, xtol=1e-12, rtol=1e-12)
-        b = 2.0 * th + 1.0
-        for _ in range(200):
-            if f(b) > 0:
-                break
-            b *= 2.0
-        else:
-            return ICC(point, to_icc(lo), 1.0, level, f"profile-likelihood ({result.method})",
-                       tau00, sigma2)
-        hi = optimize.brentq(f, th, b, xtol=1e-12, rtol=1e-12)
-        return ICC(point, to_icc(lo), to_icc(hi), level,
-                   f"profile-likelihood ({result.method})", tau00, sigma2)
-
-    if th < 1e-6:
-        raise InputError("the Wald ICC interval is not defined for a zero random-intercept "
-                         "variance; use method='profile'")
-    h = 1e-3
-    lt = math.log(th)
-    dev = lambda x: obj(np.array([math.exp(x)]))  # noqa: E731
-    d2 = (dev(lt + h) - 2.0 * d_hat + dev(lt - h)) / (h * h)
-    if not d2 > 0:
-        raise InputError("the deviance is not convex at the estimate; use method='profile'")
-    se_logit = 2.0 * math.sqrt(2.0 / d2)
-    z = float(sps.norm.ppf(0.5 + level / 2))
-    expit = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
-    return ICC(point, expit(2 * lt - z * se_logit), expit(2 * lt + z * se_logit), level,
-               f"Wald on the logit scale ({result.method})", tau00, sigma2)
-
-
-def icc_or_none(result, level: float = 0.95) -> dict | None:
-    """`icc(result).to_dict()` for random-intercept models with statistics, else None."""
-    if result.stats is None or not is_random_intercept_only(result):
-        return None
-    try:
-        return icc(result, level).to_dict()
-    except (InputError, ValueError, ArithmeticError):
-        return None
+    return icc_of(_fitted(result), level, method=method)
 
 
 def variance_explained(base, model) -> pl.DataFrame:
