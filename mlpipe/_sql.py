@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import glob as _glob
 import os
+import re
 from pathlib import Path
 
 import duckdb
@@ -95,16 +96,74 @@ class Source:
         else:
             raise DataError(f"data file not found: {path}")
         lower = probe.lower()
-        if lower.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
+        self.csv = lower.endswith((".csv", ".csv.gz", ".tsv", ".txt"))
+        if self.csv:
             self.relation = "read_csv($source, header = true)"
         else:  # DuckDB detects hive partitioning (key=value folders) by itself
             self.relation = "read_parquet($source)"
-        self.params = {"source": pattern}
+        self.params: dict[str, object] = {"source": pattern}
 
-    def schema(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-        """Column name → DuckDB type name; reading it validates that the data can be opened."""
+    def schema(self, con: duckdb.DuckDBPyConnection,
+               numeric: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+        """Column name → DuckDB type name; reading it validates that the data can be opened.
+
+        `numeric`: the columns the model uses as numbers or factors (outcome, predictors).  A
+        CSV column among them that DuckDB's type sniffer read as text although most of its
+        values are numbers is a numeric column with bad values: it is read as DOUBLE, and
+        its first value that is not a number is refused naming the file, line and column
+        (rather than making thousands of factor levels of it)."""
         try:
             rows = con.execute(render("describe", source=self.relation), self.params).fetchall()
         except duckdb.Error as exc:
             raise DataError(f"cannot read {self.path}: {first_line(exc)}") from None
-        return {r[0]: r[1] for r in rows}
+        schema = {r[0]: r[1] for r in rows}
+        if self.csv:
+            text = [c for c in dict.fromkeys(numeric) if schema.get(c) == "VARCHAR"]
+            if text:
+                self._numeric_text_columns(con, text)
+                schema.update({c: "DOUBLE" for c in self.params.get("types", {})})
+        return schema
+
+    def _numeric_text_columns(self, con: duckdb.DuckDBPyConnection, text: list[str]) -> None:
+        """Read the mostly-numeric ones of the CSV text columns `text` as DOUBLE, and make
+        DuckDB convert them now, so that a bad value fails here with its line."""
+        counts = ", ".join(f"count({quote_ident(c)}), "
+                           f"count(TRY_CAST({quote_ident(c)} AS DOUBLE))" for c in text)
+        try:
+            row = con.execute(f"SELECT {counts} FROM {self.relation}", self.params).fetchall()[0]
+        except duckdb.Error as exc:
+            raise self.error(exc) from None
+        numeric = [c for k, c in enumerate(text) if 0 < row[2 * k] <= 2 * row[2 * k + 1]]
+        if not numeric:
+            return
+        self.params = {**self.params, "types": {c: "DOUBLE" for c in numeric}}
+        self.relation = "read_csv($source, header = true, types = $types)"
+        check = ", ".join(f"count({quote_ident(c)})" for c in numeric)
+        try:
+            con.execute(f"SELECT {check} FROM {self.relation}", self.params).fetchall()[0]
+        except duckdb.Error as exc:
+            raise self.error(exc) from None
+
+    def error(self, exc: BaseException, what: str = "cannot read") -> DataError:
+        """A one-line DataError for a DuckDB error raised while reading this source: a CSV
+        value that does not convert to its column's type is named with its line."""
+        return DataError(read_error(self.path, exc, what))
+
+
+_CSV_LINE = re.compile(r"CSV Error on Line: (\d+)")
+_CSV_CONVERT = re.compile(r'converting column "((?:[^"]|"")*)"\. Could not convert string '
+                          r'"(.*?)" to \'(\w+)\'', re.S)
+
+
+def read_error(path: str, exc: BaseException, what: str = "cannot read") -> str:
+    """The message of a DuckDB error raised while reading `path`: for a CSV conversion
+    error `PATH, line N, column 'x': value 'abc' is not a DOUBLE`; otherwise
+    `WHAT PATH: <DuckDB's first line>`."""
+    text = str(exc)
+    line, conv = _CSV_LINE.search(text), _CSV_CONVERT.search(text)
+    if line and conv:
+        col, value, dtype = conv.group(1), conv.group(2), conv.group(3)
+        kind = "a number" if dtype in ("DOUBLE", "FLOAT", "BIGINT", "INTEGER") else dtype
+        return (f"{path}, line {line.group(1)}, column {col!r}: value {value!r} is not "
+                f"{kind}")
+    return f"{what} {path}: {first_line(exc)}"

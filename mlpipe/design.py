@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from ._sql import Source, first_line, quote_ident, render
+from ._sql import Source, quote_ident, render
 from .errors import DataError, FormulaError
 from .formula import Expr, Formula, Term, Variable
 
@@ -177,7 +177,7 @@ def discover_levels(con: duckdb.DuckDBPyConnection, source: Source, formula: For
     try:
         row = con.execute(sql, source.params).fetchone()
     except duckdb.Error as exc:
-        raise DataError(f"cannot read {source.path}: {first_line(exc)}") from None
+        raise source.error(exc) from None
     return {c: (list(v) if v is not None else []) for c, v in zip(cats, row)}
 
 

@@ -150,6 +150,17 @@ class Formula:
         cols = _unique(c for e in exprs for c in e.columns())
         return _unique(cols + [c for r in self.random for c in r.group_columns])
 
+    def value_columns(self) -> list[str]:
+        """The columns whose values enter the model (outcome, predictors, arguments of
+        functions): every column but the grouping factors and the `by =` of center() /
+        group_mean()."""
+        exprs = [self.response] + [v.expr for t in self.fixed for v in t]
+        exprs += [v.expr for r in self.random for v in r.variables()]
+        groups = {c for r in self.random for c in r.group_columns}
+        groups |= {a.by for e in exprs for a in e.aggregates() if a.by is not None}
+        return [c for c in self.columns() if c not in groups
+                or any(c in _value_columns(e) for e in exprs)]
+
     def aggregates(self) -> list[Expr]:
         exprs = [self.response] + [v.expr for t in self.fixed for v in t]
         exprs += [v.expr for r in self.random for v in r.variables()]
@@ -162,6 +173,13 @@ class Formula:
 
     def factor_columns(self, group: str) -> tuple[str, ...]:
         return next(r.group_columns for r in self.random if r.group == group)
+
+
+def _value_columns(e: Expr) -> list[str]:
+    """The columns of `e` whose values it uses (not a `by =` grouping column)."""
+    if e.kind == "col":
+        return [e.value]
+    return [c for a in e.args for c in _value_columns(a)]
 
 
 def _unique(items):

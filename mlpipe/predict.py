@@ -33,7 +33,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._sql import Source, connect, first_line, quote_ident, render
+from ._sql import Source, connect, first_line, quote_ident, read_error, render
 from .design import (Design, FactorDesign, build_design, complete_condition, discover_levels,
                      is_categorical, is_numeric, present_sql)
 from .errors import DataError, FormulaError, InputError
@@ -157,9 +157,13 @@ class Frame:
         self._source = None if isinstance(data, (pl.DataFrame, pa.Table)) else src
         self.con = con
 
-    def schema(self) -> dict[str, str]:
+    def schema(self, numeric: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+        """Column → type; `numeric` as in `Source.schema` (a CSV's mostly-numeric text
+        columns are read as numbers, which may change the relation)."""
         if self._source is not None:
-            return self._source.schema(self.con)
+            schema = self._source.schema(self.con, numeric)
+            self.relation, self.params = self._source.relation, self._source.params
+            return schema
         rows = self.con.execute(render("describe", source=self.relation)).fetchall()
         return {r[0]: r[1] for r in rows}
 
@@ -481,7 +485,7 @@ def linear_predictor(model: FittedModel, frame: Frame, con: duckdb.DuckDBPyConne
     if level not in LEVELS:
         raise InputError(f"level must be 'conditional' or 'population', not {level!r}")
     formula = parse_formula(model.formula)
-    schema = frame.schema()
+    schema = frame.schema(formula.value_columns())
     levels = _fit_levels(model, con, formula, schema)
     pred = _compile(model, formula, schema, levels, level, frame.path, training=training)
     pred.register(con)
@@ -560,7 +564,7 @@ def _fetch(con, sql: str, params: dict, path: str) -> pl.DataFrame:
     try:
         return con.sql(sql, params=_used(sql, params)).pl()
     except duckdb.Error as exc:
-        raise DataError(f"cannot predict for {path}: {first_line(exc)}") from None
+        raise DataError(read_error(path, exc, "cannot predict for")) from None
 
 
 def _write(con, sql: str, params: dict, path: str, out) -> PredictionFile:
@@ -573,7 +577,7 @@ def _write(con, sql: str, params: dict, path: str, out) -> PredictionFile:
         try:  # DuckDB's COPY ... TO (FORMAT parquet): streams, spills under memory_limit
             con.sql(sql, params=_used(sql, params)).to_parquet(str(tmp))
         except duckdb.Error as exc:
-            raise DataError(f"cannot predict for {path}: {first_line(exc)}") from None
+            raise DataError(read_error(path, exc, "cannot predict for")) from None
         rows, nulls = _parquet_counts(tmp, "fitted")
         os.replace(tmp, dest)
     finally:

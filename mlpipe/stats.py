@@ -352,7 +352,7 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
     source = Source(data)
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
-        schema = source.schema(con)
+        schema = source.schema(con, parsed.value_columns())
         check_columns(parsed, schema)
         levels = discover_levels(con, source, parsed, schema)
         design = build_design(parsed, schema, levels)
@@ -383,8 +383,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
     try:
         con.execute(sql, params)
     except duckdb.Error as exc:
-        raise DataError(f"statistics pass over {source.path} failed: {first_line(exc)}") \
-            from None
+        raise source.error(exc, "statistics pass failed over") from None
 
     z_cols = ", ".join(mom.name(i, j) for i, j in mom.group_pairs())
     if design.group is not None:
