@@ -182,6 +182,15 @@ def _value_columns(e: Expr) -> list[str]:
     return [c for a in e.args for c in _value_columns(a)]
 
 
+def _unparen(e: Expr) -> Expr:
+    """`e` without redundant parentheses (and `I()`), for comparing expressions."""
+    while e.kind == "paren" or (e.kind == "call" and e.value == "I"):
+        e = e.args[0]
+    if e.args:
+        return Expr(e.kind, e.value, tuple(_unparen(a) for a in e.args), e.by)
+    return e
+
+
 def _unique(items):
     out = []
     for x in items:
@@ -276,8 +285,23 @@ class _Parser:
         order = _unique(v for t in terms for v in t)
         fixed = [tuple(sorted(t, key=order.index)) for t in terms if t]
         fixed = sorted(_unique(fixed), key=len)  # stable: by degree, then appearance
+        self.check_response(response, fixed)
         return Formula(self.text, response, tuple(fixed), intercept is not False,
                        tuple(self.random))
+
+    def check_response(self, response: Expr, fixed: list[Term]) -> None:
+        """The response may not be a predictor (a fixed or random term or part of one):
+        lme4 would fit y on itself, a perfect fit with no residual variance."""
+        target = _unparen(response)
+        where = [("the fixed term", t) for t in fixed]
+        where += [(f"a random term of ({r.text or r.group})", t)
+                  for r in self.random for t in r.terms]
+        for kind, term in where:
+            if any(_unparen(v.expr) == target for v in term):
+                label = ":".join(v.label for v in term)
+                raise FormulaError(f"the response {response.deparse()!r} appears among the "
+                                   f"predictors (as {kind}: {label!r}) in formula "
+                                   f"{self.text!r}; remove it from the right-hand side")
 
     # formula node = (list of terms, intercept: True / False / None when unspecified)
     def sum_(self):

@@ -65,3 +65,37 @@ def test_text_columns_stay_categorical(tmp_path):
             f.write(f"{rng.normal():.4f},{'ab'[i % 2]},g{i % 10}\n")
     res = mlpipe.fit(str(path), "y ~ sector + (1|g)", ddf=None)
     assert res.fixed_effects["term"].to_list() == ["(Intercept)", "sectorb"]
+
+
+# ---------------------------------------------------------------------- degenerate outcomes
+
+def _parquet(tmp_path, **cols):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table(cols), path)
+    return str(path)
+
+
+def _input_error(capsys, tmp_path, argv):
+    out = tmp_path / "out"
+    code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert not out.exists()
+    return err[0]
+
+
+@pytest.mark.parametrize("formula", ["y ~ y + x + (1|g)", "y ~ x + (y|g)", "y ~ x*y + (1|g)",
+                                     "log(y) ~ x + log(y) + (1|g)", "y ~ x + (1|g) + (0+y|h)"])
+def test_response_among_the_predictors(capsys, tmp_path, formula):
+    n = 60
+    rng = np.random.default_rng(5)
+    path = _parquet(tmp_path, y=rng.uniform(1, 2, n), x=rng.normal(size=n),
+                    g=np.arange(n) % 6, h=np.arange(n) % 5)
+    line = _input_error(capsys, tmp_path, ["fit", path, "-f", formula])
+    assert "appears among the predictors" in line and "response" in line
+
+
