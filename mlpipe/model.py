@@ -182,6 +182,7 @@ def validate(stats: Statistics) -> None:
         _validate_group(stats)
     if stats.n <= stats.p:
         raise DataError(f"{stats.p} fixed effects for {stats.n} observations")
+    _check_response_varies(stats)
     dependent = rank_deficient_columns(stats.xtx)
     if dependent:
         names = ", ".join(stats.fixed_names[j] for j in dependent)
@@ -189,6 +190,64 @@ def validate(stats: Statistics) -> None:
         raise DataError(f"fixed-effects design is rank deficient: {names} "
                         f"{'is a linear combination' if one else 'are linear combinations'} "
                         f"of other columns; drop {'it' if one else 'them'}")
+
+
+#: relative tolerance of "constant": the sum of squares about the mean(s) below this fraction
+#: of y'y (DuckDB's sums of 1e7 copies of a constant leave ~3e-13; an outcome that varies
+#: less than this keeps no significant digit in y'y − (Σy)²/n anyway)
+CONSTANT_RTOL = 1e-11
+
+
+def _response_sums(stats: Statistics) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Per group (one factor) or per cell (several): n, Σy and y'y, when the statistics
+    hold Σy (an intercept in Z); otherwise None."""
+    if "(Intercept)" not in stats.random_names:
+        return None
+    a = stats.random_names.index("(Intercept)")
+    return stats.n_i, stats.zty[a], stats.yty_i
+
+
+def _total_sum_y(stats: Statistics) -> float | None:
+    """Σy over the rows used: from X'y (an intercept in X) or from Z'y (one in Z)."""
+    if "(Intercept)" in stats.fixed_names:
+        return float(stats.xty[stats.fixed_names.index("(Intercept)")])
+    sums = _response_sums(stats)
+    return None if sums is None else float(sums[1].sum())
+
+
+def _constant(ss_about_mean: float, raw_ss: float) -> bool:
+    return ss_about_mean <= CONSTANT_RTOL * raw_ss
+
+
+def _check_response_varies(stats: Statistics) -> None:
+    """lme4 refuses a constant response; a response constant within every level of a
+    grouping factor (e.g. the factor is the outcome itself) leaves no residual variance to
+    estimate.  Both read off n, Σy and y'y (in total, per level)."""
+    total = _total_sum_y(stats)
+    if total is None:  # neither X nor Z has an intercept: Σy is not in the statistics
+        return
+    yty, n = float(stats.yty), float(stats.n)
+    if _constant(yty - total * total / n, yty):
+        raise DataError(f"outcome {stats.response!r} is constant in the rows used (every "
+                        f"value is {total / n:.6g}); a mixed model needs a varying outcome")
+    sums = _response_sums(stats)
+    if sums is None:
+        return
+    n_c, sy_c, yty_c = sums
+    factors = [(f.name, f.index, f.columns, f.m) for f in stats.factors
+               if "(Intercept)" in [stats.random_names[z] for z in f.z]] if stats.general \
+        else [(stats.group, np.arange(stats.m), [stats.group], stats.m)]
+    for name, index, columns, m in factors:
+        n_l = np.bincount(index, n_c, minlength=m)
+        sy_l = np.bincount(index, sy_c, minlength=m)
+        yty_l = np.bincount(index, yty_c, minlength=m)
+        within = float(np.sum(yty_l - sy_l * sy_l / np.where(n_l > 0, n_l, 1)))
+        if _constant(within, yty):
+            what = (f"the grouping factor {name!r} is the outcome"
+                    if stats.response in columns else f"grouping factor {name!r}")
+            raise DataError(f"{what}: outcome {stats.response!r} is constant within every "
+                            f"level of {name!r}, so the residual variance is not "
+                            f"identifiable; group by another column")
 
 
 def _validate_factors(stats: Statistics) -> None:

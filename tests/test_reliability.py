@@ -4,7 +4,10 @@ format their name says.  Real files in tmp_path, the CLI in-process or in a subp
 from __future__ import annotations
 
 import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +91,38 @@ def _input_error(capsys, tmp_path, argv):
     return err[0]
 
 
+@pytest.mark.parametrize("formula", ["y ~ x + (1|g)", "y ~ x + (1|g) + (1|h)",
+                                     "y ~ x + (x|g)", "y ~ 0 + x + (1|g)"])
+@pytest.mark.parametrize("value", [0.0, 7.25, -1e6])
+def test_constant_outcome_is_refused(capsys, tmp_path, formula, value):
+    n = 60
+    rng = np.random.default_rng(3)
+    path = _parquet(tmp_path, y=np.full(n, value), x=rng.normal(size=n),
+                    g=np.arange(n) % 6, h=np.arange(n) % 5)
+    line = _input_error(capsys, tmp_path, ["fit", path, "-f", formula])
+    assert "outcome 'y' is constant in the rows used" in line
+
+
+def test_nearly_constant_outcome_still_fits(tmp_path):
+    """The tolerance is relative: an outcome of 1000 ± 0.01 is not constant."""
+    n = 200
+    rng = np.random.default_rng(4)
+    g = np.arange(n) % 10
+    y = 1000 + 0.01 * (rng.normal(size=n) + rng.normal(size=10)[g])
+    res = mlpipe.fit(_parquet(tmp_path, y=y, g=g), "y ~ 1 + (1|g)", ddf=None)
+    assert 0.005 < res.sigma < 0.02
+
+
+def test_constant_outcome_refused_from_saved_statistics(capsys, tmp_path):
+    from mlpipe.stats import compute_statistics
+
+    n = 40
+    path = _parquet(tmp_path, y=np.full(n, 3.0), g=np.arange(n) % 4)
+    compute_statistics(path, "y ~ 1 + (1|g)").save(tmp_path / "s.parquet")
+    line = _input_error(capsys, tmp_path, ["fit", "--stats", str(tmp_path / "s.parquet")])
+    assert "outcome 'y' is constant in the rows used" in line
+
+
 @pytest.mark.parametrize("formula", ["y ~ y + x + (1|g)", "y ~ x + (y|g)", "y ~ x*y + (1|g)",
                                      "log(y) ~ x + log(y) + (1|g)", "y ~ x + (1|g) + (0+y|h)"])
 def test_response_among_the_predictors(capsys, tmp_path, formula):
@@ -99,3 +134,25 @@ def test_response_among_the_predictors(capsys, tmp_path, formula):
     assert "appears among the predictors" in line and "response" in line
 
 
+HSB = str(Path(__file__).parent / "data" / "hsb82.parquet")
+
+
+@pytest.mark.parametrize("formula", ["mAch ~ ses + (1|mAch)",
+                                     "mAch ~ ses + (1|school) + (1|mAch)"])
+def test_grouping_by_the_outcome_is_refused_in_one_line(tmp_path, formula):
+    proc = subprocess.run([sys.executable, "-m", "mlpipe.cli", "fit", HSB, "-f", formula,
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "grouping factor 'mAch' is the outcome" in lines[0]
+    assert "residual variance is not identifiable" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_outcome_constant_within_levels_of_another_column(capsys, tmp_path):
+    n = 60
+    g = np.arange(n) % 6
+    path = _parquet(tmp_path, y=g * 1.5 + 2, x=np.random.default_rng(6).normal(size=n), g=g)
+    line = _input_error(capsys, tmp_path, ["fit", path, "-f", "y ~ x + (1|g)"])
+    assert "constant within every level of 'g'" in line
