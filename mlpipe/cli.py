@@ -7,7 +7,8 @@
     mlpipe simulate OUT_DIR [--rows N --groups M]      a synthetic Parquet panel
     mlpipe compare A B ... [--out DIR]                 likelihood-ratio tests (lme4's anova)
     mlpipe report RESULT_DIR... --out FILE.html        a self-contained HTML report
-    mlpipe predict RESULT_DIR DATA --out F.parquet     predictions (population / conditional)
+    mlpipe predict RESULT_DIR DATA --out F.parquet     predictions (population / conditional;
+                                                       F.csv writes CSV)
 
 Exit codes: 0 success, 2 bad input (one line on stderr, nothing half-written), 1 internal error.
 """

@@ -514,8 +514,9 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
     polars DataFrame / arrow table).  The output has every input column plus
     `fitted_population` (X·β), `fitted` (X·β + Z·b for `level="conditional"`, the default;
     X·β for `level="population"`) and, when the response is in `data`, `residual`
-    (response − fitted).  With `out`, the rows are written to that Parquet file (atomically)
-    and a `PredictionFile` is returned; otherwise a polars DataFrame (small data only).
+    (response − fitted).  With `out`, the rows are written to that file (atomically) as
+    Parquet (`.parquet`) or CSV (`.csv`) — its suffix says which — and a `PredictionFile` is
+    returned; otherwise a polars DataFrame (small data only).
 
     Conditional predictions join each grouping factor's O(levels) table of conditional
     modes on that factor's columns; a level of one factor the model never saw (or a null in
@@ -526,6 +527,7 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
     """
     if level not in LEVELS:
         raise InputError(f"level must be 'conditional' or 'population', not {level!r}")
+    fmt = output_format(out) if out is not None else None  # before any work
     model = as_model(result)
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
@@ -549,7 +551,7 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
                                  f"many to return as a DataFrame; pass out= (--out) to write "
                                  f"Parquet")
             return df
-        return _write(con, sql, params, frame.path, out)
+        return _write(con, sql, params, frame.path, out, fmt)
     finally:
         con.close()
 
@@ -567,22 +569,54 @@ def _fetch(con, sql: str, params: dict, path: str) -> pl.DataFrame:
         raise DataError(read_error(path, exc, "cannot predict for")) from None
 
 
-def _write(con, sql: str, params: dict, path: str, out) -> PredictionFile:
+#: output file suffix -> format written by `predict(..., out=)`
+OUTPUT_FORMATS = {".parquet": "parquet", ".csv": "csv"}
+
+
+def output_format(out: str | os.PathLike[str]) -> str:
+    """The format of a predictions file, from its suffix: `parquet` or `csv`; any other
+    suffix (or a directory) is an InputError."""
     dest = Path(out)
     if dest.is_dir():
-        raise InputError(f"--out {out} is a directory; give a .parquet file name")
+        raise InputError(f"--out {out} is a directory; give a .parquet or .csv file name")
+    fmt = OUTPUT_FORMATS.get(dest.suffix.lower())
+    if fmt is None:
+        raise InputError(f"--out {out}: unknown output format {dest.suffix or '(no suffix)'!r}"
+                         f"; give a .parquet or .csv file name")
+    return fmt
+
+
+def _write(con, sql: str, params: dict, path: str, out, fmt: str | None = None
+           ) -> PredictionFile:
+    fmt = fmt or output_format(out)
+    dest = Path(out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        try:  # DuckDB's COPY ... TO (FORMAT parquet): streams, spills under memory_limit
-            con.sql(sql, params=_used(sql, params)).to_parquet(str(tmp))
+        # DuckDB's COPY ... TO: streams, spills under memory_limit
+        rel = con.sql(sql, params=_used(sql, params))
+        try:
+            if fmt == "csv":
+                rel.to_csv(str(tmp), header=True)
+            else:
+                rel.to_parquet(str(tmp))
         except duckdb.Error as exc:
             raise DataError(read_error(path, exc, "cannot predict for")) from None
-        rows, nulls = _parquet_counts(tmp, "fitted")
+        if fmt == "csv":
+            rows, nulls = _csv_counts(con, tmp, "fitted")
+        else:
+            rows, nulls = _parquet_counts(tmp, "fitted")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return PredictionFile(dest, int(rows), int(nulls))
+
+
+def _csv_counts(con, path: Path, column: str) -> tuple[int, int]:
+    """Rows of the CSV just written and nulls (empty fields) in one column."""
+    q = quote_ident(column)
+    return con.execute(f"SELECT count(*), count(*) - count({q}) FROM read_csv($p, header = "
+                       f"true, all_varchar = true)", {"p": str(path)}).fetchall()[0]
 
 
 def _parquet_counts(path: Path, column: str) -> tuple[int, int]:
@@ -691,11 +725,13 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "predict", help="predictions (and residuals) of a fitted model for new data",
         description="Predict from a result directory written by `mlpipe fit --out DIR`: "
                     "conditional (X·β + Z·b; unseen groups fall back to X·β) or population "
-                    "(X·β) predictions for every row of DATA, written to a Parquet file.")
+                    "(X·β) predictions for every row of DATA, written to a Parquet (.parquet) "
+                    "or CSV (.csv) file.")
     p.add_argument("result_dir", help="the --out DIR of `mlpipe fit` (result.json, "
                                       "ranef.parquet)")
     p.add_argument("data", help="Parquet file, directory or glob, or CSV")
-    p.add_argument("--out", "-o", required=True, help="the output Parquet file")
+    p.add_argument("--out", "-o", required=True,
+                   help="the output file: .parquet (Parquet) or .csv (CSV)")
     p.add_argument("--population", action="store_true",
                    help="population-level predictions X·β (ignore the random effects)")
     p.add_argument("--any-order", action="store_true",

@@ -156,3 +156,71 @@ def test_outcome_constant_within_levels_of_another_column(capsys, tmp_path):
     path = _parquet(tmp_path, y=g * 1.5 + 2, x=np.random.default_rng(6).normal(size=n), g=g)
     line = _input_error(capsys, tmp_path, ["fit", path, "-f", "y ~ x + (1|g)"])
     assert "constant within every level of 'g'" in line
+
+
+# ---------------------------------------------------------------------- predict --out format
+
+@pytest.fixture(scope="module")
+def hsb_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit") / "res"
+    assert main(["fit", HSB, "-f", "mAch ~ ses + (1|school)", "--ddf", "none",
+                 "--out", str(out)]) == 0
+    return str(out)
+
+
+@pytest.mark.parametrize("name", ["p.csv", "P.CSV"])
+def test_predict_csv_suffix_writes_csv(capsys, tmp_path, hsb_result, name):
+    import polars as pl
+
+    dest = tmp_path / name
+    assert main(["predict", hsb_result, HSB, "--out", str(dest)]) == 0
+    capsys.readouterr()
+    assert not dest.read_bytes().startswith(b"PAR1")
+    assert dest.read_text().splitlines()[0].split(",")[-3:] == \
+        ["fitted_population", "fitted", "residual"]
+    got = pl.read_csv(dest)
+    ref = pl.read_parquet(HSB)
+    assert got.height == ref.height == 7185
+    assert got["mAch"].to_list() == pytest.approx(ref["mAch"].to_list())
+    # the CSV holds the same numbers as the Parquet output
+    assert main(["predict", hsb_result, HSB, "--out", str(tmp_path / "p.parquet")]) == 0
+    pq_out = pl.read_parquet(tmp_path / "p.parquet")
+    assert got["fitted"].to_list() == pytest.approx(pq_out["fitted"].to_list(), rel=1e-12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "p.parquet"])
+
+
+def test_predict_parquet_suffix_writes_parquet(capsys, tmp_path, hsb_result):
+    dest = tmp_path / "p.parquet"
+    assert main(["predict", hsb_result, HSB, "--out", str(dest)]) == 0
+    assert dest.read_bytes()[:4] == b"PAR1"
+
+
+@pytest.mark.parametrize("name", ["p.txt", "p", "p.json", "p.csv.gz"])
+def test_predict_unknown_suffix_is_refused(capsys, tmp_path, hsb_result, name):
+    dest = tmp_path / name
+    code = main(["predict", hsb_result, HSB, "--out", str(dest)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "unknown output format" in err[0] and ".parquet or .csv" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_csv_failure_leaves_nothing(capsys, tmp_path, hsb_result):
+    """A CSV input with a bad value fails with its line; no partial CSV output is left."""
+    path = tmp_path / "in.csv"
+    import polars as pl
+
+    pl.read_parquet(HSB).write_csv(path)
+    lines = path.read_text().splitlines()
+    head = lines[0].split(",")
+    row = lines[100].split(",")
+    row[head.index("ses")] = "oops"
+    lines[100] = ",".join(row)
+    path.write_text("\n".join(lines) + "\n")
+    dest = tmp_path / "out" / "p.csv"
+    code = main(["predict", hsb_result, str(path), "--out", str(dest)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "line 101, column 'ses'" in err[0]
+    assert not dest.exists()
+    assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
