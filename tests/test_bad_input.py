@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import pytest
 
 from mlpipe.cli import main
 
-HSB = "tests/data/hsb82.parquet"
+DATA = Path(__file__).parent / "data"
+HSB = str(DATA / "hsb82.parquet")
 
 
 def run(capsys, *argv):

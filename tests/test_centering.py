@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 
 import duckdb
@@ -9,13 +10,14 @@ import pytest
 
 import mlpipe
 
-HSB = "tests/data/hsb82.parquet"
+DATA = Path(__file__).parent / "data"
+HSB = str(DATA / "hsb82.parquet")
 
 
 def test_group_centering_reproduces_the_precomputed_hsb_columns():
     """hsb82's meanses / cses are the school means / school-centred ses: computing them in
     SQL must give lme4's hsb_full fit."""
-    ref = json.loads(open("tests/data/lme4/hsb_full.json").read())["reml"]
+    ref = json.loads(open(DATA / "lme4/hsb_full.json").read())["reml"]
     f = ("mAch ~ group_mean(ses, by=school)*center(ses, by=school) "
          "+ sector*center(ses, by=school) + (center(ses, by=school) | school)")
     res = mlpipe.fit(HSB, f)

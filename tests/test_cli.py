@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import pytest
 from mlpipe.cli import main
 from mlpipe.stats import Statistics
 
-HSB = "tests/data/hsb82.parquet"
+DATA = Path(__file__).parent / "data"
+HSB = str(DATA / "hsb82.parquet")
 FULL = "mAch ~ meanses*cses + sector*cses + (cses|school)"
 RESULT_KEYS = {"formula", "method", "nobs", "groups", "fixed_effects", "random_effects",
                "random_correlations", "residual_variance", "loglik", "deviance",
@@ -56,7 +58,7 @@ def test_stats_then_fit_from_stats(tmp_path, capsys):
     out = tmp_path / "refit"
     assert main(["fit", "--stats", str(s), "--ml", "--out", str(out), "-q"]) == 0
     res = json.loads((out / "result.json").read_text())
-    ref = json.loads(open("tests/data/lme4/hsb_full.json").read())["ml"]
+    ref = json.loads(open(DATA / "lme4/hsb_full.json").read())["ml"]
     assert res["method"] == "ML" and res["reml_criterion"] is None
     assert res["deviance"] == pytest.approx(ref["deviance_or_reml"], rel=1e-6)
 
@@ -102,7 +104,7 @@ def test_rows_with_nulls_are_dropped_and_counted(tmp_path, capsys):
 
 
 def test_csv_input_matches_parquet(tmp_path, capsys):
-    assert main(["fit", "tests/data/hsb82.csv", "-f", "mAch ~ cses + (1|school)",
+    assert main(["fit", str(DATA / "hsb82.csv"), "-f", "mAch ~ cses + (1|school)",
                  "--out", str(tmp_path / "c"), "-q"]) == 0
     res = json.loads((tmp_path / "c" / "result.json").read_text())
     assert res["reml_criterion"] == pytest.approx(46723.9957062383, rel=1e-6)
@@ -112,7 +114,7 @@ def test_fit_with_residuals_pass(tmp_path, capsys):
     """--residuals: lme4's scaled-residual quantiles in the summary and result.json, and the
     per-group residual variance, from one more pass over the data."""
     out = tmp_path / "r"
-    assert main(["fit", "tests/data/sleepstudy.parquet", "-f", "Reaction ~ Days + (Days|Subject)",
+    assert main(["fit", str(DATA / "sleepstudy.parquet"), "-f", "Reaction ~ Days + (Days|Subject)",
                  "--ml", "--residuals", "--out", str(out)]) == 0
     assert "Scaled residuals:" in capsys.readouterr().out
     res = json.loads((out / "result.json").read_text())
@@ -127,7 +129,7 @@ def test_predict_cli_round_trip(full_dir, tmp_path, capsys):
     assert main(["predict", str(full_dir), HSB, "--out", str(pred)]) == 0
     df = pl.read_parquet(pred)
     assert df.height == 7185 and {"fitted", "fitted_population", "residual"} <= set(df.columns)
-    ref = json.loads(open("tests/data/lme4/hsb_full.json").read())["reml"]["fitted_head"]
+    ref = json.loads(open(DATA / "lme4/hsb_full.json").read())["reml"]["fitted_head"]
     np.testing.assert_allclose(df["fitted"].head(20).to_numpy(), ref, rtol=1e-5)
 
 
@@ -176,10 +178,12 @@ def test_glob_and_hive_partitioned_directory(tmp_path, capsys):
 def test_rewriting_a_result_dir_leaves_no_stale_files(tmp_path, capsys):
     out = tmp_path / "o"
     f = "Reaction ~ Days + (Days|Subject)"
-    assert main(["fit", "tests/data/sleepstudy.parquet", "-f", f, "--residuals",
+    assert main(["fit", str(DATA / "sleepstudy.parquet"), "-f", f, "--residuals",
                  "--out", str(out), "-q"]) == 0
     assert (out / "residuals_by_group.parquet").is_file()
-    assert main(["fit", "tests/data/sleepstudy.parquet", "-f", f, "--out", str(out), "-q"]) == 0
+    # a path relative to the current directory is recorded as an absolute one
+    relative = os.path.relpath(DATA / "sleepstudy.parquet")
+    assert main(["fit", relative, "-f", f, "--out", str(out), "-q"]) == 0
     assert not (out / "residuals_by_group.parquet").exists()
     cfg = (out / "config.toml").read_text()
-    assert f'data = "{Path("tests/data/sleepstudy.parquet").resolve()}"' in cfg
+    assert f'data = "{(DATA / "sleepstudy.parquet").resolve()}"' in cfg
