@@ -25,9 +25,9 @@ NULL = "mAch ~ 1 + (1|school)"
 RC = "mAch ~ cses + (cses|school)"
 FULL = "mAch ~ meanses*cses + sector*cses + (cses | school)"
 IMG = re.compile(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
-#: mlpipe.predict adds a per-group residual SD plot to each model whose data is readable
-PREDICT = rp._optional("predict") is not None
-EXTRA = 1 if PREDICT else 0
+#: image counts below include the per-group residual-SD plot that mlpipe.predict adds to each
+#: model whose data is readable (one per grouping factor); the page without mlpipe.predict
+#: is `test_without_the_optional_modules`
 
 
 def _fit(out: Path, formula: str, data: Path | str = HSB) -> Path:
@@ -68,8 +68,8 @@ def test_sections_and_images(page):
                    'id="model-1"', 'id="model-2"', "mAch ~ cses + (cses|school)"):
         assert needle in text, needle
     images = IMG.findall(text)
-    # null: caterpillar + Q-Q; rc: caterpillar + Q-Q + regression lines (+ residual SDs)
-    assert len(images) == 5 + 2 * EXTRA
+    # null: caterpillar + Q-Q + residual SDs; rc: the same + regression lines
+    assert len(images) == 7
     for b64 in images:
         w, h = _png_size(b64)
         assert w > 200 and h > 200
@@ -102,7 +102,7 @@ def test_single_model_has_no_comparison(dirs, tmp_path):
     out = rp.report(dirs["null"], tmp_path / "one.html")
     text = out.read_text()
     assert "Model comparison" not in text and "Intraclass correlation" in text
-    assert len(IMG.findall(text)) == 2 + EXTRA
+    assert len(IMG.findall(text)) == 3
     assert "Group-specific regression lines" not in text  # no random slope
 
 
@@ -183,7 +183,7 @@ def test_column_names_that_could_clash(tmp_path):
     out = res.write(tmp_path / "fit", config={"data": str(data), "formula": formula,
                                               "method": "REML", "out": str(tmp_path / "fit")})
     text = rp.report([out], tmp_path / "r.html").read_text()
-    assert "Skipped" not in text and len(IMG.findall(text)) == 3 + EXTRA
+    assert "Skipped" not in text and len(IMG.findall(text)) == 4
     resid, _ = rp.residual_sample(rp.load_run(out), sample_rows=100_000)
     assert abs(resid.mean()) < 1e-9  # REML residuals of a model with an intercept sum to ~0
 
@@ -226,8 +226,8 @@ def test_several_factors_report(crossed_slope, tmp_path):
     assert "Group-specific regression lines" in text and "levels of a" in text
     assert "the conditional modes of the other factors (b) are left out" in text
     assert "Random intercepts on several grouping factors" in text
-    # per model: caterpillars + Q-Q (+ a residual-SD plot per factor); lines for the slope
-    assert len(IMG.findall(text)) == (2 + 1 + 2 * EXTRA) + (2 + 1 + 2 * EXTRA + 1)
+    # per model: caterpillars + Q-Q + a residual-SD plot per factor; lines for the slope
+    assert len(IMG.findall(text)) == (2 + 1 + 2) + (2 + 1 + 2 + 1)
     for b64 in IMG.findall(text):
         w, h = _png_size(b64)
         assert w > 200 and h > 200
@@ -287,7 +287,7 @@ def test_relative_data_path_found_from_the_result_dir(dirs, tmp_path, monkeypatc
     cfg.write_text(cfg.read_text().replace(str(HSB), "data/hsb82.parquet"))
     monkeypatch.chdir(tmp_path)
     text = rp.report([proj / "out" / "null"], "r.html").read_text()
-    assert "Skipped" not in text and len(IMG.findall(text)) == 2 + EXTRA
+    assert "Skipped" not in text and len(IMG.findall(text)) == 3
 
 
 def test_without_the_optional_modules(dirs, tmp_path, monkeypatch):
@@ -326,7 +326,6 @@ def test_uses_mlpipe_predict_when_present(dirs, tmp_path, monkeypatch):
     assert len(IMG.findall(text)) == 3
 
 
-@pytest.mark.skipif(not PREDICT, reason="mlpipe.predict is not in this tree")
 def test_residual_quantiles_from_mlpipe_predict(dirs):
     """With the real module: its exact quantiles over every row agree with a numpy pass."""
     df = pl.read_parquet(HSB)
@@ -402,7 +401,7 @@ def test_renders_in_headless_chromium(page, tmp_path):
     found = re.search(r'<pre id="img-probe">(.*?)</pre>', proc.stdout, re.S)
     assert found, f"probe missing from the DOM: {proc.stdout[:500]} {proc.stderr[-1000:]}"
     sizes = json.loads(found.group(1))
-    assert len(sizes) == 5 + 2 * EXTRA
+    assert len(sizes) == 7
     for natural_w, natural_h, shown_w in sizes:
         assert natural_w > 200 and natural_h > 200 and shown_w > 100
     assert "Model comparison" in proc.stdout
