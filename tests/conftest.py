@@ -139,3 +139,32 @@ def level_major_z(levels, cols) -> np.ndarray:
             Z[rows, i * len(cols) + a] = c[rows]
     return Z
 
+
+def check_variance_components(res, ref, singular_abs: float = 1e-3) -> None:
+    """SDs and correlations of a one-factor fit against lme4's (paired by position): 1e-3
+    relative, 1e-4 absolute; on a singular fit `singular_abs` (in residual SDs for SDs)."""
+    n_ref_terms = sum(1 for r in ref["varcorr"] if r["grp"] != "Residual" and r["var2"] is None)
+    assert res.random_effects.height == n_ref_terms
+    atol = singular_abs * ref["sigma"] if ref["singular"] else 1e-4
+    for row, got in varcorr_pairs(res, ref):
+        assert got is not None, f"mlpipe has no component {row['var1']} / {row['var2']}"
+        tol = singular_abs if (ref["singular"] and row["var2"] is not None) else atol
+        assert got == pytest.approx(row["sdcor"], rel=1e-3, abs=tol), row
+
+
+def check_conditional_modes(res, ref) -> None:
+    """Conditional modes within 1e-3 conditional SD and conditional SDs within 1e-3 relative
+    of lme4's; a zero conditional SD (variance on the boundary) must give a zero mode."""
+    (re,) = ref["ranef"]
+    terms = listify(re["terms"])
+    values, cond_sd = np.array(re["values"]), np.array(re["cond_sd"])
+    tab = ranef_table(res, ref)
+    assert sorted(tab) == sorted(terms)
+    for k, term in enumerate(terms):
+        assert set(tab[term]) == set(re["levels"]), term
+        got = np.array([tab[term][lev] for lev in re["levels"]])
+        atol = max(1e-3 * cond_sd[:, k].min(), 1e-9 * ref["sigma"])
+        np.testing.assert_allclose(got[:, 0], values[:, k], rtol=0, atol=atol, err_msg=term)
+        np.testing.assert_allclose(got[:, 1], cond_sd[:, k], rtol=1e-3,
+                                   atol=1e-9 * ref["sigma"], err_msg=term)
+

@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import mlpipe
-from conftest import (check_criterion, check_fixed_effects, listify, ranef_table, varcorr_pairs)
+from conftest import (check_conditional_modes, check_criterion, check_fixed_effects,
+                      check_variance_components, listify)
 from mlpipe.objective import Objective, ThetaMap
 from mlpipe.optimize import optimize
 from mlpipe.stats import compute_statistics
@@ -122,30 +123,13 @@ def test_fixed_effects(case, method):
 @pytest.mark.parametrize("case,method", CASES)
 def test_variance_components(case, method):
     res, ref = fitted(case, method)
-    n_ref_terms = sum(1 for r in ref["varcorr"] if r["grp"] != "Residual" and r["var2"] is None)
-    assert res.random_effects.height == n_ref_terms
-    atol = SINGULAR_ABS * ref["sigma"] if ref["singular"] else 1e-4
-    for row, got in varcorr_pairs(res, ref):
-        assert got is not None, f"mlpipe has no component {row['var1']} / {row['var2']}"
-        tol = SINGULAR_ABS if (ref["singular"] and row["var2"] is not None) else atol
-        assert got == pytest.approx(row["sdcor"], rel=1e-3, abs=tol), row
+    check_variance_components(res, ref, SINGULAR_ABS)
 
 
 @pytest.mark.parametrize("case,method", CASES)
 def test_conditional_modes(case, method):
     res, ref = fitted(case, method)
-    (re,) = ref["ranef"]
-    terms = listify(re["terms"])
-    values, cond_sd = np.array(re["values"]), np.array(re["cond_sd"])
-    tab = ranef_table(res, ref)
-    assert sorted(tab) == sorted(terms)
-    for k, term in enumerate(terms):
-        assert set(tab[term]) == set(re["levels"]), term
-        got = np.array([tab[term][lev] for lev in re["levels"]])
-        atol = max(1e-3 * cond_sd[:, k].min(), 1e-9 * ref["sigma"])
-        np.testing.assert_allclose(got[:, 0], values[:, k], rtol=0, atol=atol, err_msg=term)
-        np.testing.assert_allclose(got[:, 1], cond_sd[:, k], rtol=1e-3,
-                                   atol=1e-9 * ref["sigma"], err_msg=term)
+    check_conditional_modes(res, ref)
 
 
 # ------------------------------------------------------------------------------------------
