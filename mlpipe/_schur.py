@@ -271,6 +271,23 @@ class Factorization:
         return np.column_stack([self.solver.solve(np.ascontiguousarray(rhs[:, j]))
                                 for j in range(rhs.shape[1])])
 
+    def b_matrix(self) -> sp.csr_matrix:
+        """B̃ as a sparse (R, m1·q1) matrix: entry (e_row[e], q1·e_level[e] + c) = Bv[e, c]
+        (the pattern is built once per structure, the values per θ)."""
+        st = self.st
+        if getattr(st, "b_csr", None) is None:
+            q1 = st.q1
+            rows = np.repeat(st.e_row, q1)
+            cols = (st.e_level[:, None] * q1 + np.arange(q1)[None]).ravel()
+            slot = np.arange(1, len(rows) + 1, dtype=float)
+            mat = sp.csr_matrix((slot, (rows, cols)), shape=(st.R, st.m1 * q1))
+            mat.sort_indices()
+            st.b_order = mat.data.astype(np.int64) - 1
+            st.b_csr = mat
+        mat = st.b_csr.copy()
+        mat.data = self.Bv.ravel()[st.b_order]
+        return mat
+
     # ------------------------------------------------------------------ solves
     def solve(self, C1: np.ndarray, C2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A⁻¹ [C1; C2] for C1 (m1, q1, r) and C2 (R, r) → (W1 (m1, q1, r), W2 (R, r))."""
@@ -281,20 +298,16 @@ class Factorization:
         for a in range(q1):
             for b in range(a + 1):
                 y1[:, a] += self.L1inv[a, b][:, None] * C1[:, b]
-        # C2 − B̃ y1:  row e_row[e] −= Bv[e] · y1[e_level[e]]
+        # C2 − B̃ y1, then W1 = L1⁻ᵀ (y1 − B̃' W2) per level: B̃ as a sparse (R, m1·q1) matrix
         c2 = C2.copy()
-        if len(st.e_row):
-            contrib = np.einsum("ec,ecr->er", self.Bv, y1[st.e_level])
-            for col in range(r):
-                c2[:, col] -= np.bincount(st.e_row, contrib[:, col], minlength=st.R)
-        W2 = self._solve_S(c2)
-        # W1 = L1⁻ᵀ (y1 − B̃' W2) per level
         z = y1.copy()
         if len(st.e_row):
-            bw = self.Bv[:, :, None] * W2[st.e_row][:, None, :]  # (e, q1, r)
-            for a in range(q1):
-                for col in range(r):
-                    z[:, a, col] -= np.bincount(st.e_level, bw[:, a, col], minlength=m1)
+            B = self.b_matrix()
+            c2 -= B @ y1.reshape(m1 * q1, r)
+            W2 = self._solve_S(c2)
+            z -= (B.T @ W2).reshape(m1, q1, r)
+        else:
+            W2 = self._solve_S(c2)
         W1 = np.zeros_like(z)
         for a in range(q1):
             for b in range(a, q1):  # L⁻ᵀ[a, b] = L⁻¹[b, a]
