@@ -221,7 +221,8 @@ class BlockedObjective:
             out.append({"factor": f.name, "levels": f.m, "columns": f.q,
                         "relations": rel})
         if out:
-            out[0]["solver"] = {**self.size, "memory": human_bytes(self.size["bytes"])}
+            out[0]["solver"] = {**self.size, "memory": human_bytes(self.size["bytes"]),
+                                "cells": int(self.stats.m)}
         return out
 
     def memory_bytes(self) -> int:

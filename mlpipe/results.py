@@ -26,7 +26,9 @@ from .stats import Statistics
 
 #: the files `FitResult.write` may put in a result directory
 RESULT_FILES = {"result.json", "ranef.parquet", "stats.parquet", "config.toml",
-                "residuals_by_group.parquet"}
+                "residuals_by_group.parquet", "run.json"}
+#: run-specific values kept out of result.json (so identical inputs give identical bytes)
+RUN_ONLY = ("seconds",)
 
 
 @dataclass
@@ -183,7 +185,8 @@ class FitResult:
             "theta": self.theta.tolist(), "rows_dropped": self.rows_dropped,
             "factor_levels": self.stats.factor_levels if self.stats is not None else {},
             "group_type": self.stats.group_type if self.stats is not None else "",
-            "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()},
+            "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()
+                          if k not in RUN_ONLY},
             "icc": self.icc,
             "variance_partition": self.variance_partition,
         }
@@ -215,15 +218,25 @@ class FitResult:
                 self.residuals.by_group.write_parquet(stage / "residuals_by_group.parquet")
             if config is not None:
                 (stage / "config.toml").write_text(dump_toml(config))
-            out.mkdir(exist_ok=True)
-            written = {f.name for f in stage.iterdir()}
-            for f in stage.iterdir():
-                os.replace(f, out / f.name)
-            for name in RESULT_FILES - written:  # no stale file of an earlier run stays
-                (out / name).unlink(missing_ok=True)
+            (stage / "run.json").write_text(json.dumps(self.run_record(out), indent=2) + "\n")
+            _install(stage, out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return out
+
+    def run_record(self, out: Path) -> dict:
+        """What differs between two runs on identical inputs (timings, where it ran): run.json."""
+        import platform
+        import time
+
+        from . import __version__
+
+        return {"optimizer_seconds": _clean(self.optimizer.seconds),
+                "timings": {k: _clean(v) for k, v in self.timings.items()},
+                "out": os.path.abspath(out),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "mlpipe": __version__, "python": platform.python_version(),
+                "host": platform.node(), "pid": os.getpid()}
 
     def summary(self) -> str:
         return render_summary(self)
@@ -244,6 +257,60 @@ def _fixed_table(names: list[str], beta: np.ndarray, rx: np.ndarray,
     }, schema={"term": pl.Utf8, "estimate": pl.Float64, "std_error": pl.Float64,
                "t_value": pl.Float64, "df": pl.Float64, "p_value": pl.Float64})
     return fixed, vcov
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False when the
+    platform cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    import errno
+
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _install(stage: Path, out: Path) -> None:
+    """Put the complete staged outputs in place of `out` in one step, so that a crash (even
+    SIGKILL) leaves either the previous outputs or the new ones, never a mix: a new `out` is
+    the staged folder renamed; an existing one is swapped with it atomically (files of
+    `out` that are not mlpipe outputs are hard-linked into the stage first, so they stay).
+    Where no atomic swap exists the files are moved one by one (each file still whole)."""
+    if not out.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)
+        os.rename(stage, out)
+        stage.mkdir()  # the caller removes it
+        return
+    for f in out.iterdir():
+        if f.name not in RESULT_FILES and not (stage / f.name).exists():
+            try:
+                os.link(f, stage / f.name, follow_symlinks=False)
+            except OSError:
+                if f.is_dir() and not f.is_symlink():
+                    shutil.copytree(f, stage / f.name, symlinks=True)
+                else:
+                    shutil.copy2(f, stage / f.name, follow_symlinks=False)
+    os.chmod(stage, out.stat().st_mode & 0o7777)
+    if _exchange(stage, out):
+        return  # the stage now holds the previous outputs; the caller removes them
+    written = {f.name for f in stage.iterdir()}
+    for f in stage.iterdir():
+        os.replace(f, out / f.name)
+    for name in RESULT_FILES - written:  # no stale file of an earlier run stays
+        (out / name).unlink(missing_ok=True)
 
 
 def check_out_dir(out: Path) -> None:
@@ -346,6 +413,8 @@ def structure_text(structure: list[dict]) -> str:
             text += (" and" if inner else "") + " crossed with " + ", ".join(crossed)
         parts.append(text)
     solver = structure[0].get("solver") if structure else None
+    if solver and solver.get("cells"):
+        parts.append(f"{solver['cells']:,} cells")
     if solver and solver["order"]:
         kind = "dense" if solver["dense"] else "sparse"
         parts.append(f"solver: Schur complement of order {solver['order']} ({kind}), "
