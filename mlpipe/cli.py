@@ -16,6 +16,7 @@ Exit codes: 0 success, 2 bad input (one line on stderr, nothing half-written), 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -128,7 +129,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if cfg.get("residuals"):
         from .predict import residual_summary
 
-        result.residuals = residual_summary(result, **cfg.get("duckdb", {}))
+        # a new result with the residuals: a returned fit is never mutated
+        result = dataclasses.replace(result, residuals=residual_summary(
+            result, **cfg.get("duckdb", {})))
     if not args.quiet:
         print(result.summary())
     if cfg.get("out"):
