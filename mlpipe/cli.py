@@ -188,6 +188,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _check_duckdb_args(args: argparse.Namespace) -> None:
+    """--threads and --memory-limit of any command, checked before the work."""
+    from .config import check_duckdb_options
+
+    duck = {k: getattr(args, k, None) for k in ("threads", "memory_limit")}
+    check_duckdb_options(duck, {"threads": "--threads", "memory_limit": "--memory-limit"})
+
+
 COMMANDS = {"fit": cmd_fit, "stats": cmd_stats, "simulate": cmd_simulate,
             "compare": cmd_compare, "report": cmd_report, "predict": cmd_predict}
 
@@ -195,6 +203,7 @@ COMMANDS = {"fit": cmd_fit, "stats": cmd_stats, "simulate": cmd_simulate,
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _check_duckdb_args(args)
         return COMMANDS[args.command](args)
     except InputError as exc:
         print(f"mlpipe: error: {exc}", file=sys.stderr)

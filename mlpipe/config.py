@@ -57,8 +57,29 @@ def load_config(path: str | Path) -> dict:
         if not isinstance(value, want) or isinstance(value, bool):
             raise InputError(f"config {path}: [duckdb] {key} must be {TYPE_NAMES[want]}, "
                              f"not {value!r}")
+    check_duckdb_options(duck, {k: f"config {path}: [duckdb] {k}" for k in DUCKDB_KEYS})
     cfg.setdefault("name", p.stem)
     return cfg
+
+
+def check_duckdb_options(duck: dict, labels: dict[str, str]) -> None:
+    """Refuse a thread count below 1 and a memory limit DuckDB cannot read, naming the
+    option as `labels` spells it (before any work: DuckDB would otherwise take 0 threads as
+    its default, or fail later with a message that does not name the option)."""
+    threads = duck.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise InputError(f"{labels['threads']} must be a positive integer, not {threads!r}")
+    limit = duck.get("memory_limit")
+    if limit is not None:
+        import duckdb
+
+        try:
+            duckdb.connect(":memory:", config={"memory_limit": str(limit)}).close()
+        except duckdb.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InputError(f"{labels['memory_limit']} {limit!r} is not a memory size such as "
+                             f"4GB or 512MB ({reason})") from None
 
 
 def _toml_value(v) -> str:
