@@ -167,3 +167,51 @@ def read_error(path: str, exc: BaseException, what: str = "cannot read") -> str:
         return (f"{path}, line {line.group(1)}, column {col!r}: value {value!r} is not "
                 f"{kind}")
     return f"{what} {path}: {first_line(exc)}"
+
+
+# ---------------------------------------------------------------------- staged outputs
+# Outputs are written under a hidden staging name beside their destination and renamed into
+# place.  A killed run (SIGKILL, power loss) cannot remove its staging file; the staging name
+# carries the writer's pid, so the next write to the same destination removes the leftovers
+# of writers that no longer run.
+
+def staging_prefix(dest: str | os.PathLike[str]) -> str:
+    """`.NAME.PID.` — the start of the staging names of this process for `dest`."""
+    return f".{Path(dest).name}.{os.getpid()}."
+
+
+def sweep_stale(dest: str | os.PathLike[str]) -> None:
+    """Remove staging files / folders `.NAME.PID.*` of `dest` left by dead processes."""
+    import shutil
+
+    dest = Path(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    head = f".{dest.name}."
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(head):
+            continue
+        pid = name[len(head):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -33,7 +33,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._sql import Source, connect, first_line, quote_ident, read_error, render
+from ._sql import (Source, connect, first_line, quote_ident, read_error, render,
+                   staging_prefix, sweep_stale)
 from .design import (Design, FactorDesign, build_design, complete_condition, discover_levels,
                      is_categorical, is_numeric, present_sql)
 from .errors import DataError, FormulaError, InputError
@@ -591,7 +592,8 @@ def _write(con, sql: str, params: dict, path: str, out, fmt: str | None = None
     fmt = fmt or output_format(out)
     dest = Path(out)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    sweep_stale(dest)  # staging files of killed runs
+    tmp = dest.with_name(f"{staging_prefix(dest)}{uuid.uuid4().hex[:8]}.tmp")
     try:
         # DuckDB's COPY ... TO: streams, spills under memory_limit
         rel = con.sql(sql, params=_used(sql, params))

@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 from scipy import linalg
 
+from ._sql import staging_prefix, sweep_stale
 from .errors import InputError
 from .objective import Decomposition, Objective
 from .optimize import SINGULAR_TOL, OptSummary
@@ -208,7 +209,8 @@ class FitResult:
         out = Path(out_dir)
         check_out_dir(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        sweep_stale(out)  # staging folders of killed runs
+        stage = Path(tempfile.mkdtemp(prefix=staging_prefix(out), dir=out.parent))
         try:
             (stage / "result.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
             self.ranef.write_parquet(stage / "ranef.parquet")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._sql import Source, connect, first_line, quote_ident, render
+from ._sql import (Source, connect, first_line, quote_ident, render, staging_prefix,
+                   sweep_stale)
 from .design import Design, build_design, check_columns, discover_levels
 from .errors import DataError
 from .formula import parse_formula
@@ -212,7 +214,8 @@ class Statistics:
         table = pa.table(cols).replace_schema_metadata({"mlpipe": json.dumps(meta)})
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        sweep_stale(path)  # staging files of killed runs
+        tmp = path.with_name(f"{staging_prefix(path)}{uuid.uuid4().hex[:8]}.tmp")
         try:
             pq.write_table(table, tmp)
             os.replace(tmp, path)

@@ -198,3 +198,147 @@ def test_count_of_attempts():
     if len(ATTEMPTS) < 10:
         pytest.skip("run the whole file to count the attempts")
     assert len(ATTEMPTS) >= 20, ATTEMPTS
+
+
+# ---------------------------------------------------------------------- killed mid-run
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+FORMULA = "y ~ x + w + (x | g)"
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """2M rows in 100k groups: the scan, the optimizer and the writing each take a while."""
+    d = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(13)
+    n, m = 2_000_000, 100_000
+    g = rng.integers(0, m, n)
+    x, w = rng.normal(size=n), rng.normal(size=n)
+    y = (1 + 0.5 * x - 0.2 * w + rng.normal(size=m)[g] + 0.3 * rng.normal(size=m)[g] * x
+         + rng.normal(size=n))
+    path = d / "big.parquet"
+    pq.write_table(pa.table({"g": g, "x": x, "w": w, "y": y}), path)
+    return path
+
+
+def cli(*argv) -> list[str]:
+    return [sys.executable, "-m", "mlpipe.cli", *map(str, argv)]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every visible file of a result dir (or the one file) → its bytes."""
+    if path.is_dir():
+        return {f.name: f.read_bytes() for f in sorted(path.iterdir())
+                if not f.name.startswith(".") and f.name != "run.json"}
+    return {path.name: path.read_bytes()} if path.exists() else {}
+
+
+def parses(path: Path) -> None:
+    """Every visible file that exists reads completely."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path] if path.exists() else []
+    for f in files:
+        if f.name.startswith("."):
+            continue
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.suffix == ".parquet":
+            pq.read_table(f)
+        elif f.suffix == ".toml":
+            import tomllib
+
+            tomllib.loads(f.read_text())
+
+
+def kill_runs(argv: list[str], dest: Path, delays: list[float], watch: str | None = None,
+              last: bool = False) -> dict[str, int]:
+    """Start `argv`, SIGKILL it after each delay (from the start, or with `watch` from when a
+    staging name `.NAME.*` of `dest` appears beside it) and check `dest` holds the outputs
+    of before or of a complete run — all of one of them, each file whole — never a mix.
+    Returns how the kills landed."""
+    before = snapshot(dest)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    outcome = {"old": 0, "new": 0, "finished first": 0}
+    new = None
+    for delay in delays:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=env)
+        start = time.perf_counter()
+        if watch:
+            while proc.poll() is None and not any(
+                    p.name.startswith(f".{dest.name}.") for p in dest.parent.iterdir()):
+                time.sleep(0.002)
+            start = time.perf_counter()
+        while proc.poll() is None and time.perf_counter() - start < delay:
+            time.sleep(0.001)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        else:
+            outcome["finished first"] += 1
+        proc.wait()
+        proc.stderr.close()
+        parses(dest)
+        now = snapshot(dest)
+        if now == before:
+            outcome["old"] += 1
+        else:
+            if new is None:
+                new = now
+            assert now == new, f"a mix of outputs after a kill at {delay} s"
+            assert set(now) == set(before) or not before, sorted(now)
+            assert new is not None
+            outcome["new"] += 1
+    if not last:
+        return outcome
+    # the next complete run removes what the killed ones left behind
+    subprocess.run(argv, check=True, capture_output=True, timeout=120)
+    leftovers = [p.name for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}.")]
+    assert not leftovers, leftovers
+    return outcome
+
+
+KILLS: dict[str, dict] = {}
+
+
+def kill_everything(big: Path, tmp: Path, fit_delays, fit_writing, other_delays, other_writing,
+                    slow: bool = False) -> dict[str, dict]:
+    """Kill fit, predict and stats runs at the given points; returns how the kills landed."""
+    out = tmp / "res"
+    # the previous outputs: an ML fit (the killed runs fit REML: other numbers, same files)
+    subprocess.run(cli("fit", big, "--formula", FORMULA, "--ml", "--threads", 1, "--out", out,
+                       "-q"), check=True, capture_output=True, timeout=120)
+    argv = cli("fit", big, "--formula", FORMULA, "--threads", 1, "--out", out, "-q")
+    res = {"fit": kill_runs(argv, out, fit_delays)}
+    res["fit while writing"] = kill_runs(argv, out, fit_writing, watch="stage", last=slow)
+    pred = tmp / "pred.parquet"  # previous: population predictions; killed: conditional
+    subprocess.run(cli("predict", out, big, "--population", "--threads", 1, "--out", pred),
+                   check=True, capture_output=True, timeout=120)
+    argv = cli("predict", out, big, "--threads", 1, "--out", pred)
+    res["predict"] = kill_runs(argv, pred, other_delays)
+    res["predict while writing"] = kill_runs(argv, pred, other_writing, watch="tmp")
+    st = tmp / "s.parquet"  # no previous file: nothing may appear
+    argv = cli("stats", big, "--formula", FORMULA, "--threads", 1, "--out", st)
+    res["stats"] = kill_runs(argv, st, other_delays)
+    res["stats while writing"] = kill_runs(argv, st, other_writing, watch="tmp", last=True)
+    KILLS.update(res)
+    print({k: v for k, v in res.items()})
+    return res
+
+
+def test_killed_runs_leave_old_or_new_outputs(big, tmp_path):
+    """Quick: 4 kill points (timed: the import takes ~1.3 s, the scan ~0.3 s, solve and
+    inference ~0.4 s; and while the staged outputs are written)."""
+    res = kill_everything(big, tmp_path, [1.6], [0.02], [], [0.0])
+    assert sum(sum(v.values()) for v in res.values()) == 4
+
+
+@pytest.mark.slow
+def test_killed_runs_at_many_points(big, tmp_path):
+    res = kill_everything(big, tmp_path, [0.9 + 0.06 * k for k in range(24)],
+                          [0.0, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2],
+                          [1.0, 1.3, 1.5, 1.7, 1.9, 2.1], [0.0, 0.02, 0.05, 0.1, 0.2],
+                          slow=True)
+    assert sum(sum(v.values()) for v in res.values()) == 24 + 8 + 2 * (6 + 5)
+    assert sum(v["old"] for v in res.values()) > 0  # some kills landed before the swap
