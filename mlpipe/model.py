@@ -227,6 +227,9 @@ def _check_response_varies(stats: Statistics) -> None:
     if total is None:  # neither X nor Z has an intercept: Σy is not in the statistics
         return
     yty, n = float(stats.yty), float(stats.n)
+    if total != 0 and not yty > np.finfo(float).tiny * n:
+        raise DataError(f"outcome {stats.response!r} is too small in magnitude (mean "
+                        f"{total / n:.3g}): its squares underflow double precision; rescale it")
     if _constant(yty - total * total / n, yty):
         raise DataError(f"outcome {stats.response!r} is constant in the rows used (every "
                         f"value is {total / n:.6g}); a mixed model needs a varying outcome")
