@@ -367,6 +367,13 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
     return stats
 
 
+# Reproducibility note (issue 13).  The sums below are DOUBLE sums; DuckDB merges per-thread
+# partial sums in an order that varies from run to run, so with threads > 1 the statistics may
+# differ in the last bits (measured on 3M rows: up to ~1e-14 relative, ~1e-12 for sums that
+# cancel); with threads = 1 they are bit-identical.  Provably order-independent sums were
+# measured on 10M rows (2 cores) and not adopted: HUGEINT fixed-point sums cost 4-7x the scan;
+# an exact two-level float split (v = hi + lo on grids from a max|column| pre-pass, each level
+# summed exactly) +50-130%; the budget was 30%.  center() / group_mean() means (avg) share it.
 def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design) -> Statistics:
     mom = _Moments(design)
     pairs = mom.pairs()
