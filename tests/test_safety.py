@@ -112,6 +112,12 @@ def test_injection_through_column_names_levels_and_paths(weird, tmp_path, capsys
     assert code == 0, err
     code, err = run(capsys, "fit", "--stats", st, "--ml", "-q")
     assert code == 0, err
+    # comparing and reporting result dirs at quoted paths (the report rereads the data)
+    code, err = run(capsys, "compare", tmp_path / "o2", out, "--out", tmp_path / "cmp 'x\"", "-q")
+    assert code == 0, err
+    code, err = run(capsys, "report", out, tmp_path / "o2", "--out", tmp_path / "r 'x\".html")
+    assert code == 0, err
+    assert (tmp_path / "r 'x\".html").stat().st_size > 0
     # centering by a weird grouping column, a factor of the text column with weird levels
     f2 = (f"{tick(nm['y'])} ~ center({tick(nm['x'])}, by = {tick(nm['g'])}) "
           f"+ (1 | {tick(nm['g'])})")
