@@ -42,7 +42,7 @@ from scipy import linalg
 
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError
-from .objective import ThetaMap, _vdot, profiled_deviance
+from .objective import ThetaMap, _vdot, profile_fixed, profiled_deviance
 from .stats import Factor, Statistics
 
 
@@ -270,16 +270,8 @@ class BlockedObjective:
 
     def _profile(self, C: np.ndarray, W: np.ndarray):
         """From Λ'Z'[X y] and A⁻¹ of it: R_X'R_X, R_X, β̂, r², log|R_X|²."""
-        p = self.stats.p
         M = self._M0 - C.T @ W
-        M = (M + M.T) / 2
-        xtx_adj = M[:p, :p].copy()
-        xty_adj = M[:p, p].copy()
-        rx = linalg.cholesky(xtx_adj, lower=False, check_finite=False)
-        beta = linalg.cho_solve((rx, False), xty_adj, check_finite=False)
-        r2 = float(M[p, p]) - float(beta @ xty_adj)
-        logdet_rx = 2.0 * float(np.sum(np.log(np.abs(np.diag(rx)))))
-        return xtx_adj, rx, beta, r2, logdet_rx
+        return profile_fixed((M + M.T) / 2, self.stats.p)
 
     def _deviance(self, r2: float, logdet_l: float, logdet_rx: float) -> float:
         return profiled_deviance(r2, logdet_l, logdet_rx, self.stats.n, self.stats.p,

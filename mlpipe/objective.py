@@ -56,6 +56,17 @@ def profiled_deviance(r2: float, logdet_l: float, logdet_rx: float, n: int, p: i
     return logdet_l + n * (1.0 + LOG_2PI + np.log(r2 / n))
 
 
+def profile_fixed(M: np.ndarray, p: int):
+    """From M = [X y]'V̂⁻¹[X y] (relative, (p+1)×(p+1)): R_X'R_X, R_X, β̂, r², log|R_X|²."""
+    xtx_adj = M[:p, :p].copy()
+    xty_adj = M[:p, p].copy()
+    rx = linalg.cholesky(xtx_adj, lower=False, check_finite=False)
+    beta = linalg.cho_solve((rx, False), xty_adj, check_finite=False)
+    r2 = float(M[p, p]) - float(beta @ xty_adj)
+    logdet_rx = 2.0 * float(np.sum(np.log(np.abs(np.diag(rx)))))
+    return xtx_adj, rx, beta, r2, logdet_rx
+
+
 class ThetaMap:
     """The free entries of T: lower triangles of the correlated blocks, lme4's order."""
 
@@ -348,15 +359,7 @@ class Objective:
         return T, L, inv, P, M, logdet_l
 
     def _profile(self, M: np.ndarray):
-        """From M: R_X'R_X, R_X, β̂, r², log|R_X|²."""
-        p = self.stats.p
-        xtx_adj = M[:p, :p].copy()
-        xty_adj = M[:p, p].copy()
-        rx = linalg.cholesky(xtx_adj, lower=False, check_finite=False)
-        beta = linalg.cho_solve((rx, False), xty_adj, check_finite=False)
-        r2 = float(M[p, p]) - float(beta @ xty_adj)
-        logdet_rx = 2.0 * float(np.sum(np.log(np.abs(np.diag(rx)))))
-        return xtx_adj, rx, beta, r2, logdet_rx
+        return profile_fixed(M, self.stats.p)
 
     def _workspace(self):
         if self._work is None:
