@@ -185,12 +185,6 @@ class Structure:
         self.csc_order = mat.data.astype(np.int64) - 1
         self.mat = mat
 
-    def memory_bytes(self) -> int:
-        """Memory of the stage-2 factor: dense R², or a sparse estimate (slots, 3×)."""
-        if self.dense:
-            return 8 * self.R * self.R * 2
-        return 8 * 3 * self.n_slots + 16 * self.n_triplets
-
 
 class Factorization:
     """Λ'Z'ZΛ + I at one θ, factored in two stages (see the module docstring)."""

@@ -73,20 +73,3 @@ def lookup(indptr, indices, zdata, zdiag, rows, cols):
     for t in range(len(rows)):
         out[t] = _z(indptr, indices, zdata, zdiag, rows[t], cols[t])
     return out
-
-
-def inverse_blocks(L, D: np.ndarray, P: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """The diagonal blocks of A⁻¹ for blocks of A's indices: `index` (m, q) → (m, q, q)."""
-    L = L.tocsc()
-    L.sort_indices()
-    indptr = L.indptr.astype(np.int64)
-    indices = L.indices.astype(np.int64)
-    zdiag, zdata = selected_inverse(indptr, indices, L.data.astype(float), D.astype(float))
-    pos = np.empty(len(P), dtype=np.int64)
-    pos[np.asarray(P)] = np.arange(len(P))
-    m, q = index.shape
-    a = np.repeat(np.arange(q), q)
-    b = np.tile(np.arange(q), q)
-    rows = pos[index[:, a]].ravel()
-    cols = pos[index[:, b]].ravel()
-    return lookup(indptr, indices, zdata, zdiag, rows, cols).reshape(m, q, q)

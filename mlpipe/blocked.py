@@ -225,10 +225,6 @@ class BlockedObjective:
                                 "cells": int(self.stats.m)}
         return out
 
-    def memory_bytes(self) -> int:
-        """Estimated memory of the per-θ factorization (the Schur complement's factor)."""
-        return self._st.memory_bytes()
-
     # ------------------------------------------------------------------ per θ
     def T_blocks(self, theta: np.ndarray) -> list[np.ndarray]:
         T = self.theta_map.T(np.asarray(theta, dtype=float))
@@ -350,34 +346,37 @@ class BlockedObjective:
             start += size
         return out
 
-    def _gradient_setup(self) -> None:
-        """Once: the full symmetric Z'Z (CSR) and every pair's global entry indices."""
-        if getattr(self, "_ztz", None) is not None:
-            return
-        rows, cols, vals, self._pair_idx = [], [], [], []
-        for pr in self.pairs:
-            qj, qk = self.factors[pr.j].q, self.factors[pr.k].q
-            n = len(pr.rows)
-            ui = np.broadcast_to(self.uoff[pr.j] + pr.rows[:, None, None] * qj
-                                 + np.arange(qj)[None, :, None], (n, qj, qk)).ravel()
-            uk = np.broadcast_to(self.uoff[pr.k] + pr.cols[:, None, None] * qk
-                                 + np.arange(qk)[None, None, :], (n, qj, qk)).ravel()
-            rows.append(ui)
-            cols.append(uk)
-            vals.append(pr.blocks.ravel())
-            if pr.j != pr.k:
-                rows.append(uk)
-                cols.append(ui)
-                vals.append(pr.blocks.ravel())
-            self._pair_idx.append((ui, uk))
-        self._ztz = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
-                                                          np.concatenate(cols))),
-                                  shape=(self.Q, self.Q))
-        tm = self.theta_map
-        self._param = []  # (factor, r, c) of every θ
-        for R, Cc in zip(tm.rows, tm.cols):
-            k = int(np.searchsorted(self.toff, R, side="right") - 1)
-            self._param.append((k, R - int(self.toff[k]), Cc - int(self.toff[k])))
+    @property
+    def ztz(self) -> sp.csr_matrix:
+        """The full symmetric Z'Z (Q×Q, CSR, the random effects in this objective's order:
+        factor k, level i, column a → uoff[k] + i·q_k + a), built once from the pairs."""
+        if getattr(self, "_ztz", None) is None:
+            rows, cols, vals = [], [], []
+            for pr in self.pairs:
+                qj, qk = self.factors[pr.j].q, self.factors[pr.k].q
+                n = len(pr.rows)
+                ui = np.broadcast_to(self.uoff[pr.j] + pr.rows[:, None, None] * qj
+                                     + np.arange(qj)[None, :, None], (n, qj, qk)).ravel()
+                uk = np.broadcast_to(self.uoff[pr.k] + pr.cols[:, None, None] * qk
+                                     + np.arange(qk)[None, None, :], (n, qj, qk)).ravel()
+                for r, c in [(ui, uk)] + ([(uk, ui)] if pr.j != pr.k else []):
+                    rows.append(r)
+                    cols.append(c)
+                    vals.append(pr.blocks.ravel())
+            self._ztz = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
+                                                              np.concatenate(cols))),
+                                      shape=(self.Q, self.Q))
+        return self._ztz
+
+    @property
+    def params(self) -> list[tuple[int, int, int]]:
+        """(factor, row, column) of every θ entry within its factor's T."""
+        if getattr(self, "_params", None) is None:
+            self._params = []
+            for R, Cc in zip(self.theta_map.rows, self.theta_map.cols):
+                k = int(np.searchsorted(self.toff, R, side="right") - 1)
+                self._params.append((k, R - int(self.toff[k]), Cc - int(self.toff[k])))
+        return self._params
 
     def _lam(self, Ts: list[np.ndarray], v: np.ndarray) -> np.ndarray:
         """Λ v for v (Q,) or (Q, r)."""
@@ -395,7 +394,6 @@ class BlockedObjective:
         return out
 
     def _value_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        self._gradient_setup()
         s = self.stats
         p, n = s.p, s.n
         Ts = self.T_blocks(x)
@@ -408,9 +406,9 @@ class BlockedObjective:
         gamma = np.append(-beta, 1.0)
         u = W @ gamma
         zr = np.concatenate([(G @ gamma).ravel() for G in self.G])
-        v = zr - self._ztz @ self._lam(Ts, u)
+        v = zr - self.ztz @ self._lam(Ts, u)
         WX = W[:, :p]
-        Y = self._ztz @ self._lam(Ts, WX)
+        Y = self.ztz @ self._lam(Ts, WX)
         minv = linalg.cho_solve((rx, False), np.eye(p), check_finite=False)
         oms = self.pair_omegas(fac)
         gld = [np.zeros((f_.q, f_.q)) for f_ in self.factors]
@@ -428,7 +426,7 @@ class BlockedObjective:
             if pr.j != pr.k:  # ∂/∂T_j: Σ_n (Ω_n T_k' S_n')[c, r] = Σ_bs T_k[s, b] dd[c, b, r, s]
                 gld[pr.j] += np.einsum("sb,cbrs->cr", Tk, dd)
         g = np.empty(len(x))
-        for t, (k, r, c) in enumerate(self._param):
+        for t, (k, r, c) in enumerate(self.params):
             fk = self.factors[k]
             sl = slice(self.uoff[k], self.uoff[k + 1])
             uk_, vk = u[sl].reshape(fk.m, fk.q), v[sl].reshape(fk.m, fk.q)

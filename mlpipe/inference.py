@@ -337,22 +337,8 @@ def _blocked_system(obj: BlockedObjective, theta: np.ndarray):
     """Z'Z (sparse Q×Q), Z'X (Q×p) and Λ (sparse, I_{m_k} ⊗ T_k per factor) of a
     BlockedObjective, from its per-pair blocks (`pairs`) and per-level Z_k'[X y] (`G`); the
     random effects in its order (factor k, level i, column a) → uoff[k] + i·q_k + a."""
-    Q, p = obj.Q, obj.stats.p
-    rows, cols, vals = [], [], []
-    for pr in obj.pairs:
-        qj, qk = obj.factors[pr.j].q, obj.factors[pr.k].q
-        ui = obj.uoff[pr.j] + pr.rows[:, None, None] * qj + np.arange(qj)[None, :, None]
-        uk = obj.uoff[pr.k] + pr.cols[:, None, None] * qk + np.arange(qk)[None, None, :]
-        ui, uk = np.broadcast_arrays(ui, uk)
-        rows.append(ui.ravel())
-        cols.append(uk.ravel())
-        vals.append(pr.blocks.ravel())
-        if pr.j != pr.k:
-            rows.append(uk.ravel())
-            cols.append(ui.ravel())
-            vals.append(pr.blocks.ravel())
-    A = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=(Q, Q))
+    p = obj.stats.p
+    A = obj.ztz
     B = np.concatenate([G[:, :, :p].reshape(-1, p) for G in obj.G], axis=0)
     lam = sp.block_diag([sp.kron(sp.eye(f.m), T) for f, T in zip(obj.factors,
                                                                   obj.T_blocks(theta))],

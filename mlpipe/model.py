@@ -176,10 +176,7 @@ def _check_method(method: str) -> str:
 
 def validate(stats: Statistics) -> None:
     """lme4's checks on the model's dimensions and the fixed-effects design."""
-    if stats.general:
-        _validate_factors(stats)
-    else:
-        _validate_group(stats)
+    _validate_factors(stats)
     if stats.n <= stats.p:
         raise DataError(f"{stats.p} fixed effects for {stats.n} observations")
     _check_response_varies(stats)
@@ -254,30 +251,22 @@ def _check_response_varies(stats: Statistics) -> None:
 
 
 def _validate_factors(stats: Statistics) -> None:
-    for f in stats.factors:
-        if f.m < 2:
-            raise DataError(f"grouping factor {f.name!r} has {f.m} level; a random effect "
+    """lme4's dimension checks: every factor has 2 or more levels and fewer levels than
+    observations, and there are fewer random effects than observations."""
+    factors = [(f.name, f.m, f.q) for f in stats.factors] if stats.general \
+        else [(stats.group, stats.m, stats.q)]
+    for name, m, _q in factors:
+        if m < 2:
+            raise DataError(f"grouping factor {name!r} has {m} level; a random effect "
                             f"needs at least 2")
-        if f.m >= stats.n:
-            raise DataError(f"grouping factor {f.name!r} has {f.m} levels for {stats.n} "
+        if m >= stats.n:
+            raise DataError(f"grouping factor {name!r} has {m} levels for {stats.n} "
                             f"observations; it must have fewer levels than observations")
-    total = sum(f.m * f.q for f in stats.factors)
+    total = sum(m * q for _name, m, q in factors)
     if total >= stats.n:
-        raise DataError(f"{total} random effects for {stats.n} observations: the random "
+        per = f" ({factors[0][2]} per level of {factors[0][0]!r})" if len(factors) == 1 else ""
+        raise DataError(f"{total} random effects{per} for {stats.n} observations: the random "
                         f"effects are not identifiable; simplify the random part")
-
-
-def _validate_group(stats: Statistics) -> None:
-    if stats.m < 2:
-        raise DataError(f"grouping factor {stats.group!r} has {stats.m} level; "
-                        f"a random effect needs at least 2")
-    if stats.m >= stats.n:
-        raise DataError(f"grouping factor {stats.group!r} has {stats.m} levels for "
-                        f"{stats.n} observations; it must have fewer levels than observations")
-    if stats.q * stats.m >= stats.n:
-        raise DataError(f"{stats.q * stats.m} random effects ({stats.q} per level of "
-                        f"{stats.group!r}) for {stats.n} observations: the random effects are "
-                        f"not identifiable; simplify the random part")
 
 
 def rank_deficient_columns(xtx: np.ndarray, tol: float = 1e-9) -> list[int]:
