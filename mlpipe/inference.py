@@ -48,6 +48,14 @@ DDF_METHODS = {"satterthwaite": "Satterthwaite", "kenward-roger": "Kenward-Roger
 
 # ---------------------------------------------------------------------- numerical derivatives
 
+def _richardson(a: np.ndarray):
+    """Richardson extrapolation of estimates a[0], a[1], ... at steps h, h/2, ... (numDeriv's
+    scheme, error O(h²) removed at each level) → the extrapolated a[0] (array-valued ok)."""
+    for m in range(1, len(a)):
+        a = (a[1:] * 4**m - a[:-1]) / (4**m - 1)
+    return a[0]
+
+
 def richardson_hessian(f, x: np.ndarray, eps: float = 1e-4, d: float = 0.1, r: int = 4,
                        v: float = 2.0) -> np.ndarray:
     """numDeriv::hessian (genD with its default method.args), ported."""
@@ -58,9 +66,7 @@ def richardson_hessian(f, x: np.ndarray, eps: float = 1e-4, d: float = 0.1, r: i
     D = np.zeros((n, n))
 
     def extrapolate(a: np.ndarray) -> float:
-        for m in range(1, r):
-            a = (a[1:r - m + 1] * 4**m - a[0:r - m]) / (4**m - 1)
-        return float(a[0])
+        return float(_richardson(a))
 
     for i in range(n):
         h = h0.copy()
@@ -145,14 +151,10 @@ def _criterion_vp(obj, vp: np.ndarray) -> float:
     """lmerTest's devfun_vp: the REML (or ML) criterion at (θ, σ), β profiled, σ explicit
     (an Objective or a BlockedObjective)."""
     theta, sigma = vp[:-1], vp[-1]
-    if isinstance(obj, BlockedObjective):
-        try:
-            r2, logdet_l, logdet_rx = obj.parts_at(theta)
-        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
-            return np.inf
-    else:
-        dec = obj.decompose(theta)
-        r2, logdet_l, logdet_rx = dec.r2, dec.logdet_l, dec.logdet_rx
+    try:
+        r2, logdet_l, logdet_rx = obj.parts_at(theta)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        return np.inf
     s2 = sigma**2
     n, p = obj.stats.n, obj.stats.p
     dev = logdet_l + r2 / s2 + n * (LOG_2PI + np.log(s2))
@@ -216,9 +218,7 @@ def richardson_jacobian(f, x: np.ndarray, eps: float = 1e-4, d: float = 1e-4, r:
             e[i] = h
             a.append((np.asarray(f(x + e)) - np.asarray(f(x - e))) / (2 * h))
             h = h / v
-        for m in range(1, r):
-            a = [(a[k + 1] * 4**m - a[k]) / (4**m - 1) for k in range(len(a) - 1)]
-        out.append(a[0])
+        out.append(_richardson(np.asarray(a)))
     return out
 
 
@@ -227,15 +227,10 @@ def satterthwaite_general(obj, theta: np.ndarray, sigma: float,
     """Satterthwaite df for any random-effects structure, as lmerTest computes them: the
     Hessian of the criterion in (θ, σ) (β profiled, σ explicit) and the Jacobian of
     Var(β̂) = σ² (R_X'R_X)⁻¹(θ) in (θ, σ), both by numDeriv's Richardson schemes."""
-    n, p = obj.stats.n, obj.stats.p
+    p = obj.stats.p
 
     def crit(vp: np.ndarray) -> float:
-        r2, logdet_l, logdet_rx = obj.parts_at(vp[:-1])
-        s2 = vp[-1] ** 2
-        dev = logdet_l + r2 / s2 + n * (LOG_2PI + np.log(s2))
-        if obj.reml:
-            dev += logdet_rx - p * (LOG_2PI + np.log(s2))
-        return float(dev)
+        return _criterion_vp(obj, vp)
 
     def vcov(vp: np.ndarray) -> np.ndarray:
         return vp[-1] ** 2 * np.linalg.inv(obj.xtx_adj_at(vp[:-1]))
@@ -609,9 +604,7 @@ def _objective(stats: Statistics, reml: bool):
 def _optimize(obj, theta0: np.ndarray | None = None):
     from .optimize import optimize
 
-    if isinstance(obj, BlockedObjective):
-        return optimize(obj, theta0=theta0, method=obj.default_method)
-    return optimize(obj, theta0=theta0)
+    return optimize(obj, theta0=theta0, method=obj.default_method)
 
 
 def wald_intervals(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.ndarray,

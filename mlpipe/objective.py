@@ -388,6 +388,11 @@ class Objective:
         return profiled_deviance(r2, logdet_l, logdet_rx, self.stats.n, self.stats.p,
                                  self.reml)
 
+    def parts_at(self, theta: np.ndarray) -> tuple[float, float, float]:
+        """(r², log|L|², log|R_X|²) at θ (as `BlockedObjective.parts_at`)."""
+        dec = self.decompose(theta)
+        return dec.r2, dec.logdet_l, dec.logdet_rx
+
     def deviance_of(self, dec: Decomposition) -> float:
         return self._deviance(dec.r2, dec.logdet_l, dec.logdet_rx)
 
