@@ -28,10 +28,15 @@ from __future__ import annotations
 import numpy as np
 import qdldl
 import scipy.sparse as sp
+from numba import njit
 from scipy import linalg
 
-#: a Schur complement up to this order is factored densely (8000² doubles = 512 MB)
+from ._selinv import _z
+
+#: a Schur complement up to this order is factored densely (8000² doubles = 512 MB) when
+#: it is filled enough; up to DENSE_SMALL always
 DENSE_MAX = 8000
+DENSE_SMALL = 500
 
 
 def chol_batched(A: np.ndarray) -> np.ndarray:
@@ -78,10 +83,84 @@ def scale_blocks(blocks_t: np.ndarray, Tj: np.ndarray, Tk: np.ndarray) -> np.nda
     return out
 
 
+# ---------------------------------------------------------------------- compiled kernels
+# The Schur update and the Ω₂₁ entries loop over the levels of the leading factor and, per
+# level, over the pairs of its entries in B (Σᵢ kᵢ² of them): no (pair) index arrays.
+
+@njit(cache=True)
+def _dense_fill(S, r_row, r_col, r_off, ev, rows_lv, lv_starts, Bv_lv):
+    """The lower triangle of S = E − B̃B̃' + I, accumulated in place (S zero on entry);
+    `rows_lv`, `Bv_lv`: the entries' rows and B̃ in level order (contiguous per level)."""
+    for t in range(len(ev)):
+        if r_off[t] or r_row[t] >= r_col[t]:  # off pairs hold their lower blocks only
+            S[r_row[t], r_col[t]] += ev[t]
+    q1 = Bv_lv.shape[1]
+    for i in range(len(lv_starts) - 1):
+        for a in range(lv_starts[i], lv_starts[i + 1]):
+            ra = rows_lv[a]
+            for b in range(lv_starts[i], lv_starts[i + 1]):
+                rb = rows_lv[b]
+                if rb > ra:
+                    continue
+                acc = 0.0
+                for c in range(q1):
+                    acc += Bv_lv[a, c] * Bv_lv[b, c]
+                S[ra, rb] -= acc
+    for r in range(S.shape[0]):
+        S[r, r] += 1.0
+
+
+@njit(cache=True)
+def _symmetrize_lower(M):
+    for i in range(M.shape[0]):
+        for j in range(i):
+            M[j, i] = M[i, j]
+
+
+@njit(cache=True)
+def _dense_h(inv, rows_lv, lv_starts, Bv_lv, H_lv):
+    """H[a] = Σ_b Ω₂₂[row a, row b] B̃[b] over the entries b of a's level (level order)."""
+    q1 = Bv_lv.shape[1]
+    for i in range(len(lv_starts) - 1):
+        for a in range(lv_starts[i], lv_starts[i + 1]):
+            ra = rows_lv[a]
+            w = inv[ra, ra]
+            for c in range(q1):
+                H_lv[a, c] += w * Bv_lv[a, c]
+            for b in range(lv_starts[i], a):  # Ω₂₂ is symmetric: each pair once
+                w = inv[ra, rows_lv[b]]
+                for c in range(q1):
+                    H_lv[a, c] += w * Bv_lv[b, c]
+                    H_lv[b, c] += w * Bv_lv[a, c]
+
+
+@njit(cache=True)
+def _sparse_update(vals, slot, keep, t_a, t_b, Bv):
+    """vals[slot[t]] −= B̃[t_a]·B̃[t_b] for the kept (upper-triangle) update terms."""
+    q1 = Bv.shape[1]
+    for t in range(len(t_a)):
+        if keep[t]:
+            acc = 0.0
+            for c in range(q1):
+                acc += Bv[t_a[t], c] * Bv[t_b[t], c]
+            vals[slot[t]] -= acc
+
+
+@njit(cache=True)
+def _sparse_h(indptr, indices, zdata, zdiag, pos, e_row, t_a, t_b, Bv, H):
+    """H[a] = Σ_b Ω₂₂[row a, row b] B̃[b] with Ω₂₂ the selected inverse."""
+    q1 = Bv.shape[1]
+    for t in range(len(t_a)):
+        a, b = t_a[t], t_b[t]
+        w = _z(indptr, indices, zdata, zdiag, pos[e_row[a]], pos[e_row[b]])
+        for c in range(q1):
+            H[a, c] += w * Bv[b, c]
+
+
 def use_dense(order: int, entries: int) -> bool:
     """Factor the Schur complement densely when it is small, or filled: its entries (an
     upper bound: the update terms plus its own blocks) reach a tenth of order²."""
-    return order <= 500 or (order <= DENSE_MAX and entries >= 0.1 * order * order)
+    return order <= DENSE_SMALL or (order <= DENSE_MAX and entries >= 0.1 * order * order)
 
 
 def estimate(qs: list[int], ms: list[int], pairs: list[tuple]) -> dict:
@@ -94,11 +173,16 @@ def estimate(qs: list[int], ms: list[int], pairs: list[tuple]) -> dict:
         if kk == 0 and j != 0:
             k += qs[j] * np.bincount(cols, minlength=ms[0])
     triplets = int(np.sum(k.astype(np.int64) ** 2))
-    dense = use_dense(R, triplets + sum(b.size for j, kk, _r, _c, b in pairs if kk > 0))
-    stage2 = 8 * 3 * R * R if dense else 8 * 4 * (triplets + sum(
-        b.size for j, kk, _r, _c, b in pairs if kk > 0) + R)
+    own = sum(b.size for j, kk, _r, _c, b in pairs if kk > 0)  # the rest's own blocks
+    dense = use_dense(R, triplets + own)
+    # per entry of B: its row, level and place in level order, B̃, H and Ω₂₁ (q₁ each)
+    entries = int(k.sum()) * (24 + 24 * qs[0])
+    if dense:  # S, its factor and its inverse; the update runs in place (no index arrays)
+        stage2 = 8 * 3 * R * R
+    else:  # the update's entry pairs and slots, and the sparse factor's values
+        stage2 = 48 * triplets + 8 * 4 * (triplets + own + R)
     return {"order": R, "update_terms": triplets, "dense": dense,
-            "bytes": int(48 * triplets + stage2)}
+            "bytes": int(entries + stage2)}
 
 
 class Structure:
@@ -127,19 +211,21 @@ class Structure:
         self.b_pairs = e_pair
         self.e_row = np.concatenate(e_row) if e_row else np.zeros(0, np.int64)
         self.e_level = np.concatenate(e_level) if e_level else np.zeros(0, np.int64)
-        # all ordered pairs of entries of the same level: Σ_i k_i² (the Schur update)
-        order = np.argsort(self.e_level, kind="stable")
-        lev = self.e_level[order]
-        starts = np.searchsorted(lev, np.arange(self.m1))
-        counts = np.bincount(lev, minlength=self.m1)
-        rep = np.repeat(counts, counts)  # for each entry (sorted), its level's count
-        first = np.repeat(starts, counts)
+        # the entries grouped by level (the compiled kernels' loops); Σᵢ kᵢ² update terms
+        self.lv_order = np.argsort(self.e_level, kind="stable")
+        counts = np.bincount(self.e_level, minlength=self.m1)
+        self.lv_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.rows_lv = self.e_row[self.lv_order]
         self.n_triplets = int(np.sum(counts.astype(np.int64) ** 2))
-        ia = np.repeat(np.arange(len(order)), rep)
-        ib = first[ia] + (np.arange(self.n_triplets) - np.repeat(np.cumsum(rep) - rep, rep))
-        self.t_a, self.t_b = order[ia], order[ib]  # entry indices
         self.dense = use_dense(self.R, self.n_triplets + int(sum(
             b.size for j, k, _r, _c, b in pairs if k > 0)))
+        if not self.dense:  # the sparse pattern needs every ordered pair of entries
+            lev = self.e_level[self.lv_order]
+            rep = np.repeat(counts, counts)  # for each entry (sorted), its level's count
+            first = np.repeat(self.lv_starts[:-1], counts)
+            ia = np.repeat(np.arange(len(lev)), rep)
+            ib = first[ia] + (np.arange(self.n_triplets) - np.repeat(np.cumsum(rep) - rep, rep))
+            self.t_a, self.t_b = self.lv_order[ia], self.lv_order[ib]  # entry indices
         # the rest's own blocks (pairs with k ≥ 1): rows/cols in rest indices
         r_rows, r_cols, r_off, self.r_pairs = [], [], [], []
         for t, (j, k, rows, cols, _b) in enumerate(pairs):
@@ -227,23 +313,15 @@ class Factorization:
         if R == 0:
             return
         ev = self._rest_values(Ts)
-        tv = np.einsum("tc,tc->t", self.Bv[st.t_a], self.Bv[st.t_b]) if st.n_triplets \
-            else np.zeros(0)
         if st.dense:
-            # a diagonal pair (j = k) holds its blocks whole; an off-diagonal one (j > k)
-            # holds the lower blocks only: mirror those
-            off = np.bincount(st.r_row[st.r_off] * R + st.r_col[st.r_off], ev[st.r_off],
-                              minlength=R * R).reshape(R, R)
-            S = np.bincount(st.r_row[~st.r_off] * R + st.r_col[~st.r_off], ev[~st.r_off],
-                            minlength=R * R).reshape(R, R) + off + off.T
-            S -= np.bincount(st.e_row[st.t_a] * R + st.e_row[st.t_b], tv,
-                             minlength=R * R).reshape(R, R)
-            S[np.diag_indices(R)] += 1.0
-            self.S_chol = linalg.cholesky(S, lower=True, check_finite=False)
+            S = np.zeros((R, R))
+            _dense_fill(S, st.r_row, st.r_col, st.r_off, ev, st.rows_lv, st.lv_starts,
+                        self._bv_lv())
+            self.S_chol = linalg.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
             self.logdet += 2.0 * float(np.sum(np.log(np.diag(self.S_chol))))
             return
         vals = np.bincount(st.s_slot_r[st.r_keep], ev[st.r_keep], minlength=st.n_slots)
-        vals -= np.bincount(st.s_slot_t[st.t_keep], tv[st.t_keep], minlength=st.n_slots)
+        _sparse_update(vals, st.s_slot_t, st.t_keep, st.t_a, st.t_b, self.Bv)
         vals += np.bincount(st.s_slot_d, np.ones(R), minlength=st.n_slots)
         mat = st.mat
         mat.data = vals[st.csc_order]
@@ -256,6 +334,12 @@ class Factorization:
         if not np.all(D > 0):
             raise linalg.LinAlgError("the Schur complement is not positive definite")
         self.logdet += float(np.sum(np.log(D)))
+
+    def _bv_lv(self) -> np.ndarray:
+        """B̃'s entries in level order (computed once per θ)."""
+        if getattr(self, "_bvl", None) is None:
+            self._bvl = np.ascontiguousarray(self.Bv[self.st.lv_order])
+        return self._bvl
 
     def _solve_S(self, rhs: np.ndarray) -> np.ndarray:
         if self.st.R == 0:
@@ -314,13 +398,14 @@ class Factorization:
         st = self.st
         q1, m1 = st.q1, st.m1
         om22 = self._omega22()
+        H = np.zeros((len(st.e_row), q1))
         if len(st.e_row):
-            w = om22(st.e_row[st.t_a], st.e_row[st.t_b])  # Ω₂₂ between entries of a level
-            H = np.zeros((len(st.e_row), q1))
-            for c in range(q1):
-                H[:, c] = np.bincount(st.t_a, w * self.Bv[st.t_b, c], minlength=len(st.e_row))
-        else:
-            H = np.zeros((0, q1))
+            if st.dense:
+                H_lv = np.zeros_like(H)
+                _dense_h(self._inv, st.rows_lv, st.lv_starts, self._bv_lv(), H_lv)
+                H[st.lv_order] = H_lv
+            else:
+                _sparse_h(*self._zsel, st.e_row, st.t_a, st.t_b, self.Bv, H)
         # Ω₁₁,ᵢ = L⁻ᵀ (I + B̃ᵢ'Ω₂₂B̃ᵢ) L⁻¹
         K = np.zeros((q1, q1, m1))
         for a in range(q1):
@@ -337,11 +422,18 @@ class Factorization:
         return om11, om21, om22
 
     def _omega22(self):
+        """Ω₂₂ = S⁻¹ as a lookup (rows, cols) → entries: the whole inverse (dense S, from
+        its Cholesky factor by LAPACK's potri) or the selected inverse on the pattern of
+        the sparse factor (entries off it are not needed)."""
         st = self.st
         if st.R == 0:
             return lambda a, b: np.zeros(len(a))
         if st.dense:
-            inv = linalg.cho_solve((self.S_chol, True), np.eye(st.R), check_finite=False)
+            inv, info = linalg.lapack.dpotri(self.S_chol, lower=1)
+            if info != 0:
+                raise linalg.LinAlgError("the Schur complement is singular")
+            _symmetrize_lower(inv)
+            self._inv = inv
             return lambda a, b: inv[a, b]
         from ._selinv import lookup, selected_inverse
 
@@ -352,4 +444,5 @@ class Factorization:
         zdiag, zdata = selected_inverse(indptr, indices, L.data.astype(float), D)
         pos = np.empty(st.R, dtype=np.int64)
         pos[np.asarray(P)] = np.arange(st.R)
+        self._zsel = (indptr, indices, zdata, zdiag, pos)
         return lambda a, b: lookup(indptr, indices, zdata, zdiag, pos[a], pos[b])

@@ -216,8 +216,11 @@ def test_solver_memory_is_estimated_printed_and_bounded():
     assert solver["order"] == 6 and solver["dense"]
     assert solver["update_terms"] == 24 * 6 * 6  # every plate meets all 6 samples
     assert "solver: Schur complement of order 6 (dense), 864 update terms" in res.summary()
-    with pytest.raises(mlpipe.InputError, match="more than the memory limit 10KB"):
-        mlpipe.fit(stats=res.stats, ddf=None, memory_limit="10KB")
+    # 144 entries of B (24 plates x 6 samples; q1 = 1): 48 bytes each, and the dense
+    # 6x6 Schur complement three times (S, its factor, its inverse); no update index arrays
+    assert solver["bytes"] == 144 * 48 + 3 * 8 * 36
+    with pytest.raises(mlpipe.InputError, match="more than the memory limit 4KB"):
+        mlpipe.fit(stats=res.stats, ddf=None, memory_limit="4KB")
 
 
 @pytest.mark.parametrize("formula", ["y ~ x + (x | school) + (1 | school:class)",
@@ -255,3 +258,36 @@ def test_merge_refuses_different_models(tmp_path):
     two = compute_statistics(tmp_path / "d.parquet", "y ~ x + (x | a) + (1 | b)")
     with pytest.raises(mlpipe.InputError, match="different models"):
         one.merge(two)
+
+
+SCHUR_CASES = ["pastes_nested", "penicillin_crossed", "egsingle_growth",
+               "tvbo_nested_crossed", "scotssec_crossed_slope"]
+
+
+@pytest.mark.parametrize("case", SCHUR_CASES)
+def test_sparse_and_dense_schur_paths_agree(case, monkeypatch):
+    """The Schur complement onto the smaller factors is factored densely (LAPACK) or as a
+    sparse LDL' with its selected inverse (QDLDL) depending on its size; both give the same
+    deviance, gradient, entries of Ω and conditional modes at random θ (the references are
+    small enough for the dense path, so the sparse one is forced here)."""
+    import mlpipe._schur as schur
+
+    st = compute_statistics(data_file(case), reference(case)["formula"])
+    obj_dense = BlockedObjective(st)
+    monkeypatch.setattr(schur, "DENSE_SMALL", 0)
+    monkeypatch.setattr(schur, "DENSE_MAX", 0)
+    obj_sparse = BlockedObjective(st)
+    assert obj_dense._st.dense and not obj_sparse._st.dense
+    rng = np.random.default_rng(1)
+    tm = obj_dense.theta_map
+    for _ in range(3):
+        theta = np.where(tm.diagonal, rng.uniform(0.2, 1.5, len(tm)),
+                         rng.uniform(-0.5, 0.5, len(tm)))
+        fd, gd = obj_dense.value_and_gradient(theta)
+        fs, gs = obj_sparse.value_and_gradient(theta)
+        assert np.isfinite(fd) and fs == pytest.approx(fd, rel=1e-11)
+        np.testing.assert_allclose(gs, gd, rtol=1e-7, atol=1e-8 * abs(fd))
+        dd, ds = obj_dense.decompose(theta), obj_sparse.decompose(theta)
+        np.testing.assert_allclose(ds.u, dd.u, rtol=1e-8, atol=1e-10)
+        for od, os_ in zip(obj_dense.pair_omegas(dd.solver), obj_sparse.pair_omegas(ds.solver)):
+            np.testing.assert_allclose(os_, od, rtol=1e-8, atol=1e-11)
