@@ -31,7 +31,7 @@ import scipy.sparse as sp
 from numba import njit
 from scipy import linalg
 
-from ._selinv import _z
+from ._selinv import _find, _z
 
 #: a Schur complement up to this order is factored densely (8000² doubles = 512 MB) when
 #: it is filled enough; up to DENSE_SMALL always
@@ -98,14 +98,11 @@ def _dense_fill(S, r_row, r_col, r_off, ev, rows_lv, lv_starts, Bv_lv):
     for i in range(len(lv_starts) - 1):
         for a in range(lv_starts[i], lv_starts[i + 1]):
             ra = rows_lv[a]
-            for b in range(lv_starts[i], lv_starts[i + 1]):
-                rb = rows_lv[b]
-                if rb > ra:
-                    continue
+            for b in range(lv_starts[i], a + 1):  # rows ascend within a level: b ≤ a
                 acc = 0.0
                 for c in range(q1):
                     acc += Bv_lv[a, c] * Bv_lv[b, c]
-                S[ra, rb] -= acc
+                S[ra, rows_lv[b]] -= acc
     for r in range(S.shape[0]):
         S[r, r] += 1.0
 
@@ -135,26 +132,55 @@ def _dense_h(inv, rows_lv, lv_starts, Bv_lv, H_lv):
 
 
 @njit(cache=True)
-def _sparse_update(vals, slot, keep, t_a, t_b, Bv):
-    """vals[slot[t]] −= B̃[t_a]·B̃[t_b] for the kept (upper-triangle) update terms."""
-    q1 = Bv.shape[1]
-    for t in range(len(t_a)):
-        if keep[t]:
-            acc = 0.0
-            for c in range(q1):
-                acc += Bv[t_a[t], c] * Bv[t_b[t], c]
-            vals[slot[t]] -= acc
+def _pair_keys(rows_lv, lv_starts, R):
+    """lo·R + hi of every pair of entries of a level (each unordered pair once, with
+    itself): the upper-triangle positions of S that the update fills."""
+    n = 0
+    for i in range(len(lv_starts) - 1):
+        k = lv_starts[i + 1] - lv_starts[i]
+        n += k * (k + 1) // 2
+    out = np.empty(n, dtype=np.int64)
+    t = 0
+    for i in range(len(lv_starts) - 1):
+        for a in range(lv_starts[i], lv_starts[i + 1]):
+            for b in range(lv_starts[i], a + 1):  # rows ascend: rows_lv[b] ≤ rows_lv[a]
+                out[t] = rows_lv[b] * R + rows_lv[a]
+                t += 1
+    return out
 
 
 @njit(cache=True)
-def _sparse_h(indptr, indices, zdata, zdiag, pos, e_row, t_a, t_b, Bv, H):
-    """H[a] = Σ_b Ω₂₂[row a, row b] B̃[b] with Ω₂₂ the selected inverse."""
-    q1 = Bv.shape[1]
-    for t in range(len(t_a)):
-        a, b = t_a[t], t_b[t]
-        w = _z(indptr, indices, zdata, zdiag, pos[e_row[a]], pos[e_row[b]])
-        for c in range(q1):
-            H[a, c] += w * Bv[b, c]
+def _sparse_fill(data, indptr, indices, rows_lv, lv_starts, Bv_lv):
+    """data −= the update B̃B̃' on the upper triangle of S (CSC, sorted row indices): entry
+    (lo, hi) found by binary search in column hi."""
+    q1 = Bv_lv.shape[1]
+    for i in range(len(lv_starts) - 1):
+        for a in range(lv_starts[i], lv_starts[i + 1]):
+            hi = rows_lv[a]
+            for b in range(lv_starts[i], a + 1):
+                acc = 0.0
+                for c in range(q1):
+                    acc += Bv_lv[a, c] * Bv_lv[b, c]
+                pos = _find(indptr, indices, hi, rows_lv[b])
+                data[pos] -= acc
+
+
+@njit(cache=True)
+def _sparse_h(indptr, indices, zdata, zdiag, pos, rows_lv, lv_starts, Bv_lv, H_lv):
+    """As `_dense_h`, with Ω₂₂ the selected inverse (on the pattern of the factor, which
+    holds every pair of rows a level's entries share)."""
+    q1 = Bv_lv.shape[1]
+    for i in range(len(lv_starts) - 1):
+        for a in range(lv_starts[i], lv_starts[i + 1]):
+            pa = pos[rows_lv[a]]
+            w = zdiag[pa]
+            for c in range(q1):
+                H_lv[a, c] += w * Bv_lv[a, c]
+            for b in range(lv_starts[i], a):
+                w = _z(indptr, indices, zdata, zdiag, pa, pos[rows_lv[b]])
+                for c in range(q1):
+                    H_lv[a, c] += w * Bv_lv[b, c]
+                    H_lv[b, c] += w * Bv_lv[a, c]
 
 
 def use_dense(order: int, entries: int) -> bool:
@@ -179,8 +205,10 @@ def estimate(qs: list[int], ms: list[int], pairs: list[tuple]) -> dict:
     entries = int(k.sum()) * (24 + 24 * qs[0])
     if dense:  # S, its factor and its inverse; the update runs in place (no index arrays)
         stage2 = 8 * 3 * R * R
-    else:  # the update's entry pairs and slots, and the sparse factor's values
-        stage2 = 48 * triplets + 8 * 4 * (triplets + own + R)
+    else:  # the pattern's keys (once, sorted by np.unique), the upper triangle of S (at
+        # most each level's pairs of entries, the own blocks and the diagonal) and its factor
+        half = (triplets + int(k.sum())) // 2
+        stage2 = 16 * half + 32 * min(half + own + R, R * (R + 1) // 2)
     return {"order": R, "update_terms": triplets, "dense": dense,
             "bytes": int(entries + stage2)}
 
@@ -216,16 +244,16 @@ class Structure:
         counts = np.bincount(self.e_level, minlength=self.m1)
         self.lv_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.rows_lv = self.e_row[self.lv_order]
+        # the kernels visit each pair of a level's entries once, the lower one second: the
+        # rows must ascend within every level (entries are made in row order, sorted stably)
+        step = np.diff(self.rows_lv)
+        new_level = np.zeros(len(step), bool)
+        firsts = self.lv_starts[1:-1]
+        new_level[firsts[(firsts > 0) & (firsts < len(self.rows_lv))] - 1] = True
+        assert np.all((step > 0) | new_level), "entries out of row order within a level"
         self.n_triplets = int(np.sum(counts.astype(np.int64) ** 2))
         self.dense = use_dense(self.R, self.n_triplets + int(sum(
             b.size for j, k, _r, _c, b in pairs if k > 0)))
-        if not self.dense:  # the sparse pattern needs every ordered pair of entries
-            lev = self.e_level[self.lv_order]
-            rep = np.repeat(counts, counts)  # for each entry (sorted), its level's count
-            first = np.repeat(self.lv_starts[:-1], counts)
-            ia = np.repeat(np.arange(len(lev)), rep)
-            ib = first[ia] + (np.arange(self.n_triplets) - np.repeat(np.cumsum(rep) - rep, rep))
-            self.t_a, self.t_b = self.lv_order[ia], self.lv_order[ib]  # entry indices
         # the rest's own blocks (pairs with k ≥ 1): rows/cols in rest indices
         r_rows, r_cols, r_off, self.r_pairs = [], [], [], []
         for t, (j, k, rows, cols, _b) in enumerate(pairs):
@@ -248,27 +276,28 @@ class Structure:
         self.solver = None
 
     def _sparse_pattern(self) -> None:
-        """The upper-triangle pattern of S (its own blocks ∪ the Schur fill) and slot maps."""
+        """The upper-triangle pattern of S (its own blocks ∪ the update's fill ∪ the
+        diagonal) as a CSC matrix with sorted rows, and the slots of the own blocks."""
         R = self.R
-        rows = np.concatenate([self.r_row, self.e_row[self.t_a], np.arange(R)])
-        cols = np.concatenate([self.r_col, self.e_row[self.t_b], np.arange(R)])
-        lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
-        key = lo * R + hi
-        uniq, inv = np.unique(key, return_inverse=True)
-        self.s_slot_r = inv[:len(self.r_row)]
-        self.s_slot_t = inv[len(self.r_row):len(self.r_row) + len(self.t_a)]
-        self.s_slot_d = inv[len(self.r_row) + len(self.t_a):]
+        lo = np.minimum(self.r_row, self.r_col)
+        hi = np.maximum(self.r_row, self.r_col)
+        own = lo * R + hi
+        uniq = np.unique(np.concatenate([own, _pair_keys(self.rows_lv, self.lv_starts, R),
+                                         np.arange(R, dtype=np.int64) * (R + 1)]))
+        self.s_slot_r = np.searchsorted(uniq, own)
+        self.s_slot_d = np.searchsorted(uniq, np.arange(R, dtype=np.int64) * (R + 1))
         # the rest's blocks are stored once per pair (j ≥ k), an off-diagonal block entry
         # (row > col) lands in the upper triangle once; a diagonal-pair entry appears at
         # (a, b) and (b, a): keep only one of the two (and the diagonal once)
         self.r_keep = (self.r_row <= self.r_col) | self.r_off
-        self.t_keep = self.e_row[self.t_a] <= self.e_row[self.t_b]
         self.n_slots = len(uniq)
         urow, ucol = uniq // R, uniq % R
         slot = np.arange(1, len(uniq) + 1, dtype=float)
         mat = sp.csc_matrix((slot, (urow, ucol)), shape=(R, R))
         mat.sort_indices()
         self.csc_order = mat.data.astype(np.int64) - 1
+        self.csc_indptr = mat.indptr.astype(np.int64)
+        self.csc_indices = mat.indices.astype(np.int64)
         self.mat = mat
 
 
@@ -321,10 +350,11 @@ class Factorization:
             self.logdet += 2.0 * float(np.sum(np.log(np.diag(self.S_chol))))
             return
         vals = np.bincount(st.s_slot_r[st.r_keep], ev[st.r_keep], minlength=st.n_slots)
-        _sparse_update(vals, st.s_slot_t, st.t_keep, st.t_a, st.t_b, self.Bv)
         vals += np.bincount(st.s_slot_d, np.ones(R), minlength=st.n_slots)
         mat = st.mat
         mat.data = vals[st.csc_order]
+        _sparse_fill(mat.data, st.csc_indptr, st.csc_indices, st.rows_lv, st.lv_starts,
+                     self._bv_lv())
         if st.solver is None:
             st.solver = qdldl.Solver(mat, upper=True)
         else:
@@ -400,12 +430,12 @@ class Factorization:
         om22 = self._omega22()
         H = np.zeros((len(st.e_row), q1))
         if len(st.e_row):
+            H_lv = np.zeros_like(H)
             if st.dense:
-                H_lv = np.zeros_like(H)
                 _dense_h(self._inv, st.rows_lv, st.lv_starts, self._bv_lv(), H_lv)
-                H[st.lv_order] = H_lv
             else:
-                _sparse_h(*self._zsel, st.e_row, st.t_a, st.t_b, self.Bv, H)
+                _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self._bv_lv(), H_lv)
+            H[st.lv_order] = H_lv
         # Ω₁₁,ᵢ = L⁻ᵀ (I + B̃ᵢ'Ω₂₂B̃ᵢ) L⁻¹
         K = np.zeros((q1, q1, m1))
         for a in range(q1):
