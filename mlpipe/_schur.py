@@ -108,6 +108,37 @@ def _dense_fill(S, r_row, r_col, r_off, ev, rows_lv, lv_starts, Bv_lv):
 
 
 @njit(cache=True)
+def level_matmul(A, B, trans):
+    """A_i B_i (or A_i' B_i) for A (m, q, q), B (m, q, r) → (m, q, r): a loop over levels
+    without numpy's per-matrix overhead for tiny blocks."""
+    m, q, r = B.shape
+    out = np.zeros((m, q, r))
+    for i in range(m):
+        for a in range(q):
+            for b in range(q):
+                w = A[i, b, a] if trans else A[i, a, b]
+                if w != 0.0:
+                    for c in range(r):
+                        out[i, a, c] += w * B[i, b, c]
+    return out
+
+
+@njit(cache=True)
+def shared_matmul(T, B):
+    """T B_i for one (q, q) T and B (m, q, r) → (m, q, r)."""
+    m, q, r = B.shape
+    out = np.zeros((m, q, r))
+    for i in range(m):
+        for a in range(q):
+            for b in range(q):
+                w = T[a, b]
+                if w != 0.0:
+                    for c in range(r):
+                        out[i, a, c] += w * B[i, b, c]
+    return out
+
+
+@njit(cache=True)
 def _symmetrize_lower(M):
     for i in range(M.shape[0]):
         for j in range(i):
@@ -402,10 +433,8 @@ class Factorization:
         st = self.st
         q1, m1 = st.q1, st.m1
         r = C1.shape[2]
-        y1 = np.zeros_like(C1)  # L1⁻¹ C1 per level
-        for a in range(q1):
-            for b in range(a + 1):
-                y1[:, a] += self.L1inv[a, b][:, None] * C1[:, b]
+        Li = self._l1inv_levels()
+        y1 = level_matmul(Li, np.ascontiguousarray(C1), False)  # L1⁻¹ C1 per level
         # C2 − B̃ y1, then W1 = L1⁻ᵀ (y1 − B̃' W2) per level: B̃ as a sparse (R, m1·q1) matrix
         c2 = C2.copy()
         z = y1.copy()
@@ -416,11 +445,14 @@ class Factorization:
             z -= (B.T @ W2).reshape(m1, q1, r)
         else:
             W2 = self._solve_S(c2)
-        W1 = np.zeros_like(z)
-        for a in range(q1):
-            for b in range(a, q1):  # L⁻ᵀ[a, b] = L⁻¹[b, a]
-                W1[:, a] += self.L1inv[b, a][:, None] * z[:, b]
+        W1 = level_matmul(Li, z, True)  # L1⁻ᵀ z per level
         return W1, W2
+
+    def _l1inv_levels(self) -> np.ndarray:
+        """L1⁻¹ "level first" (m1, q1, q1), for batched products (once per θ)."""
+        if getattr(self, "_li_m", None) is None:
+            self._li_m = np.ascontiguousarray(np.moveaxis(self.L1inv, -1, 0))
+        return self._li_m
 
     # ------------------------------------------------------------------ Ω = A⁻¹ on the pattern
     def omega(self) -> tuple[np.ndarray, np.ndarray, object]:

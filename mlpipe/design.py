@@ -125,7 +125,9 @@ class Aggregates:
         ctes, joins, cols = [], [], []
         for by, means in self.tables.items():
             t = self.table_name(by)
-            avg = ", ".join(f"avg({sql}) AS {alias}" for alias, sql in means)
+            # favg: fsum / count, compensated (order-independent in practice, as the scan's
+            # sums: mlpipe/stats.py); NULL over no rows, as avg
+            avg = ", ".join(f"favg({sql}) AS {alias}" for alias, sql in means)
             cols += [f"{t}.{alias} AS {alias}" for alias, _ in means]
             if by is None:
                 ctes.append(f"{t} AS (SELECT {avg} FROM {source} WHERE {complete})")

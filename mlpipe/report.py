@@ -589,8 +589,8 @@ def group_lines(run: ModelRun, slope_term: str, max_groups: int = MAX_LINE_GROUP
         aggs = []
         for c in held:
             qc = quote_ident(c)
-            aggs.append(f"avg({qc}) AS {qc}" if is_numeric(schema[c]) else f"mode({qc}) AS {qc}")
-        aggs += [f"avg({a}) AS {a}" for a in means]
+            aggs.append(f"favg({qc}) AS {qc}" if is_numeric(schema[c]) else f"mode({qc}) AS {qc}")
+        aggs += [f"favg({a}) AS {a}" for a in means]
         qx = quote_ident(xcol)
         agg_sql = ", ".join([f"min({qx}) AS __mlpipe_lo", f"max({qx}) AS __mlpipe_hi",
                              f"grouping({qkeys[0]}) AS __mlpipe_all"] + aggs)

@@ -341,7 +341,7 @@ class _Moments:
     def sum_sql(self, i: int, j: int) -> str:
         a, b = min(i, j), max(i, j)
         body = f"c{b}" if a == 0 else f"c{a} * c{b}"
-        return f"sum({body}) AS {self.name(a, b)}"
+        return f"fsum({body}) AS {self.name(a, b)}"  # compensated: see _run_moments
 
 
 def compute_statistics(data: str | os.PathLike[str], formula: str, *,
@@ -367,13 +367,18 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
     return stats
 
 
-# Reproducibility note (issue 13).  The sums below are DOUBLE sums; DuckDB merges per-thread
-# partial sums in an order that varies from run to run, so with threads > 1 the statistics may
-# differ in the last bits (measured on 3M rows: up to ~1e-14 relative, ~1e-12 for sums that
-# cancel); with threads = 1 they are bit-identical.  Provably order-independent sums were
-# measured on 10M rows (2 cores) and not adopted: HUGEINT fixed-point sums cost 4-7x the scan;
-# an exact two-level float split (v = hi + lo on grids from a max|column| pre-pass, each level
-# summed exactly) +50-130%; the budget was 30%.  center() / group_mean() means (avg) share it.
+# Reproducibility (issue 13).  Every floating-point sum of the scan is DuckDB's compensated
+# (Kahan) fsum(), not sum(): a plain DOUBLE sum depends on how DuckDB splits the rows among
+# threads and merges the per-thread partial sums (measured on 3M rows: ~1e-14 relative apart
+# at threads 2 and 4), the compensated sum carries the rounding error of every addition and
+# merge along, so the rounded result is the same whatever the split in practice (tested at
+# threads 1, 2, 4, 8; not a proof: near a rounding tie the last bit could still differ).
+# The totals are fsum() of the per-group sums too (the groups come out of the hash
+# aggregate in a varying order; an ordered aggregate, fsum(... ORDER BY group), cost 1.2 s
+# on 950k cells against 0.02 s and was not adopted).  center() / group_mean()
+# means are favg() (fsum / count).  Measured cost on 10M rows (2 cores): the scan ~1.5x
+# (0.38 -> 0.57 s), fsum 1.7-1.8x sum in a bare GROUP BY; exact alternatives (HUGEINT fixed
+# point 2.8-7x, a two-level exact float split +50-130%) were measured and not adopted.
 def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design) -> Statistics:
     mom = _Moments(design)
     pairs = mom.pairs()
@@ -410,8 +415,9 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         per_group = con.execute(render(
             "cell_statistics", factor_columns=", ".join(fcols), columns=z_cols,
             cell_order=", ".join(f"g{k}" for k in range(len(gcols))))).fetchnumpy()
-    tot_sql = render("totals", sums=", ".join(f"sum({mom.name(i, j)})"
-                                              for i, j in [(0, 0)] + pairs))
+    tot_sql = render("totals", sums=", ".join(
+        f"sum({mom.name(i, j)})" if (i, j) == (0, 0)  # n: an integer count
+        else f"fsum({mom.name(i, j)})" for i, j in [(0, 0)] + pairs))
     total_rows, *sums = con.execute(tot_sql).fetchone()
     totals = dict(zip([(0, 0)] + pairs, sums))
 
