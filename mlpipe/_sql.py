@@ -7,8 +7,10 @@ filled with quoted identifiers or compiled expressions, never with user-supplied
 
 from __future__ import annotations
 
+import csv
 import functools
 import glob as _glob
+import gzip
 import os
 import re
 from pathlib import Path
@@ -102,6 +104,7 @@ class Source:
         else:  # DuckDB detects hive partitioning (key=value folders) by itself
             self.relation = "read_parquet($source)"
         self.params: dict[str, object] = {"source": pattern}
+        self._checked = False  # the CSV checks of `schema()` ran
 
     def schema(self, con: duckdb.DuckDBPyConnection,
                numeric: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
@@ -117,12 +120,72 @@ class Source:
         except duckdb.Error as exc:
             raise DataError(f"cannot read {self.path}: {first_line(exc)}") from None
         schema = {r[0]: r[1] for r in rows}
+        if self.csv and not self._checked:
+            self._check_csv(con, schema)
+            self._checked = True
         if self.csv:
             text = [c for c in dict.fromkeys(numeric) if schema.get(c) == "VARCHAR"]
             if text:
                 self._numeric_text_columns(con, text)
                 schema.update({c: "DOUBLE" for c in self.params.get("types", {})})
         return schema
+
+    def files(self) -> list[str]:
+        """The files the source reads, sorted (as DuckDB reads a glob)."""
+        pattern = str(self.params["source"])
+        if os.path.isfile(pattern):
+            return [pattern]
+        return sorted(_glob.glob(pattern, recursive=True))
+
+    def _check_csv(self, con: duckdb.DuckDBPyConnection, schema: dict[str, str]) -> None:
+        """Refuse, naming the file, a CSV source that DuckDB would read as something else: an
+        empty file (DuckDB: one column `column0`), rows with more or fewer fields than the
+        header (DuckDB's sniffer gives up and reads each line as one text column, or skips
+        lines), no data rows at all (header only)."""
+        files = self.files()
+        single = len(files) == 1
+        head = _head_lines(files[0]) if files else None
+        if len(schema) == 1:
+            blank = [f for f in files if _head_lines(f) == []]
+            if blank and (single or blank[0] == files[0]):
+                raise DataError(f"{self.path if single else blank[0]}: the file is empty")
+            self._check_fields(con, head[0] if head else next(iter(schema)))
+        try:
+            rows = con.execute(f"SELECT 1 FROM {self.relation} LIMIT 1", self.params).fetchall()
+        except duckdb.Error as exc:
+            raise self.error(exc) from None
+        if rows:
+            return
+        if not single:
+            raise DataError(f"{self.path}: no data rows in any of its {len(files)} CSV files "
+                            f"(header only)")
+        if head is not None and len(head) > 1:  # lines after the header, none read as rows
+            self._check_fields(con, head[0])
+            raise DataError(f"{self.path}: no data rows could be read (DuckDB did not "
+                            f"recognise the CSV dialect)")
+        raise DataError(f"{self.path}: no data rows (header only)")
+
+    def _check_fields(self, con: duckdb.DuckDBPyConnection, header: str) -> None:
+        """`header` is the first line of the CSV (or the one column DuckDB read): when it
+        splits into several fields at a usual delimiter, read the file strictly with that
+        dialect; a row with another number of fields than the header is refused with its
+        line (DuckDB's sniffer gives up on such a file instead of saying so)."""
+        for delim in (",", ";", "\t", "|"):
+            fields = next(csv.reader([header], delimiter=delim), [])
+            if len(fields) > 1:
+                break
+        else:
+            return
+        columns = {f"c{k}": "VARCHAR" for k in range(len(fields))}
+        strict = ("read_csv($source, header = true, auto_detect = false, delim = $delim, "
+                  "quote = '\"', escape = '\"', columns = $columns)")
+        try:
+            con.execute(f"SELECT count(*) FROM {strict}",
+                        {"source": self.params["source"], "delim": delim,
+                         "columns": columns}).fetchall()
+        except duckdb.Error as exc:
+            if _CSV_FIELDS.search(str(exc)):
+                raise self.error(exc) from None
 
     def _numeric_text_columns(self, con: duckdb.DuckDBPyConnection, text: list[str]) -> None:
         """Read the mostly-numeric ones of the CSV text columns `text` as DOUBLE, and make
@@ -150,7 +213,24 @@ class Source:
         return DataError(read_error(self.path, exc, what))
 
 
+def _head_lines(path: str, size: int = 1 << 16) -> list[str] | None:
+    """The non-blank lines of a (small) file, or of its first `size` bytes (a .gz: once
+    decompressed); None when it cannot be read.  Only the first line of a truncated head
+    is trusted to be whole; [] is an empty (or all-blank) file."""
+    try:
+        opener = gzip.open if path.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            head = fh.read(size)
+    except (OSError, EOFError):
+        return None
+    return [line for line in head.decode("utf-8", "replace").splitlines() if line.strip()]
+
+
 _CSV_LINE = re.compile(r"CSV Error on Line: (\d+)")
+_CSV_FIELDS = re.compile(r"Expected Number of Columns: (\d+) Found: (\d+)")
+_CSV_ORIGINAL = re.compile(r"Original Line: ?(.*)")
+_CSV_DELIM = re.compile(r"^\s*delimiter = (.) \(", re.M)
+_CSV_FILE = re.compile(r"^\s*file = (.+?)\s*$", re.M)
 _CSV_CONVERT = re.compile(r'converting column "((?:[^"]|"")*)"\. Could not convert string '
                           r'"(.*?)" to \'(\w+)\'', re.S)
 
@@ -161,6 +241,17 @@ def read_error(path: str, exc: BaseException, what: str = "cannot read") -> str:
     `WHAT PATH: <DuckDB's first line>`."""
     text = str(exc)
     line, conv = _CSV_LINE.search(text), _CSV_CONVERT.search(text)
+    fields = _CSV_FIELDS.search(text)
+    if line and fields:  # a row with more or fewer fields than the header
+        found = int(fields.group(2))
+        original, delim = _CSV_ORIGINAL.search(text), _CSV_DELIM.search(text)
+        if original and delim:  # DuckDB stops counting at the first field too many
+            found = len(next(csv.reader([original.group(1)], delimiter=delim.group(1)), []))
+        named = _CSV_FILE.search(text)
+        if named and not os.path.isfile(path):  # a glob or directory: the file at fault
+            path = named.group(1)
+        return (f"{path}, line {line.group(1)}: {found} fields where the header has "
+                f"{fields.group(1)}")
     if line and conv:
         col, value, dtype = conv.group(1), conv.group(2), conv.group(3)
         kind = "a number" if dtype in ("DOUBLE", "FLOAT", "BIGINT", "INTEGER") else dtype

@@ -431,8 +431,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
     bad = [name for name, k in mom.labels.items()
            if not np.isfinite(float(totals[(k, k)]))]
     if bad:
-        raise DataError(f"model column(s) {', '.join(bad)} take non-finite values in the rows "
-                        f"used (e.g. log or sqrt of a non-positive number, or division by 0)")
+        raise _non_finite(con, source, design, mom, bad)
 
     def group_col(i: int, j: int) -> np.ndarray:
         return np.asarray(per_group[mom.name(i, j)], dtype=float)
@@ -471,6 +470,40 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         group_type=design.schema.get(design.group, "") if design.group else "",
         factors=factors,
         group_types={c: design.schema.get(c, "") for c in _cell_columns(design)})
+
+
+_SQRT_MAX = float(np.sqrt(np.finfo(float).max))  # ~1.34e154: larger values square to inf
+
+
+def _non_finite(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
+                mom: _Moments, bad: list[str]) -> DataError:
+    """The error for model columns whose sums of squares are not finite: the values
+    themselves are infinite or NaN (log(0), division by 0), or they are finite but too large
+    for their squares (|v| > ~1.3e154) or the sum of the squares (over the rows used) to be
+    represented.  One more pass over those columns, only on this error path."""
+    ks = [mom.labels[name] for name in bad]
+    checks = ", ".join(f"count(*) FILTER (WHERE NOT isfinite(c{k})), max(abs(c{k}))"
+                       for k in ks)
+    columns = ", ".join(f"{mom.exprs[k - 1]} AS c{k}" for k in ks)
+    sql = (f"SELECT {checks} FROM (SELECT {columns} FROM "
+           f"{design.aggregates.source(source.relation, design.complete_sql)} AS src "
+           f"WHERE {design.complete_sql})")
+    try:
+        row = con.execute(sql, {**source.params, **design.params}).fetchone()
+    except duckdb.Error:
+        row = None
+    if row is not None:
+        for j, name in enumerate(bad):
+            infinite, largest = row[2 * j], row[2 * j + 1]
+            if infinite or largest is None:
+                continue
+            what = ("squares overflow" if float(largest) > _SQRT_MAX
+                    else "the sum of the squares overflows")
+            return DataError(f"values too large: {what} double precision in model column "
+                             f"{name!r} (largest |value| {float(largest):.3g}, the limit is "
+                             f"about 1.3e154); rescale it")
+    return DataError(f"model column(s) {', '.join(bad)} take non-finite values in the rows "
+                     f"used (e.g. log or sqrt of a non-positive number, or division by 0)")
 
 
 def _cell_columns(design: Design) -> list[str]:

@@ -189,3 +189,59 @@ def test_unwritable_output_is_an_input_error(capsys, tmp_path):
 def test_infinite_literal(capsys, tmp_path):
     assert_input_error(capsys, tmp_path, ["fit", HSB, "-f", "mAch ~ I(cses*1e999) + (1|school)"],
                        "not finite")
+
+
+# ---------------------------------------------------------------------- CSV files DuckDB misreads
+
+def _csv(path: Path, n: int = 60, bad: dict[int, str] | None = None) -> Path:
+    """A CSV with header y,x,g and n rows; `bad` replaces data row k (line k + 2)."""
+    rng = np.random.default_rng(3)
+    rows = [f"{rng.normal():.6f},{rng.normal():.6f},g{k % 6}" for k in range(n)]
+    for k, line in (bad or {}).items():
+        rows[k] = line
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(["y,x,g", *rows]) + "\n")
+    return path
+
+
+def test_csv_row_with_extra_field_after_the_sniffer_sample(capsys, tmp_path):
+    """A bad row beyond DuckDB's sniffing sample fails in the scan: same message."""
+    path = _csv(tmp_path / "late.csv", n=30_000, bad={25_000: "1.0,2.0,g1,9,9"})
+    assert_input_error(capsys, tmp_path, ["stats", str(path), "-f", "y ~ x + (1|g)"],
+                       "late.csv, line 25002: 5 fields where the header has 3")
+
+
+def test_csv_directory_first_file_empty(capsys, tmp_path):
+    d = tmp_path / "parts"
+    (d / "a.csv").parent.mkdir()
+    (d / "a.csv").write_text("\n\n")  # blank lines only: empty too
+    _csv(d / "b.csv")
+    assert_input_error(capsys, tmp_path, ["fit", str(d), "-f", "y ~ x + (1|g)"],
+                       "a.csv: the file is empty")
+
+
+def test_csv_directory_header_only_files(capsys, tmp_path):
+    d = tmp_path / "parts"
+    d.mkdir()
+    for name in ("a.csv", "b.csv"):
+        (d / name).write_text("y,x,g\n")
+    assert_input_error(capsys, tmp_path, ["fit", str(d), "-f", "y ~ x + (1|g)"],
+                       "no data rows in any of its 2 CSV files (header only)")
+
+
+def test_csv_glob_with_an_empty_and_a_header_only_file_among_good_ones(capsys, tmp_path):
+    """Files that add no rows do not stop a glob whose first file has the data."""
+    d = tmp_path / "parts"
+    _csv(d / "a.csv")
+    (d / "b.csv").write_text("")
+    (d / "c.csv").write_text("y,x,g\n")
+    code, err = run(capsys, "fit", str(d / "*.csv"), "-f", "y ~ x + (1|g)", "-q")
+    assert code == 0, err
+
+
+def test_huge_values_name_the_overflow(capsys, tmp_path):
+    y = np.random.default_rng(1).normal(size=40)
+    path = _write(tmp_path, y=y * 1e200, x=np.arange(40.0), g=np.arange(40) % 5)
+    line = assert_input_error(capsys, tmp_path, ["fit", path, "-f", "y ~ x + (1|g)"],
+                              "values too large", "squares overflow", "'y'", "e+200")
+    assert "non-finite" not in line
