@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from scipy import optimize as sopt
 from scipy import stats as sstats
 
+from ._levels import chol_scaled, matmul, solve_lower
 from .blocked import BlockedObjective
 from .errors import FormulaError, InputError
 from .formula import parse_formula
@@ -113,8 +114,9 @@ def _blocks(stats: Statistics, obj: Objective, theta: np.ndarray) -> _Blocks:
     A = np.ascontiguousarray(np.moveaxis(stats.ztz, -1, 0))
     B = np.ascontiguousarray(np.moveaxis(stats.ztx, -1, 0))
     T = obj.theta_map.T(theta)
-    K = np.eye(stats.q)[None] + T.T @ A @ T
-    H = T @ np.linalg.inv(K) @ T.T
+    # H_i = T K_i⁻¹ T' = P_i'P_i with K_i = T'A_iT + I = L_iL_i' and P_i = L_i⁻¹T'
+    P = solve_lower(chol_scaled(stats.ztz, T), T.T[:, :, None])
+    H = np.ascontiguousarray(np.moveaxis(matmul(P.transpose(1, 0, 2), P), -1, 0))
     M = stats.xtx - _sum_bt_c(B, H @ B)
     return _Blocks(A, B, H, T, M)
 

@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 from scipy import linalg
 
+from ._levels import const_matmul, solve_lower, solve_lower_t
 from ._sql import staging_prefix, sweep_stale
 from .errors import InputError
 from .objective import Decomposition, Objective
@@ -335,25 +336,12 @@ def _clean(v):
 
 def _conditional_modes(stats: Statistics, dec: Decomposition, sigma: float) -> pl.DataFrame:
     """b_i = T L_i⁻ᵀ (c_u,i − R_ZX,i β̂); Var(b_i | y) = σ² T (L_i L_i')⁻¹ T'."""
-    q, L, T = stats.q, dec.L, dec.T
+    L, T = dec.L, dec.T
     r = dec.cu - np.tensordot(dec.beta, dec.rzx, axes=(0, 1))  # (q, m)
-    u = np.empty_like(r)
-    for i in reversed(range(q)):
-        acc = r[i]
-        for k in range(i + 1, q):
-            acc = acc - L[k][i] * u[k]
-        u[i] = acc / L[i][i]
-    b = np.tensordot(T, u, axes=(1, 0))
-    # B = L⁻¹ T' column by column; Var(b_j) = σ² Σ_k B[k, j]²
-    var = np.zeros_like(r)
-    for j in range(q):
-        col = []
-        for i in range(q):
-            acc = np.full(stats.m, T[j, i])
-            for k in range(i):
-                acc = acc - L[i][k] * col[k]
-            col.append(acc / L[i][i])
-        var[j] = sigma**2 * sum(c * c for c in col)
+    b = const_matmul(T, solve_lower_t(L, r))
+    # B = L⁻¹ T' per group; Var(b_j) = σ² Σ_k B[k, j]²
+    B = solve_lower(L, T.T[:, :, None])
+    var = sigma**2 * np.einsum("kjm,kjm->jm", B, B)
     levels = pl.Series("level", stats.levels, dtype=pl.Utf8)  # converted once
     sd = np.sqrt(var)
     return pl.concat([
