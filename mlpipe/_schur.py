@@ -31,56 +31,13 @@ import scipy.sparse as sp
 from numba import njit
 from scipy import linalg
 
+from ._levels import chol_batched, level_matmul, scale_blocks, tri_inv_batched
 from ._selinv import _find, _z
 
 #: a Schur complement up to this order is factored densely (8000² doubles = 512 MB) when
 #: it is filled enough; up to DENSE_SMALL always
 DENSE_MAX = 8000
 DENSE_SMALL = 500
-
-
-def chol_batched(A: np.ndarray) -> np.ndarray:
-    """Lower Cholesky factors of (q, q, m) symmetric blocks, elementwise over m."""
-    q, _, m = A.shape
-    L = np.zeros_like(A)
-    for j in range(q):
-        d = A[j, j] - np.sum(L[j, :j] ** 2, axis=0)
-        if not np.all(d > 0):
-            raise linalg.LinAlgError("a diagonal block is not positive definite")
-        L[j, j] = np.sqrt(d)
-        for i in range(j + 1, q):
-            L[i, j] = (A[i, j] - np.sum(L[i, :j] * L[j, :j], axis=0)) / L[j, j]
-    return L
-
-
-def tri_inv_batched(L: np.ndarray) -> np.ndarray:
-    """Inverses of (q, q, m) lower-triangular blocks, elementwise over m."""
-    q, _, m = L.shape
-    inv = np.zeros_like(L)
-    for i in range(q):
-        inv[i, i] = 1.0 / L[i, i]
-        for j in range(i):
-            acc = np.zeros(m)
-            for k in range(j, i):
-                acc += L[i, k] * inv[k, j]
-            inv[i, j] = -acc * inv[i, i]
-    return inv
-
-
-def scale_blocks(blocks_t: np.ndarray, Tj: np.ndarray, Tk: np.ndarray) -> np.ndarray:
-    """T_j' B_n T_k for blocks (q_j, q_k, n) → (q_j, q_k, n), elementwise over n."""
-    qj, qk, n = blocks_t.shape
-    out = np.zeros((Tj.shape[1], Tk.shape[1], n))
-    for a in range(Tj.shape[1]):
-        for b in range(Tk.shape[1]):
-            for r in range(qj):
-                if Tj[r, a] == 0.0:
-                    continue
-                for c in range(qk):
-                    coef = Tj[r, a] * Tk[c, b]
-                    if coef != 0.0:
-                        out[a, b] += coef * blocks_t[r, c]
-    return out
 
 
 # ---------------------------------------------------------------------- compiled kernels
@@ -105,37 +62,6 @@ def _dense_fill(S, r_row, r_col, r_off, ev, rows_lv, lv_starts, Bv_lv):
                 S[ra, rows_lv[b]] -= acc
     for r in range(S.shape[0]):
         S[r, r] += 1.0
-
-
-@njit(cache=True)
-def level_matmul(A, B, trans):
-    """A_i B_i (or A_i' B_i) for A (m, q, q), B (m, q, r) → (m, q, r): a loop over levels
-    without numpy's per-matrix overhead for tiny blocks."""
-    m, q, r = B.shape
-    out = np.zeros((m, q, r))
-    for i in range(m):
-        for a in range(q):
-            for b in range(q):
-                w = A[i, b, a] if trans else A[i, a, b]
-                if w != 0.0:
-                    for c in range(r):
-                        out[i, a, c] += w * B[i, b, c]
-    return out
-
-
-@njit(cache=True)
-def shared_matmul(T, B):
-    """T B_i for one (q, q) T and B (m, q, r) → (m, q, r)."""
-    m, q, r = B.shape
-    out = np.zeros((m, q, r))
-    for i in range(m):
-        for a in range(q):
-            for b in range(q):
-                w = T[a, b]
-                if w != 0.0:
-                    for c in range(r):
-                        out[i, a, c] += w * B[i, b, c]
-    return out
 
 
 @njit(cache=True)

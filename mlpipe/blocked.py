@@ -40,9 +40,10 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import linalg
 
+from ._levels import shared_matmul, vdot
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError
-from .objective import ThetaMap, _vdot, profile_fixed, profiled_deviance
+from .objective import ThetaMap, profile_fixed, profiled_deviance
 from .stats import Factor, Statistics
 
 
@@ -232,16 +233,9 @@ class BlockedObjective:
                 for k in range(len(self.factors))]
 
     def _rhs(self, Ts: list[np.ndarray]) -> np.ndarray:
-        """Λ'Z'[X y] as (Q, p+1)."""
-        out = np.zeros((self.Q, self.stats.p + 1))
-        for k, (T, G) in enumerate(zip(Ts, self.G)):
-            m, q, _ = G.shape
-            dst = out[self.uoff[k]:self.uoff[k + 1]].reshape(m, q, -1)
-            for a in range(q):  # (T'G)[:, a] = Σ_r T[r, a] G[:, r]: q is small
-                for r in range(q):
-                    if T[r, a] != 0.0:
-                        dst[:, a] += T[r, a] * G[:, r]
-        return out
+        """Λ'Z'[X y] as (Q, p+1): per level T'G_i, one broadcast product per factor."""
+        return np.concatenate([shared_matmul(np.ascontiguousarray(T.T), G).reshape(
+            -1, G.shape[2]) for T, G in zip(Ts, self.G)], axis=0)
 
     def _factorize(self, Ts: list[np.ndarray]):
         """Factorization at θ and W = A⁻¹ Λ'Z'[X y] → (fac, C, W), C and W (Q, p+1)."""
@@ -379,18 +373,16 @@ class BlockedObjective:
         return self._params
 
     def _lam(self, Ts: list[np.ndarray], v: np.ndarray) -> np.ndarray:
-        """Λ v for v (Q,) or (Q, r)."""
+        """Λ v for v (Q,) or (Q, r): per level T v_i."""
         out = np.empty_like(v)
         for k, f in enumerate(self.factors):
-            seg = v[self.uoff[k]:self.uoff[k + 1]]
-            blk = seg.reshape((f.m, f.q) + v.shape[1:])
-            dst = out[self.uoff[k]:self.uoff[k + 1]].reshape(blk.shape)
-            T = Ts[k]
-            for a in range(f.q):  # (Λv)[:, a] = Σ_b T[a, b] v[:, b]: q is small
-                dst[:, a] = 0.0
-                for b in range(f.q):
-                    if T[a, b] != 0.0:
-                        dst[:, a] += T[a, b] * blk[:, b]
+            sl = slice(self.uoff[k], self.uoff[k + 1])
+            if v.ndim == 1:
+                out[sl] = (v[sl].reshape(f.m, f.q) @ Ts[k].T).ravel()
+            else:
+                r = v.shape[1]  # may be 0 (no fixed effects left in a profile)
+                out[sl] = shared_matmul(Ts[k], np.ascontiguousarray(
+                    v[sl].reshape(f.m, f.q, r))).reshape(f.m * f.q, r)
         return out
 
     def _value_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -405,7 +397,7 @@ class BlockedObjective:
             raise linalg.LinAlgError("the deviance is not finite")
         gamma = np.append(-beta, 1.0)
         u = W @ gamma
-        zr = np.concatenate([(G @ gamma).ravel() for G in self.G])
+        zr = np.concatenate([G.reshape(-1, G.shape[2]) @ gamma for G in self.G])
         v = zr - self.ztz @ self._lam(Ts, u)
         WX = W[:, :p]
         Y = self.ztz @ self._lam(Ts, WX)
@@ -419,7 +411,7 @@ class BlockedObjective:
                 for b in range(qk):
                     for c in range(qj):
                         for d in range(qk):
-                            dd[a, b, c, d] = _vdot(om[a, b], blocks_t[c, d])
+                            dd[a, b, c, d] = vdot(om[a, b], blocks_t[c, d])
             Tj, Tk = Ts[pr.j], Ts[pr.k]
             # ∂/∂T_k: Σ_n (Ω_n' T_j' S_n)[c, r] = Σ_bs T_j[s, b] dd[b, c, s, r]
             gld[pr.k] += np.einsum("sb,bcsr->cr", Tj, dd)

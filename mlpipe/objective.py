@@ -46,7 +46,6 @@ from ._levels import (chol_masked, chol_scaled, const_matmul, gram, inv_from_cho
 from .stats import Statistics
 
 LOG_2PI = float(np.log(2 * np.pi))
-_vdot = vdot  # the name blocked.py imports (it is to import `vdot` from ._levels)
 
 
 def profiled_deviance(r2: float, logdet_l: float, logdet_rx: float, n: int, p: int,
