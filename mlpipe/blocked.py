@@ -37,14 +37,16 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 from scipy import linalg
 
+from ._lazy import lazy_import
 from ._levels import shared_matmul, vdot
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError
 from .objective import ThetaMap, profile_fixed, profiled_deviance
 from .stats import Factor, Statistics
+
+sp = lazy_import("scipy.sparse")  # imported when first needed (a fast start)
 
 
 @dataclass
@@ -55,7 +57,12 @@ class _Pair:
     k: int
     rows: np.ndarray  # level of factor j
     cols: np.ndarray  # level of factor k
-    blocks: np.ndarray  # (npair, q_j, q_k)
+    blocks_t: np.ndarray  # (q_j, q_k, npair), "pair last": contiguous vectors per entry
+
+    @property
+    def blocks(self) -> np.ndarray:
+        """The same blocks "pair first" (npair, q_j, q_k), a view (stored once)."""
+        return np.moveaxis(self.blocks_t, -1, 0)
 
 
 @dataclass
@@ -79,6 +86,10 @@ def _group_sum(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
     out = np.zeros((size,) + values.shape[1:])
     np.add.at(out, index, values)
     return out
+
+
+def _pair_last(blocks: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(blocks, 0, -1))
 
 
 def parse_bytes(text: str) -> int | None:
@@ -176,22 +187,20 @@ class BlockedObjective:
                 sub = S[:, fj.z][:, :, fk.z]
                 if j == k:
                     rows = np.arange(fj.m)
-                    blocks = _group_sum(fj.index, sub, fj.m)
-                    self.pairs.append(_Pair(j, k, rows, rows, blocks))
+                    self.pairs.append(_Pair(j, k, rows, rows,
+                                            _pair_last(_group_sum(fj.index, sub, fj.m))))
                     continue
                 key = fj.index * fk.m + fk.index
                 uniq, inv = np.unique(key, return_inverse=True)
                 self.pairs.append(_Pair(j, k, uniq // fk.m, uniq % fk.m,
-                                        _group_sum(inv, sub, len(uniq))))
+                                        _pair_last(_group_sum(inv, sub, len(uniq)))))
         self.G = [_group_sum(f.index, G[:, f.z, :], f.m) for f in self.factors]
         m0 = np.empty((p + 1, p + 1))
         m0[:p, :p] = stats.xtx
         m0[:p, p] = m0[p, :p] = stats.xty
         m0[p, p] = stats.yty
         self._M0 = m0
-        # the blocks "pair last" (q_j, q_k, n): contiguous vectors for the scaling per θ
-        self._blocks_t = [np.ascontiguousarray(np.moveaxis(pr.blocks, 0, -1))
-                          for pr in self.pairs]
+        self._blocks_t = [pr.blocks_t for pr in self.pairs]
         spec = ([f.q for f in self.factors], [f.m for f in self.factors],
                 [(pr.j, pr.k, pr.rows, pr.cols, bt) for pr, bt in zip(self.pairs,
                                                                      self._blocks_t)])
@@ -264,8 +273,9 @@ class BlockedObjective:
         return profile_fixed((M + M.T) / 2, self.stats.p)
 
     def _deviance(self, r2: float, logdet_l: float, logdet_rx: float) -> float:
+        # case weights: lme4's criterion has -Σ log w_i (the residual covariance σ² W⁻¹)
         return profiled_deviance(r2, logdet_l, logdet_rx, self.stats.n, self.stats.p,
-                                 self.reml)
+                                 self.reml) - self.stats.log_weights
 
     def __call__(self, theta: np.ndarray) -> float:
         self.evaluations += 1
