@@ -13,11 +13,12 @@ import glob as _glob
 import gzip
 import os
 import re
+import uuid
 from pathlib import Path
 
 import duckdb
 
-from .errors import DataError
+from .errors import DataError, InputError
 
 def _sql_dir() -> Path:
     """`mlpipe/sql` in an installed wheel; the repository's top-level `sql/` in a checkout."""
@@ -69,14 +70,98 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-class Source:
-    """A readable data source: a Parquet file, a directory of Parquet files, a glob, or CSV.
+#: what `Source` accepts besides paths, for messages
+IN_MEMORY_TYPES = ("a polars DataFrame or LazyFrame, a pandas DataFrame, a pyarrow Table, "
+                   "RecordBatchReader or Dataset, or a DuckDB relation")
 
-    `relation` is the SQL table expression (with a bound `$source` parameter) and `params`
-    holds the value to bind.
+
+def _in_memory(data) -> tuple[str, object, bool] | None:
+    """(description, object DuckDB scans, read-once) for in-memory data, None for anything
+    else.  Tables (polars, pandas, arrow) and pyarrow datasets are registered as they are:
+    DuckDB scans Arrow memory without copying and may scan it any number of times.  A
+    stream that can be read only once (a RecordBatchReader, a polars LazyFrame executed in
+    streaming mode, a DuckDB relation of another connection) is read once into a DuckDB
+    temporary table, which spills to disk under the memory limit."""
+    import sys
+
+    import pyarrow as pa
+
+    pl = sys.modules.get("polars")
+    if pl is not None and isinstance(data, pl.DataFrame):
+        return "the polars DataFrame", data.to_arrow(), False
+    if pl is not None and isinstance(data, pl.LazyFrame):
+        return "the polars LazyFrame", _lazy_reader(data), True
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(data, pd.DataFrame):
+        return "the pandas DataFrame", pa.Table.from_pandas(data, preserve_index=False), False
+    if isinstance(data, pa.Table):
+        return "the pyarrow Table", data, False
+    if isinstance(data, pa.RecordBatch):
+        return "the pyarrow RecordBatch", pa.Table.from_batches([data]), False
+    if isinstance(data, pa.RecordBatchReader):
+        return "the pyarrow RecordBatchReader", data, True
+    pds = sys.modules.get("pyarrow.dataset")
+    if pds is not None and isinstance(data, pds.Dataset):
+        return "the pyarrow Dataset", data, False
+    if isinstance(data, duckdb.DuckDBPyRelation):
+        try:
+            return "the DuckDB relation", data.to_arrow_reader(1 << 17), True
+        except duckdb.Error as exc:
+            raise DataError(f"cannot read the DuckDB relation: {first_line(exc)}") from None
+    return None
+
+
+def _lazy_reader(lf):
+    """A polars LazyFrame as a RecordBatchReader: its query executed once, in streaming mode
+    (`collect_batches`), batch by batch."""
+    import pyarrow as pa
+
+    try:
+        schema = lf.limit(0).collect().to_arrow().schema
+        batches = lf.collect_batches()
+    except Exception as exc:  # noqa: BLE001 - polars raises many unrelated types
+        raise DataError(f"cannot evaluate the polars LazyFrame: {first_line(exc)}") from None
+
+    def stream():
+        for df in batches:
+            table = df.to_arrow()
+            if table.schema != schema:
+                table = table.cast(schema)
+            yield from table.to_batches()
+
+    return pa.RecordBatchReader.from_batches(schema, stream())
+
+
+def describe_type(data) -> str:
+    t = type(data)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+class Source:
+    """A readable data source: a Parquet file, a directory of Parquet files, a glob, or CSV —
+    or data in memory (see `IN_MEMORY_TYPES`), registered with DuckDB as a view by `attach`.
+
+    `relation` is the SQL table expression (with a bound `$source` parameter for files) and
+    `params` holds the value to bind.  `schema(con)` attaches in-memory data to `con`
+    first, so every query after it may name `relation`.
     """
 
-    def __init__(self, data: str | os.PathLike[str]):
+    def __init__(self, data):
+        self._memory = None
+        if not isinstance(data, (str, os.PathLike)):
+            found = _in_memory(data)
+            if found is None:
+                raise InputError(f"cannot read data of type {describe_type(data)}: give a "
+                                 f"file path (Parquet or CSV file, directory or glob), "
+                                 f"{IN_MEMORY_TYPES}")
+            self.path, obj, once = found
+            self.location = ""  # nothing to reread later (residuals need the data given)
+            self.csv = False
+            self._view = f"__mlpipe_data_{uuid.uuid4().hex[:12]}"
+            self._memory, self._once, self._attached = obj, once, None
+            self.relation, self.params = quote_ident(self._view), {}
+            self._checked = True
+            return
         path = str(data)
         self.path = path
         #: where the data is, independent of the current directory (recorded with results)
@@ -115,6 +200,7 @@ class Source:
         values are numbers is a numeric column with bad values: it is read as DOUBLE, and
         its first value that is not a number is refused naming the file, line and column
         (rather than making thousands of factor levels of it)."""
+        self.attach(con)
         try:
             rows = con.execute(render("describe", source=self.relation), self.params).fetchall()
         except duckdb.Error as exc:
@@ -129,6 +215,37 @@ class Source:
                 self._numeric_text_columns(con, text)
                 schema.update({c: "DOUBLE" for c in self.params.get("types", {})})
         return schema
+
+    @property
+    def in_memory(self) -> bool:
+        return self._memory is not None
+
+    def attach(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Register in-memory data with `con` as the view `relation` names (no-op for files
+        and when already attached to `con`).  Read-once streams are read into a temporary
+        table here, once: they cannot be attached to a second connection."""
+        if self._memory is None or self._attached is con:
+            return
+        if self._once and self._attached is not None:
+            raise InputError(f"{self.path} was already read; it can be read only once")
+        try:
+            if self._once:
+                stream = f"{self._view}_stream"
+                con.register(stream, self._memory)
+                try:
+                    con.execute(f"CREATE TEMP TABLE {quote_ident(self._view)} AS "
+                                f"SELECT * FROM {quote_ident(stream)}")
+                finally:
+                    con.unregister(stream)
+            else:
+                con.register(self._view, self._memory)
+        except duckdb.Error as exc:
+            msg = first_line(exc)
+            if "already been consumed" in msg:
+                raise InputError(f"{self.path} was already read (a stream can be read only "
+                                 f"once; pass a table, e.g. reader.read_all())") from None
+            raise DataError(f"cannot read {self.path}: {msg}") from None
+        self._attached = con
 
     def files(self) -> list[str]:
         """The files the source reads, sorted (as DuckDB reads a glob)."""

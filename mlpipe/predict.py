@@ -46,7 +46,6 @@ IN_MEMORY_MAX_ROWS = 10_000_000
 #: `residual_summary` switches to approximate (t-digest) quartiles above this many rows
 EXACT_QUANTILE_MAX_ROWS = 50_000_000
 OUTPUT_COLUMNS = ("fitted_population", "fitted", "residual")
-_INPUT_VIEW = "mlpipe_input"
 
 
 # ---------------------------------------------------------------------- what prediction needs
@@ -145,28 +144,21 @@ def as_model(result) -> FittedModel:
 # ---------------------------------------------------------------------- compiling the model
 
 class Frame:
-    """A data source (file/dir/glob/CSV via `Source`, or an in-memory polars/arrow table)."""
+    """A data source (`Source`: a file/dir/glob/CSV, or data in memory) on a connection."""
 
     def __init__(self, data, con: duckdb.DuckDBPyConnection):
-        if isinstance(data, (pl.DataFrame, pa.Table)):
-            table = data.to_arrow() if isinstance(data, pl.DataFrame) else data
-            con.register(_INPUT_VIEW, table)
-            self.relation, self.params, self.path = quote_ident(_INPUT_VIEW), {}, "<table>"
-        else:
-            src = Source(data)
-            self.relation, self.params, self.path = src.relation, src.params, src.path
-        self._source = None if isinstance(data, (pl.DataFrame, pa.Table)) else src
+        src = Source(data)
+        src.attach(con)
+        self.relation, self.params, self.path = src.relation, src.params, src.path
+        self._source = src
         self.con = con
 
     def schema(self, numeric: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
         """Column → type; `numeric` as in `Source.schema` (a CSV's mostly-numeric text
         columns are read as numbers, which may change the relation)."""
-        if self._source is not None:
-            schema = self._source.schema(self.con, numeric)
-            self.relation, self.params = self._source.relation, self._source.params
-            return schema
-        rows = self.con.execute(render("describe", source=self.relation)).fetchall()
-        return {r[0]: r[1] for r in rows}
+        schema = self._source.schema(self.con, numeric)
+        self.relation, self.params = self._source.relation, self._source.params
+        return schema
 
 
 @dataclass
