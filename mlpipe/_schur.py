@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import numpy as np
 import qdldl
-import scipy.sparse as sp
 from numba import njit
 from scipy import linalg
 
+from ._lazy import lazy_import
 from ._levels import chol_batched, level_matmul, scale_blocks, tri_inv_batched
 from ._selinv import _find, _z
+
+sp = lazy_import("scipy.sparse")  # imported when first needed (a fast start)
 
 #: a Schur complement up to this order is factored densely (8000² doubles = 512 MB) when
 #: it is filled enough; up to DENSE_SMALL always

@@ -1,6 +1,7 @@
 """The `mlpipe` command line.
 
     mlpipe fit DATA --formula F [--ml] [--out DIR]      fit, print the summary, write outputs
+                                                       (--reml, the default, or --ml)
     mlpipe fit --config configs/x.toml                 the same from a config file
     mlpipe fit --stats S.parquet [--ml] [--out DIR]    refit from saved statistics
     mlpipe stats DATA --formula F --out S.parquet      the statistics pass alone
@@ -26,64 +27,153 @@ from .errors import InputError
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default when it has one (not for flags or options that default to
+    the config's value) and keeps the descriptions' line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(super(_HelpFormatter, self)._fill_text(line, width, indent)
+                         for line in text.splitlines())
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, exit 2, as for any other bad input
         raise InputError(message)
 
 
 def _add_duckdb_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memory-limit", help="DuckDB memory limit, e.g. 4GB (spills beyond it)")
-    p.add_argument("--threads", type=int, help="DuckDB worker threads")
-    p.add_argument("--temp-directory", help="where DuckDB spills when over the memory limit")
+    p.add_argument("--memory-limit", help="DuckDB memory limit, e.g. 4GB (spills beyond it; "
+                                          "default: DuckDB's, 80%% of RAM)")
+    p.add_argument("--threads", type=int, help="DuckDB worker threads (default: all cores)")
+    p.add_argument("--temp-directory", help="where DuckDB spills when over the memory limit "
+                                            "(default: DuckDB's)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mlpipe", description="Multilevel models from sufficient statistics")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    f = sub.add_parser("fit", help="fit a linear mixed model")
+def _add_fit(sub) -> None:
+    f = sub.add_parser("fit", help=COMMAND_HELP["fit"],
+                       description="Fit a linear mixed model (lme4 formula) from DATA, a config "
+                                   "or saved statistics; print the summary (lme4's layout) and "
+                                   "write result.json, ranef.parquet, config.toml to --out.")
     f.add_argument("data", nargs="?", help="Parquet file, directory or glob, or CSV")
     f.add_argument("--formula", "-f", help='lme4 formula, e.g. "y ~ x + (1 | g)"')
-    f.add_argument("--config", "-c", help="a TOML config (see configs/)")
+    f.add_argument("--config", "-c", help="a TOML config (see configs/); options given here "
+                                          "override it")
     f.add_argument("--stats", help="refit from a statistics file written by `mlpipe stats`")
-    f.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
+    method = f.add_mutually_exclusive_group()
+    method.add_argument("--reml", dest="method", action="store_const", const="REML",
+                        help="restricted maximum likelihood (the default, as lme4's lmer)")
+    method.add_argument("--ml", dest="method", action="store_const", const="ML",
+                        help="maximum likelihood instead of REML (lmer's REML = FALSE)")
     f.add_argument("--out", "-o", help="write result.json, ranef.parquet, config.toml here")
     f.add_argument("--ddf", choices=["satterthwaite", "kenward-roger", "none"],
-                   help="denominator df for the fixed-effect tests (default satterthwaite)")
+                   help="denominator df for the fixed-effect tests (default: satterthwaite)")
     f.add_argument("--ci", choices=["wald", "profile", "none"],
-                   help="confidence intervals for fixed effects and variance components")
-    f.add_argument("--level", type=float, help="confidence level (default 0.95)")
+                   help="confidence intervals for fixed effects and variance components "
+                        "(default: none)")
+    f.add_argument("--level", type=float, help="confidence level (default: 0.95)")
     f.add_argument("--residuals", action="store_true",
                    help="one more pass over the data: scaled residuals in the summary, "
                         "residuals_by_group.parquet in --out")
+    f.add_argument("--correlation-of-fixed", action="store_true",
+                   help="print lme4's \"Correlation of Fixed Effects\" in the summary")
     f.add_argument("--quiet", "-q", action="store_true", help="do not print the summary")
     _add_duckdb_options(f)
 
-    s = sub.add_parser("stats", help="build and save the sufficient statistics")
-    s.add_argument("data")
-    s.add_argument("--formula", "-f", required=True)
-    s.add_argument("--out", "-o", required=True, help="statistics file (.parquet)")
+
+def _add_stats(sub) -> None:
+    s = sub.add_parser("stats", help=COMMAND_HELP["stats"],
+                       description="One pass over DATA builds the per-group sufficient "
+                                   "statistics of a formula and saves them; `mlpipe fit "
+                                   "--stats FILE` refits from them without rereading DATA.")
+    s.add_argument("data", help="Parquet file, directory or glob, or CSV")
+    s.add_argument("--formula", "-f", required=True,
+                   help='lme4 formula, e.g. "y ~ x + (1 | g)"')
+    s.add_argument("--out", "-o", required=True, help="statistics file to write (.parquet)")
     _add_duckdb_options(s)
 
-    sim = sub.add_parser("simulate", help="write a synthetic partitioned Parquet panel")
-    sim.add_argument("out", help="output directory")
-    sim.add_argument("--rows", type=int, default=1_000_000)
-    sim.add_argument("--groups", type=int, default=10_000)
-    sim.add_argument("--partitions", type=int, default=8)
-    sim.add_argument("--seed", type=int, default=1)
 
-    from .compare import add_cli as add_compare_cli
+def _add_simulate(sub) -> None:
+    sim = sub.add_parser("simulate", help=COMMAND_HELP["simulate"],
+                         description="Write a synthetic two-level panel with known parameters "
+                                     "(y ~ x * w + (x | g)) as partitioned Parquet, plus "
+                                     "truth.json.")
+    sim.add_argument("out", help="output directory (part-*.parquet, truth.json)")
+    sim.add_argument("--rows", type=int, default=1_000_000, help="number of rows")
+    sim.add_argument("--groups", type=int, default=10_000,
+                     help="number of groups (at least 2, at least 2 rows each)")
+    sim.add_argument("--partitions", type=int, default=8,
+                     help="Parquet files to split the groups over")
+    sim.add_argument("--seed", type=int, default=1, help="random seed")
 
-    add_compare_cli(sub)
 
-    from .report import add_cli as add_report_cli
+def _add_compare(sub) -> None:
+    from .compare import add_cli
 
-    add_report_cli(sub)
+    add_cli(sub)
 
-    from .predict import add_cli as add_predict_cli
 
-    add_predict_cli(sub)
+def _add_report(sub) -> None:
+    from .report import add_cli
+
+    add_cli(sub)
+
+
+def _add_predict(sub) -> None:
+    from .predict import add_cli
+
+    add_cli(sub)
+
+
+#: one line per command for `mlpipe --help`, which registers no command's options (so it
+#: imports none of their modules)
+COMMAND_HELP = {
+    "fit": "fit a linear mixed model",
+    "stats": "build and save the sufficient statistics",
+    "simulate": "write a synthetic partitioned Parquet panel",
+    "compare": "likelihood-ratio tests between nested models (lme4's anova)",
+    "report": "a self-contained HTML report of fitted models",
+    "predict": "predictions (and residuals) of a fitted model for new data",
+}
+_REGISTER = {"fit": _add_fit, "stats": _add_stats, "simulate": _add_simulate,
+             "compare": _add_compare, "report": _add_report, "predict": _add_predict}
+
+
+def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. `commands`: the subcommands whose options are registered (None: all);
+    the others are listed by name and one-line help only, so that `mlpipe --help` and
+    `mlpipe fit ...` import nothing the other commands need."""
+    from . import __version__
+
+    parser = _Parser(prog="mlpipe", description="Multilevel models from sufficient statistics",
+                     epilog="`mlpipe COMMAND --help` shows a command's options. Exit codes: "
+                            "0 success, 2 bad input, 1 internal error.")
+    parser.add_argument("--version", action="version", version=f"mlpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="COMMAND")
+    for name, register in _REGISTER.items():
+        if commands is None or name in commands:
+            register(sub)
+        else:
+            sub.add_parser(name, help=COMMAND_HELP[name])
     return parser
+
+
+def _command_of(argv: list[str]) -> set[str]:
+    """The subcommand named on the command line (the first word that is not an option)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return {word} if word in _REGISTER else set()
+    return set()
 
 
 def _resolve_fit(args: argparse.Namespace) -> dict:
@@ -96,8 +186,8 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
         cfg["formula"] = args.formula
     if args.stats:
         cfg["stats"] = args.stats
-    if args.ml:
-        cfg["method"] = "ML"
+    if args.method:
+        cfg["method"] = args.method
     if args.out:
         cfg["out"] = args.out
     if args.residuals:
@@ -133,7 +223,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         result = dataclasses.replace(result, residuals=residual_summary(
             result, **cfg.get("duckdb", {})))
     if not args.quiet:
-        print(result.summary())
+        print(result.summary(correlation=args.correlation_of_fixed))
     if cfg.get("out"):
         # the recorded config names its files by absolute path, so it works from anywhere
         resolved = {k: (os.path.abspath(v) if k in ("data", "stats", "out") and v else v)
@@ -202,7 +292,8 @@ COMMANDS = {"fit": cmd_fit, "stats": cmd_stats, "simulate": cmd_simulate,
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(_command_of(argv)).parse_args(argv)
         _check_duckdb_args(args)
         return COMMANDS[args.command](args)
     except InputError as exc:

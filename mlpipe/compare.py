@@ -37,10 +37,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
-from scipy import stats as sps
-
+from . import _dist
+from ._lazy import lazy_import
 from .errors import InputError
+
+pl = lazy_import("polars")
 
 MODEL_KEYS = ("name", "formula", "method", "npar", "loglik", "deviance", "aic", "bic")
 TEST_KEYS = ("model_a", "model_b", "chisq", "df", "p_value", "refit_ml", "p_value_mixture",
@@ -306,14 +307,14 @@ def _as_ml(r: Model) -> Model:
 def _test(a: Model, b: Model) -> tuple:
     df = b.npar - a.npar
     chisq = 2.0 * max(0.0, b.loglik - a.loglik)
-    p = float(sps.chi2.sf(chisq, df)) if df > 0 else None
+    p = float(_dist.chi2_sf(chisq, df)) if df > 0 else None
     fa, fb = frozenset(a.fixed_terms), frozenset(b.fixed_terms)
     nested = df > 0 and fa <= fb and a.random_terms <= b.random_terms
     mix = None
     if df > 0 and fa == fb and a.random_terms < b.random_terms \
             and len(b.random_terms - a.random_terms) == 1:
-        mix = 0.5 * float(sps.chi2.sf(chisq, df)) + \
-            0.5 * (float(sps.chi2.sf(chisq, df - 1)) if df > 1 else float(chisq <= 0))
+        mix = 0.5 * float(_dist.chi2_sf(chisq, df)) + \
+            0.5 * (float(_dist.chi2_sf(chisq, df - 1)) if df > 1 else float(chisq <= 0))
     return (a.name, b.name, chisq, df, p, a.refitted or b.refitted, mix, nested)
 
 

@@ -29,16 +29,18 @@ import nlopt
 import numpy as np
 import polars as pl
 import qdldl
-import scipy.sparse as sp
-from scipy import optimize as sopt
-from scipy import stats as sstats
 
+from . import _dist
+from ._lazy import lazy_import
 from ._levels import chol_scaled, matmul, solve_lower
 from .blocked import BlockedObjective
 from .errors import FormulaError, InputError
 from .formula import parse_formula
 from .objective import Objective
 from .stats import Statistics
+
+sp = lazy_import("scipy.sparse")  # several factors only
+sopt = lazy_import("scipy.optimize")  # profile intervals and the ICC only
 
 LOG_2PI = float(np.log(2 * np.pi))
 #: Kenward-Roger for several grouping factors works with Q x Q algebra (Q = total random
@@ -202,7 +204,7 @@ def satterthwaite(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.n
         g = np.array([J[j, j] for J in jac])
         df[j] = 2 * cov[j, j] ** 2 / (g @ avp @ g)
     t = beta / se
-    return DdfResult("Satterthwaite", df, se, t, 2 * sstats.t.sf(np.abs(t), df))
+    return DdfResult("Satterthwaite", df, se, t, 2 * _dist.t_sf(np.abs(t), df))
 
 
 def richardson_jacobian(f, x: np.ndarray, eps: float = 1e-4, d: float = 1e-4, r: int = 4,
@@ -250,7 +252,7 @@ def satterthwaite_general(obj, theta: np.ndarray, sigma: float,
         g = np.array([J[j, j] for J in jac])
         df[j] = 2 * cov[j, j] ** 2 / (g @ avp @ g)
     t = beta / se
-    return DdfResult("Satterthwaite", df, se, t, 2 * sstats.t.sf(np.abs(t), df))
+    return DdfResult("Satterthwaite", df, se, t, 2 * _dist.t_sf(np.abs(t), df))
 
 
 # ---------------------------------------------------------------------- Kenward-Roger
@@ -325,7 +327,7 @@ def _kenward_roger_finish(phi: np.ndarray, P: list[np.ndarray],
         df[j] = 2 * phi[j, j] ** 2 / (g @ W @ g)
     se = np.sqrt(np.diag(phi_a))
     t = beta / se
-    return DdfResult("Kenward-Roger", df, se, t, 2 * sstats.t.sf(np.abs(t), df))
+    return DdfResult("Kenward-Roger", df, se, t, 2 * _dist.t_sf(np.abs(t), df))
 
 
 # ---------------------------------------------------------------------- several factors
@@ -614,7 +616,7 @@ def wald_intervals(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.
     """β ± z·SE; variance parameters on the sd/cor/σ scale from the criterion's curvature
     (the fit's criterion, REML or ML; lme4's confint(method = "Wald") gives NA for them).
     Any structure: one grouping factor or several (lme4's order and names)."""
-    z = sstats.norm.ppf(0.5 + level / 2)
+    z = _dist.norm_ppf(0.5 + level / 2)
     obj = _objective(stats, reml)
     sv = theta_to_sdcor(obj, theta, sigma)
     names = parameter_names(stats, obj)
@@ -667,7 +669,7 @@ def profile_intervals(stats: Statistics, *, level: float = 0.95) -> pl.DataFrame
     """lme4's profile confidence intervals: the ML deviance profiled for each parameter.
     Any structure: one grouping factor or several (the blocked objective, re-optimized with
     its default method; parameters in lme4's order)."""
-    z = sstats.norm.ppf(0.5 + level / 2)
+    z = _dist.norm_ppf(0.5 + level / 2)
     obj = _objective(stats, reml=False)
     opt = _optimize(obj)
     theta_ml = np.asarray(opt.final_theta)
@@ -823,7 +825,7 @@ def icc_of(result, level: float = 0.95, *, method: str = "profile") -> ICC:
     point = tau00 / (tau00 + sigma2)
 
     if method == "profile":
-        crit = float(sstats.chi2.ppf(level, 1))
+        crit = float(_dist.chi2_ppf(level, 1))
         f = lambda t: obj(np.array([t])) - d_hat - crit  # noqa: E731
         lo = 0.0 if f(0.0) <= 0 else sopt.brentq(f, 0.0, th, xtol=1e-12, rtol=1e-12)
         b = 2.0 * th + 1.0
@@ -848,7 +850,7 @@ def icc_of(result, level: float = 0.95, *, method: str = "profile") -> ICC:
     if not d2 > 0:
         raise InputError("the deviance is not convex at the estimate; use method='profile'")
     se_logit = 2.0 * math.sqrt(2.0 / d2)
-    z = float(sstats.norm.ppf(0.5 + level / 2))
+    z = float(_dist.norm_ppf(0.5 + level / 2))
     expit = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
     return ICC(point, expit(2 * lt - z * se_logit), expit(2 * lt + z * se_logit), level,
                f"Wald on the logit scale ({result.method})", tau00, sigma2)

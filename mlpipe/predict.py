@@ -72,7 +72,7 @@ class FittedModel:
         levels = getattr(stats, "factor_levels", None) if stats is not None else None
         source = getattr(stats, "source", None) or None
         types = getattr(stats, "group_types", None) if stats is not None else None
-        return cls(result.formula, dict(result.coef), float(result.sigma), result.ranef,
+        return cls(result.formula, dict(result.fixef), float(result.sigma), result.ranef,
                    dict(levels) if levels else None, source, int(result.nobs),
                    getattr(stats, "group_type", None) or None, dict(types) if types else None)
 

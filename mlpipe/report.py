@@ -48,11 +48,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import duckdb
-import numpy as np
-import polars as pl
-
+from ._lazy import lazy_import
 from .errors import InputError, MlpipeError
+
+duckdb = lazy_import("duckdb")
+np = lazy_import("numpy")
+pl = lazy_import("polars")
 
 #: default size of the residual sample (rows drawn by reservoir sampling)
 SAMPLE_ROWS = 5000
@@ -335,17 +336,17 @@ def caterpillar_plot(ranef: pl.DataFrame, terms: list[str], group: str) -> tuple
 
 
 def qq_plot(resid: np.ndarray, title: str) -> str:
-    from scipy import stats as sps
+    from . import _dist
 
     r = np.sort(np.asarray(resid, dtype=float))
     n = len(r)
-    theo = sps.norm.ppf((np.arange(1, n + 1) - 0.5) / n)
+    theo = _dist.norm_ppf((np.arange(1, n + 1) - 0.5) / n)
     fig = _figure(5.6, 5.0)
     ax = fig.add_subplot()
     lim = [min(theo[0], r[0]), max(theo[-1], r[-1])]
     ax.plot(lim, lim, color="#c0392b", lw=1, label="y = x (standard normal)")
     q1, q3 = np.quantile(r, [0.25, 0.75])
-    t1, t3 = sps.norm.ppf([0.25, 0.75])
+    t1, t3 = _dist.norm_ppf([0.25, 0.75])
     slope = (q3 - q1) / (t3 - t1)
     ax.plot(lim, [q1 + slope * (v - t1) for v in lim], color="0.4", lw=0.8, ls="--",
             label="line through the quartiles")
@@ -698,7 +699,7 @@ def variance_reduction(base: ModelRun, model: ModelRun) -> list[list[Any]]:
 # ---------------------------------------------------------------------- model comparison
 
 def _own_comparison(runs: list[ModelRun]) -> tuple[list[list[Any]], list[list[Any]], list[str]]:
-    from scipy import stats as sps
+    from . import _dist
 
     models = [[r.name, r.result["formula"], r.result.get("method"), r.npar,
                r.result.get("nobs"), r.result.get("loglik"), r.result.get("aic"),
@@ -722,7 +723,7 @@ def _own_comparison(runs: list[ModelRun]) -> tuple[list[list[Any]], list[list[An
             continue
         small, big = (a, b) if df > 0 else (b, a)
         chisq = float(small.result["deviance"]) - float(big.result["deviance"])
-        p = float(sps.chi2.sf(max(chisq, 0.0), abs(df)))
+        p = float(_dist.chi2_sf(max(chisq, 0.0), abs(df)))
         tests.append([f"{a.name} → {b.name}", abs(df), chisq, p])
     if any(r.result.get("method") == "REML" for r in runs):
         notes.append("Tests of variance components on the boundary (a variance of zero) are "
@@ -1254,9 +1255,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    help="result directories (result.json, ranef.parquet, config.toml)")
     p.add_argument("--out", "-o", default="report.html", help="HTML file to write")
     p.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS,
-                   help=f"rows sampled for the residual Q-Q plot (default {SAMPLE_ROWS})")
+                   help="rows sampled for the residual Q-Q plot")
     p.add_argument("--max-groups", type=int, default=MAX_LINE_GROUPS,
-                   help=f"groups drawn in the regression-lines plot (default {MAX_LINE_GROUPS})")
+                   help="groups drawn in the regression-lines plot")
     p.add_argument("--no-data", dest="data", action="store_false",
                    help="do not read the training data (no residuals, no regression lines)")
     p.set_defaults(func=cmd_report)

@@ -6,11 +6,14 @@ decomposition at the optimum; `summary()`, `to_dict()` and `write()` only format
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +38,33 @@ RUN_ONLY = ("seconds",)
 
 @dataclass
 class FitResult:
+    """A fitted linear mixed model (what `mlpipe.fit` returns).
+
+    Tables (polars DataFrames) and numbers, named as lme4 names them:
+
+    * `fixed_effects` — term, estimate, std_error, t_value, df, p_value (df and p from
+      Satterthwaite or Kenward–Roger, see `df_method`); `fixef` — {term: estimate}
+    * `coef()` — lme4's `coef()`: per grouping factor, one row per level with every
+      fixed-effect coefficient plus that level's random effect (a table per factor)
+    * `ranef` — the conditional modes: group, level, term, estimate, cond_sd (long form)
+    * `random_effects` (group, term, variance, std_dev), `random_correlations`
+      (group, term1, term2, correlation), `residual_variance`, `sigma`
+    * `vcov` — Var(β̂) as a table (one column per fixed effect, rows in the same order; the
+      array is `vcov_matrix`); `correlation_of_fixed` — the same as correlations
+    * `loglik`, `deviance`, `reml_criterion`, `aic`, `bic`, `npar`, `nobs`, `groups`
+      ({factor: levels}), `converged`, `singular`, `theta`, `optimizer`
+    * `confidence_intervals`, `icc`, `variance_partition`, `residuals` when computed
+
+    `summary()` prints lme4's summary (`summary(correlation=True)` adds the correlation of
+    the fixed effects); `write(dir)` writes result.json, ranef.parquet, stats.parquet.
+    """
+
     formula: str
     method: str
     nobs: int
     groups: dict[str, int]
     fixed_effects: pl.DataFrame  # term, estimate, std_error, t_value, df, p_value
-    vcov: np.ndarray
+    vcov_matrix: np.ndarray  # Var(β̂), in the order of fixed_effects (the `vcov` table's)
     random_effects: pl.DataFrame  # group, term, variance, std_dev
     random_correlations: pl.DataFrame  # group, term1, term2, correlation
     residual_variance: float
@@ -100,7 +124,7 @@ class FitResult:
         singular = bool(np.any(theta[obj.theta_map.diagonal] < SINGULAR_TOL))
         return cls(
             formula=stats.formula, method="REML" if reml else "ML", nobs=stats.n,
-            groups={stats.group: stats.m}, fixed_effects=fixed, vcov=vcov,
+            groups={stats.group: stats.m}, fixed_effects=fixed, vcov_matrix=vcov,
             random_effects=rand, random_correlations=corrs, residual_variance=s2, sigma=sigma,
             loglik=-dev / 2, deviance=dev, reml_criterion=dev if reml else None,
             aic=dev + 2 * npar, bic=dev + npar * math.log(stats.n), npar=npar,
@@ -156,7 +180,7 @@ class FitResult:
             partition.append({"group": "Residual", "variance": s2, "proportion": s2 / total})
         return cls(
             formula=stats.formula, method="REML" if reml else "ML", nobs=stats.n,
-            groups={f.name: f.m for f in obj.factors}, fixed_effects=fixed, vcov=vcov,
+            groups={f.name: f.m for f in obj.factors}, fixed_effects=fixed, vcov_matrix=vcov,
             random_effects=rand, random_correlations=corrs, residual_variance=s2, sigma=sigma,
             loglik=-dev / 2, deviance=dev, reml_criterion=dev if reml else None,
             aic=dev + 2 * npar, bic=dev + npar * math.log(stats.n), npar=npar,
@@ -166,8 +190,50 @@ class FitResult:
 
     # ------------------------------------------------------------------ accessors
     @property
-    def coef(self) -> dict[str, float]:
+    def fixef(self) -> dict[str, float]:
+        """The fixed-effect estimates, {term: estimate} (lme4's `fixef()`)."""
         return dict(zip(self.fixed_effects["term"], self.fixed_effects["estimate"]))
+
+    @property
+    def coef(self) -> _Coef:
+        """lme4's `coef()`: call it, `result.coef()`, for the per-level coefficients (see
+        `coefficients`). Indexing it as a mapping (`result.coef["x"]`, the fixed effects
+        before 0.2) still works but is deprecated: use `result.fixef`."""
+        return _Coef(self)
+
+    def coefficients(self) -> dict[str, pl.DataFrame]:
+        """lme4's `coef()`: for each grouping factor (lme4's order), a table with one row per
+        level (`level`) and one column per coefficient — every fixed effect plus the level's
+        conditional mode where the factor has a random effect of that name; a random-effect
+        term with no fixed effect of its name comes first, with the random effect alone."""
+        fixed = self.fixef
+        out = {}
+        for factor in self.groups:
+            part = self.ranef.filter(pl.col("group") == factor)
+            terms = list(dict.fromkeys(part["term"].to_list()))
+            levels = part.filter(pl.col("term") == terms[0])["level"]
+            names = [t for t in terms if t not in fixed] + list(fixed)
+            cols = {"level": levels}
+            for name in names:
+                value = np.full(len(levels), fixed.get(name, 0.0))
+                if name in terms:
+                    value = value + part.filter(pl.col("term") == name)["estimate"].to_numpy()
+                cols[name] = value
+            out[factor] = pl.DataFrame(cols)
+        return out
+
+    @property
+    def vcov(self) -> pl.DataFrame:
+        """Var(β̂) (lme4's `vcov()`, unadjusted also under Kenward–Roger) as a table: one
+        column per fixed effect, named by it; row i belongs to the i-th column (the model's
+        order), so `np.asarray(result.vcov)` is the matrix (also `vcov_matrix`)."""
+        return _named_matrix(self.fixed_effects["term"].to_list(), self.vcov_matrix)
+
+    @property
+    def correlation_of_fixed(self) -> pl.DataFrame:
+        """The correlation matrix of β̂ (lme4's "Correlation of Fixed Effects"), as `vcov`."""
+        return _named_matrix(self.fixed_effects["term"].to_list(),
+                             _correlation(self.vcov_matrix))
 
     # ------------------------------------------------------------------ views
     def to_dict(self) -> dict:
@@ -241,11 +307,116 @@ class FitResult:
                 "mlpipe": __version__, "python": platform.python_version(),
                 "host": platform.node(), "pid": os.getpid()}
 
-    def summary(self) -> str:
-        return render_summary(self)
+    def summary(self, correlation: bool = False) -> str:
+        """The printed summary, laid out as lme4's `summary()`; `correlation=True` adds the
+        correlation of the fixed effects (lme4's `print(summary(m), correlation = TRUE)`)."""
+        return render_summary(self, correlation=correlation)
 
     def __str__(self) -> str:
         return self.summary()
+
+    def __repr__(self) -> str:
+        crit = (f"REML criterion {self.reml_criterion:.4f}" if self.method == "REML"
+                else f"logLik {self.loglik:.4f}, AIC {self.aic:.4f}")
+        groups = ", ".join(f"{g} ({n:,})" for g, n in self.groups.items())
+        flags = "" if self.converged and not self.singular else \
+            " [" + ", ".join((["not converged"] if not self.converged else [])
+                             + (["singular"] if self.singular else [])) + "]"
+        return (f"<mlpipe FitResult: {self.method}{flags}>\n"
+                f"  formula: {self.formula}\n"
+                f"  {crit}\n"
+                f"  n = {self.nobs:,}; groups: {groups}\n"
+                f"  fixed effects: {len(self.fixed_effects)}; "
+                f"variance parameters: {len(self.theta) + 1}\n"
+                f"  (.summary() for the full table)")
+
+    def _repr_html_(self) -> str:
+        """The notebook view: the header and the two tables of the summary."""
+        esc = html.escape
+        crit = (f"REML criterion at convergence: {self.reml_criterion:.4f}"
+                if self.method == "REML" else
+                f"logLik {self.loglik:.4f}, AIC {self.aic:.4f}, BIC {self.bic:.4f}")
+        groups = "; ".join(f"{esc(g)}: {n:,}" for g, n in self.groups.items())
+
+        def table(header, rows):
+            head = "".join(f"<th>{esc(h)}</th>" for h in header)
+            left = " style='text-align:left'"
+            body = "".join("<tr>" + "".join(
+                f"<td{left if i == 0 else ''}>{esc(str(c))}</td>"
+                for i, c in enumerate(r)) + "</tr>" for r in rows)
+            return (f"<table style='text-align:right'><thead><tr>{head}</tr></thead>"
+                    f"<tbody>{body}</tbody></table>")
+
+        fe = self.fixed_effects
+        has_df = fe["df"].null_count() < fe.height
+        fe_rows = [[r["term"], f"{r['estimate']:.4g}", f"{r['std_error']:.4g}"]
+                   + ([_fmt_or_na(r["df"], ".1f")] if has_df else [])
+                   + [f"{r['t_value']:.3f}"] + ([_p_text(r["p_value"])] if has_df else [])
+                   for r in fe.iter_rows(named=True)]
+        fe_head = ["", "Estimate", "Std. Error"] + (["df"] if has_df else []) + ["t value"] + \
+            (["Pr(>|t|)"] if has_df else [])
+        re_rows = [[r["group"], r["term"], f"{r['variance']:.4g}", f"{r['std_dev']:.4g}"]
+                   for r in self.random_effects.iter_rows(named=True)]
+        re_rows.append(["Residual", "", f"{self.residual_variance:.4g}", f"{self.sigma:.4g}"])
+        notes = [n for n, on in (("boundary (singular) fit", self.singular),
+                                 ("the optimizer did not converge", not self.converged)) if on]
+        return (f"<div><b>Linear mixed model fit by {esc(self.method)} (mlpipe)</b><br>"
+                f"<code>{esc(self.formula)}</code><br>{esc(crit)}<br>"
+                f"Number of obs: {self.nobs:,}; groups: {groups}"
+                + "".join(f"<br><b>{esc(n)}</b>" for n in notes)
+                + "<p>Random effects:</p>"
+                + table(["Groups", "Name", "Variance", "Std.Dev."], re_rows)
+                + "<p>Fixed effects:</p>" + table(fe_head, fe_rows) + "</div>")
+
+
+class _Coef(Mapping):
+    """`result.coef`: callable as lme4's coef() (per-level coefficients); as a mapping it is
+    the fixed effects, the meaning `result.coef` had before 0.2 (deprecated: `fixef`)."""
+
+    def __init__(self, result: FitResult):
+        self._result = result
+
+    def __call__(self) -> dict[str, pl.DataFrame]:
+        return self._result.coefficients()
+
+    def _fixef(self) -> dict[str, float]:
+        warnings.warn("result.coef as the fixed effects is deprecated: use result.fixef "
+                      "(result.coef() is lme4's per-level coef())", DeprecationWarning,
+                      stacklevel=3)
+        return self._result.fixef
+
+    def __getitem__(self, key):
+        return self._fixef()[key]
+
+    def __iter__(self):
+        return iter(self._fixef())
+
+    def __len__(self) -> int:
+        return len(self._result.fixed_effects)
+
+    def __repr__(self) -> str:
+        return "<coef: call result.coef() for per-level coefficients; result.fixef: fixed>"
+
+
+def _named_matrix(names: list[str], m: np.ndarray) -> pl.DataFrame:
+    cols = {}
+    for j, name in enumerate(names):
+        cols[name] = pl.Series(name, np.asarray(m)[:, j], dtype=pl.Float64)
+    return pl.DataFrame(cols)
+
+
+def _correlation(cov: np.ndarray) -> np.ndarray:
+    d = np.sqrt(np.diag(cov))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cov / np.outer(d, d)
+
+
+def _fmt_or_na(v, spec: str) -> str:
+    return "NA" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def _p_text(p) -> str:
+    return "NA" if p is None else "< 2e-16" if p < 2e-16 else f"{p:.3g}"
 
 
 def _fixed_table(names: list[str], beta: np.ndarray, rx: np.ndarray,
@@ -412,7 +583,83 @@ def structure_text(structure: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def render_summary(r: FitResult) -> str:
+def r_abbreviate(names: list[str], minlength: int) -> list[str]:
+    """R's abbreviate(names, minlength) (method "left.kept", use.classes = TRUE): lower-case
+    vowels, then lower-case letters, then any characters are dropped from the right (never a
+    word's first character) until `minlength` remains; clashes get a longer abbreviation."""
+    def one(text: str, minlen: int) -> str:
+        b = list(text.strip())
+        if len(b) <= minlen:
+            return "".join(b)
+        nspace = sum(c.isspace() for c in b)
+
+        def first(i):  # the first character of a word
+            return b[i - 1].isspace()
+
+        def last(i):  # the last character of a word
+            return not b[i - 1].isspace() and (i + 1 == len(b) or b[i + 1].isspace())
+
+        passes = [lambda c, i: c in "aeiou" and last(i), lambda c, i: c in "aeiou" and not first(i),
+                  lambda c, i: c.islower() and last(i), lambda c, i: c.islower() and not first(i),
+                  lambda c, i: not first(i) and not c.isspace()]
+        for drop in passes:
+            for i in range(len(b) - 1, 0, -1):
+                if i < len(b) and drop(b[i], i):
+                    del b[i]
+                if len(b) - nspace <= minlen:
+                    break
+            if len(b) - nspace <= minlen:
+                break
+        if len(b) > minlen:
+            b = [b[0]] + [c for c in b[1:] if not c.isspace()]
+        return "".join(b)
+
+    names = [n.strip() for n in names]
+    out = [one(n, minlength) for n in names]
+    todo = _duplicated(out)
+    while any(todo):
+        minlength += 1
+        clash = {out[i] for i, d in enumerate(todo) if d}
+        todo = [d or o in clash for d, o in zip(todo, out)]
+        out = [one(n, minlength) if d else o for n, o, d in zip(names, out, todo)]
+        todo = _duplicated(out)
+        if minlength > max(len(n) for n in names):
+            break
+    return out
+
+
+def _duplicated(xs: list[str]) -> list[bool]:
+    seen: set[str] = set()
+    flags = []
+    for x in xs:
+        flags.append(x in seen)
+        seen.add(x)
+    return flags
+
+
+def correlation_text(names: list[str], corr: np.ndarray) -> list[str]:
+    """lme4's "Correlation of Fixed Effects" block: the lower triangle rounded to 3 decimals,
+    rows named abbreviate(names, 11), columns abbreviate(names, 6), left-aligned as R prints a
+    character matrix."""
+    p = len(names)
+    if p < 2:
+        return []
+    rows, cols = r_abbreviate(names, 11), r_abbreviate(names, 6)
+    cells = [[f"{round(float(corr[i, j]), 3):.3f}" for j in range(p)] for i in range(p)]
+    width = max(len(c) for row in cells for c in row)
+    cells = [[cells[i][j].rjust(width) if j < i else "" for j in range(p - 1)]
+             for i in range(1, p)]
+    rn = rows[1:]
+    rw = max(len(n) for n in rn)
+    widths = [max(len(cols[j]), *(len(r[j]) for r in cells)) for j in range(p - 1)]
+    out = ["Correlation of Fixed Effects:",
+           " " * rw + " " + " ".join(c.ljust(w) for c, w in zip(cols[:-1], widths))]
+    for name, r in zip(rn, cells):
+        out.append(name.ljust(rw) + " " + " ".join(c.ljust(w) for c, w in zip(r, widths)))
+    return [line.rstrip() for line in out]
+
+
+def render_summary(r: FitResult, correlation: bool = False) -> str:
     lines = [f"Linear mixed model fit by {'REML' if r.method == 'REML' else 'maximum likelihood'}"
              f" (mlpipe)", f"Formula: {r.formula}", ""]
     if r.method == "REML":
@@ -475,6 +722,9 @@ def render_summary(r: FitResult) -> str:
     lines += _table(header, rows)
     if r.df_method:
         lines.append(f"(degrees of freedom and p-values: {r.df_method})")
+    if correlation and r.fixed_effects.height > 1:
+        lines += [""] + correlation_text(r.fixed_effects["term"].to_list(),
+                                         _correlation(r.vcov_matrix))
     if r.confidence_intervals is not None:
         ci = r.confidence_intervals
         method = ci["method"][0]

@@ -31,7 +31,7 @@ def test_grand_mean_centering_shifts_only_the_intercept():
     raw = mlpipe.fit(HSB, "mAch ~ ses + (1|school)")
     cen = mlpipe.fit(HSB, "mAch ~ center(ses) + (1|school)")
     mean_ses = duckdb.connect().execute(f"SELECT avg(ses) FROM '{HSB}'").fetchone()[0]
-    b_raw, b_cen = raw.coef, cen.coef
+    b_raw, b_cen = raw.fixef, cen.fixef
     assert b_cen["center(ses)"] == pytest.approx(b_raw["ses"], rel=1e-7)
     assert b_cen["(Intercept)"] == pytest.approx(b_raw["(Intercept)"] + b_raw["ses"] * mean_ses,
                                                  rel=1e-7)

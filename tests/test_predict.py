@@ -60,7 +60,7 @@ def test_conditional_fitted_match_lme4(sleep):
 
 def test_population_is_x_beta(sleep):
     res, _ = sleep
-    b0, b1 = res.coef["(Intercept)"], res.coef["Days"]
+    b0, b1 = res.fixef["(Intercept)"], res.fixef["Days"]
     for level in ("conditional", "population"):
         df = predict(res, SLEEP, level=level)
         np.testing.assert_allclose(df["fitted_population"].to_numpy(),
@@ -73,8 +73,8 @@ def test_conditional_is_x_beta_plus_z_b(sleep):
     res, _ = sleep
     df = predict(res, SLEEP)
     re = _ranef_wide(res)
-    expect = [res.coef["(Intercept)"] + re[s]["(Intercept)"]
-              + (res.coef["Days"] + re[s]["Days"]) * d
+    expect = [res.fixef["(Intercept)"] + re[s]["(Intercept)"]
+              + (res.fixef["Days"] + re[s]["Days"]) * d
               for s, d in zip(df["Subject"], df["Days"])]
     np.testing.assert_allclose(df["fitted"].to_numpy(), expect, rtol=1e-12)
 
@@ -86,7 +86,7 @@ def test_unseen_and_missing_groups_fall_back_to_population(sleep, tmp_path):
                              "Subject": ["308", "999", None, "308"]}), new)
     df = predict(res, new)
     assert "residual" not in df.columns  # no response column in the new data
-    pop = res.coef["(Intercept)"] + res.coef["Days"] * df["Days"].to_numpy()
+    pop = res.fixef["(Intercept)"] + res.fixef["Days"] * df["Days"].to_numpy()
     np.testing.assert_allclose(df["fitted_population"].to_numpy(), pop)
     fit = df["fitted"].to_numpy()
     np.testing.assert_allclose(fit[1:3], pop[1:3])  # unseen "999" and null Subject
@@ -109,7 +109,7 @@ def test_missing_columns(sleep, tmp_path):
         predict(res, only_days)
     pop = predict(res, only_days, level="population")  # no group needed at population level
     assert pop["fitted"].to_list() == pytest.approx(
-        [res.coef["(Intercept)"] + res.coef["Days"] * d for d in (1, 2)])
+        [res.fixef["(Intercept)"] + res.fixef["Days"] * d for d in (1, 2)])
     no_days = tmp_path / "nodays.parquet"
     pq.write_table(pa.table({"Subject": ["308"]}), no_days)
     with pytest.raises(DataError, match="predictor column 'Days' is not in"):
@@ -130,7 +130,7 @@ def test_hsb_categorical_matches_lme4(hsb):
     res, ref = hsb
     df = predict(res, HSB)
     np.testing.assert_allclose(df["fitted"].to_numpy()[:20], ref["fitted_head"], rtol=1e-3)
-    c = res.coef
+    c = res.fixef
     public = (df["sector"] == "Public").cast(pl.Float64).to_numpy()
     ms, cs = df["meanses"].to_numpy(), df["cses"].to_numpy()
     pop = (c["(Intercept)"] + c["meanses"] * ms + c["cses"] * cs + c["sectorPublic"] * public
@@ -158,7 +158,7 @@ def test_categorical_random_slope():
     new = pl.DataFrame({"school": ["1224"] * 3, "cses": [0.1] * 3,
                         "sector": ["Public", "Catholic", "Mars"]})
     df = predict(res, new)
-    pop = res.coef["(Intercept)"] + 0.1 * res.coef["cses"]
+    pop = res.fixef["(Intercept)"] + 0.1 * res.fixef["cses"]
     np.testing.assert_allclose(df["fitted_population"].to_numpy(), pop)
     assert df["fitted"][0] == pytest.approx(pop + re["(Intercept)"] + re["sectorPublic"])
     assert df["fitted"][1] == pytest.approx(pop + re["(Intercept)"])
@@ -206,7 +206,7 @@ def test_result_dir_and_cli(sleep, tmp_path, capsys):
     rdir = tmp_path / "res"
     res.write(rdir)
     model = load_result_dir(rdir)
-    assert model.formula == res.formula and model.fixed == pytest.approx(res.coef)
+    assert model.formula == res.formula and model.fixed == pytest.approx(res.fixef)
     assert model.sigma == pytest.approx(res.sigma)
 
     parser = argparse.ArgumentParser()
@@ -282,8 +282,8 @@ def test_residual_summary_sleepstudy(sleep):
     y = np.asarray(raw["Reaction"])
     days = np.asarray(raw["Days"], dtype=float)
     subj = raw["Subject"]
-    fit = np.array([res.coef["(Intercept)"] + re[s_]["(Intercept)"]
-                    + (res.coef["Days"] + re[s_]["Days"]) * d for s_, d in zip(subj, days)])
+    fit = np.array([res.fixef["(Intercept)"] + re[s_]["(Intercept)"]
+                    + (res.fixef["Days"] + re[s_]["Days"]) * d for s_, d in zip(subj, days)])
     r = y - fit
     expect = np.quantile(r / res.sigma, [0, 0.25, 0.5, 0.75, 1])  # R's type 7
     assert list(s.quantiles) == ["Min", "1Q", "Median", "3Q", "Max"]
@@ -326,7 +326,7 @@ def test_json_result_fields_used(sleep, tmp_path):
     rdir = tmp_path / "res"
     rdir.mkdir()
     meta = {"formula": res.formula, "sigma": res.sigma,
-            "fixed_effects": [{"term": t, "estimate": e} for t, e in res.coef.items()]}
+            "fixed_effects": [{"term": t, "estimate": e} for t, e in res.fixef.items()]}
     (rdir / "result.json").write_text(json.dumps(meta))
     res.ranef.write_parquet(rdir / "ranef.parquet")
     df = predict(rdir, SLEEP)

@@ -53,7 +53,7 @@ def _numpy_fitted(res, df: pl.DataFrame, slopes: dict[str, str] | None = None) -
     columns in `slopes` (term -> column), and every factor's modes of each row's level (0 for
     a level the fit never saw)."""
     slopes = slopes or {}
-    coef, modes = res.coef, _modes(res)
+    coef, modes = res.fixef, _modes(res)
     fit = np.full(df.height, coef.get("(Intercept)", 0.0))
     for term, col in slopes.items():
         if term in coef:
@@ -80,7 +80,7 @@ def test_conditional_fitted_match_lme4(case, data):
     np.testing.assert_allclose(df["fitted"].to_numpy()[:20], ref["reml"]["fitted_head"],
                                rtol=1e-6)
     np.testing.assert_allclose(df["fitted"].to_numpy(), _numpy_fitted(res, raw), rtol=1e-12)
-    np.testing.assert_allclose(df["fitted_population"].to_numpy(), res.coef["(Intercept)"])
+    np.testing.assert_allclose(df["fitted_population"].to_numpy(), res.fixef["(Intercept)"])
     y = raw[ref["formula"].split("~")[0].strip()].to_numpy()
     np.testing.assert_allclose(df["residual"].to_numpy(), y - df["fitted"].to_numpy(),
                                atol=1e-12)
@@ -107,7 +107,7 @@ def test_more_structures_match_lme4(case):
 
 def test_new_level_of_one_crossed_factor_drops_only_its_term(penicillin):
     res = penicillin
-    b0, m = res.coef["(Intercept)"], _modes(res)
+    b0, m = res.fixef["(Intercept)"], _modes(res)
     plate = lambda lv: m[("plate", lv, "(Intercept)")]  # noqa: E731
     sample = lambda lv: m[("sample", lv, "(Intercept)")]  # noqa: E731
     new = pl.DataFrame({"plate": ["a", "zz", "a", None, "zz", "x"],
@@ -128,7 +128,7 @@ def test_new_cask_in_a_known_batch_keeps_the_batch(pastes):
     """Nested: a cask the fit never saw in batch A gets batch A's effect (and only it); an
     unseen batch with a cask label seen elsewhere gets neither."""
     res = pastes
-    b0, m = res.coef["(Intercept)"], _modes(res)
+    b0, m = res.fixef["(Intercept)"], _modes(res)
     new = pl.DataFrame({"batch": ["A", "A", "Z", "A"], "cask": ["a", "q", "a", None]})
     df = predict(res, new)
     batch_a = m[("batch", "A", "(Intercept)")]
@@ -139,7 +139,7 @@ def test_new_cask_in_a_known_batch_keeps_the_batch(pastes):
 
 def test_population_needs_no_grouping_column(penicillin):
     df = predict(penicillin, pl.DataFrame({"x": [1, 2]}), level="population")
-    np.testing.assert_allclose(df["fitted"].to_numpy(), penicillin.coef["(Intercept)"])
+    np.testing.assert_allclose(df["fitted"].to_numpy(), penicillin.fixef["(Intercept)"])
     with pytest.raises(DataError, match="'plate'.*population"):
         predict(penicillin, pl.DataFrame({"sample": ["A"]}))
 
@@ -210,7 +210,7 @@ def test_slope_at_the_outer_level_of_a_nested_model(tmp_path):
     new = pl.DataFrame({"x": [0.5, 0.5, 0.5], "school": [3.0, 3.0, 99.0],
                         "cls": [1.0, 7.0, 1.0]})
     df = predict(res, new)
-    m, c = _modes(res), res.coef
+    m, c = _modes(res), res.fixef
     school3 = m[("school", "3", "(Intercept)")] + 0.5 * m[("school", "3", "x")]
     cls31 = m[("school:cls", "3:1", "(Intercept)")]
     np.testing.assert_allclose(df["fitted"].to_numpy(),
