@@ -406,12 +406,14 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
     else:
         gcols = _cell_columns(design)
         fcols = []
+        factor_labels = []  # per factor its level labels (levels, not cells: few strings)
         for k, f in enumerate(design.factors):
             keys = ", ".join(f"g{gcols.index(c)}" for c in f.columns)
             label = " || ':' || ".join(f"CAST(g{gcols.index(c)} AS VARCHAR)"
                                        for c in f.columns)
-            fcols += [f"CAST(dense_rank() OVER (ORDER BY {keys}) - 1 AS BIGINT) AS f{k}",
-                      f"{label} AS l{k}"]
+            fcols.append(f"CAST(dense_rank() OVER (ORDER BY {keys}) - 1 AS BIGINT) AS f{k}")
+            factor_labels.append(np.asarray(con.execute(render(
+                "factor_levels", label=label, keys=keys)).fetchnumpy()["label"], dtype=object))
         per_group = con.execute(render(
             "cell_statistics", factor_columns=", ".join(fcols), columns=z_cols,
             cell_order=", ".join(f"g{k}" for k in range(len(gcols))))).fetchnumpy()
@@ -454,8 +456,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
     if design.group is None:
         for k, f in enumerate(design.factors):
             index = np.asarray(per_group[f"f{k}"], dtype=np.int64)
-            labels = np.empty(int(index.max()) + 1 if len(index) else 0, dtype=object)
-            labels[index] = np.asarray(per_group[f"l{k}"], dtype=object)
+            labels = factor_labels[k]
             factors.append(Factor(f.name, list(f.columns), list(f.z), list(f.names),
                                   [(b.start, b.size) for b in f.blocks], labels, index))
     return Statistics(
