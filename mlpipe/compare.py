@@ -15,9 +15,11 @@ Rules (after lme4's `anova.merMod`):
   comparable, and REML variance estimates are less biased.  (lme4's default `refit=TRUE`
   refits unconditionally; this case is its `refit=FALSE`.  `ml=True` forces the refit.)
 * Models are ordered by their number of parameters; each is tested against the one before:
-  χ² = 2 max(0, ℓ_b − ℓ_a) on df = npar_b − npar_a degrees of freedom (no p value when
-  df = 0).  Like anova, nesting is not enforced; `nested` flags pairs whose fixed and
-  random terms are not subsets of the next model's, and the summary warns about them.
+  χ² = 2 max(0, ℓ_b − ℓ_a) on df = npar_b − npar_a degrees of freedom.  Only nested pairs
+  are tested: a pair whose fixed and random terms are not subsets of the next model's (or
+  with df = 0) has `nested` false and no χ², df-based p value or mixture (None), and the
+  summary says so (`not_nested_note`, the same sentence in `mlpipe report`).  lme4's anova
+  prints a test for such pairs too; it is not a valid likelihood-ratio test.
 * When two consecutive models have the same fixed effects and the larger adds exactly one
   random-effect term (a variance, plus any covariances with terms of its block), the null
   value of that variance lies on the boundary of the parameter space and the naive χ²_df
@@ -188,6 +190,12 @@ def _load_result_dir(path: Path, name: str | None) -> Model:
 
 @dataclass
 class Comparison:
+    """The result of `compare`: `models` (name, formula, method, npar, loglik, deviance,
+    aic, bic; in test order), `tests` (one row per consecutive pair: model_a, model_b,
+    chisq, df, p_value, refit_ml, p_value_mixture, nested — chisq and p None when the pair is
+    not nested), `refit_ml`; `summary()` prints lme4's anova table, `write(dir)` writes
+    comparison.json."""
+
     models: pl.DataFrame  # name, formula, method, npar, loglik, deviance, aic, bic
     tests: pl.DataFrame  # model_a, model_b, chisq, df, p_value, refit_ml, p_value_mixture,
     #                      nested
@@ -304,12 +312,26 @@ def _as_ml(r: Model) -> Model:
                              refitted=True)
 
 
+def is_nested(fixed_a, random_a, fixed_b, random_b, df: int) -> bool:
+    """Whether model a (fewer parameters) is nested in model b by their terms: a's fixed
+    and random terms are subsets of b's, and b has more parameters (df > 0)."""
+    return df > 0 and frozenset(fixed_a) <= frozenset(fixed_b) and \
+        frozenset(random_a) <= frozenset(random_b)
+
+
+def not_nested_note(a: str, b: str) -> str:
+    """The warning for a pair that is not tested (printed by `compare` and `report`)."""
+    return f"{a} is not nested in {b} (by their terms): no likelihood-ratio test"
+
+
 def _test(a: Model, b: Model) -> tuple:
     df = b.npar - a.npar
-    chisq = 2.0 * max(0.0, b.loglik - a.loglik)
-    p = float(_dist.chi2_sf(chisq, df)) if df > 0 else None
     fa, fb = frozenset(a.fixed_terms), frozenset(b.fixed_terms)
-    nested = df > 0 and fa <= fb and a.random_terms <= b.random_terms
+    nested = is_nested(fa, a.random_terms, fb, b.random_terms, df)
+    if not nested:
+        return (a.name, b.name, None, df, None, a.refitted or b.refitted, None, False)
+    chisq = 2.0 * max(0.0, b.loglik - a.loglik)
+    p = float(_dist.chi2_sf(chisq, df))
     mix = None
     if df > 0 and fa == fb and a.random_terms < b.random_terms \
             and len(b.random_terms - a.random_terms) == 1:
@@ -367,6 +389,8 @@ def render_comparison(c: Comparison) -> str:
                _sig(r["deviance"])]
         if t is None:
             row += ["", "", "", ""] + (["", ""] if has_mix else [])
+        elif not t["nested"]:
+            row += ["", str(t["df"]), "", ""] + (["", ""] if has_mix else [])
         else:
             row += [f"{t['chisq']:.4g}", str(t["df"]), _pval(t["p_value"]),
                     _stars(t["p_value"])]
@@ -384,8 +408,7 @@ def render_comparison(c: Comparison) -> str:
                      "chi2(df-1) and chi2(df)")
     for t in c.tests.iter_rows(named=True):
         if not t["nested"]:
-            lines.append(f"{t['model_a']} is not nested in {t['model_b']} (by their terms): "
-                         f"that test is not valid")
+            lines.append(not_nested_note(t["model_a"], t["model_b"]))
     if not c.refit_ml and any(r["method"] == "REML" for r in c.models.iter_rows(named=True)):
         lines.append("REML fits compared directly: the models differ only in random effects")
     return "\n".join(lines)

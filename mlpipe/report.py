@@ -204,6 +204,41 @@ def _fixed(v: float, digits: int) -> str:
     return f"{v:.{decimals}f}"
 
 
+def _fmt_block(values: list[Any], digits: int = 6) -> list[str]:
+    """Numbers shown together (a row or column of likelihoods, two variances side by side)
+    with one number of decimals: `digits` significant digits of the largest of them."""
+    finite = [abs(float(v)) for v in values
+              if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+              and math.isfinite(float(v)) and v != 0]
+    if not finite or max(finite) >= 1e12 or max(finite) < 1e-3:
+        return [_fmt(v, digits) for v in values]
+    decimals = max(digits - 1 - int(math.floor(math.log10(max(finite)))), 0)
+    return [_fmt(v, digits) if v is None or isinstance(v, bool) or not math.isfinite(float(v))
+            else f"{float(v):.{decimals}f}" for v in values]
+
+
+def _fmt_share(v: Any) -> str:
+    """A proportion with three decimals (every row alike)."""
+    if v is None or not math.isfinite(float(v)):
+        return _fmt(None)
+    return f"{float(v):.3f}"
+
+
+def _not_nested_note(a: str, b: str) -> str:
+    compare = _optional("compare")
+    if compare is not None and hasattr(compare, "not_nested_note"):
+        return compare.not_nested_note(a, b)
+    return f"{a} is not nested in {b} (by their terms): no likelihood-ratio test"
+
+
+def _nested(a: ModelRun, b: ModelRun) -> bool:
+    """a (fewer parameters) nested in b by its fixed and random (factor, term) terms."""
+    def rand(r: ModelRun) -> frozenset:
+        return frozenset((e.get("group"), e["term"]) for e in r.result.get("random_effects", []))
+    return b.npar > a.npar and frozenset(a.fixed_terms) <= frozenset(b.fixed_terms) and \
+        rand(a) <= rand(b)
+
+
 def _fmt_p(p: Any) -> str:
     if p is None or (isinstance(p, float) and math.isnan(p)):
         return "—"
@@ -701,11 +736,16 @@ def variance_reduction(base: ModelRun, model: ModelRun) -> list[list[Any]]:
 def _own_comparison(runs: list[ModelRun]) -> tuple[list[list[Any]], list[list[Any]], list[str]]:
     from . import _dist
 
+    runs = sorted(runs, key=lambda r: r.npar)  # as mlpipe.compare and lme4's anova order them
     models = [[r.name, r.result["formula"], r.result.get("method"), r.npar,
                r.result.get("nobs"), r.result.get("loglik"), r.result.get("aic"),
                r.result.get("bic"), r.result.get("deviance")] for r in runs]
     tests, notes = [], []
     for a, b in zip(runs, runs[1:]):
+        if not _nested(a, b):
+            tests.append([f"{a.name} → {b.name}", b.npar - a.npar, None, None])
+            notes.append(_not_nested_note(a.name, b.name) + ".")
+            continue
         dev_a, dev_b = a.result.get("deviance"), b.result.get("deviance")
         df = b.npar - a.npar
         reason = None
@@ -752,10 +792,11 @@ def comparison_section(runs: list[ModelRun], *, data: bool = True) -> str:
     else:
         models, tests, notes = _own_comparison(runs)
         out.append("<h3>Models</h3>")
+        block = _fmt_block([v for r in models for v in r[5:]])
         out.append(_table(["model", "formula", "method", "npar", "nobs", "logLik", "AIC", "BIC",
                            "deviance"],
-                          [[r[0], r[1], r[2], r[3], r[4]] + [_fmt(v, 6) for v in r[5:]]
-                           for r in models], cls="num"))
+                          [[r[0], r[1], r[2], r[3], r[4]] + block[4 * i:4 * i + 4]
+                           for i, r in enumerate(models)], cls="num"))
         out.append("<h3>Likelihood-ratio tests (consecutive models)</h3>")
         out.append(_table(["models", "Df", "Chisq", "Pr(>Chisq)"],
                           [[_e(t[0]), _e(_fmt(t[1])), _e(_fmt(t[2])), _fmt_p(t[3])]
@@ -777,11 +818,12 @@ def _compare_tables(comp) -> str:
     known_m = ["name", "formula", "method", "npar", "loglik", "deviance", "aic", "bic"]
     out.append("<h3>Models</h3>")
     if isinstance(models, pl.DataFrame) and set(known_m) <= set(models.columns):
+        rows = list(models.iter_rows(named=True))
+        block = _fmt_block([r[k] for r in rows for k in known_m[4:]])  # one set of decimals
         out.append(_table(["model", "formula", "method", "npar", "logLik", "deviance", "AIC",
                            "BIC"],
                           [[r["name"], r["formula"], r["method"], _fmt(r["npar"])]
-                           + [_fmt(r[k], 6) for k in known_m[4:]]
-                           for r in models.iter_rows(named=True)], cls="num"))
+                           + block[4 * i:4 * i + 4] for i, r in enumerate(rows)], cls="num"))
     else:
         out.append(_frame_table(models))
     out.append("<h3>Likelihood-ratio tests</h3>")
@@ -790,21 +832,27 @@ def _compare_tables(comp) -> str:
         mix = "p_value_mixture" in tests.columns and \
             tests["p_value_mixture"].null_count() < tests.height
         header = ["model", "vs.", "Chisq", "Df", "Pr(>Chisq)"] + (["Pr(mix)"] if mix else [])
-        rows = []
+        rows, skipped = [], []
         for t in tests.iter_rows(named=True):
-            row = [_e(t["model_b"]), _e(t["model_a"]), _e(_fmt(t["chisq"])), _e(_fmt(t["df"])),
-                   _fmt_p(t["p_value"])]
+            nested = t.get("nested", True) is not False
+            if not nested:
+                skipped.append(_not_nested_note(t["model_a"], t["model_b"]) + ".")
+            row = [_e(t["model_b"]), _e(t["model_a"]),
+                   _e(_fmt(t["chisq"] if nested else None)), _e(_fmt(t["df"])),
+                   _fmt_p(t["p_value"] if nested else None)]
             if mix:
-                row.append(_fmt_p(t.get("p_value_mixture")))
+                row.append(_fmt_p(t.get("p_value_mixture") if nested else None))
             rows.append(row)
         out.append(_table(header, rows, cls="num", raw_cols=frozenset(range(len(header)))))
+        out += [f'<p class="warn">{_e(n)}</p>' for n in skipped]
         if mix:
             out.append(_note("Pr(mix): boundary test of an added variance, against the 50:50 "
                              "mixture of χ²(df−1) and χ²(df) (Self & Liang 1987)."))
     else:
         out.append(_frame_table(tests))
     out.append(_note("Computed by mlpipe.compare (lme4's anova rules: models ordered by "
-                     "their number of parameters, each tested against the one before)."))
+                     "their number of parameters, each tested against the one before; only "
+                     "nested pairs are tested)."))
     return "\n".join(out)
 
 
@@ -834,13 +882,13 @@ def variance_change_section(runs: list[ModelRun]) -> str:
             for r in ve.iter_rows(named=True):
                 comp = r["term"] if r["term"] == "Residual" or r.get("level") == 1 \
                     else f"{b.group}: {r['term']}"
-                rows.append([comp, _fmt(r["base_variance"]), _fmt(r["model_variance"]),
-                             _fmt(r["proportion_reduction"], 3)])
+                rows.append([comp, *_fmt_block([r["base_variance"], r["model_variance"]], 4),
+                             _fmt_share(r["proportion_reduction"])])
         elif ve is not None:
             out.append(_frame_table(ve))
             rows = None
         else:
-            rows = [[r[0], _fmt(r[1]), _fmt(r[2]), _fmt(r[3], 3)]
+            rows = [[r[0], *_fmt_block([r[1], r[2]], 4), _fmt_share(r[3])]
                     for r in variance_reduction(a, b)]
         if rows:
             out.append(_table(["component", f"variance ({a.name})", f"variance ({b.name})",
@@ -1091,6 +1139,12 @@ def _group_variance_html(by_group: pl.DataFrame, sigma: float, group: str) -> st
         return _note("No group has two or more rows: no per-group residual variance.")
     n = d["n"].cast(pl.Float64).to_numpy()
     ratio = np.sqrt(np.clip(d["residual_variance"].cast(pl.Float64).to_numpy(), 0, None)) / sigma
+    q = np.quantile(ratio, [0.0, 0.5, 1.0])
+    if n.min() == n.max():  # one group size: a plot against it would be a single column
+        return _note(f"Residual SD within each {group} relative to σ̂ (every {group} has "
+                     f"{int(n[0]):,} rows, so no plot against group size): min "
+                     f"{_fmt(q[0], 3)}, median {_fmt(q[1], 3)}, max {_fmt(q[2], 3)} over "
+                     f"{d.height:,} groups.")
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot()
     ax.axhline(1.0, color="#c0392b", lw=1, label="σ̂ (the model's residual SD)")
@@ -1103,7 +1157,6 @@ def _group_variance_html(by_group: pl.DataFrame, sigma: float, group: str) -> st
     ax.set_title(f"Residual SD by {group}", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(color="0.93")
-    q = np.quantile(ratio, [0.0, 0.5, 1.0])
     return (f"<figure>{_img(fig, f'residual standard deviation by {group}')}<figcaption>Standard "
             f"deviation of the conditional residuals within each {_e(group)} ({d.height:,} "
             f"groups with two or more rows), relative to σ̂, against the group's size "

@@ -128,8 +128,27 @@ def test_non_nested_models_are_flagged(fits):
     cmp = compare([fits["ancova"], means], names=["ancova", "means"])
     (row,) = cmp.tests.iter_rows(named=True)
     assert row["df"] == 0 and row["p_value"] is None and row["nested"] is False
-    assert row["chisq"] == 0.0  # the later model fits worse: χ² is floored at 0, as in anova
-    assert "ancova is not nested in means" in cmp.summary()
+    assert row["chisq"] is None and row["p_value_mixture"] is None  # not tested at all
+    assert "ancova is not nested in means (by their terms): no likelihood-ratio test" \
+        in cmp.summary()
+
+
+def test_non_nested_pair_with_more_parameters_is_not_tested(fits):
+    """means (meanses) has fewer parameters than rc (cses, random slope) but is not nested
+    in it: lme4's anova would print a χ² on 2 df; compare gives none, and says so."""
+    means = mlpipe.fit_statistics(
+        mlpipe.compute_statistics(HSB, reference("hsb_means")["formula"]), method="ML")
+    cmp = compare([means, fits["rc"], fits["null"]], names=["means", "rc", "null"])
+    rows = {(r["model_a"], r["model_b"]): r for r in cmp.tests.iter_rows(named=True)}
+    bad = rows[("means", "rc")]
+    assert bad["df"] == 2 and not bad["nested"]
+    assert bad["chisq"] is None and bad["p_value"] is None
+    good = rows[("null", "means")]
+    assert good["nested"] and good["p_value"] is not None
+    text = cmp.summary()
+    assert "means is not nested in rc (by their terms): no likelihood-ratio test" in text
+    rc_line = next(line for line in text.splitlines() if line.startswith("rc "))
+    assert "*" not in rc_line and "e-" not in rc_line
 
 
 # ---------------------------------------------------------------------- outputs

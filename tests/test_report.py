@@ -95,7 +95,7 @@ def test_numbers_on_the_page(page, dirs):
     assert f"{rc['fixed_effects'][1]['estimate']:.3f}" in text  # 2.193: cses
     # the residual-variance reduction null -> rc, (σ²₀ − σ²₁)/σ²₀
     red = (null["residual_variance"] - rc["residual_variance"]) / null["residual_variance"]
-    assert f"{red:.3g}" in text
+    assert f"{red:.3f}" in text  # proportions: three decimals in every row
 
 
 def test_single_model_has_no_comparison(dirs, tmp_path):
@@ -226,8 +226,12 @@ def test_several_factors_report(crossed_slope, tmp_path):
     assert "Group-specific regression lines" in text and "levels of a" in text
     assert "the conditional modes of the other factors (b) are left out" in text
     assert "Random intercepts on several grouping factors" in text
-    # per model: caterpillars + Q-Q + a residual-SD plot per factor; lines for the slope
-    assert len(IMG.findall(text)) == (2 + 1 + 2) + (2 + 1 + 2 + 1)
+    # per model: caterpillars + Q-Q + a residual-SD plot per factor whose group sizes vary
+    # (pastes is balanced: 2 rows per cask:batch, 6 per batch: notes instead); lines for the
+    # slope
+    assert len(IMG.findall(text)) == (2 + 1 + 0) + (2 + 1 + 2 + 1)
+    assert "every cask:batch has 2 rows, so no plot against group size" in text
+    assert "every batch has 6 rows, so no plot against group size" in text
     for b64 in IMG.findall(text):
         w, h = _png_size(b64)
         assert w > 200 and h > 200
@@ -405,3 +409,49 @@ def test_renders_in_headless_chromium(page, tmp_path):
     for natural_w, natural_h, shown_w in sizes:
         assert natural_w > 200 and natural_h > 200 and shown_w > 100
     assert "Model comparison" in proc.stdout
+
+
+def _model_dir(base: Path, name: str, formula: str, ml: bool = False) -> Path:
+    res = mlpipe.fit(str(HSB), formula, method="ML" if ml else "REML")
+    return res.write(base / name, config={"data": str(HSB), "formula": formula,
+                                          "method": res.method, "out": str(base / name)})
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["mlpipe.compare", "own table"])
+def test_comparison_tests_only_nested_pairs(tmp_path, monkeypatch, own):
+    """means (meanses) and ancova (cses) are not nested: no χ² or p for that pair, and the
+    sentence the CLI prints; null -> means is tested. Both with mlpipe.compare and with the
+    report's own table (mlpipe.compare missing)."""
+    from mlpipe.compare import not_nested_note
+
+    d = {name: _model_dir(tmp_path, name, f, ml=True) for name, f in
+         (("null", NULL), ("means", "mAch ~ meanses + (1|school)"),
+          ("ancova", "mAch ~ cses + (1|school)"))}
+    if own:
+        real = rp._optional
+        monkeypatch.setattr(rp, "_optional",
+                            lambda name: None if name == "compare" else real(name))
+    text = rp.report([d["null"], d["means"], d["ancova"]], tmp_path / "c.html",
+                     data=False).read_text()
+    section = text[text.index('<section id="comparison">'):]
+    section = section[:section.index("</section>")]
+    note = not_nested_note("means", "ancova")
+    assert note.replace("'", "&#x27;") in section
+    assert section.count("is not nested in") == 1  # null -> means is nested: tested
+    rows = re.findall(r"<tr>(.*?)</tr>", section.split("Likelihood-ratio tests")[1], re.S)
+    cells = [c for c in (re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows) if c]
+    bad = next(c for c in cells if "means" in c[0] and "ancova" in "".join(c[:2]))
+    assert bad.count("—") >= 2  # no χ², no p
+    good = next(c for c in cells if "null" in "".join(c[:2]) and "means" in "".join(c[:2]))
+    assert "—" not in good
+
+
+def test_model_table_decimals_are_consistent(dirs, tmp_path):
+    """logLik, deviance, AIC and BIC share one number of decimals in every row."""
+    text = rp.report([dirs["null"], dirs["rc"]], tmp_path / "d.html", data=False).read_text()
+    section = text[text.index('<section id="comparison">'):]
+    models = section[section.index("<h3>Models</h3>"):section.index("</table>")]
+    for row in re.findall(r"<tr>(.*?)</tr>", models, re.S)[1:]:
+        nums = re.findall(r'<td class="n">([-\d.]+)</td>', row)[-4:]
+        assert len(nums) == 4
+        assert len({len(n.split(".")[1]) if "." in n else 0 for n in nums}) == 1, nums
