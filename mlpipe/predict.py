@@ -33,6 +33,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import centering
 from ._sql import (Source, connect, first_line, quote_ident, read_error, render,
                    staging_prefix, sweep_stale)
 from .design import (Design, FactorDesign, build_design, complete_condition, discover_levels,
@@ -64,6 +65,8 @@ class FittedModel:
     group_type: str | None = None  # DuckDB type of the grouping column at fit time
     #: DuckDB type of every grouping column at fit time (levels are their VARCHAR casts)
     group_types: dict[str, str] | None = None
+    #: the means of center()/group_mean() the fit used (`Statistics.centering`)
+    centering: dict | None = None
 
     @classmethod
     def from_result(cls, result) -> FittedModel:
@@ -74,7 +77,8 @@ class FittedModel:
         types = getattr(stats, "group_types", None) if stats is not None else None
         return cls(result.formula, dict(result.fixef), float(result.sigma), result.ranef,
                    dict(levels) if levels else None, source, int(result.nobs),
-                   getattr(stats, "group_type", None) or None, dict(types) if types else None)
+                   getattr(stats, "group_type", None) or None, dict(types) if types else None,
+                   getattr(stats, "centering", None))
 
 
 def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
@@ -106,6 +110,7 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
     levels = meta.get("factor_levels") or None
     group_type = meta.get("group_type") or None
     source, group_types = None, meta.get("group_types") or None
+    centering = None
     sp = d / "stats.parquet"  # written with the result since stats are kept: coding, source
     if sp.is_file():
         try:
@@ -114,6 +119,7 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
             source = smeta.get("source") or None
             group_type = group_type or smeta.get("group_type") or None
             group_types = group_types or smeta.get("group_types") or None
+            centering = smeta.get("centering") or None
         except (OSError, pa.ArrowException, KeyError, TypeError, ValueError):
             pass
     cfg = d / "config.toml"
@@ -127,7 +133,8 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
     return FittedModel(formula, fixed, sigma, ranef,
                        dict(levels) if isinstance(levels, dict) else None, source,
                        int(nobs) if nobs is not None else None, group_type,
-                       dict(group_types) if isinstance(group_types, dict) else None)
+                       dict(group_types) if isinstance(group_types, dict) else None,
+                       centering if isinstance(centering, dict) else None)
 
 
 def as_model(result) -> FittedModel:
@@ -317,9 +324,10 @@ def _factor_order(model: FittedModel, factors: list[FactorDesign]) -> list[Facto
 def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
              levels: dict[str, list], level: str, path: str, *,
              training: bool = False) -> LinearPredictor:
-    if formula.aggregates() and not training:
-        raise FormulaError(f"prediction on new data from a model with center()/group_mean() "
-                           f"is not supported yet (formula {formula.text!r})")
+    if formula.aggregates() and not training and not model.centering:
+        raise FormulaError(f"the means of center()/group_mean() the fit used are not stored "
+                           f"with this model (fitted by an older mlpipe, or from merged "
+                           f"statistics); refit it to predict (formula {formula.text!r})")
     conditional = level == "conditional"
     variables = _variable_columns(formula, conditional)
     gcols = _grouping_columns(formula)
@@ -531,9 +539,17 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
         output = f"* EXCLUDE ({', '.join(internal)})"
         if pred.has_response:
             output += ", __mlpipe_y - fitted AS residual"
-        sql = pred.sql(output, frame.relation, number_rows=numbered,
+        source, means, inputs = frame.relation, [], None
+        if pred.formula.aggregates():
+            # center()/group_mean(): the fit's stored means joined to the rows (new groups:
+            # their own means); rows numbered before that join
+            source, means = centering.prediction_source(
+                pred.formula, pred.design, model.centering, frame.relation, pred.schema, con,
+                number_rows=numbered)
+            inputs = _exclude(pred.input_sql(), means)
+        sql = pred.sql(output, source, number_rows=numbered and not means,
                        order="ORDER BY __mlpipe_row" if numbered else "",
-                       limit="" if out is not None else "LIMIT $mlpipe_limit")
+                       limit="" if out is not None else "LIMIT $mlpipe_limit", input=inputs)
         params = {**frame.params, **pred.params}
         if out is None:
             # small data only: stop after IN_MEMORY_MAX_ROWS + 1 rows instead of exhausting RAM
@@ -547,6 +563,14 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
         return _write(con, sql, params, frame.path, out, fmt)
     finally:
         con.close()
+
+
+def _exclude(select: str, columns: list[str]) -> str:
+    """`*` or `* EXCLUDE (...)` with `columns` excluded as well."""
+    if not columns:
+        return select
+    names = [select[len("* EXCLUDE ("):-1]] if select != "*" else []
+    return f"* EXCLUDE ({', '.join(names + columns)})"
 
 
 def _used(sql: str, params: dict) -> dict:
