@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 
 from ._sql import (Source, connect, first_line, quote_ident, render, staging_prefix,
                    sweep_stale)
-from .centering import materialize
 from .design import Design, build_design, check_columns, discover_levels
 from .errors import DataError
 from .formula import parse_formula
@@ -88,10 +87,6 @@ class Statistics:
     #: empty for one factor on one column (then `group` and `levels` say it all)
     factors: list[Factor] = field(default_factory=list)
     group_types: dict[str, str] = field(default_factory=dict)  # DuckDB type per column
-    #: the means of center()/group_mean() the statistics pass used (mlpipe/centering.py),
-    #: for prediction on new data; None without them, and for merged statistics (each
-    #: part was centred on its own means)
-    centering: dict | None = None
 
     @property
     def general(self) -> bool:
@@ -184,7 +179,7 @@ class Statistics:
             self.n + other.n, self.rows_read + other.rows_read,
             self.rows_dropped + other.rows_dropped, f"{self.source} + {other.source}",
             self.factor_levels, self.group_type, factors=factors,
-            centering=None, group_types=self.group_types)
+            group_types=self.group_types)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -215,7 +210,6 @@ class Statistics:
             "xty": self.xty.tolist(), "yty": self.yty, "n": self.n, "rows_read": self.rows_read,
             "rows_dropped": self.rows_dropped, "source": self.source,
             "factor_levels": self.factor_levels, "group_type": self.group_type,
-            "centering": self.centering,
         }
         table = pa.table(cols).replace_schema_metadata({"mlpipe": json.dumps(meta)})
         path = Path(path)
@@ -262,7 +256,6 @@ class Statistics:
                    int(meta["rows_dropped"]), meta.get("source", ""),
                    meta.get("factor_levels", {}), meta.get("group_type", ""),
                    factors=[_load_factor(table, k, f) for k, f in enumerate(meta["factors"])],
-                   centering=meta.get("centering"),
                    group_types=meta.get("group_types", {}))
 
 
@@ -398,10 +391,10 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         gcols = _cell_columns(design)
         groups = ", ".join(f"src.{quote_ident(c)} AS g{k}" for k, c in enumerate(gcols))
         group_by = ", ".join(f"g{k}" for k in range(len(gcols)))
-    centred, centering = materialize(con, source, design)  # + center()/group_mean() means
     sql = render("group_moments", sums=sums, groups=groups, group_by=group_by,
                  columns=columns or "1 AS c_unused",
-                 source=centred, complete=design.complete_sql)
+                 source=design.aggregates.source(source.relation, design.complete_sql),
+                 complete=design.complete_sql)
     try:
         con.execute(sql, params)
     except duckdb.Error as exc:
@@ -414,16 +407,24 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         gcols = _cell_columns(design)
         fcols = []
         factor_labels = []  # per factor its level labels (levels, not cells: few strings)
+        tables, joins = [], []  # per factor its table of levels, and how it joins the cells
         for k, f in enumerate(design.factors):
             keys = ", ".join(f"g{gcols.index(c)}" for c in f.columns)
             label = " || ':' || ".join(f"CAST(g{gcols.index(c)} AS VARCHAR)"
                                        for c in f.columns)
-            fcols.append(f"CAST(dense_rank() OVER (ORDER BY {keys}) - 1 AS BIGINT) AS f{k}")
+            fcols.append(f"lv{k}.f{k}")
+            tables.append(f"lv{k} AS (SELECT {keys}, CAST(row_number() OVER (ORDER BY {keys})"
+                          f" - 1 AS BIGINT) AS f{k} FROM (SELECT DISTINCT {keys} FROM "
+                          f"group_moments WHERE complete) AS d)")
+            joins.append(f"JOIN lv{k} ON " + " AND ".join(
+                f"gm.g{gcols.index(c)} = lv{k}.g{gcols.index(c)}" for c in f.columns))
             factor_labels.append(np.asarray(con.execute(render(
                 "factor_levels", label=label, keys=keys)).fetchnumpy()["label"], dtype=object))
         per_group = con.execute(render(
-            "cell_statistics", factor_columns=", ".join(fcols), columns=z_cols,
-            cell_order=", ".join(f"g{k}" for k in range(len(gcols))))).fetchnumpy()
+            "cell_statistics", level_tables=",\n     ".join(tables),
+            factor_columns=", ".join(fcols), joins="\n".join(joins),
+            columns=", ".join(f"gm.{mom.name(i, j)}" for i, j in mom.group_pairs()),
+            cell_order=", ".join(f"gm.g{k}" for k in range(len(gcols))))).fetchnumpy()
     tot_sql = render("totals", sums=", ".join(
         f"sum({mom.name(i, j)})" if (i, j) == (0, 0)  # n: an integer count
         else f"fsum({mom.name(i, j)})" for i, j in [(0, 0)] + pairs))
@@ -477,7 +478,6 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         source=source.location, factor_levels=design.levels,
         group_type=design.schema.get(design.group, "") if design.group else "",
         factors=factors,
-        centering=centering,
         group_types={c: design.schema.get(c, "") for c in _cell_columns(design)})
 
 
