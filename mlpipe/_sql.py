@@ -62,6 +62,9 @@ def connect(*, memory_limit: str | None = None, threads: int | None = None,
         con = duckdb.connect(config=config)
     except duckdb.Error as exc:
         raise DataError(f"bad DuckDB option: {first_line(exc)}") from None
+    # DuckDB draws a progress bar on stderr for queries over ~2 s, even when stderr is a
+    # log file of a scheduled job, where it is only noise
+    con.execute("SET enable_progress_bar = false")
     return con
 
 
