@@ -9,13 +9,14 @@ DuckDB for the distinct levels of the categorical columns.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import duckdb
 
 from ._sql import Source, quote_ident, render
 from .errors import DataError, FormulaError
-from .formula import Expr, Formula, Term, Variable
+from .formula import Expr, Formula, Term, Variable, r_number
 
 NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
                  "UINTEGER", "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE", "REAL", "DECIMAL")
@@ -90,11 +91,22 @@ class Design:
     aggregates: Aggregates | None = None
     schema: dict[str, str] = field(default_factory=dict)
     factors: list[FactorDesign] = field(default_factory=list)
+    #: Σ offset(x) terms as SQL (known coefficient 1), None without offset()
+    offset: str | None = None
+    #: the case-weight column (lme4's `weights =`) and its SQL, None without weights
+    weights: str | None = None
+    weights_sql: str | None = None
 
     @property
     def complete_sql(self) -> str:
         """The WHERE clause that keeps rows with no null (or NaN) in any used column."""
-        return complete_condition(self.formula.columns(), self.schema)
+        return complete_condition(model_columns(self.formula, self.weights), self.schema)
+
+
+def model_columns(formula: Formula, weights: str | None = None) -> list[str]:
+    """The columns whose nulls drop a row: the formula's, and the weights column."""
+    cols = formula.columns()
+    return cols + [weights] if weights and weights not in cols else cols
 
 
 class Aggregates:
@@ -153,8 +165,14 @@ def check_columns(formula: Formula, schema: dict[str, str]) -> None:
             raise DataError(f"outcome column {col!r} is not numeric (type {schema[col]})")
     exprs = [v.expr for t in formula.fixed for v in t]
     exprs += [v.expr for r in formula.random for v in r.variables()]
-    for e in exprs:
-        if e.kind == "col":
+    for e in exprs + list(formula.offsets):
+        if e.categorical:  # factor(x) / relevel() / C(): any numeric or categorical column
+            col = e.factor_column
+            if not (is_numeric(schema[col]) or is_categorical(schema[col])):
+                raise DataError(f"{e.deparse()}: column {col!r} has type {schema[col]}, "
+                                f"which is neither numeric nor categorical")
+            continue
+        if e.kind == "col" and e not in formula.offsets:
             if not (is_numeric(schema[e.value]) or is_categorical(schema[e.value])):
                 raise DataError(f"column {e.value!r} has type {schema[e.value]}, "
                                 f"which is neither numeric nor categorical")
@@ -165,22 +183,218 @@ def check_columns(formula: Formula, schema: dict[str, str]) -> None:
                                 f"(type {schema[col]})")
 
 
+def check_weights(weights: str | None, schema: dict[str, str]) -> None:
+    """The case-weight column exists and is numeric."""
+    if weights is None:
+        return
+    if not isinstance(weights, str) or not weights:
+        raise FormulaError("weights must name a column")
+    if weights not in schema:
+        raise FormulaError(f"weights column {weights!r} is not in the data")
+    if not is_numeric(schema[weights]):
+        raise DataError(f"weights column {weights!r} is not numeric (type {schema[weights]})")
+
+
 def discover_levels(con: duckdb.DuckDBPyConnection, source: Source, formula: Formula,
-                    schema: dict[str, str]) -> dict[str, list]:
-    """Sorted distinct levels of each categorical predictor, over the complete rows only."""
-    cats = [v.column for t in _all_terms(formula) for v in t
-            if v.column is not None and is_categorical(schema[v.column])]
-    cats = list(dict.fromkeys(cats))
-    if not cats:
+                    schema: dict[str, str], weights: str | None = None) -> dict[str, list]:
+    """Sorted distinct levels of each categorical predictor, over the complete rows only:
+    under the column's name for a bare categorical column, under the label for factor(x),
+    relevel(x, r), C(x, ref = r) (numbers sort numerically; the reference level first)."""
+    keys: dict[str, str] = {}  # key -> column
+    calls: dict[str, Expr] = {}
+    for t in _all_terms(formula):
+        for v in t:
+            if v.factor_call:
+                keys.setdefault(v.label, v.expr.factor_column)
+                calls[v.label] = v.expr
+            elif v.column is not None and is_categorical(schema[v.column]):
+                keys.setdefault(v.column, v.column)
+    if not keys:
         return {}
-    lists = ", ".join(f"list_sort(list(DISTINCT {quote_ident(c)}))" for c in cats)
-    complete = complete_condition(formula.columns(), schema)
+    for key in calls:
+        if key in schema and key in keys.values():
+            raise FormulaError(f"column {key!r} has the name of the term {key}; rename it")
+    cols = list(dict.fromkeys(keys.values()))
+    lists = ", ".join(f"list_sort(list(DISTINCT {quote_ident(c)}))" for c in cols)
+    complete = complete_condition(model_columns(formula, weights), schema)
     sql = render("levels", lists=lists, source=source.relation, complete=complete)
     try:
         row = con.execute(sql, source.params).fetchone()
     except duckdb.Error as exc:
         raise source.error(exc) from None
-    return {c: (list(v) if v is not None else []) for c, v in zip(cats, row)}
+    found = {c: (list(v) if v is not None else []) for c, v in zip(cols, row)}
+    out = {}
+    for key, col in keys.items():
+        levels = found[col]
+        if key in calls:
+            levels = _with_reference(calls[key], levels)
+        out[key] = levels
+    return out
+
+
+def coding_keys(formula: Formula) -> list[str]:
+    """The keys of the model's coding (`levels`) that are not column names: the labels of
+    factor() / relevel() / C() variables and of scale() / poly() calls."""
+    keys = [v.label for t in _all_terms(formula) for v in t if v.factor_call]
+    return list(dict.fromkeys(keys + [c.deparse() for c in formula.prepass()]))
+
+
+def factor_columns(formula: Formula) -> list[str]:
+    """The columns under factor() / relevel() / C() (categorical whatever their type)."""
+    return list(dict.fromkeys(v.expr.factor_column for t in _all_terms(formula) for v in t
+                              if v.factor_call))
+
+
+def _with_reference(call: Expr, levels: list) -> list:
+    """The levels of factor()/relevel()/C() with their reference level first: relevel's
+    reference is a level's label or (a number) its position, as R's; C's is a level's label
+    or a level's value."""
+    inner = call.args[0]
+    if inner.categorical:
+        levels = _with_reference(inner, levels)
+    ref = call.reference
+    if ref is None:
+        return levels
+    labels = [_level_label(lv) for lv in levels]
+    if ref.kind == "str":
+        pos = labels.index(ref.value) if ref.value in labels else None
+    elif call.value == "relevel":
+        k = float(ref.value)
+        pos = int(k) - 1 if k.is_integer() and 1 <= k <= len(levels) else None
+    else:
+        value = float(ref.value)
+        pos = next((i for i, lv in enumerate(levels) if not isinstance(lv, (bool, str))
+                    and float(lv) == value), None)
+        if pos is None and ref.value in labels:
+            pos = labels.index(ref.value)
+    if pos is None:
+        shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+        what = "position" if call.value == "relevel" and ref.kind == "num" else "level"
+        raise DataError(f"{call.deparse()}: reference {what} {ref.deparse()} is not a level of "
+                        f"{call.factor_column!r} in the rows used (levels: {shown})")
+    return [levels[pos]] + levels[:pos] + levels[pos + 1:]
+
+
+def compute_prepass(con: duckdb.DuckDBPyConnection, source: Source, formula: Formula,
+                    schema: dict[str, str], weights: str | None = None) -> dict[str, list]:
+    """The constants of scale(x) ([mean, SD]) and poly(x, k) ([alpha_1..k, norm2_1..k+2],
+    R's `attr(, "coefs")`) over the rows the model uses: one query of two scans (the means,
+    then the centred power sums, all compensated fsum()), stored with the fit under the
+    call's label so prediction reuses them."""
+    calls = formula.prepass()
+    if not calls:
+        return {}
+    for call in calls:
+        if call.args[0].aggregates() or call.args[0].prepass():
+            raise FormulaError(f"{call.deparse()}: center()/group_mean()/scale()/poly() "
+                               f"cannot be nested in it")
+    args = list(dict.fromkeys(c.args[0].sql() for c in calls))
+    power = {a: 2 for a in args}
+    for call in calls:
+        if call.value == "poly":
+            a = call.args[0].sql()
+            power[a] = max(power[a], 2 * _poly_degree(call))
+    means = ", ".join(f"favg({a}) AS m{k}" for k, a in enumerate(args))
+    sums = ", ".join(f"fsum(power({a} - __mlpipe_m.m{k}, {r})) AS s{k}_{r}"
+                     for k, a in enumerate(args) for r in range(1, power[a] + 1))
+    complete = complete_condition(model_columns(formula, weights), schema)
+    sql = (f"WITH __mlpipe_m AS (SELECT {means} FROM {source.relation} WHERE {complete}) "
+           f"SELECT count(*) AS n, {', '.join(f'any_value(__mlpipe_m.m{k})' for k in range(len(args)))}, "
+           f"{sums} FROM {source.relation} CROSS JOIN __mlpipe_m WHERE {complete}")
+    try:
+        row = con.execute(sql, source.params).fetchone()
+    except duckdb.Error as exc:
+        raise source.error(exc) from None
+    n, row = int(row[0]), list(row[1:])
+    mean = dict(zip(args, row[:len(args)]))
+    rest = iter(row[len(args):])
+    moments = {a: [float(n)] + [float(next(rest)) for _ in range(power[a])] for a in args}
+    out: dict[str, list] = {}
+    for call in calls:
+        a = call.args[0].sql()
+        if n == 0 or mean[a] is None:
+            continue  # no rows: the statistics pass says so
+        mom = moments[a]
+        if call.value == "scale":
+            if n < 2 or not mom[2] > 0:
+                raise DataError(f"{call.deparse()}: the column is constant in the rows used "
+                                f"(its SD is 0)")
+            out[call.deparse()] = [float(mean[a]), math.sqrt(mom[2] / (n - 1))]
+        else:
+            out[call.deparse()] = _poly_coefs(call, float(mean[a]), mom)
+    return out
+
+
+def _poly_degree(call: Expr) -> int:
+    k = call.args[1]
+    return int(float((k.args[0] if k.kind == "kw" else k).value))
+
+
+def _poly_coefs(call: Expr, mean: float, mom: list[float]) -> list[float]:
+    """R's poly() coefficients from the centred power sums M_r = Σ (x - x̄)^r: the monic
+    orthogonal polynomials P_j in u = x - x̄ by the three-term recurrence, norm2_j = Σ P_j²
+    and alpha_j = x̄ + Σ u P_j² / Σ P_j² as polynomial-coefficient algebra on the moments."""
+    import numpy as np
+
+    k = _poly_degree(call)
+    moments = np.asarray(mom)
+
+    def inner(a: np.ndarray, b: np.ndarray, shift: int = 0) -> float:
+        return float(sum(a[i] * b[j] * moments[i + j + shift]
+                         for i in range(len(a)) for j in range(len(b)) if a[i] and b[j]))
+
+    prev, cur = None, np.array([1.0])
+    norm2, alpha = [1.0], []
+    for j in range(k + 1):
+        nj = inner(cur, cur)
+        norm2.append(nj)
+        if j == k:
+            break
+        aj = inner(cur, cur, 1) / nj
+        alpha.append(aj + mean)
+        nxt = np.concatenate([[0.0], cur]) - aj * np.concatenate([cur, [0.0]])
+        if prev is not None:
+            nxt[:len(prev)] -= nj / norm2[-2] * prev
+        prev, cur = cur, nxt
+    n, spread2 = moments[0], moments[2] / moments[0]
+    if not norm2[-1] > 1e-10 * n * spread2 ** k:
+        raise DataError(f"{call.deparse()}: 'degree' must be less than the number of unique "
+                        f"points of {call.args[0].deparse()}")
+    return alpha + norm2
+
+
+def _prepass_sql(call: Expr, constants: dict[str, list]) -> str:
+    """SQL of scale(x) / the columns of poly(x, k) (comma-free: one per degree) from the
+    stored constants."""
+    key = call.deparse()
+    if key not in constants:
+        raise FormulaError(f"{key}: its constants (from the pre-pass over the training rows) "
+                           f"are not stored with the model; refit with this mlpipe version")
+    c = constants[key]
+    x = call.args[0].sql()
+    if call.value == "scale":
+        return f"(({x} - CAST({c[0]!r} AS DOUBLE)) / CAST({c[1]!r} AS DOUBLE))"
+    raise AssertionError(call.value)
+
+
+def poly_columns(call: Expr, constants: dict[str, list]) -> list[str]:
+    """The k columns of poly(x, k): R's predict-time recurrence with the stored alpha and
+    norm2, Z_1 = x - α_1, Z_{i+1} = (x - α_{i+1}) Z_i - (norm2_{i+1} / norm2_i) Z_{i-1},
+    each divided by sqrt(norm2_{i+1})."""
+    key = call.deparse()
+    if key not in constants:
+        raise FormulaError(f"{key}: its constants (from the pre-pass over the training rows) "
+                           f"are not stored with the model; refit with this mlpipe version")
+    k = _poly_degree(call)
+    c = constants[key]
+    alpha, norm2 = c[:k], c[k:]  # norm2 as R's: 1, n, ...
+    x = call.args[0].sql()
+    lit = lambda v: f"CAST({float(v)!r} AS DOUBLE)"  # noqa: E731
+    z = ["1.0", f"({x} - {lit(alpha[0])})"]
+    for i in range(1, k):
+        z.append(f"(({x} - {lit(alpha[i])}) * {z[i]} - {lit(norm2[i + 1] / norm2[i])} * "
+                 f"{z[i - 1]})")
+    return [f"({z[j]} / {lit(math.sqrt(norm2[j + 1]))})" for j in range(1, k + 1)]
 
 
 def _all_terms(formula: Formula) -> list[Term]:
@@ -188,34 +402,55 @@ def _all_terms(formula: Formula) -> list[Term]:
 
 
 class _Coder:
-    """Turns terms into columns, with treatment coding of categorical variables."""
+    """Turns terms into columns, with treatment coding of categorical variables.
+
+    `strict` (prediction on new data): a factor(x) / relevel() / C() dummy is NULL, not 0,
+    for a value that is not one of the model's levels, so the row's prediction is NULL."""
 
     def __init__(self, schema: dict[str, str], levels: dict[str, list],
-                 aggregates: Aggregates):
+                 aggregates: Aggregates, strict: bool = False):
         self.schema = schema
         self.aggregates = aggregates
         self.levels = levels
+        self.strict = strict
         self.params: dict[str, object] = {}
         self._param_of: dict[tuple[str, object], str] = {}
 
-    def level_sql(self, col: str, level) -> str:
-        key = (col, level)
+    def param(self, col: str, level) -> str:
+        key = (col, type(level).__name__, level)
         if key not in self._param_of:
             name = f"lv{len(self._param_of)}"
             self._param_of[key] = name
             self.params[name] = level
-        return f"CASE WHEN {quote_ident(col)} = ${self._param_of[key]} THEN 1.0 ELSE 0.0 END"
+        return f"${self._param_of[key]}"
+
+    def level_sql(self, col: str, level, known: list | None = None) -> str:
+        q = quote_ident(col)
+        if known is not None:
+            ins = ", ".join(self.param(col, lv) for lv in known)
+            return (f"CASE WHEN {q} = {self.param(col, level)} THEN 1.0 "
+                    f"WHEN {q} IN ({ins}) THEN 0.0 END")
+        return f"CASE WHEN {q} = {self.param(col, level)} THEN 1.0 ELSE 0.0 END"
 
     def variable_columns(self, var: Variable, full: bool) -> list[tuple[str, str]]:
         col = var.column
-        if col is None or not is_categorical(self.schema[col]):
+        if var.factor_call:
+            col, key = var.expr.factor_column, var.label
+        elif col is None or not is_categorical(self.schema[col]):
+            if var.expr.kind == "call" and var.expr.value == "poly":
+                sqls = poly_columns(var.expr, self.levels)
+                return [(f"{var.label}{j + 1}", sql) for j, sql in enumerate(sqls)]
             return [(var.label, var.expr.sql(self.aggregates.refs))]
-        levels = self.levels[col]
+        else:
+            key = col
+        levels = self.levels[key]
         if len(levels) < 2 and not full:
-            raise DataError(f"categorical predictor {col!r} has fewer than 2 levels "
+            raise DataError(f"categorical predictor {key if var.factor_call else repr(key)} "
+                            f"has fewer than 2 levels "
                             f"in the complete rows")
         keep = levels if full else levels[1:]
-        return [(var.label + _level_label(lv), self.level_sql(col, lv)) for lv in keep]
+        known = levels if self.strict and var.factor_call else None
+        return [(var.label + _level_label(lv), self.level_sql(col, lv, known)) for lv in keep]
 
     def term_columns(self, term: Term, present: set[frozenset]) -> list[Column]:
         """Columns of one term; a factor gets full dummy coding when the term without it is
@@ -244,19 +479,33 @@ class _Coder:
 
 
 def _level_label(level) -> str:
+    """A level as R's as.character labels it (TRUE/FALSE, numbers to 15 significant
+    digits: 1, 0.5, 1e+05)."""
     if isinstance(level, bool):
         return "TRUE" if level else "FALSE"
+    if isinstance(level, float):
+        return r_number(level)
     return str(level)
 
 
-def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, list]) -> Design:
-    """Compile the formula's terms to SQL columns of X and Z."""
+def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, list], *,
+                 weights: str | None = None, strict: bool = False) -> Design:
+    """Compile the formula's terms to SQL columns of X and Z.  `levels` is the coding of
+    the model's variables: the levels of categorical ones (see `discover_levels`) and the
+    pre-pass constants of scale() / poly() (`compute_prepass`), keyed by column or label;
+    `weights` the case-weight column; `strict` for prediction (see `_Coder`)."""
     if not formula.random:
         raise FormulaError(f"formula {formula.text!r} has no random-effects term such as "
                            f"(1 | group); fit a mixed model or use ordinary regression")
     aggregates = Aggregates(formula)
-    coder = _Coder(schema, levels, aggregates)
+    for call in formula.prepass():
+        if call.value == "scale":
+            aggregates.refs[call] = _prepass_sql(call, levels)
+    coder = _Coder(schema, levels, aggregates, strict)
     response = Column(formula.response.deparse(), formula.response.sql(aggregates.refs))
+    offset = " + ".join(e.sql(aggregates.refs) for e in formula.offsets) or None
+    extra = {"offset": offset, "weights": weights,
+             "weights_sql": f"CAST({quote_ident(weights)} AS DOUBLE)" if weights else None}
     fixed = coder.columns(formula.fixed, formula.intercept)
     if not fixed:
         raise FormulaError(f"formula {formula.text!r} has no fixed effects; keep the intercept "
@@ -285,6 +534,6 @@ def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, lis
         f = factors[0]
         return Design(formula, response, fixed, random, list(f.blocks), f.columns[0]
                       if len(f.columns) == 1 else None, coder.params, levels, aggregates,
-                      dict(schema), factors)
+                      dict(schema), factors, **extra)
     return Design(formula, response, fixed, random, [], None, coder.params, levels,
-                  aggregates, dict(schema), factors)
+                  aggregates, dict(schema), factors, **extra)

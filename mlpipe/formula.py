@@ -19,16 +19,21 @@ from .errors import FormulaError
 
 #: functions allowed on numeric columns: formula name -> DuckDB function
 NUMERIC_FUNCTIONS = {"log": "ln", "exp": "exp", "sqrt": "sqrt", "abs": "abs", "log10": "log10",
-                     "log2": "log2"}
+                     "log2": "log2", "sin": "sin", "cos": "cos", "tan": "tan"}
 #: predictor-construction functions computed from group or grand means in the statistics pass
 AGGREGATE_FUNCTIONS = ("center", "group_mean")
+#: a column as a factor: factor(x), relevel(x, "b") / relevel(x, 2), C(x, ref = "b")
+CATEGORICAL_FUNCTIONS = ("factor", "relevel", "C")
+#: functions whose constants come from a pre-pass over the rows used (stored with the fit):
+#: scale(x) (mean, SD) and poly(x, k) (R's alpha, norm2); the key is the call's deparse
+PREPASS_FUNCTIONS = ("scale", "poly")
 
 
 @dataclass(frozen=True)
 class Expr:
     """A numeric expression: a column, a number, an operator or a function call."""
 
-    kind: str  # "col" | "num" | "op" | "neg" | "paren" | "call"
+    kind: str  # "col" | "num" | "str" | "pi" | "kw" | "op" | "neg" | "paren" | "call"
     value: str = ""  # column name, number text, operator or function name
     args: tuple[Expr, ...] = ()
     by: str | None = None  # grouping column of center()/group_mean()
@@ -36,6 +41,8 @@ class Expr:
     def columns(self) -> list[str]:
         if self.kind == "col":
             return [self.value]
+        if self.kind in ("num", "str", "pi"):
+            return []
         out: list[str] = []
         for a in self.args:
             out += [c for c in a.columns() if c not in out]
@@ -48,13 +55,43 @@ class Expr:
         own = [self] if self.kind == "call" and self.value in AGGREGATE_FUNCTIONS else []
         return own + [g for a in self.args for g in a.aggregates()]
 
+    def prepass(self) -> list[Expr]:
+        """The scale()/poly() calls inside this expression."""
+        own = [self] if self.kind == "call" and self.value in PREPASS_FUNCTIONS else []
+        return own + [g for a in self.args for g in a.prepass()]
+
+    @property
+    def categorical(self) -> bool:
+        """factor(x), relevel(x, ref), C(x, ref = r): a column taken as a factor."""
+        return self.kind == "call" and self.value in CATEGORICAL_FUNCTIONS
+
+    @property
+    def factor_column(self) -> str:
+        """The data column under factor() / relevel() / C() (possibly nested)."""
+        e = self
+        while e.kind == "call" and e.value in CATEGORICAL_FUNCTIONS:
+            e = e.args[0]
+        return e.value
+
+    @property
+    def reference(self) -> Expr | None:
+        """The reference level of relevel() / C() (a "str" or "num" Expr), else None."""
+        if self.kind == "call" and self.value in ("relevel", "C") and len(self.args) > 1:
+            ref = self.args[1]
+            return ref.args[0] if ref.kind == "kw" else ref
+        return None
+
     def deparse(self) -> str:
         """R's deparse() of the expression (the term label: `I(age^2)`, `log(age/365)`):
         spaces around `+ - *`, none around `/` and `^`, the user's parentheses kept."""
         if self.kind == "col":
             return self.value if _SIMPLE_NAME.fullmatch(self.value) else f"`{self.value}`"
-        if self.kind == "num":
+        if self.kind in ("num", "pi"):
             return self.value
+        if self.kind == "str":
+            return '"' + self.value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if self.kind == "kw":
+            return f"{self.value} = {self.args[0].deparse()}"
         if self.kind == "neg":
             return "-" + self.args[0].deparse()
         if self.kind == "paren":
@@ -68,9 +105,16 @@ class Expr:
         return f"{self.value}({inner})"
 
     def sql(self, aggregate_names: dict[Expr, str] | None = None) -> str:
-        """DuckDB SQL for this expression; aggregate calls refer to pre-computed columns."""
+        """DuckDB SQL for this expression; aggregate calls (and scale() / poly() columns)
+        refer to pre-computed columns or SQL given in `aggregate_names`."""
+        if aggregate_names and self in aggregate_names and self.kind == "call":
+            return aggregate_names[self]
         if self.kind == "col":
             return f"CAST({quote_ident(self.value)} AS DOUBLE)"
+        if self.kind == "pi":
+            return f"CAST({math.pi!r} AS DOUBLE)"
+        if self.kind in ("str", "kw"):
+            raise FormulaError(f"{self.deparse()} is not a number")
         if self.kind == "num":
             value = float(self.value)
             if not math.isfinite(value):
@@ -91,6 +135,11 @@ class Expr:
             return aggregate_names[self]
         if self.value == "I":
             return self.args[0].sql(aggregate_names)
+        if self.value in CATEGORICAL_FUNCTIONS:
+            raise FormulaError(f"{self.deparse()} is a factor: it can be a term (or part of "
+                               f"an interaction), not part of arithmetic")
+        if self.value in PREPASS_FUNCTIONS:
+            raise FormulaError(f"{self.deparse()} needs its pre-pass constants to compute it")
         return f"{NUMERIC_FUNCTIONS[self.value]}({self.args[0].sql(aggregate_names)})"
 
 
@@ -111,6 +160,12 @@ class Variable:
     def column(self) -> str | None:
         """The column name when the variable is a bare column (may then be categorical)."""
         return self.expr.value if self.expr.kind == "col" else None
+
+    @property
+    def factor_call(self) -> bool:
+        """True for factor(x) / relevel(x, r) / C(x, ref = r): categorical whatever x's type;
+        its levels are stored under `label` (a bare categorical column's under its name)."""
+        return self.expr.categorical
 
 
 Term = tuple[Variable, ...]  # an interaction of variables; () is the intercept
@@ -142,10 +197,20 @@ class Formula:
     fixed: tuple[Term, ...]  # without the intercept, R's order (by degree, then appearance)
     intercept: bool
     random: tuple[RandomTerm, ...] = field(default=())
+    offsets: tuple[Expr, ...] = field(default=())  # offset(x): known coefficient 1
+
+    def _exprs(self) -> list[Expr]:
+        exprs = [self.response] + [v.expr for t in self.fixed for v in t]
+        exprs += [v.expr for r in self.random for v in r.variables()]
+        return exprs + list(self.offsets)
+
+    def prepass(self) -> list[Expr]:
+        """The scale() / poly() calls of the model (their constants come from a pre-pass)."""
+        return _unique(a for e in self._exprs() for a in e.prepass())
 
     def columns(self) -> list[str]:
         """Every data column the model uses (response, predictors, grouping factors)."""
-        exprs = [self.response] + [v.expr for t in self.fixed for v in t]
+        exprs = [self.response] + list(self.offsets) + [v.expr for t in self.fixed for v in t]
         exprs += [v.expr for r in self.random for v in r.variables()]
         cols = _unique(c for e in exprs for c in e.columns())
         return _unique(cols + [c for r in self.random for c in r.group_columns])
@@ -154,16 +219,14 @@ class Formula:
         """The columns whose values enter the model (outcome, predictors, arguments of
         functions): every column but the grouping factors and the `by =` of center() /
         group_mean()."""
-        exprs = [self.response] + [v.expr for t in self.fixed for v in t]
-        exprs += [v.expr for r in self.random for v in r.variables()]
+        exprs = self._exprs()
         groups = {c for r in self.random for c in r.group_columns}
         groups |= {a.by for e in exprs for a in e.aggregates() if a.by is not None}
         return [c for c in self.columns() if c not in groups
                 or any(c in _value_columns(e) for e in exprs)]
 
     def aggregates(self) -> list[Expr]:
-        exprs = [self.response] + [v.expr for t in self.fixed for v in t]
-        exprs += [v.expr for r in self.random for v in r.variables()]
+        exprs = self._exprs()
         return _unique(a for e in exprs for a in e.aggregates())
 
     @property
@@ -205,7 +268,8 @@ _TOKEN = re.compile(r"""
     (?P<ws>\s+)
   | (?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
   | (?P<name>[A-Za-z.][A-Za-z0-9._]*|`(?:[^`\\]|\\.)+`)
-  | (?P<op>\|\||[~+\-*/^:()|,=])
+  | (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+  | (?P<op>\|\||%[^%\s]*%|[~+\-*/^:()|,=])
 """, re.VERBOSE)
 
 
@@ -214,6 +278,7 @@ class _Tok:
     kind: str
     text: str
     pos: int
+    quoted: bool = False  # a backticked name: always a column (`pi` is the column pi)
 
 
 def _tokenize(text: str) -> list[_Tok]:
@@ -225,9 +290,15 @@ def _tokenize(text: str) -> list[_Tok]:
                                f"in formula {text!r}")
         if m.lastgroup != "ws":
             value = m.group()
-            if m.lastgroup == "name" and value.startswith("`"):
+            quoted = m.lastgroup == "name" and value.startswith("`")
+            if quoted:
                 value = value[1:-1].replace("\\`", "`")
-            toks.append(_Tok(m.lastgroup, value, pos))
+            if m.lastgroup == "str":
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            if m.lastgroup == "op" and value.startswith("%") and value != "%in%":
+                raise FormulaError(f"operator {value} at position {pos + 1} is not supported "
+                                   f"in formula {text!r} (of the %...% operators only %in%)")
+            toks.append(_Tok(m.lastgroup, value, pos, quoted))
         pos = m.end()
     toks.append(_Tok("end", "", len(text)))
     return toks
@@ -247,6 +318,9 @@ class _Parser:
         self.toks = _tokenize(text)
         self.i = 0
         self.random: list[RandomTerm] = []
+        self.offsets: list[Expr] = []
+        #: fixed-part variables in order of appearance: R orders an interaction's variables so
+        self.var_order: list[Variable] = []
 
     # -- helpers
     @property
@@ -282,12 +356,12 @@ class _Parser:
             raise FormulaError(f"unexpected {self.tok.text!r} at position {self.tok.pos + 1} "
                                f"in formula {self.text!r}")
         terms, intercept = node
-        order = _unique(v for t in terms for v in t)
+        order = _unique(self.var_order + [v for t in terms for v in t])
         fixed = [tuple(sorted(t, key=order.index)) for t in terms if t]
         fixed = sorted(_unique(fixed), key=len)  # stable: by degree, then appearance
         self.check_response(response, fixed)
         return Formula(self.text, response, tuple(fixed), intercept is not False,
-                       tuple(self.random))
+                       tuple(self.random), tuple(_unique(self.offsets)))
 
     def check_response(self, response: Expr, fixed: list[Term]) -> None:
         """The response may not be a predictor (a fixed or random term or part of one):
@@ -322,10 +396,10 @@ class _Parser:
         return terms, icpt
 
     def prod(self):
-        terms, icpt = self.inter()
+        terms, icpt = self.special()
         while self.tok.text in ("*", "/"):
             op = self.take().text
-            t2, i2 = self.inter()
+            t2, i2 = self.special()
             if op == "*":
                 cross = [_join(a, b) for a in terms for b in t2]
                 terms = _unique(terms + t2 + cross)
@@ -334,21 +408,52 @@ class _Parser:
                 terms = _unique(terms + [_join(tuple(allvars), b) for b in t2])
         return terms, icpt
 
+    def special(self):
+        """`a %in% b` (R: between `*` and `:`): every term of a joined with all of b's
+        variables, so `b %in% a` == `b:a` and `(a + b) %in% c` == `a:c + b:c`."""
+        terms, icpt = self.inter()
+        while self.tok.text == "%in%":
+            self.take("%in%")
+            t2, _ = self.inter()
+            allvars = tuple(_unique(v for t in t2 for v in t))
+            terms = _unique(_join(a, allvars) for a in terms)
+        return terms, icpt
+
     def inter(self):
-        terms, icpt = self.atom()
+        terms, icpt = self.power()
         while self.tok.text == ":":
             self.take(":")
-            t2, _ = self.atom()
+            t2, _ = self.power()
             terms = _unique(_join(a, b) for a in terms for b in t2)
+        return terms, icpt
+
+    def power(self):
+        """`(a + b + c)^k`: every interaction of up to k of the terms (R's `^`)."""
+        terms, icpt = self.atom()
+        while self.tok.text == "^":
+            self.take("^")
+            t = self.tok
+            if t.kind != "num" or not re.fullmatch(r"\d+", t.text) or int(t.text) < 1:
+                raise FormulaError(f"the power after '^' must be a whole number >= 1, not "
+                                   f"{t.text or 'end of formula'!r}, at position {t.pos + 1} "
+                                   f"in formula {self.text!r}")
+            self.take()
+            out = list(terms)
+            for _ in range(int(t.text) - 1):
+                out = _unique(out + [_join(a, b) for a in out for b in terms])
+            terms = out
         return terms, icpt
 
     def atom(self):
         t = self.tok
         if t.text == "(":
             self.take("(")
-            start = self.i
+            start, nvars, noffsets = self.i, len(self.var_order), len(self.offsets)
             node = self.sum_()
             if self.tok.text in ("|", "||"):
+                if len(self.offsets) > noffsets:
+                    raise self.fail("offset() is not allowed inside a random-effects term")
+                del self.var_order[nvars:]  # a random term's variables: not the fixed part's
                 bar = self.take().text
                 groups = self.group_names()
                 self.take(")")
@@ -370,11 +475,33 @@ class _Parser:
             return [], (False if icpt is True else True if icpt is False else None)
         if t.kind == "name":
             if self.toks[self.i + 1].text == "(":
-                return [(Variable(self.call()),)], None
+                if t.text == "offset" and not t.quoted:
+                    return self.offset()
+                return [(self.variable(self.call()),)], None
+            if t.text == "pi" and not t.quoted:
+                raise self.fail("pi is a constant, not a term (use it inside I(), e.g. "
+                                "I(2 * pi * x); a column named pi: `pi`)")
             self.take()
-            return [(Variable(Expr("col", t.text)),)], None
+            return [(self.variable(Expr("col", t.text)),)], None
         raise FormulaError(f"unexpected {t.text or 'end of formula'!r} at position {t.pos + 1} "
                            f"in formula {self.text!r}")
+
+    def variable(self, expr: Expr) -> Variable:
+        var = Variable(expr)
+        self.var_order.append(var)
+        return var
+
+    def offset(self):
+        """`offset(x)`: a term with known coefficient 1, subtracted from the response in the
+        statistics and added back in prediction (lme4's offset)."""
+        self.take(kind="name")
+        self.take("(")
+        expr = self.arith()
+        self.take(")")
+        if expr.aggregates():
+            raise self.fail("offset() of center()/group_mean() is not supported")
+        self.offsets.append(expr)
+        return [], None
 
     def group_names(self) -> list[tuple[str, ...]]:
         """The grouping factor(s) after `|`: `g`, `a:b` (one factor, the combination), or
@@ -427,10 +554,39 @@ class _Parser:
         name_tok = self.take(kind="name")
         name = name_tok.text
         self.take("(")
+        if name_tok.quoted:
+            raise self.fail(f"`{name}`(...) is not a function")
         if name in ("I",) or name in NUMERIC_FUNCTIONS:
             arg = self.arith()
             self.take(")")
             return Expr("call", name, (arg,))
+        if name in CATEGORICAL_FUNCTIONS:
+            return self.categorical_call(name_tok)
+        if name == "scale":
+            arg = self.arith()
+            if self.tok.text == ",":
+                raise self.fail("scale() takes one argument (centred and scaled by the SD)")
+            self.take(")")
+            return Expr("call", name, (arg,))
+        if name == "poly":
+            arg = self.arith()
+            self.take(",")
+            kw = None
+            if self.tok.kind == "name" and self.toks[self.i + 1].text == "=":
+                kw = self.take().text
+                self.take("=")
+                if kw != "degree":
+                    raise self.fail(f"poly() takes degree=, not {kw}= (only orthogonal "
+                                    f"polynomials: no raw =)")
+            deg = self.tok
+            if deg.kind != "num" or not re.fullmatch(r"\d+", deg.text) or int(deg.text) < 1:
+                raise self.fail("poly(x, k) needs a whole number k >= 1")
+            self.take()
+            if self.tok.text == ",":
+                raise self.fail("poly() takes x and the degree (orthogonal polynomials only)")
+            self.take(")")
+            k = Expr("num", deg.text)
+            return Expr("call", name, (arg, Expr("kw", kw, (k,)) if kw else k))
         if name in AGGREGATE_FUNCTIONS:
             arg = self.arith()
             by = None
@@ -445,9 +601,61 @@ class _Parser:
             if name == "group_mean" and by is None:
                 raise self.fail("group_mean() needs by=GROUP")
             return Expr("call", name, (arg,), by)
+        known = ["I"] + list(NUMERIC_FUNCTIONS) + list(AGGREGATE_FUNCTIONS) \
+            + list(CATEGORICAL_FUNCTIONS) + list(PREPASS_FUNCTIONS) + ["offset"]
         raise FormulaError(f"unknown function {name}() at position {name_tok.pos + 1} in "
-                           f"formula {self.text!r} (known: I, "
-                           f"{', '.join(list(NUMERIC_FUNCTIONS) + list(AGGREGATE_FUNCTIONS))})")
+                           f"formula {self.text!r} (known: {', '.join(known)})")
+
+    def categorical_call(self, name_tok: _Tok) -> Expr:
+        """factor(x), relevel(x, "b") / relevel(x, ref = "b") / relevel(x, 2) (R: a level
+        label, or a position), C(x, ref = "b") / C(x, ref = 2) (a level's value); x a column
+        or factor(column)."""
+        name = name_tok.text
+        t = self.tok
+        if t.kind != "name" or t.text in CATEGORICAL_FUNCTIONS and not t.quoted \
+                and self.toks[self.i + 1].text != "(":
+            raise self.fail(f"{name}() takes a column name (at position {t.pos + 1})")
+        if self.toks[self.i + 1].text == "(" and not t.quoted:
+            if t.text != "factor" or name == "factor":
+                raise self.fail(f"{name}() takes a column name or factor(column) (at "
+                                f"position {t.pos + 1})")
+            arg = self.call()
+        else:
+            arg = Expr("col", self.take().text)
+        if name == "factor":
+            if self.tok.text == ",":
+                raise self.fail("factor() takes one argument (levels are the sorted values)")
+            self.take(")")
+            return Expr("call", name, (arg,))
+        args = [arg]
+        if self.tok.text == ",":
+            self.take(",")
+            kw = None
+            if self.tok.kind == "name" and self.toks[self.i + 1].text == "=":
+                kw = self.take().text
+                self.take("=")
+                if kw != "ref":
+                    raise self.fail(f"{name}() takes ref=, not {kw}=")
+            r = self.tok
+            if r.kind == "str":
+                ref = Expr("str", r.text)
+            elif r.kind == "num":
+                ref = Expr("num", r_number(float(r.text)))
+            elif r.text == "-" and self.toks[self.i + 1].kind == "num" and name == "C":
+                self.take()
+                r = self.tok
+                ref = Expr("num", r_number(-float(r.text)))
+            else:
+                raise self.fail(f"the reference level of {name}() must be a quoted level or "
+                                f"a number (at position {r.pos + 1})")
+            self.take()
+            args.append(Expr("kw", kw, (ref,)) if kw else ref)
+        elif name == "relevel":
+            raise self.fail('relevel() needs the reference level: relevel(x, "b")')
+        if name == "C" and len(args) > 1 and args[1].kind != "kw":
+            raise self.fail('C() takes the reference level as ref =, e.g. C(x, ref = "b")')
+        self.take(")")
+        return Expr("call", name, tuple(args))
 
     def arith(self) -> Expr:
         left = self.arith_term()
@@ -484,9 +692,11 @@ class _Parser:
             self.take(")")
             return Expr("paren", "", (e,))
         if t.kind == "name":
-            if self.toks[self.i + 1].text == "(":
+            if self.toks[self.i + 1].text == "(" and not t.quoted:
                 return self.call()
             self.take()
+            if t.text == "pi" and not t.quoted:
+                return Expr("pi", "pi")
             return Expr("col", t.text)
         raise FormulaError(f"unexpected {t.text or 'end of formula'!r} at position {t.pos + 1} "
                            f"in formula {self.text!r}")

@@ -28,13 +28,14 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         method: str = "REML", stats: Statistics | str | os.PathLike[str] | None = None,
         ddf: str | None = "satterthwaite", ci: str | None = None, level: float = 0.95,
         memory_limit: str | None = None, threads: int | None = None,
-        temp_directory: str | None = None) -> FitResult:
+        temp_directory: str | None = None, weights: str | None = None) -> FitResult:
     """Fit a linear mixed model.
 
     Either `data` (Parquet file / directory / glob, or CSV) and an lme4 `formula`, or `stats`
     (a `Statistics` value or a saved statistics file) to refit without reading the data.
     `ddf`: denominator degrees of freedom of the fixed-effect t tests ("satterthwaite",
     "kenward-roger" or None); `ci`: confidence intervals ("wald", "profile" or None).
+    `weights`: a column of case weights (lme4's `weights =`: Var(e_i) = σ² / w_i).
     """
     method, ddf, ci = check_options(method, ddf, ci, level)  # before any work
     if stats is not None and data is not None:
@@ -43,7 +44,7 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         if data is None or formula is None:
             raise InputError("fit needs DATA and a formula, or saved statistics")
         stats = compute_statistics(data, formula, memory_limit=memory_limit, threads=threads,
-                                   temp_directory=temp_directory)
+                                   temp_directory=temp_directory, weights=weights)
     elif not isinstance(stats, Statistics):
         stats = Statistics.load(stats)
     if formula is not None and " ".join(formula.split()) != " ".join(stats.formula.split()):
@@ -61,7 +62,7 @@ def fit_config(cfg: dict, **overrides) -> FitResult:
     duck = {} if cfg.get("stats") else (cfg.get("duckdb") or {})
     return fit(cfg.get("data"), cfg.get("formula"), method=str(cfg.get("method", "REML")),
                stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"), ci=cfg.get("ci"),
-               level=float(cfg.get("level", 0.95)), **duck)
+               level=float(cfg.get("level", 0.95)), weights=cfg.get("weights"), **duck)
 
 
 def fit_statistics(stats: Statistics, *, method: str = "REML",
@@ -201,7 +202,7 @@ def _response_sums(stats: Statistics) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if "(Intercept)" not in stats.random_names:
         return None
     a = stats.random_names.index("(Intercept)")
-    return stats.n_i, stats.zty[a], stats.yty_i
+    return stats.ztz[a, a], stats.zty[a], stats.yty_i  # ztz[a, a]: n_i (Σ w_i if weighted)
 
 
 def _total_sum_y(stats: Statistics) -> float | None:
@@ -224,6 +225,10 @@ def _check_response_varies(stats: Statistics) -> None:
     if total is None:  # neither X nor Z has an intercept: Σy is not in the statistics
         return
     yty, n = float(stats.yty), float(stats.n)
+    if stats.weights:  # weighted sums: Σ w in place of n
+        k = stats.fixed_names.index("(Intercept)") if "(Intercept)" in stats.fixed_names \
+            else None
+        n = float(stats.xtx[k, k]) if k is not None else float(_response_sums(stats)[0].sum())
     if total != 0 and not yty > np.finfo(float).tiny * n:
         raise DataError(f"outcome {stats.response!r} is too small in magnitude (mean "
                         f"{total / n:.3g}): its squares underflow double precision; rescale it")

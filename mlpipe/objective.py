@@ -260,8 +260,9 @@ class Objective:
                              xtx_adj, rx, beta, r2, logdet_l, logdet_rx)
 
     def _deviance(self, r2: float, logdet_l: float, logdet_rx: float) -> float:
+        # case weights: lme4's criterion has -Σ log w_i (the residual covariance σ² W⁻¹)
         return profiled_deviance(r2, logdet_l, logdet_rx, self.stats.n, self.stats.p,
-                                 self.reml)
+                                 self.reml) - self.stats.log_weights
 
     def parts_at(self, theta: np.ndarray) -> tuple[float, float, float]:
         """(r², log|L|², log|R_X|²) at θ (as `BlockedObjective.parts_at`)."""

@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 from . import centering
 from ._sql import (Source, connect, first_line, quote_ident, read_error, render,
                    staging_prefix, sweep_stale)
-from .design import (Design, FactorDesign, build_design, complete_condition, discover_levels,
-                     is_categorical, is_numeric, present_sql)
+from .design import (Design, FactorDesign, build_design, coding_keys, complete_condition,
+                     discover_levels, factor_columns, is_categorical, is_numeric, present_sql)
 from .errors import DataError, FormulaError, InputError
 from .formula import Formula, parse_formula
 
@@ -240,7 +240,9 @@ def _variable_columns(formula: Formula, random: bool) -> list[str]:
     terms = list(formula.fixed)
     if random:
         terms += [t for r in formula.random for t in r.terms]
-    return list(dict.fromkeys(c for t in terms for v in t for c in v.expr.columns()))
+    offsets = [c for e in formula.offsets for c in e.columns()]  # offset(x): part of X·β
+    return list(dict.fromkeys([c for t in terms for v in t for c in v.expr.columns()]
+                              + offsets))
 
 
 def _grouping_columns(formula: Formula) -> list[str]:
@@ -340,6 +342,8 @@ def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
         raise DataError(f"{what} column {missing[0]!r} is not in {path}{hint}")
     # grouping columns and center()/group_mean()'s `by` may have any type: they are matched
     keys = set(gcols) | {a.by for a in formula.aggregates() if a.by is not None}
+    # factor(x) / relevel() / C(): any type; an unknown value gives a NULL dummy (strict)
+    keys |= set(factor_columns(formula)) - set(_bare_columns(formula))
     for col in [c for c in variables if c not in keys or c in _bare_columns(formula)]:
         if col in levels:
             if not is_categorical(schema[col]):
@@ -358,7 +362,8 @@ def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
                for c in formula.columns()}
     dschema.update({c: t for c, t in schema.items() if c not in dschema})
     design = build_design(formula, dschema, {c: levels[c] for c in _bare_columns(formula)
-                                             if c in levels})
+                                             + coding_keys(formula)
+                                             if c in levels}, strict=True)
     names = [c.name for c in design.fixed]
     if names != list(model.fixed):
         raise DataError(f"the model's fixed effects ({', '.join(model.fixed)}) cannot be "
@@ -395,6 +400,8 @@ def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
         params[f"beta{j}"] = float(model.fixed[col.name])
         fixed_terms.append(f"$beta{j}" if col.sql is None else f"$beta{j} * ({col.sql})")
     xb = " + ".join(fixed_terms)
+    if design.offset is not None:  # offset(x): known coefficient 1, added back
+        xb = f"{xb} + ({design.offset})"
     frame = [f"CASE WHEN {ok_sql(_variable_columns(formula, False))} THEN {xb} END "
              f"AS __mlpipe_xb"]
     internal = ["__mlpipe_xb"]

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from ._sql import (Source, connect, first_line, quote_ident, render, staging_prefix,
                    sweep_stale)
-from .design import Design, build_design, check_columns, discover_levels
+from .design import (Design, build_design, check_columns, check_weights, compute_prepass,
+                     discover_levels)
 from .errors import DataError
 from .formula import parse_formula
 
@@ -87,6 +88,11 @@ class Statistics:
     #: empty for one factor on one column (then `group` and `levels` say it all)
     factors: list[Factor] = field(default_factory=list)
     group_types: dict[str, str] = field(default_factory=dict)  # DuckDB type per column
+    #: case weights (lme4's `weights =`): the column ("" for none) and Σ log w_i over the
+    #: rows used; every cross-product above is then weighted (Σ w z z', Σ w x y, ...; the
+    #: intercept's "count" is Σ w), `n` / `n_i` stay row counts
+    weights: str = ""
+    log_weights: float = 0.0
 
     @property
     def general(self) -> bool:
@@ -123,6 +129,7 @@ class Statistics:
         same = (self.formula == other.formula and self.fixed_names == other.fixed_names
                 and self.random_names == other.random_names and self.blocks == other.blocks
                 and self.factor_levels == other.factor_levels
+                and self.weights == other.weights
                 and [f.name for f in self.factors] == [f.name for f in other.factors])
         if not same:
             raise InputError("cannot merge statistics of different models (formula, columns "
@@ -179,7 +186,8 @@ class Statistics:
             self.n + other.n, self.rows_read + other.rows_read,
             self.rows_dropped + other.rows_dropped, f"{self.source} + {other.source}",
             self.factor_levels, self.group_type, factors=factors,
-            group_types=self.group_types)
+            group_types=self.group_types, weights=self.weights,
+            log_weights=self.log_weights + other.log_weights)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -210,6 +218,7 @@ class Statistics:
             "xty": self.xty.tolist(), "yty": self.yty, "n": self.n, "rows_read": self.rows_read,
             "rows_dropped": self.rows_dropped, "source": self.source,
             "factor_levels": self.factor_levels, "group_type": self.group_type,
+            "weights": self.weights, "log_weights": self.log_weights,
         }
         table = pa.table(cols).replace_schema_metadata({"mlpipe": json.dumps(meta)})
         path = Path(path)
@@ -256,7 +265,8 @@ class Statistics:
                    int(meta["rows_dropped"]), meta.get("source", ""),
                    meta.get("factor_levels", {}), meta.get("group_type", ""),
                    factors=[_load_factor(table, k, f) for k, f in enumerate(meta["factors"])],
-                   group_types=meta.get("group_types", {}))
+                   group_types=meta.get("group_types", {}), weights=meta.get("weights", ""),
+                   log_weights=float(meta.get("log_weights", 0.0)))
 
 
 def _cell_keys(st: Statistics) -> np.ndarray:
@@ -305,9 +315,14 @@ class _Moments:
 
     def __init__(self, design: Design):
         self.exprs: list[str] = []  # index k+1 <-> exprs[k]; index 0 is the constant 1
+        #: case weights: every sum is Σ w·a·b, the constant's Σ w is s_0_0 (n stays count(*))
+        self.weighted = design.weights_sql is not None
         self.x = [self.index(c.sql) for c in design.fixed]
         self.z = [self.index(c.sql) for c in design.random]
-        self.y = self.index(design.response.sql)
+        # offset(x): known coefficient 1, so the statistics are those of y - offset
+        y_sql = design.response.sql if design.offset is None \
+            else f"({design.response.sql} - ({design.offset}))"
+        self.y = self.index(y_sql)
         #: a name for each non-constant column, for messages
         self.labels = {c.name: k for c, k in
                        zip(design.fixed + design.random + [design.response],
@@ -320,14 +335,13 @@ class _Moments:
             self.exprs.append(sql)
         return self.exprs.index(sql) + 1
 
-    @staticmethod
-    def name(i: int, j: int) -> str:
+    def name(self, i: int, j: int) -> str:
         i, j = min(i, j), max(i, j)
-        return "n" if (i, j) == (0, 0) else f"s_{i}_{j}"
+        return "n" if (i, j) == (0, 0) and not self.weighted else f"s_{i}_{j}"
 
-    @staticmethod
-    def _products(left: list[int], right: list[int]) -> set[tuple[int, int]]:
-        return {(min(a, b), max(a, b)) for a in left for b in right} - {(0, 0)}
+    def _products(self, left: list[int], right: list[int]) -> set[tuple[int, int]]:
+        out = {(min(a, b), max(a, b)) for a in left for b in right}
+        return out if self.weighted else out - {(0, 0)}
 
     def group_pairs(self) -> list[tuple[int, int]]:
         """The sums read back per group: Z with [Z X y], and y'y."""
@@ -341,13 +355,17 @@ class _Moments:
     def sum_sql(self, i: int, j: int) -> str:
         a, b = min(i, j), max(i, j)
         body = f"c{b}" if a == 0 else f"c{a} * c{b}"
+        if self.weighted:
+            body = "cw" if (a, b) == (0, 0) else f"cw * {body}"
         return f"fsum({body}) AS {self.name(a, b)}"  # compensated: see _run_moments
 
 
 def compute_statistics(data: str | os.PathLike[str], formula: str, *,
                        memory_limit: str | None = None, threads: int | None = None,
-                       temp_directory: str | None = None) -> Statistics:
-    """One streaming DuckDB pass over `data` → the model's `Statistics`."""
+                       temp_directory: str | None = None,
+                       weights: str | None = None) -> Statistics:
+    """One streaming DuckDB pass over `data` → the model's `Statistics`.  `weights` names a
+    column of case weights (lme4's prior weights: Var(e_i) = σ² / w_i)."""
     import time
 
     t0 = time.perf_counter()
@@ -355,10 +373,12 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
     source = Source(data)
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
-        schema = source.schema(con, parsed.value_columns())
+        schema = source.schema(con, parsed.value_columns() + ([weights] if weights else []))
         check_columns(parsed, schema)
-        levels = discover_levels(con, source, parsed, schema)
-        design = build_design(parsed, schema, levels)
+        check_weights(weights, schema)
+        levels = discover_levels(con, source, parsed, schema, weights)
+        levels.update(compute_prepass(con, source, parsed, schema, weights))
+        design = build_design(parsed, schema, levels, weights=weights)
         t1 = time.perf_counter()
         stats = _run_moments(con, source, design)
         stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
@@ -384,6 +404,9 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
     pairs = mom.pairs()
     columns = ",\n        ".join(f"{sql} AS c{k + 1}" for k, sql in enumerate(mom.exprs))
     sums = ",\n    ".join(mom.sum_sql(i, j) for i, j in pairs)
+    if mom.weighted:  # Σ log w (lme4's deviance gains -Σ log w) and the smallest weight
+        columns += f",\n        {design.weights_sql} AS cw"
+        sums += ",\n    fsum(ln(greatest(cw, 1e-300))) AS slogw,\n    min(cw) AS wmin"
     params = {**source.params, **design.params}
     if design.group is not None:
         groups, group_by = f"src.{quote_ident(design.group)} AS grp", "grp"
@@ -426,18 +449,30 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
             columns=", ".join(f"gm.{mom.name(i, j)}" for i, j in mom.group_pairs()),
             cell_order=", ".join(f"gm.g{k}" for k in range(len(gcols))))).fetchnumpy()
     tot_sql = render("totals", sums=", ".join(
-        f"sum({mom.name(i, j)})" if (i, j) == (0, 0)  # n: an integer count
-        else f"fsum({mom.name(i, j)})" for i, j in [(0, 0)] + pairs))
-    total_rows, *sums = con.execute(tot_sql).fetchone()
-    totals = dict(zip([(0, 0)] + pairs, sums))
+        ["sum(n)"]  # n: an integer count
+        + [f"fsum({mom.name(i, j)})" for i, j in pairs]
+        + (["fsum(slogw)", "min(wmin)"] if mom.weighted else [])))
+    total_rows, count, *sums = con.execute(tot_sql).fetchone()
+    if mom.weighted:
+        *sums, log_weights, wmin = sums
+    else:
+        log_weights, wmin = 0.0, None
+    totals = dict(zip(pairs, sums))
+    if not mom.weighted:
+        totals[(0, 0)] = count
 
     m = len(per_group["n"])
-    n = int(totals[(0, 0)] or 0)
+    n = int(count or 0)
     if m == 0 or n == 0:
         raise DataError(f"no rows left after dropping rows with missing values "
                         f"({total_rows} rows read, all dropped)")
     if any(v is None for v in totals.values()):
         raise DataError("a model column is entirely missing")
+    if mom.weighted and not (wmin is not None and float(wmin) > 0
+                             and np.isfinite(float(log_weights))
+                             and np.isfinite(float(totals[(0, 0)]))):
+        raise DataError(f"weights column {design.weights!r} must be positive and finite in "
+                        f"the rows used (smallest value {wmin})")
     bad = [name for name, k in mom.labels.items()
            if not np.isfinite(float(totals[(k, k)]))]
     if bad:
@@ -478,7 +513,8 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         source=source.location, factor_levels=design.levels,
         group_type=design.schema.get(design.group, "") if design.group else "",
         factors=factors,
-        group_types={c: design.schema.get(c, "") for c in _cell_columns(design)})
+        group_types={c: design.schema.get(c, "") for c in _cell_columns(design)},
+        weights=design.weights or "", log_weights=float(log_weights or 0.0))
 
 
 _SQRT_MAX = float(np.sqrt(np.finfo(float).max))  # ~1.34e154: larger values square to inf
