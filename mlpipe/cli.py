@@ -69,6 +69,9 @@ def _add_fit(sub) -> None:
     f.add_argument("--config", "-c", help="a TOML config (see configs/); options given here "
                                           "override it")
     f.add_argument("--stats", help="refit from a statistics file written by `mlpipe stats`")
+    f.add_argument("--weights", "-w", metavar="COL",
+                   help="column of case weights (lme4's weights =: Var(e_i) = sigma^2 / w_i; "
+                        "rows with a null weight are dropped)")
     method = f.add_mutually_exclusive_group()
     method.add_argument("--reml", dest="method", action="store_const", const="REML",
                         help="restricted maximum likelihood (the default, as lme4's lmer)")
@@ -99,6 +102,9 @@ def _add_stats(sub) -> None:
     s.add_argument("--formula", "-f", required=True,
                    help='lme4 formula, e.g. "y ~ x + (1 | g)"')
     s.add_argument("--out", "-o", required=True, help="statistics file to write (.parquet)")
+    s.add_argument("--weights", "-w", metavar="COL",
+                   help="column of case weights (lme4's weights =: Var(e_i) = sigma^2 / w_i; "
+                        "rows with a null weight are dropped)")
     _add_duckdb_options(s)
 
 
@@ -186,6 +192,8 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
         cfg["formula"] = args.formula
     if args.stats:
         cfg["stats"] = args.stats
+    if args.weights:
+        cfg["weights"] = args.weights
     if args.method:
         cfg["method"] = args.method
     if args.out:
@@ -239,7 +247,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from .stats import compute_statistics
 
     stats = compute_statistics(args.data, args.formula, memory_limit=args.memory_limit,
-                               threads=args.threads, temp_directory=args.temp_directory)
+                               threads=args.threads, temp_directory=args.temp_directory,
+                               weights=args.weights)
     stats.save(args.out)
     if stats.general:
         what = (f"{stats.m} cells of " + ", ".join(f"{f.name} ({f.m} levels)"

@@ -23,10 +23,10 @@ from pathlib import Path
 from .errors import InputError
 
 KEYS = {"data", "formula", "method", "out", "stats", "name", "ddf", "ci", "level", "residuals",
-        "duckdb"}
+        "weights", "duckdb"}
 DUCKDB_KEYS = {"memory_limit", "threads", "temp_directory"}
 TYPES = {"data": str, "formula": str, "method": str, "out": str, "stats": str, "name": str,
-         "ddf": str, "ci": str, "level": (int, float), "residuals": bool}
+         "ddf": str, "ci": str, "level": (int, float), "residuals": bool, "weights": str}
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false",
               (int, float): "a number"}
 

@@ -49,6 +49,9 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         stats = Statistics.load(stats)
     if formula is not None and " ".join(formula.split()) != " ".join(stats.formula.split()):
         raise InputError(f"the statistics were built for {stats.formula!r}, not {formula!r}")
+    if weights is not None and weights != stats.weights:
+        built = f"weights {stats.weights!r}" if stats.weights else "no weights"
+        raise InputError(f"the statistics were built with {built}, not weights {weights!r}")
     return fit_statistics(stats, method=method, ddf=ddf, ci=ci, level=level,
                           memory_limit=memory_limit)
 

@@ -200,3 +200,57 @@ def test_data_errors(formula, weights, message):
     with pytest.raises(MlpipeError) as err:
         mlpipe.fit(DATA / "sleepstudy_w.parquet", formula, weights=weights)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("case", ["sleep_scale", "sleep_poly", "hsb_poly", "sleep_offset",
+                                  "sleep_factor"])
+def test_prediction_on_new_rows_uses_the_stored_constants(case, tmp_path):
+    """On new data (here 20 training rows alone) scale() and poly() use the training
+    constants, not the new rows' moments: the predictions are still lme4's fitted values."""
+    import duckdb
+    ref = reference(case)
+    res, _ = fitted(case, "REML")
+    path = tmp_path / "new.parquet"
+    duckdb.sql(f"COPY (SELECT * FROM '{DATA / (ref['data'] + '.parquet')}' LIMIT 20) "
+               f"TO '{path}' (FORMAT parquet)")
+    got = mlpipe.predict.predict(res, path)["fitted"].to_numpy()
+    want = np.asarray(ref["reml"]["fitted_head"], float)
+    assert np.max(np.abs(got - want)) < 1e-4 * (float(np.std(want)) + 1.0)
+
+
+def test_unseen_factor_level_predicts_null(tmp_path):
+    """factor(Days) on a Days value the model never saw: NULL, not the reference level."""
+    import duckdb
+    res, _ = fitted("sleep_factor", "REML")
+    path = tmp_path / "new.parquet"
+    duckdb.sql(f"COPY (SELECT * REPLACE (CASE WHEN Days = 3 THEN 42 ELSE Days END AS Days) "
+               f"FROM '{DATA / 'sleepstudy_w.parquet'}' LIMIT 10) TO '{path}' (FORMAT parquet)")
+    out = mlpipe.predict.predict(res, path)
+    fitted_ = out["fitted"].to_list()
+    assert fitted_[3] is None and all(v is not None for k, v in enumerate(fitted_) if k != 3)
+
+
+def test_cli_weights_option_and_config(tmp_path):
+    """--weights COL on fit and stats, `weights = "col"` in a config: lme4's criterion."""
+    from mlpipe.cli import main
+    ref = reference("sleep_weights")
+    data = str(DATA / "sleepstudy_w.parquet")
+    assert main(["fit", data, "-f", ref["formula"], "--weights", "w", "-q",
+                 "--out", str(tmp_path / "a")]) == 0
+    got = json.loads((tmp_path / "a" / "result.json").read_text())["reml_criterion"]
+    assert got == pytest.approx(ref["reml"]["deviance_or_reml"], rel=1e-6)
+    assert 'weights = "w"' in (tmp_path / "a" / "config.toml").read_text()
+    assert main(["stats", data, "-f", ref["formula"], "-w", "w",
+                 "-o", str(tmp_path / "s.parquet")]) == 0
+    assert main(["fit", "--stats", str(tmp_path / "s.parquet"), "--ml", "-q",
+                 "--out", str(tmp_path / "b")]) == 0
+    got = json.loads((tmp_path / "b" / "result.json").read_text())["deviance"]
+    assert got == pytest.approx(ref["ml"]["deviance_or_reml"], rel=1e-6)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = "{data}"\nformula = "{ref["formula"]}"\nweights = "w"\n'
+                   f'out = "{tmp_path / "c"}"\n')
+    assert main(["fit", "-c", str(cfg), "-q"]) == 0
+    got = json.loads((tmp_path / "c" / "result.json").read_text())["reml_criterion"]
+    assert got == pytest.approx(ref["reml"]["deviance_or_reml"], rel=1e-6)
+    # statistics built with other weights than asked for: refused
+    assert main(["fit", "--stats", str(tmp_path / "s.parquet"), "--weights", "Days"]) == 2
