@@ -1,6 +1,6 @@
-"""The per-level and named outputs of a fit against lme4 (tests/data/lme4/coef_refs.json, made
-by tests/data/lme4/make_coef_refs.R): coef() per factor, fixef, the named vcov table, the
-"Correlation of Fixed Effects" block; the short repr and the notebook view."""
+"""The per-level and named outputs of a fit against lme4: coef() per factor, fixef, the named
+vcov table, the "Correlation of Fixed Effects" block (tests/data/lme4_coef/coef_refs.json, made
+by tests/data/lme4_coef/make_coef_refs.R); the short repr and the notebook view."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from mlpipe.cli import main
 from mlpipe.results import r_abbreviate
 
 DATA = Path(__file__).parent / "data"
-REFS = {c["case"]: c for c in json.loads((DATA / "lme4" / "coef_refs.json").read_text())}
+REFS = {c["case"]: c for c in json.loads((DATA / "lme4_coef" / "coef_refs.json").read_text())}
 FILES = {"sleepstudy": DATA / "sleepstudy.parquet", "hsb82": DATA / "hsb82.parquet",
          "pastes": DATA / "pastes.parquet", "penicillin": DATA / "penicillin.parquet"}
 
@@ -72,7 +72,7 @@ def test_correlation_of_fixed_effects_printed_as_lme4(case):
 
 
 def test_r_abbreviate_matches_r():
-    ref = json.loads((DATA / "lme4" / "abbreviate_refs.json").read_text())
+    ref = json.loads((DATA / "lme4_coef" / "abbreviate_refs.json").read_text())
     assert r_abbreviate(ref["names"], 6) == ref["min6"]
     assert r_abbreviate(ref["names"], 11) == ref["min11"]
 

@@ -2,8 +2,8 @@
 # coef() per factor, fixef(), vcov() with its names, and the "Correlation of Fixed Effects"
 # block of print(summary(m), correlation = TRUE), for REML fits converged tightly.
 #
-# Usage (from the repository root):  Rscript tests/data/lme4/make_coef_refs.R
-# Writes tests/data/lme4/coef_refs.json: a list of cases, each
+# Usage (from the repository root):  Rscript tests/data/lme4_coef/make_coef_refs.R
+# Writes tests/data/lme4_coef/coef_refs.json: a list of cases, each
 #   {case, data, formula, lme4_version, fixef {term: value}, vcov {names, values (rows)},
 #    coef [{group, levels, columns, values (levels x columns)}], correlation_text [lines]}.
 # Data: lme4's sleepstudy, Pastes and Penicillin (the sources of tests/data/*.parquet) and
@@ -49,7 +49,7 @@ out <- lapply(cases, function(cs) {
        correlation_text = corr)
 })
 writeLines(toJSON(out, auto_unbox = TRUE, digits = NA, pretty = TRUE),
-           "tests/data/lme4/coef_refs.json")
+           "tests/data/lme4_coef/coef_refs.json")
 
 # R's abbreviate() as lme4 uses it for the correlation block's names (minlength 6 and 11)
 nm <- c("(Intercept)", "meanses", "cses", "sectorPublic", "meanses:cses", "cses:sectorPublic",
@@ -58,4 +58,4 @@ nm <- c("(Intercept)", "meanses", "cses", "sectorPublic", "meanses:cses", "cses:
         "group_mean(ses, by = school)", "x", "ab", "abcdefghijklmnop", "abcdefghijklmnoq")
 writeLines(toJSON(list(names = nm, min6 = unname(abbreviate(nm, 6)),
                        min11 = unname(abbreviate(nm, 11))), digits = NA, pretty = TRUE),
-           "tests/data/lme4/abbreviate_refs.json")
+           "tests/data/lme4_coef/abbreviate_refs.json")
