@@ -31,8 +31,10 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         temp_directory: str | None = None, weights: str | None = None) -> FitResult:
     """Fit a linear mixed model.
 
-    Either `data` (Parquet file / directory / glob, or CSV) and an lme4 `formula`, or `stats`
-    (a `Statistics` value or a saved statistics file) to refit without reading the data.
+    Either `data` (Parquet file / directory / glob, or CSV; or data in memory: a polars
+    DataFrame or LazyFrame, a pandas DataFrame, a pyarrow Table, RecordBatchReader or
+    Dataset, a DuckDB relation) and an lme4 `formula`, or `stats` (a `Statistics` value or a
+    saved statistics file) to refit without reading the data.
     `ddf`: denominator degrees of freedom of the fixed-effect t tests ("satterthwaite",
     "kenward-roger" or None); `ci`: confidence intervals ("wald", "profile" or None).
     `weights`: a column of case weights (lme4's `weights =`: Var(e_i) = σ² / w_i).

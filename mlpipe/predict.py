@@ -518,8 +518,8 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
     """Predictions of a fitted model for the rows of `data`, by one DuckDB pass.
 
     `result` is a `FitResult`, a result directory (`mlpipe fit --out DIR`) or a
-    `FittedModel`; `data` a Parquet file / directory / glob or CSV (or, for small data, a
-    polars DataFrame / arrow table).  The output has every input column plus
+    `FittedModel`; `data` a Parquet file / directory / glob or CSV, or data in memory (as
+    for `mlpipe.fit`).  The output has every input column plus
     `fitted_population` (X·β), `fitted` (X·β + Z·b for `level="conditional"`, the default;
     X·β for `level="population"`) and, when the response is in `data`, `residual`
     (response − fitted).  With `out`, the rows are written to that file (atomically) as

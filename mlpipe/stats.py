@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from ._sql import (Source, connect, first_line, quote_ident, render, staging_prefix,
                    sweep_stale)
+from .centering import materialize
 from .design import (Design, build_design, check_columns, check_weights, compute_prepass,
                      discover_levels)
 from .errors import DataError
@@ -88,6 +89,10 @@ class Statistics:
     #: empty for one factor on one column (then `group` and `levels` say it all)
     factors: list[Factor] = field(default_factory=list)
     group_types: dict[str, str] = field(default_factory=dict)  # DuckDB type per column
+    #: the means of center()/group_mean() the statistics pass used (mlpipe/centering.py),
+    #: for prediction on new data; None without them, and for merged statistics (each
+    #: part was centred on its own means)
+    centering: dict | None = None
     #: case weights (lme4's `weights =`): the column ("" for none) and Σ log w_i over the
     #: rows used; every cross-product above is then weighted (Σ w z z', Σ w x y, ...; the
     #: intercept's "count" is Σ w), `n` / `n_i` stay row counts
@@ -186,7 +191,7 @@ class Statistics:
             self.n + other.n, self.rows_read + other.rows_read,
             self.rows_dropped + other.rows_dropped, f"{self.source} + {other.source}",
             self.factor_levels, self.group_type, factors=factors,
-            group_types=self.group_types, weights=self.weights,
+            centering=None, group_types=self.group_types, weights=self.weights,
             log_weights=self.log_weights + other.log_weights)
 
     # ------------------------------------------------------------------ persistence
@@ -218,6 +223,7 @@ class Statistics:
             "xty": self.xty.tolist(), "yty": self.yty, "n": self.n, "rows_read": self.rows_read,
             "rows_dropped": self.rows_dropped, "source": self.source,
             "factor_levels": self.factor_levels, "group_type": self.group_type,
+            "centering": self.centering,
             "weights": self.weights, "log_weights": self.log_weights,
         }
         table = pa.table(cols).replace_schema_metadata({"mlpipe": json.dumps(meta)})
@@ -265,6 +271,7 @@ class Statistics:
                    int(meta["rows_dropped"]), meta.get("source", ""),
                    meta.get("factor_levels", {}), meta.get("group_type", ""),
                    factors=[_load_factor(table, k, f) for k, f in enumerate(meta["factors"])],
+                   centering=meta.get("centering"),
                    group_types=meta.get("group_types", {}), weights=meta.get("weights", ""),
                    log_weights=float(meta.get("log_weights", 0.0)))
 
@@ -414,10 +421,10 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         gcols = _cell_columns(design)
         groups = ", ".join(f"src.{quote_ident(c)} AS g{k}" for k, c in enumerate(gcols))
         group_by = ", ".join(f"g{k}" for k in range(len(gcols)))
+    centred, centering = materialize(con, source, design)  # + center()/group_mean() means
     sql = render("group_moments", sums=sums, groups=groups, group_by=group_by,
                  columns=columns or "1 AS c_unused",
-                 source=design.aggregates.source(source.relation, design.complete_sql),
-                 complete=design.complete_sql)
+                 source=centred, complete=design.complete_sql)
     try:
         con.execute(sql, params)
     except duckdb.Error as exc:
@@ -513,6 +520,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         source=source.location, factor_levels=design.levels,
         group_type=design.schema.get(design.group, "") if design.group else "",
         factors=factors,
+        centering=centering,
         group_types={c: design.schema.get(c, "") for c in _cell_columns(design)},
         weights=design.weights or "", log_weights=float(log_weights or 0.0))
 
