@@ -60,4 +60,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check mlpipe tests benchmarks
 
 clean:
-	rm -rf out bench_data
+	rm -rf out bench_data bench_data_multilevel

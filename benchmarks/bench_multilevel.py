@@ -159,7 +159,7 @@ def line(name: str, value: str, note: str = "") -> None:
 
 
 def bench_nested(args) -> None:
-    data = ROOT / "bench_data" / "nested"
+    data = ROOT / "bench_data_multilevel" / "nested"
     how = nested_data(data, args.rows, args.schools, args.children)
     print(f"nested: {NESTED}\n{args.rows:,} rows, {args.children:,} children in "
           f"{args.schools:,} schools ({how})\n")
@@ -193,7 +193,7 @@ def bench_crossed(args) -> None:
     line("REML criterion mlpipe / lme4", f"{res['criterion']:.4f}",
          f"lme4 {ref['reml']['deviance_or_reml']:.4f}")
     line("objective evaluations", str(res["evaluations"]), res["optimizer"])
-    data = ROOT / "bench_data" / "crossed"
+    data = ROOT / "bench_data_multilevel" / "crossed"
     how = crossed_data(data, args.rows, args.g, args.c)
     print(f"\ncrossed, large: {CROSSED_LARGE}; {args.rows:,} rows, g {args.g:,} x c "
           f"{args.c:,} ({how})\n")
