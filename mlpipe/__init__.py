@@ -32,7 +32,7 @@ _EXPORTS = {
     "FitResult": "results",
     "icc": "variance", "variance_explained": "variance",
 }
-_SUBMODULES = {"blocked", "cli", "compare", "config", "design", "errors", "formula",
+_SUBMODULES = {"anova", "blocked", "cli", "compare", "config", "design", "errors", "formula",
                "inference", "model", "objective", "optimize", "predict", "report", "results",
                "simulate", "stats", "variance"}
 

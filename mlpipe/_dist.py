@@ -33,3 +33,8 @@ def chi2_ppf(p, df):
 def norm_ppf(p):
     """Standard normal quantile: scipy.stats.norm.ppf(p)."""
     return _sc.ndtri(p)
+
+
+def f_sf(x, df1, df2):
+    """Upper tail of F(df1, df2): scipy.stats.f.sf(x, df1, df2)."""
+    return _sc.fdtrc(df1, df2, x)

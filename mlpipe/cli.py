@@ -7,6 +7,7 @@
     mlpipe stats DATA --formula F --out S.parquet      the statistics pass alone
     mlpipe simulate OUT_DIR [--rows N --groups M]      a synthetic Parquet panel
     mlpipe compare A B ... [--out DIR]                 likelihood-ratio tests (lme4's anova)
+    mlpipe anova RESULT_DIR [--type N] [--ddf M]       F tests per fixed term (lmerTest's anova)
     mlpipe report RESULT_DIR... --out FILE.html        a self-contained HTML report
     mlpipe predict RESULT_DIR DATA --out F.parquet     predictions (population / conditional;
                                                        F.csv writes CSV)
@@ -128,6 +129,12 @@ def _add_compare(sub) -> None:
     add_cli(sub)
 
 
+def _add_anova(sub) -> None:
+    from .anova import add_cli
+
+    add_cli(sub)
+
+
 def _add_report(sub) -> None:
     from .report import add_cli
 
@@ -147,11 +154,13 @@ COMMAND_HELP = {
     "stats": "build and save the sufficient statistics",
     "simulate": "write a synthetic partitioned Parquet panel",
     "compare": "likelihood-ratio tests between nested models (lme4's anova)",
+    "anova": "F tests for the fixed-effect terms (lmerTest's anova)",
     "report": "a self-contained HTML report of fitted models",
     "predict": "predictions (and residuals) of a fitted model for new data",
 }
 _REGISTER = {"fit": _add_fit, "stats": _add_stats, "simulate": _add_simulate,
-             "compare": _add_compare, "report": _add_report, "predict": _add_predict}
+             "compare": _add_compare, "anova": _add_anova, "report": _add_report,
+             "predict": _add_predict}
 
 
 def build_parser(commands: set[str] | None = None) -> argparse.ArgumentParser:
@@ -275,6 +284,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_anova(args: argparse.Namespace) -> int:
+    from .anova import cmd_anova as run
+
+    return run(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import cmd_report as run
 
@@ -296,7 +311,8 @@ def _check_duckdb_args(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"fit": cmd_fit, "stats": cmd_stats, "simulate": cmd_simulate,
-            "compare": cmd_compare, "report": cmd_report, "predict": cmd_predict}
+            "compare": cmd_compare, "anova": cmd_anova, "report": cmd_report,
+            "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:

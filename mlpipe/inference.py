@@ -178,8 +178,37 @@ class DdfResult:
     p_value: np.ndarray
 
 
+@dataclass
+class SatterthwaiteParts:
+    """lmerTest's pieces: vcov_beta = Var(β̂), Jac_list (∂Var(β̂)/∂v_k for v = (θ, σ)) and
+    vcov_varpar (A = 2·pinv(∇²d(v))); the df of a contrast l is 2(l'Cl)²/(g'Ag), g_k = l'J_kl."""
+
+    cov: np.ndarray
+    jac: list[np.ndarray]
+    avp: np.ndarray
+
+    def df(self, L: np.ndarray) -> np.ndarray:
+        """The Satterthwaite df of each row of L (contest1D)."""
+        L = np.atleast_2d(L)
+        g = np.stack([np.einsum("ri,ij,rj->r", L, J, L) for J in self.jac], axis=1)
+        var = np.einsum("ri,ij,rj->r", L, self.cov, L)
+        return 2 * var**2 / np.einsum("rk,kl,rl->r", g, self.avp, g)
+
+    def result(self, beta: np.ndarray) -> DdfResult:
+        se = np.sqrt(np.diag(self.cov))
+        df = self.df(np.eye(len(beta)))
+        t = beta / se
+        return DdfResult("Satterthwaite", df, se, t, 2 * _dist.t_sf(np.abs(t), df))
+
+
 def satterthwaite(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.ndarray, *,
                   reml: bool = True) -> DdfResult:
+    return satterthwaite_parts(stats, theta, sigma, reml=reml).result(beta)
+
+
+def satterthwaite_parts(stats: Statistics, theta: np.ndarray, sigma: float, *,
+                        reml: bool = True) -> SatterthwaiteParts:
+    """One grouping factor: Var(β̂), its Jacobian in (θ, σ) in closed form, and A."""
     obj = Objective(stats, reml=reml)
     vp = np.r_[theta, sigma]
     hess = criterion_hessian(obj, vp)
@@ -198,13 +227,7 @@ def satterthwaite(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.n
         dD = E @ bl.T.T + bl.T @ E.T
         jac.append(sigma**2 * minv @ _sum_bt_c(F, dD @ F) @ minv)
     jac.append(2 * sigma * minv)
-    se = np.sqrt(np.diag(cov))
-    df = np.empty(stats.p)
-    for j in range(stats.p):
-        g = np.array([J[j, j] for J in jac])
-        df[j] = 2 * cov[j, j] ** 2 / (g @ avp @ g)
-    t = beta / se
-    return DdfResult("Satterthwaite", df, se, t, 2 * _dist.t_sf(np.abs(t), df))
+    return SatterthwaiteParts(cov, jac, avp)
 
 
 def richardson_jacobian(f, x: np.ndarray, eps: float = 1e-4, d: float = 1e-4, r: int = 4,
@@ -231,7 +254,11 @@ def satterthwaite_general(obj, theta: np.ndarray, sigma: float,
     """Satterthwaite df for any random-effects structure, as lmerTest computes them: the
     Hessian of the criterion in (θ, σ) (β profiled, σ explicit) and the Jacobian of
     Var(β̂) = σ² (R_X'R_X)⁻¹(θ) in (θ, σ), both by numDeriv's Richardson schemes."""
-    p = obj.stats.p
+    return satterthwaite_general_parts(obj, theta, sigma).result(beta)
+
+
+def satterthwaite_general_parts(obj, theta: np.ndarray, sigma: float) -> SatterthwaiteParts:
+    """`satterthwaite_general`'s pieces (Var(β̂), its Jacobian, A)."""
 
     def crit(vp: np.ndarray) -> float:
         return _criterion_vp(obj, vp)
@@ -246,19 +273,19 @@ def satterthwaite_general(obj, theta: np.ndarray, sigma: float,
     avp = 2 * (U[:, pos] / w[pos]) @ U[:, pos].T
     cov = vcov(vp)
     jac = richardson_jacobian(vcov, vp)
-    se = np.sqrt(np.diag(cov))
-    df = np.empty(p)
-    for j in range(p):
-        g = np.array([J[j, j] for J in jac])
-        df[j] = 2 * cov[j, j] ** 2 / (g @ avp @ g)
-    t = beta / se
-    return DdfResult("Satterthwaite", df, se, t, 2 * _dist.t_sf(np.abs(t), df))
+    return SatterthwaiteParts(cov, jac, avp)
 
 
 # ---------------------------------------------------------------------- Kenward-Roger
 
 def kenward_roger(stats: Statistics, theta: np.ndarray, sigma: float,
                   beta: np.ndarray) -> DdfResult:
+    return kenward_roger_adjusted(stats, theta, sigma).result(beta)
+
+
+def kenward_roger_adjusted(stats: Statistics, theta: np.ndarray,
+                           sigma: float) -> KenwardRogerParts:
+    """One grouping factor: pbkrtest's vcovAdj (Φ, Φ_A, P_r, W) by per-group algebra."""
     obj = Objective(stats, reml=True)
     bl = _blocks(stats, obj, theta)
     A, B, H = bl.A, bl.B, bl.H
@@ -299,14 +326,35 @@ def kenward_roger(stats: Statistics, theta: np.ndarray, sigma: float,
                 Q[r, s] = xsx(H3, 3)
                 K[r, s] = float(np.sum(stats.n_i - np.einsum("mab,mba->m", H2, A))) / s2**2
             K[s, r] = K[r, s]
-    return _kenward_roger_finish(phi, P, Q, K, beta)
+    return _kenward_roger_adjust(phi, P, Q, K)
 
 
-def _kenward_roger_finish(phi: np.ndarray, P: list[np.ndarray],
-                          Q: dict[tuple[int, int], np.ndarray], K: np.ndarray,
-                          beta: np.ndarray) -> DdfResult:
-    """pbkrtest's vcovAdj and Lb_ddf (one row of L per fixed effect) from Φ, P_r, Q_rs (r ≤ s)
-    and K_rs: the expected information, W = 2·IE2⁻¹, Φ_A = Φ + 2ΦUΦ and df = 2(L'ΦL)²/(g'Wg)."""
+@dataclass
+class KenwardRogerParts:
+    """pbkrtest's vcovAdj: Φ = Var(β̂), the adjusted Φ_A, its attributes P (the P_r) and W."""
+
+    phi: np.ndarray
+    phi_a: np.ndarray
+    P: list[np.ndarray]
+    W: np.ndarray
+
+    def result(self, beta: np.ndarray) -> DdfResult:
+        """Lb_ddf for one row of L per fixed effect: df = 2(L'ΦL)²/(g'Wg)."""
+        phi, p = self.phi, len(self.phi)
+        df = np.empty(p)
+        for j in range(p):
+            g = np.array([(phi @ Pr @ phi)[j, j] for Pr in self.P])
+            df[j] = 2 * phi[j, j] ** 2 / (g @ self.W @ g)
+        se = np.sqrt(np.diag(self.phi_a))
+        t = beta / se
+        return DdfResult("Kenward-Roger", df, se, t, 2 * _dist.t_sf(np.abs(t), df))
+
+
+def _kenward_roger_adjust(phi: np.ndarray, P: list[np.ndarray],
+                          Q: dict[tuple[int, int], np.ndarray],
+                          K: np.ndarray) -> KenwardRogerParts:
+    """pbkrtest's vcovAdj from Φ, P_r, Q_rs (r ≤ s) and K_rs: the expected information,
+    W = 2·IE2⁻¹ and Φ_A = Φ + 2ΦUΦ."""
     R, p = len(P), len(phi)
     ie2 = np.zeros((R, R))
     for r in range(R):
@@ -320,14 +368,7 @@ def _kenward_roger_finish(phi: np.ndarray, P: list[np.ndarray],
         for s in range(r, R):
             term = W[r, s] * (Q[r, s] - P[r] @ phi @ P[s])
             U += term if r == s else term + term.T
-    phi_a = phi + 2 * phi @ U @ phi
-    df = np.empty(p)
-    for j in range(p):
-        g = np.array([(phi @ Pr @ phi)[j, j] for Pr in P])
-        df[j] = 2 * phi[j, j] ** 2 / (g @ W @ g)
-    se = np.sqrt(np.diag(phi_a))
-    t = beta / se
-    return DdfResult("Kenward-Roger", df, se, t, 2 * _dist.t_sf(np.abs(t), df))
+    return KenwardRogerParts(phi, phi + 2 * phi @ U @ phi, P, W)
 
 
 # ---------------------------------------------------------------------- several factors
@@ -347,6 +388,13 @@ def _blocked_system(obj: BlockedObjective, theta: np.ndarray):
 
 def kenward_roger_general(obj: BlockedObjective, theta: np.ndarray, sigma: float,
                           beta: np.ndarray, *, chunk_bytes: float = 4e7) -> DdfResult:
+    """`kenward_roger_general_adjusted`'s t tests (pbkrtest's Lb_ddf per fixed effect)."""
+    return kenward_roger_general_adjusted(obj, theta, sigma, chunk_bytes=chunk_bytes).result(
+        beta)
+
+
+def kenward_roger_general_adjusted(obj: BlockedObjective, theta: np.ndarray, sigma: float, *,
+                                   chunk_bytes: float = 4e7) -> KenwardRogerParts:
     """pbkrtest's Kenward-Roger for any random-effects structure, without an n×n matrix.
 
     With Z (n×Q), Γ = ΛΛ', Σ = σ²(I + ZΓZ') and H = Λ(Λ'Z'ZΛ + I)⁻¹Λ' (Woodbury: Σ⁻¹ =
@@ -461,7 +509,7 @@ def kenward_roger_general(obj: BlockedObjective, theta: np.ndarray, sigma: float
                 Qd[r, s] = xs3
                 Kmat[r, s] = (n - Q + kinv_f2) / s2**2
             Kmat[s, r] = Kmat[r, s]
-    return _kenward_roger_finish(phi, P, Qd, Kmat, beta)
+    return _kenward_roger_adjust(phi, P, Qd, Kmat)
 
 
 # ---------------------------------------------------------------------- sd/cor parameterization

@@ -235,6 +235,14 @@ class FitResult:
         return _named_matrix(self.fixed_effects["term"].to_list(),
                              _correlation(self.vcov_matrix))
 
+    def anova(self, type: int | str = 3, ddf: str = "satterthwaite") -> pl.DataFrame:
+        """lmerTest's `anova(m, type, ddf)`: an F test per fixed-effect term (type 3, 2 or 1;
+        ddf "satterthwaite" or "kenward-roger"), columns term, Sum Sq, Mean Sq, NumDF, DenDF,
+        F value, Pr(>F).  `mlpipe.anova.format_anova(table)` prints it as lmerTest does."""
+        from .anova import anova
+
+        return anova(self, type=type, ddf=ddf)
+
     # ------------------------------------------------------------------ views
     def to_dict(self) -> dict:
         def rows(df: pl.DataFrame) -> list[dict]:
