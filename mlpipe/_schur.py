@@ -31,7 +31,8 @@ from numba import njit
 from scipy import linalg
 
 from ._lazy import lazy_import
-from ._levels import chol_batched, level_matmul, scale_blocks, tri_inv_batched
+from ._levels import chol_batched, scale_blocks, tri_inv_batched
+from ._levels_jit import level_matmul
 from ._selinv import _find, _z
 
 sp = lazy_import("scipy.sparse")  # imported when first needed (a fast start)

@@ -40,7 +40,8 @@ import numpy as np
 from scipy import linalg
 
 from ._lazy import lazy_import
-from ._levels import shared_matmul, vdot
+from ._levels import vdot
+from ._levels_jit import shared_matmul
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError
 from .objective import ThetaMap, profile_fixed, profiled_deviance

@@ -299,7 +299,8 @@ def compute_prepass(con: duckdb.DuckDBPyConnection, source: Source, formula: For
                      for k, a in enumerate(args) for r in range(1, power[a] + 1))
     complete = complete_condition(model_columns(formula, weights), schema)
     sql = (f"WITH __mlpipe_m AS (SELECT {means} FROM {source.relation} WHERE {complete}) "
-           f"SELECT count(*) AS n, {', '.join(f'any_value(__mlpipe_m.m{k})' for k in range(len(args)))}, "
+           f"SELECT count(*) AS n, "
+           f"{', '.join(f'any_value(__mlpipe_m.m{k})' for k in range(len(args)))}, "
            f"{sums} FROM {source.relation} CROSS JOIN __mlpipe_m WHERE {complete}")
     try:
         row = con.execute(sql, source.params).fetchone()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import weakref
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import nlopt
 import numpy as np
@@ -33,11 +34,13 @@ import qdldl
 from . import _dist
 from ._lazy import lazy_import
 from ._levels import chol_scaled, matmul, solve_lower
-from .blocked import BlockedObjective
 from .errors import FormulaError, InputError
 from .formula import parse_formula
 from .objective import Objective
 from .stats import Statistics
+
+if TYPE_CHECKING:
+    from .blocked import BlockedObjective
 
 sp = lazy_import("scipy.sparse")  # several factors only
 sopt = lazy_import("scipy.optimize")  # profile intervals and the ICC only
@@ -529,7 +532,7 @@ def _term_slices(obj) -> list[tuple[str, list[str], list[int]]]:
     tm = obj.theta_map
     out = []
     pos = 0
-    if isinstance(obj, BlockedObjective):
+    if obj.stats.general:  # a BlockedObjective
         blocks = [(f.name, f.names, s, n) for f in obj.factors for s, n in f.blocks]
     else:
         rn = obj.stats.random_names
@@ -555,7 +558,7 @@ def _lme4_order(obj) -> np.ndarray:
 def _lme4_order_of(obj) -> np.ndarray:
     terms = _term_slices(obj)
     ident = np.arange(len(obj.theta_map))
-    if not isinstance(obj, BlockedObjective):
+    if not obj.stats.general:  # not a BlockedObjective
         return ident  # one factor: lme4 keeps the terms in formula order (equal levels)
     # the formula's random terms in order: the t-th term on factor g is block t of g in the
     # statistics (the design's order); a block is known by its factor and column names,
@@ -650,7 +653,11 @@ def _criterion_sv(obj, sv: np.ndarray) -> float:
 
 def _objective(stats: Statistics, reml: bool):
     """The objective of the statistics' structure: one factor or several (blocked)."""
-    return BlockedObjective(stats, reml=reml) if stats.general else Objective(stats, reml=reml)
+    if stats.general:
+        from .blocked import BlockedObjective
+
+        return BlockedObjective(stats, reml=reml)
+    return Objective(stats, reml=reml)
 
 
 def _optimize(obj, theta0: np.ndarray | None = None):

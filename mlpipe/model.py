@@ -15,7 +15,6 @@ import polars as pl
 from .errors import DataError, InputError
 from .inference import (check_ddf, icc_or_none, kenward_roger, profile_intervals, satterthwaite,
                         satterthwaite_general, wald_intervals)
-from .blocked import BlockedObjective
 from .objective import Objective
 from .optimize import optimize
 from .results import FitResult
@@ -97,6 +96,8 @@ def make_objective(stats: Statistics, *, reml: bool, memory_limit: str | None = 
     uniform block-diagonal `Objective` (batched per group); several factors (or one on a
     combination of columns) → the two-stage `BlockedObjective` over their cells."""
     if stats.general:
+        from .blocked import BlockedObjective  # numba and the sparse solvers: only here
+
         return BlockedObjective(stats, reml=reml, memory_limit=memory_limit)
     return Objective(stats, reml=reml)
 

@@ -91,3 +91,20 @@ def test_reml_and_ml_flags(tmp_path, capsys):
         assert json.loads((out / "result.json").read_text())["method"] == method
     assert main(["fit", data, "-f", f, "--reml", "--ml"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_one_factor_fit_does_not_load_the_several_factor_solver(tmp_path):
+    """A one-factor fit never imports numba, qdldl's users or the blocked solver (their
+    import is ~0.2-0.5 s of a small fit); a fit with two factors does."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    one = ["fit", str(data / "sleepstudy.parquet"), "--formula",
+           "Reaction ~ Days + (Days | Subject)", "--out", str(tmp_path / "a"), "-q"]
+    rc, _out, modules = _modules_after(one)
+    assert rc == 0
+    assert not {"numba", "mlpipe.blocked", "mlpipe._schur", "mlpipe._levels_jit"} & modules
+    two = ["fit", str(data / "pastes.parquet"), "--formula", "strength ~ 1 + (1 | batch/cask)",
+           "--out", str(tmp_path / "b"), "-q"]
+    rc, _out, modules = _modules_after(two)
+    assert rc == 0 and {"numba", "mlpipe.blocked"} <= modules
