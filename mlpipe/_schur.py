@@ -233,7 +233,6 @@ class Structure:
         self.r_off = np.concatenate(r_off) if r_off else np.zeros(0, bool)
         if not self.dense:
             self._sparse_pattern()
-        self.solver = None
 
     def _sparse_pattern(self) -> None:
         """The upper-triangle pattern of S (its own blocks ∪ the update's fill ∪ the
@@ -311,15 +310,15 @@ class Factorization:
             return
         vals = np.bincount(st.s_slot_r[st.r_keep], ev[st.r_keep], minlength=st.n_slots)
         vals += np.bincount(st.s_slot_d, np.ones(R), minlength=st.n_slots)
-        mat = st.mat
-        mat.data = vals[st.csc_order]
-        _sparse_fill(mat.data, st.csc_indptr, st.csc_indices, st.rows_lv, st.lv_starts,
+        data = vals[st.csc_order]
+        _sparse_fill(data, st.csc_indptr, st.csc_indices, st.rows_lv, st.lv_starts,
                      self._bv_lv())
-        if st.solver is None:
-            st.solver = qdldl.Solver(mat, upper=True)
-        else:
-            st.solver.update(mat, upper=True)
-        self.solver = st.solver
+        # a factorization owns its factor: a decomposition kept by a caller (the result's
+        # conditional variances, inference) must not change when the objective is evaluated
+        # at another θ, so no solver is shared between θs (the symbolic analysis is redone:
+        # cheap next to the numeric factorization and the selected inverse)
+        self.solver = qdldl.Solver(sp.csc_matrix((data, st.mat.indices, st.mat.indptr),
+                                                 shape=st.mat.shape), upper=True)
         _L, D, _P = self.solver.factors()
         if not np.all(D > 0):
             raise linalg.LinAlgError("the Schur complement is not positive definite")

@@ -432,6 +432,7 @@ def _fixed_table(names: list[str], beta: np.ndarray, rx: np.ndarray,
     """The fixed-effects table (df and p empty until inference fills them) and Var(β̂)."""
     p = len(names)
     vcov = s2 * linalg.cho_solve((rx, False), np.eye(p))
+    vcov = (vcov + vcov.T) / 2  # exactly symmetric (the solve is not, in the last bits)
     se = np.sqrt(np.diag(vcov))
     fixed = pl.DataFrame({
         "term": names, "estimate": beta, "std_error": se, "t_value": beta / se,

@@ -291,3 +291,24 @@ def test_sparse_and_dense_schur_paths_agree(case, monkeypatch):
         np.testing.assert_allclose(ds.u, dd.u, rtol=1e-8, atol=1e-10)
         for od, os_ in zip(obj_dense.pair_omegas(dd.solver), obj_sparse.pair_omegas(ds.solver)):
             np.testing.assert_allclose(os_, od, rtol=1e-8, atol=1e-11)
+
+
+def test_a_decomposition_is_not_changed_by_later_evaluations(tmp_path):
+    """A kept decomposition owns its factorization: evaluating the objective at another θ
+    afterwards leaves its conditional SDs unchanged (sparse Schur path: 700 classes, so the
+    Schur complement of order 700 is factored by QDLDL)."""
+    rng = np.random.default_rng(4)
+    c = np.repeat(np.arange(700), 6)
+    s = np.tile(np.repeat(np.arange(3), 2), 700)
+    y = rng.normal(size=700)[c] + rng.normal(size=2100)[c * 3 + s] + rng.normal(size=4200)
+    pq.write_table(pa.table({"y": y, "c": c, "s": s}), tmp_path / "d.parquet")
+    st = compute_statistics(tmp_path / "d.parquet", "y ~ 1 + (1 | c) + (1 | c:s)")
+    obj = BlockedObjective(st)
+    assert not obj._st.dense
+    dec = obj.decompose(np.array([1.0, 1.0]))
+    before = [m["cond_sd"].copy() for m in obj.conditional_modes(dec, 1.0)]
+    obj(np.array([0.1, 3.0]))
+    obj.value_and_gradient(np.array([2.0, 0.5]))
+    after = [m["cond_sd"] for m in obj.conditional_modes(dec, 1.0)]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
