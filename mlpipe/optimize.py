@@ -40,6 +40,11 @@ NLOPT_CODES = {1: "SUCCESS", 2: "STOPVAL_REACHED", 3: "FTOL_REACHED", 4: "XTOL_R
 SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on diagonal θ
 METHODS = ("newton", "bobyqa")
 NEWTON_MAXITER = 100
+#: BFGS updates of the Hessian between finite-difference recomputations (a fresh one is
+#: also taken when the active set changes or a step is cut back): each recomputation costs
+#: one gradient per free parameter; measured, more updates saved 15-25% of the evaluations
+#: with the same criteria (to ~1e-16 relative) on the nested, crossed and one-factor fits
+NEWTON_BFGS_UPDATES = 20
 
 
 @dataclass
@@ -301,7 +306,7 @@ def _newton(obj: Objective, x: np.ndarray, fx: float, *, ftol_rel: float, maxeva
         if len(free) == 0:
             return x, f, g, "SUCCESS"
         fresh = H is None or free_prev is None or not np.array_equal(free, free_prev) \
-            or updates >= 5
+            or updates >= NEWTON_BFGS_UPDATES
         if fresh:
             updates = 0
             H = _hessian(obj, x, g, free)
