@@ -40,6 +40,9 @@ CHUNK = 1 << 21
 def child(data: str, formula: str) -> None:
     t0 = time.perf_counter()
     import mlpipe
+    import mlpipe.blocked  # noqa: F401  (mlpipe imports lazily: the import time is
+    import mlpipe.inference  # noqa: F401  reported apart from fit())
+    import mlpipe.model  # noqa: F401
     from mlpipe.errors import MlpipeError
 
     t1 = time.perf_counter()
