@@ -435,24 +435,17 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
     else:
         gcols = _cell_columns(design)
-        fcols = []
-        factor_labels = []  # per factor its level labels (levels, not cells: few strings)
-        tables, joins = [], []  # per factor its table of levels, and how it joins the cells
+        factor_labels, joins = [], []  # per factor: its level labels, its join to the cells
         for k, f in enumerate(design.factors):
-            keys = ", ".join(f"g{gcols.index(c)}" for c in f.columns)
-            label = " || ':' || ".join(f"CAST(g{gcols.index(c)} AS VARCHAR)"
-                                       for c in f.columns)
-            fcols.append(f"lv{k}.f{k}")
-            tables.append(f"lv{k} AS (SELECT {keys}, CAST(row_number() OVER (ORDER BY {keys})"
-                          f" - 1 AS BIGINT) AS f{k} FROM (SELECT DISTINCT {keys} FROM "
-                          f"group_moments WHERE complete) AS d)")
-            joins.append(f"JOIN lv{k} ON " + " AND ".join(
-                f"gm.g{gcols.index(c)} = lv{k}.g{gcols.index(c)}" for c in f.columns))
-            factor_labels.append(np.asarray(con.execute(render(
-                "factor_levels", label=label, keys=keys)).fetchnumpy()["label"], dtype=object))
+            cols = [f"g{gcols.index(c)}" for c in f.columns]
+            con.execute(render("factor_levels", table=f"lv{k}", keys=", ".join(cols),
+                               label=" || ':' || ".join(f"CAST({c} AS VARCHAR)" for c in cols)))
+            factor_labels.append(np.asarray(con.execute(
+                f"SELECT label FROM lv{k} ORDER BY idx").fetchnumpy()["label"], dtype=object))
+            joins.append(f"JOIN lv{k} ON " + " AND ".join(f"gm.{c} = lv{k}.{c}" for c in cols))
         per_group = con.execute(render(
-            "cell_statistics", level_tables=",\n     ".join(tables),
-            factor_columns=", ".join(fcols), joins="\n".join(joins),
+            "cell_statistics", joins="\n".join(joins),
+            factor_columns=", ".join(f"lv{k}.idx AS f{k}" for k in range(len(design.factors))),
             columns=", ".join(f"gm.{mom.name(i, j)}" for i, j in mom.group_pairs()),
             cell_order=", ".join(f"gm.g{k}" for k in range(len(gcols))))).fetchnumpy()
     tot_sql = render("totals", sums=", ".join(

@@ -1,8 +1,11 @@
 -- The levels of one grouping factor of a model with several (cells grouped in
--- group_moments), in the sort order of the factor's columns — the order in which
--- cell_statistics.sql numbers them with dense_rank() — with R's label: the column values
--- joined by ':'.  One row per level, so a crossed design of millions of cells builds its
--- strings for the levels only.
-SELECT {label} AS label
+-- group_moments), as a temporary table: the factor's key columns, the level's index (0-based,
+-- in the sort order of those columns) and R's label (the column values joined by ':').  One
+-- row per level: cell_statistics.sql joins it to the cells for their level indices (a window
+-- over the cells would sort all of them once per factor), and the labels are read from it,
+-- so a crossed design of millions of cells builds its strings for the levels only.
+CREATE OR REPLACE TEMP TABLE {table} AS
+SELECT {keys},
+       CAST(row_number() OVER (ORDER BY {keys}) - 1 AS BIGINT) AS idx,
+       {label} AS label
 FROM (SELECT DISTINCT {keys} FROM group_moments WHERE complete) AS levels
-ORDER BY {keys}
