@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import add_duckdb_options, add_weights_option
 from .errors import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
@@ -52,14 +53,6 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(message)
 
 
-def _add_duckdb_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memory-limit", help="DuckDB memory limit, e.g. 4GB (spills beyond it; "
-                                          "default: DuckDB's, 80%% of RAM)")
-    p.add_argument("--threads", type=int, help="DuckDB worker threads (default: all cores)")
-    p.add_argument("--temp-directory", help="where DuckDB spills when over the memory limit "
-                                            "(default: DuckDB's)")
-
-
 def _add_fit(sub) -> None:
     f = sub.add_parser("fit", help=COMMAND_HELP["fit"],
                        description="Fit a linear mixed model (lme4 formula) from DATA, a config "
@@ -70,9 +63,7 @@ def _add_fit(sub) -> None:
     f.add_argument("--config", "-c", help="a TOML config (see configs/); options given here "
                                           "override it")
     f.add_argument("--stats", help="refit from a statistics file written by `mlpipe stats`")
-    f.add_argument("--weights", "-w", metavar="COL",
-                   help="column of case weights (lme4's weights =: Var(e_i) = sigma^2 / w_i; "
-                        "rows with a null weight are dropped)")
+    add_weights_option(f)
     method = f.add_mutually_exclusive_group()
     method.add_argument("--reml", dest="method", action="store_const", const="REML",
                         help="restricted maximum likelihood (the default, as lme4's lmer)")
@@ -91,7 +82,7 @@ def _add_fit(sub) -> None:
     f.add_argument("--correlation-of-fixed", action="store_true",
                    help="print lme4's \"Correlation of Fixed Effects\" in the summary")
     f.add_argument("--quiet", "-q", action="store_true", help="do not print the summary")
-    _add_duckdb_options(f)
+    add_duckdb_options(f)
 
 
 def _add_stats(sub) -> None:
@@ -103,10 +94,8 @@ def _add_stats(sub) -> None:
     s.add_argument("--formula", "-f", required=True,
                    help='lme4 formula, e.g. "y ~ x + (1 | g)"')
     s.add_argument("--out", "-o", required=True, help="statistics file to write (.parquet)")
-    s.add_argument("--weights", "-w", metavar="COL",
-                   help="column of case weights (lme4's weights =: Var(e_i) = sigma^2 / w_i; "
-                        "rows with a null weight are dropped)")
-    _add_duckdb_options(s)
+    add_weights_option(s)
+    add_duckdb_options(s)
 
 
 def _add_simulate(sub) -> None:

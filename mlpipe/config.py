@@ -62,6 +62,22 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
+def add_duckdb_options(p) -> None:
+    """The DuckDB resource options of every command that reads data (an argparse parser)."""
+    p.add_argument("--memory-limit", help="DuckDB memory limit, e.g. 4GB (spills beyond it; "
+                                          "default: DuckDB's, 80%% of RAM)")
+    p.add_argument("--threads", type=int, help="DuckDB worker threads (default: all cores)")
+    p.add_argument("--temp-directory", help="where DuckDB spills when over the memory limit "
+                                            "(default: DuckDB's)")
+
+
+def add_weights_option(p) -> None:
+    """--weights COL (case weights) of the commands that build statistics."""
+    p.add_argument("--weights", "-w", metavar="COL",
+                   help="column of case weights (lme4's weights =: Var(e_i) = sigma^2 / w_i; "
+                        "rows with a null weight are dropped)")
+
+
 def check_duckdb_options(duck: dict, labels: dict[str, str]) -> None:
     """Refuse a thread count below 1 and a memory limit DuckDB cannot read, naming the
     option as `labels` spells it (before any work: DuckDB would otherwise take 0 threads as

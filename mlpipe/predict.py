@@ -38,6 +38,7 @@ from ._sql import (Source, connect, first_line, quote_ident, read_error, render,
                    staging_prefix, sweep_stale)
 from .design import (Design, FactorDesign, build_design, coding_keys, complete_condition,
                      discover_levels, factor_columns, is_categorical, is_numeric, present_sql)
+from .config import add_duckdb_options
 from .errors import DataError, FormulaError, InputError
 from .formula import Formula, parse_formula
 
@@ -761,9 +762,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    help="population-level predictions X·β (ignore the random effects)")
     p.add_argument("--any-order", action="store_true",
                    help="do not restore input row order (saves a sort on large data)")
-    p.add_argument("--memory-limit", help="DuckDB memory limit, e.g. 4GB (spills beyond it)")
-    p.add_argument("--threads", type=int, help="DuckDB worker threads")
-    p.add_argument("--temp-directory", help="where DuckDB spills when over the memory limit")
+    add_duckdb_options(p)
     p.set_defaults(func=cmd_predict)
     return p
 
