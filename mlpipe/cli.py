@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import add_duckdb_options, add_weights_option
+from .config import add_duckdb_options, add_residual_options, add_weights_option
 from .errors import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
@@ -64,6 +64,7 @@ def _add_fit(sub) -> None:
                                           "override it")
     f.add_argument("--stats", help="refit from a statistics file written by `mlpipe stats`")
     add_weights_option(f)
+    add_residual_options(f)
     method = f.add_mutually_exclusive_group()
     method.add_argument("--reml", dest="method", action="store_const", const="REML",
                         help="restricted maximum likelihood (the default, as lme4's lmer)")
@@ -95,6 +96,7 @@ def _add_stats(sub) -> None:
                    help='lme4 formula, e.g. "y ~ x + (1 | g)"')
     s.add_argument("--out", "-o", required=True, help="statistics file to write (.parquet)")
     add_weights_option(s)
+    add_residual_options(s)
     add_duckdb_options(s)
 
 
@@ -192,6 +194,10 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
         cfg["stats"] = args.stats
     if args.weights:
         cfg["weights"] = args.weights
+    if args.correlation:
+        cfg["correlation"] = args.correlation
+    if args.residual_variance_by:
+        cfg["residual_variance_by"] = args.residual_variance_by
     if args.method:
         cfg["method"] = args.method
     if args.out:
@@ -246,7 +252,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     stats = compute_statistics(args.data, args.formula, memory_limit=args.memory_limit,
                                threads=args.threads, temp_directory=args.temp_directory,
-                               weights=args.weights)
+                               weights=args.weights, correlation=args.correlation,
+                               residual_variance_by=args.residual_variance_by)
     stats.save(args.out)
     if stats.general:
         what = (f"{stats.m} cells of " + ", ".join(f"{f.name} ({f.m} levels)"

@@ -72,6 +72,8 @@ class Model:
     config: dict | None = None  # the config it was (or can be) fitted from
     directory: Path | None = None  # the result directory it was read from
     refitted: bool = False
+    #: the residual structure (result.json's "correlation"), None for independent residuals
+    residual_structure: dict | None = None
 
     @property
     def response(self) -> str:
@@ -82,6 +84,12 @@ class Model:
         return frozenset(zip(self.random_effects["group"].to_list(),
                              self.random_effects["term"].to_list()))
 
+    @property
+    def residual_terms(self) -> frozenset[tuple[str, str]]:
+        """The residual structure as pseudo-terms, for nesting: independence is nested in
+        ar1/car1 and in variances by stratum, each in their combination."""
+        return residual_terms(self.residual_structure)
+
     @classmethod
     def from_result(cls, result, name: str, **kw) -> Model:
         return cls(name=name, formula=result.formula, method=result.method, nobs=result.nobs,
@@ -90,7 +98,8 @@ class Model:
                    fixed_terms=tuple(result.fixed_effects["term"].to_list()),
                    random_effects=result.random_effects.select("group", "term", "variance",
                                                                 "std_dev"),
-                   residual_variance=float(result.residual_variance), result=result, **kw)
+                   residual_variance=float(result.residual_variance), result=result,
+                   residual_structure=getattr(result, "residual_structure", None), **kw)
 
     def refit(self, method: str = "ML"):
         """This model fitted by `method`: from its statistics if it has them, else from the
@@ -117,13 +126,13 @@ def _response_sum_of_squares(r: Model) -> float | None:
     """y'y of the rows a model was fitted to, from its statistics when they are at hand."""
     stats = getattr(r.result, "stats", None)
     if stats is not None:
-        return float(stats.yty)
+        return stats.response_ss
     if r.directory is not None and (r.directory / "stats.parquet").is_file():
         try:
             import pyarrow.parquet as pq
 
             meta = json.loads(pq.read_schema(r.directory / "stats.parquet").metadata[b"mlpipe"])
-            return float(meta["yty"])
+            return float(meta.get("response_ss", meta["yty"]))
         except (OSError, KeyError, TypeError, ValueError):
             return None
     return None
@@ -180,7 +189,7 @@ def _load_result_dir(path: Path, name: str | None) -> Model:
                      aic=float(d["aic"]), bic=float(d["bic"]),
                      fixed_terms=tuple(r["term"] for r in d["fixed_effects"]),
                      random_effects=re, residual_variance=float(d["residual_variance"]),
-                     config=cfg, directory=path)
+                     config=cfg, directory=path, residual_structure=d.get("correlation"))
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{rj} is not an mlpipe result ({type(exc).__name__}: {exc})") \
             from None
@@ -312,11 +321,27 @@ def _as_ml(r: Model) -> Model:
                              refitted=True)
 
 
-def is_nested(fixed_a, random_a, fixed_b, random_b, df: int) -> bool:
+def is_nested(fixed_a, random_a, fixed_b, random_b, df: int, residual_a=frozenset(),
+              residual_b=frozenset()) -> bool:
     """Whether model a (fewer parameters) is nested in model b by their terms: a's fixed
-    and random terms are subsets of b's, and b has more parameters (df > 0)."""
+    and random terms (and residual structure, `residual_terms`) are subsets of b's, and b
+    has more parameters (df > 0)."""
     return df > 0 and frozenset(fixed_a) <= frozenset(fixed_b) and \
-        frozenset(random_a) <= frozenset(random_b)
+        frozenset(random_a) <= frozenset(random_b) and \
+        frozenset(residual_a) <= frozenset(residual_b)
+
+
+def residual_terms(structure: dict | None) -> frozenset[tuple[str, str]]:
+    """result.json's "correlation" as pseudo-terms ("Residual", what)."""
+    if not structure:
+        return frozenset()
+    out = set()
+    if structure.get("structure"):
+        out.add(("Residual", f"{structure['structure']}({structure.get('time')} | "
+                             f"{structure.get('group')})"))
+    if structure.get("variance_by"):
+        out.add(("Residual", f"variance by {structure['variance_by']}"))
+    return frozenset(out)
 
 
 def not_nested_note(a: str, b: str) -> str:
@@ -327,13 +352,15 @@ def not_nested_note(a: str, b: str) -> str:
 def _test(a: Model, b: Model) -> tuple:
     df = b.npar - a.npar
     fa, fb = frozenset(a.fixed_terms), frozenset(b.fixed_terms)
-    nested = is_nested(fa, a.random_terms, fb, b.random_terms, df)
+    nested = is_nested(fa, a.random_terms, fb, b.random_terms, df, a.residual_terms,
+                       b.residual_terms)
     if not nested:
         return (a.name, b.name, None, df, None, a.refitted or b.refitted, None, False)
     chisq = 2.0 * max(0.0, b.loglik - a.loglik)
     p = float(_dist.chi2_sf(chisq, df))
     mix = None
-    if df > 0 and fa == fb and a.random_terms < b.random_terms \
+    if df > 0 and fa == fb and a.residual_terms == b.residual_terms \
+            and a.random_terms < b.random_terms \
             and len(b.random_terms - a.random_terms) == 1:
         mix = 0.5 * float(_dist.chi2_sf(chisq, df)) + \
             0.5 * (float(_dist.chi2_sf(chisq, df - 1)) if df > 1 else float(chisq <= 0))
@@ -410,7 +437,9 @@ def render_comparison(c: Comparison) -> str:
         if not t["nested"]:
             lines.append(not_nested_note(t["model_a"], t["model_b"]))
     if not c.refit_ml and any(r["method"] == "REML" for r in c.models.iter_rows(named=True)):
-        lines.append("REML fits compared directly: the models differ only in random effects")
+        lines.append("REML fits compared directly: the models differ only in random effects"
+                     + (" or the residual structure" if any(r.residual_structure
+                                                           for r in c.fits) else ""))
     return "\n".join(lines)
 
 

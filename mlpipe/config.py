@@ -23,10 +23,11 @@ from pathlib import Path
 from .errors import InputError
 
 KEYS = {"data", "formula", "method", "out", "stats", "name", "ddf", "ci", "level", "residuals",
-        "weights", "duckdb"}
+        "weights", "correlation", "residual_variance_by", "duckdb"}
 DUCKDB_KEYS = {"memory_limit", "threads", "temp_directory"}
 TYPES = {"data": str, "formula": str, "method": str, "out": str, "stats": str, "name": str,
-         "ddf": str, "ci": str, "level": (int, float), "residuals": bool, "weights": str}
+         "ddf": str, "ci": str, "level": (int, float), "residuals": bool, "weights": str,
+         "correlation": str, "residual_variance_by": str}
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false",
               (int, float): "a number"}
 
@@ -76,6 +77,19 @@ def add_weights_option(p) -> None:
     p.add_argument("--weights", "-w", metavar="COL",
                    help="column of case weights (lme4's weights =: Var(e_i) = sigma^2 / w_i; "
                         "rows with a null weight are dropped)")
+
+
+def add_residual_options(p) -> None:
+    """--correlation and --residual-variance-by (the residual structure, mlpipe/residual.py)
+    of the commands that build statistics."""
+    p.add_argument("--correlation", metavar="SPEC",
+                   help='serially correlated residuals within a series: "ar1(TIME | GROUP)" '
+                        "(consecutive rows by TIME at lag 1, nlme's corAR1) or "
+                        '"car1(TIME | GROUP)" (correlation phi^|dt|, nlme\'s corCAR1); '
+                        "GROUP may be a:b (default: independent residuals)")
+    p.add_argument("--residual-variance-by", metavar="COL",
+                   help="a residual SD per level of COL, relative to the first level "
+                        "(nlme's varIdent(~ 1 | COL); default: one residual variance)")
 
 
 def check_duckdb_options(duck: dict, labels: dict[str, str]) -> None:

@@ -96,17 +96,22 @@ class Design:
     #: the case-weight column (lme4's `weights =`) and its SQL, None without weights
     weights: str | None = None
     weights_sql: str | None = None
+    #: further columns whose nulls drop a row (the residual structure's)
+    extra_columns: tuple[str, ...] = ()
 
     @property
     def complete_sql(self) -> str:
         """The WHERE clause that keeps rows with no null (or NaN) in any used column."""
-        return complete_condition(model_columns(self.formula, self.weights), self.schema)
+        return complete_condition(model_columns(self.formula, self.weights, self.extra_columns),
+                                  self.schema)
 
 
-def model_columns(formula: Formula, weights: str | None = None) -> list[str]:
-    """The columns whose nulls drop a row: the formula's, and the weights column."""
-    cols = formula.columns()
-    return cols + [weights] if weights and weights not in cols else cols
+def model_columns(formula: Formula, weights: str | None = None,
+                  extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The columns whose nulls drop a row: the formula's, the weights column and `extra`
+    (the residual structure's time, series and strata columns)."""
+    cols = formula.columns() + ([weights] if weights else []) + list(extra)
+    return list(dict.fromkeys(cols))
 
 
 class Aggregates:
@@ -196,7 +201,8 @@ def check_weights(weights: str | None, schema: dict[str, str]) -> None:
 
 
 def discover_levels(con: duckdb.DuckDBPyConnection, source: Source, formula: Formula,
-                    schema: dict[str, str], weights: str | None = None) -> dict[str, list]:
+                    schema: dict[str, str], weights: str | None = None,
+                    extra: tuple[str, ...] = ()) -> dict[str, list]:
     """Sorted distinct levels of each categorical predictor, over the complete rows only:
     under the column's name for a bare categorical column, under the label for factor(x),
     relevel(x, r), C(x, ref = r) (numbers sort numerically; the reference level first)."""
@@ -216,7 +222,7 @@ def discover_levels(con: duckdb.DuckDBPyConnection, source: Source, formula: For
             raise FormulaError(f"column {key!r} has the name of the term {key}; rename it")
     cols = list(dict.fromkeys(keys.values()))
     lists = ", ".join(f"list_sort(list(DISTINCT {quote_ident(c)}))" for c in cols)
-    complete = complete_condition(model_columns(formula, weights), schema)
+    complete = complete_condition(model_columns(formula, weights, extra), schema)
     sql = render("levels", lists=lists, source=source.relation, complete=complete)
     try:
         row = con.execute(sql, source.params).fetchone()
@@ -276,7 +282,8 @@ def _with_reference(call: Expr, levels: list) -> list:
 
 
 def compute_prepass(con: duckdb.DuckDBPyConnection, source: Source, formula: Formula,
-                    schema: dict[str, str], weights: str | None = None) -> dict[str, list]:
+                    schema: dict[str, str], weights: str | None = None,
+                    extra: tuple[str, ...] = ()) -> dict[str, list]:
     """The constants of scale(x) ([mean, SD]) and poly(x, k) ([alpha_1..k, norm2_1..k+2],
     R's `attr(, "coefs")`) over the rows the model uses: one query of two scans (the means,
     then the centred power sums, all compensated fsum()), stored with the fit under the
@@ -297,7 +304,7 @@ def compute_prepass(con: duckdb.DuckDBPyConnection, source: Source, formula: For
     means = ", ".join(f"favg({a}) AS m{k}" for k, a in enumerate(args))
     sums = ", ".join(f"fsum(power({a} - __mlpipe_m.m{k}, {r})) AS s{k}_{r}"
                      for k, a in enumerate(args) for r in range(1, power[a] + 1))
-    complete = complete_condition(model_columns(formula, weights), schema)
+    complete = complete_condition(model_columns(formula, weights, extra), schema)
     sql = (f"WITH __mlpipe_m AS (SELECT {means} FROM {source.relation} WHERE {complete}) "
            f"SELECT count(*) AS n, "
            f"{', '.join(f'any_value(__mlpipe_m.m{k})' for k in range(len(args)))}, "
@@ -490,7 +497,8 @@ def _level_label(level) -> str:
 
 
 def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, list], *,
-                 weights: str | None = None, strict: bool = False) -> Design:
+                 weights: str | None = None, strict: bool = False,
+                 extra_columns: tuple[str, ...] = ()) -> Design:
     """Compile the formula's terms to SQL columns of X and Z.  `levels` is the coding of
     the model's variables: the levels of categorical ones (see `discover_levels`) and the
     pre-pass constants of scale() / poly() (`compute_prepass`), keyed by column or label;
@@ -505,7 +513,7 @@ def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, lis
     coder = _Coder(schema, levels, aggregates, strict)
     response = Column(formula.response.deparse(), formula.response.sql(aggregates.refs))
     offset = " + ".join(e.sql(aggregates.refs) for e in formula.offsets) or None
-    extra = {"offset": offset, "weights": weights,
+    extra = {"offset": offset, "weights": weights, "extra_columns": tuple(extra_columns),
              "weights_sql": f"CAST({quote_ident(weights)} AS DOUBLE)" if weights else None}
     fixed = coder.columns(formula.fixed, formula.intercept)
     if not fixed:

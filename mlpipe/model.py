@@ -27,7 +27,8 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         method: str = "REML", stats: Statistics | str | os.PathLike[str] | None = None,
         ddf: str | None = "satterthwaite", ci: str | None = None, level: float = 0.95,
         memory_limit: str | None = None, threads: int | None = None,
-        temp_directory: str | None = None, weights: str | None = None) -> FitResult:
+        temp_directory: str | None = None, weights: str | None = None,
+        correlation: str | None = None, residual_variance_by: str | None = None) -> FitResult:
     """Fit a linear mixed model.
 
     Either `data` (Parquet file / directory / glob, or CSV; or data in memory: a polars
@@ -37,6 +38,9 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     `ddf`: denominator degrees of freedom of the fixed-effect t tests ("satterthwaite",
     "kenward-roger" or None); `ci`: confidence intervals ("wald", "profile" or None).
     `weights`: a column of case weights (lme4's `weights =`: Var(e_i) = σ² / w_i).
+    `correlation`: serially correlated residuals within a series, "ar1(TIME | GROUP)" (nlme's
+    corAR1 on rows ordered by TIME) or "car1(TIME | GROUP)" (corCAR1: φ^|Δt|);
+    `residual_variance_by`: a column whose levels have their own residual SD (varIdent).
     """
     method, ddf, ci = check_options(method, ddf, ci, level)  # before any work
     if stats is not None and data is not None:
@@ -45,7 +49,9 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         if data is None or formula is None:
             raise InputError("fit needs DATA and a formula, or saved statistics")
         stats = compute_statistics(data, formula, memory_limit=memory_limit, threads=threads,
-                                   temp_directory=temp_directory, weights=weights)
+                                   temp_directory=temp_directory, weights=weights,
+                                   correlation=correlation,
+                                   residual_variance_by=residual_variance_by)
     elif not isinstance(stats, Statistics):
         stats = Statistics.load(stats)
     if formula is not None and " ".join(formula.split()) != " ".join(stats.formula.split()):
@@ -53,6 +59,7 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     if weights is not None and weights != stats.weights:
         built = f"weights {stats.weights!r}" if stats.weights else "no weights"
         raise InputError(f"the statistics were built with {built}, not weights {weights!r}")
+    _check_residual_matches(stats, correlation, residual_variance_by)
     return fit_statistics(stats, method=method, ddf=ddf, ci=ci, level=level,
                           memory_limit=memory_limit)
 
@@ -66,7 +73,9 @@ def fit_config(cfg: dict, **overrides) -> FitResult:
     duck = {} if cfg.get("stats") else (cfg.get("duckdb") or {})
     return fit(cfg.get("data"), cfg.get("formula"), method=str(cfg.get("method", "REML")),
                stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"), ci=cfg.get("ci"),
-               level=float(cfg.get("level", 0.95)), weights=cfg.get("weights"), **duck)
+               level=float(cfg.get("level", 0.95)), weights=cfg.get("weights"),
+               correlation=cfg.get("correlation"),
+               residual_variance_by=cfg.get("residual_variance_by"), **duck)
 
 
 def fit_statistics(stats: Statistics, *, method: str = "REML",
@@ -78,17 +87,62 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     method, ddf, ci = check_options(method, ddf, ci, level)
     validate(stats)
     check_general_options(stats, ddf, ci)
+    reml = method == "REML"
     t0 = time.perf_counter()
-    obj = make_objective(stats, reml=method == "REML", memory_limit=memory_limit)
+    structure = None
+    if stats.residual is not None:  # ψ first (each value an optimization of θ), then θ at ψ̂
+        stats, structure = _estimate_residual(stats, ci, reml=reml, memory_limit=memory_limit)
+    obj = make_objective(stats, reml=reml, memory_limit=memory_limit)
     summary = optimize(obj, method=obj.default_method)
     dec = obj.decompose(np.asarray(summary.final_theta))
     build = FitResult.build_general if stats.general else FitResult.build
     result = build(stats, obj, dec, summary)
+    if structure is not None:
+        result.residual_structure = structure
+        k = stats.residual.n_params
+        result.npar += k
+        result.aic += 2 * k
+        result.bic += k * np.log(stats.n)
     t1 = time.perf_counter()
     add_inference(result, ddf=ddf, ci=ci, level=level, obj=obj)
     result.timings = {**stats.timings, "solve": t1 - t0,
                       "inference": time.perf_counter() - t1}
     return result
+
+
+def _estimate_residual(stats: Statistics, ci: str | None, *, reml: bool,
+                       memory_limit: str | None) -> tuple[Statistics, dict]:
+    """ψ̂ of the residual structure (mlpipe/residual.py) → (the statistics whitened at ψ̂,
+    what result.json records of it)."""
+    from . import residual
+
+    if ci == "profile":
+        raise InputError("profile confidence intervals are not available with a residual "
+                         "correlation or variance structure; use --ci wald")
+
+    def inner(st: Statistics, theta0):
+        obj = make_objective(st, reml=reml, memory_limit=memory_limit)
+        # the BOBYQA guard of boundary answers runs once, in the fit at ψ̂
+        summary = optimize(obj, method=obj.default_method, theta0=theta0, guard=False)
+        return summary.final_objective, np.asarray(summary.final_theta)
+
+    psi, record = residual.estimate(stats, inner)
+    whitened = residual.at(stats, psi)
+    return whitened, {**whitened.residual.describe(psi), "optimizer": record}
+
+
+def _check_residual_matches(stats: Statistics, correlation: str | None,
+                            variance_by: str | None) -> None:
+    """Options given with saved statistics must be those the statistics were built with."""
+    from .residual import parse_spec
+
+    if correlation is None and variance_by is None:
+        return
+    asked = parse_spec(correlation, variance_by)
+    built = stats.residual.spec if stats.residual is not None else None
+    if asked != built:
+        raise InputError(f"the statistics were built with residual structure "
+                         f"{built.to_dict() if built else None}, not {asked.to_dict()}")
 
 
 def make_objective(stats: Statistics, *, reml: bool, memory_limit: str | None = None):
@@ -151,7 +205,7 @@ def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
     elif ci == "profile":
         result.confidence_intervals = profile_intervals(stats, level=level)
     result.ci_level = level if ci else None
-    if not general:
+    if not general and result.residual_structure is None:
         result.icc = icc_or_none(result, level)
 
 

@@ -232,11 +232,15 @@ def _not_nested_note(a: str, b: str) -> str:
 
 
 def _nested(a: ModelRun, b: ModelRun) -> bool:
-    """a (fewer parameters) nested in b by its fixed and random (factor, term) terms."""
+    """a (fewer parameters) nested in b by its fixed and random (factor, term) terms and its
+    residual structure (compare.is_nested)."""
+    from .compare import is_nested, residual_terms
+
     def rand(r: ModelRun) -> frozenset:
         return frozenset((e.get("group"), e["term"]) for e in r.result.get("random_effects", []))
-    return b.npar > a.npar and frozenset(a.fixed_terms) <= frozenset(b.fixed_terms) and \
-        rand(a) <= rand(b)
+    return is_nested(a.fixed_terms, rand(a), b.fixed_terms, rand(b), b.npar - a.npar,
+                     residual_terms(a.result.get("correlation")),
+                     residual_terms(b.result.get("correlation")))
 
 
 def _fmt_p(p: Any) -> str:

@@ -91,6 +91,9 @@ class FitResult:
     #: random intercepts on several factors: each level's share of the total variance
     #: (the multilevel ICC: [{"group", "variance", "proportion"}], the residual last)
     variance_partition: list[dict] | None = None
+    #: a residual structure (mlpipe/residual.py): structure, time, group, phi, series,
+    #: variance_by, variance_ratios, optimizer — as result.json's "correlation"
+    residual_structure: dict | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -266,6 +269,9 @@ class FitResult:
             "icc": self.icc,
             "variance_partition": self.variance_partition,
         }
+        if self.residual_structure is not None:
+            out["correlation"] = {k: _clean(v) if not isinstance(v, dict) else v
+                                  for k, v in self.residual_structure.items()}
         if self.residuals is not None:
             out["scaled_residuals"] = dict(self.residuals.quantiles)
         if self.confidence_intervals is not None:
@@ -569,6 +575,21 @@ def r_format(values: list[float], digits: int = 4) -> list[str]:
     return [f"{v:.{d}f}" for v in values]
 
 
+def residual_structure_text(rs: dict) -> list[str]:
+    """The residual structure as nlme prints it (correlation, variance function)."""
+    lines = []
+    if rs.get("structure"):
+        what = {"ar1": "AR(1) of consecutive rows", "car1": "continuous AR(1), phi^|dt|"}
+        lines.append(f"Correlation structure: {what[rs['structure']]} within {rs['group']} "
+                     f"by {rs['time']} ({rs['series']} series); Phi {rs['phi']:.6g}")
+    if rs.get("variance_by"):
+        ratios = rs["variance_ratios"]
+        lines.append(f"Variance function: a residual SD per level of {rs['variance_by']} "
+                     f"(ratio to the first; Residual is the first's):")
+        lines += _table(list(ratios), [[f"{v:.6g}" for v in ratios.values()]], align_left=0)
+    return lines
+
+
 def structure_text(structure: list[dict]) -> str:
     """The factors, largest first, each with how it relates to the larger ones before it
     (`school (30 levels) contains school:class`, or crossed), as detected from the data."""
@@ -699,6 +720,8 @@ def render_summary(r: FitResult, correlation: bool = False) -> str:
         before.append(row["term"])
     rows.append(["Residual", "", variances[-1], sds[-1], ""])
     lines += _table(["Groups", "Name", "Variance", "Std.Dev.", "Corr"], rows, align_left=2)
+    if r.residual_structure:
+        lines += residual_structure_text(r.residual_structure)
     if r.icc is not None:
         lines.append(f"ICC: {r.icc['icc']:.4f} ({100 * r.icc['level']:g}% CI "
                      f"{r.icc['lower']:.4f} to {r.icc['upper']:.4f}, {r.icc['method']})")

@@ -32,6 +32,8 @@ from .design import (Design, build_design, check_columns, check_weights, compute
                      discover_levels)
 from .errors import DataError
 from .formula import parse_formula
+from .residual import ResidualStatistics, Spec, check_spec, parse_spec, read_components, \
+    run_pass
 
 FORMAT_VERSION = 2  # 2: several grouping factors (per-cell statistics, factor columns)
 
@@ -98,6 +100,18 @@ class Statistics:
     #: intercept's "count" is Σ w), `n` / `n_i` stay row counts
     weights: str = ""
     log_weights: float = 0.0
+    #: a residual structure (serial correlation, variances by stratum): its lag statistics
+    #: (mlpipe/residual.py); the arrays above are then whitened at `residual.psi` (the
+    #: plain sums while it is None), and `log_weights` is −log|R/σ²| there
+    residual: ResidualStatistics | None = None
+
+    @property
+    def response_ss(self) -> float:
+        """y'y of the rows used, unweighted by any residual structure."""
+        if self.residual is None:
+            return float(self.yty)
+        rs = self.residual
+        return float(np.sum(rs.yty[(rs.kind == "F") | (rs.kind == "A")]))
 
     @property
     def general(self) -> bool:
@@ -131,6 +145,10 @@ class Statistics:
         columns sort.  Raises InputError when the two were built for different models."""
         from .errors import InputError
 
+        if self.residual is not None or other.residual is not None:
+            raise InputError("statistics with a residual correlation or variance structure "
+                             "cannot be merged (a series split between parts loses its "
+                             "lags); build them over all the rows at once")
         same = (self.formula == other.formula and self.fixed_names == other.fixed_names
                 and self.random_names == other.random_names and self.blocks == other.blocks
                 and self.factor_levels == other.factor_levels
@@ -213,6 +231,8 @@ class Statistics:
         for k, f in enumerate(self.factors):
             cols[f"f{k}"] = f.index
             cols[f"l{k}"] = pa.array(f.levels[f.index].astype(str))
+        if self.residual is not None:
+            cols.update(self.residual.columns())
         meta = {
             "factors": [{"name": f.name, "columns": f.columns, "z": f.z, "names": f.names,
                          "blocks": f.blocks} for f in self.factors],
@@ -225,6 +245,8 @@ class Statistics:
             "factor_levels": self.factor_levels, "group_type": self.group_type,
             "centering": self.centering,
             "weights": self.weights, "log_weights": self.log_weights,
+            "residual": None if self.residual is None else self.residual.meta(),
+            "response_ss": self.response_ss,
         }
         table = pa.table(cols).replace_schema_metadata({"mlpipe": json.dumps(meta)})
         path = Path(path)
@@ -273,7 +295,9 @@ class Statistics:
                    factors=[_load_factor(table, k, f) for k, f in enumerate(meta["factors"])],
                    centering=meta.get("centering"),
                    group_types=meta.get("group_types", {}), weights=meta.get("weights", ""),
-                   log_weights=float(meta.get("log_weights", 0.0)))
+                   log_weights=float(meta.get("log_weights", 0.0)),
+                   residual=None if not meta.get("residual") else
+                   ResidualStatistics.from_saved(meta["residual"], col, q, p, m))
 
 
 def _cell_keys(st: Statistics) -> np.ndarray:
@@ -370,24 +394,32 @@ class _Moments:
 def compute_statistics(data: str | os.PathLike[str], formula: str, *,
                        memory_limit: str | None = None, threads: int | None = None,
                        temp_directory: str | None = None,
-                       weights: str | None = None) -> Statistics:
+                       weights: str | None = None, correlation: str | None = None,
+                       residual_variance_by: str | None = None) -> Statistics:
     """One streaming DuckDB pass over `data` → the model's `Statistics`.  `weights` names a
-    column of case weights (lme4's prior weights: Var(e_i) = σ² / w_i)."""
+    column of case weights (lme4's prior weights: Var(e_i) = σ² / w_i); `correlation`
+    ("ar1(TIME | GROUP)", "car1(TIME | GROUP)") and `residual_variance_by` (a column) a
+    residual structure (mlpipe/residual.py), whose lag statistics the pass adds."""
     import time
 
     t0 = time.perf_counter()
     parsed = parse_formula(formula)
+    spec = parse_spec(correlation, residual_variance_by)
+    extra = tuple(spec.columns) if spec else ()
     source = Source(data)
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
-        schema = source.schema(con, parsed.value_columns() + ([weights] if weights else []))
+        schema = source.schema(con, parsed.value_columns() + ([weights] if weights else [])
+                               + ([spec.time] if spec and spec.kind == "car1" else []))
         check_columns(parsed, schema)
         check_weights(weights, schema)
-        levels = discover_levels(con, source, parsed, schema, weights)
-        levels.update(compute_prepass(con, source, parsed, schema, weights))
-        design = build_design(parsed, schema, levels, weights=weights)
+        if spec:
+            check_spec(spec, schema, weights=weights)
+        levels = discover_levels(con, source, parsed, schema, weights, extra)
+        levels.update(compute_prepass(con, source, parsed, schema, weights, extra))
+        design = build_design(parsed, schema, levels, weights=weights, extra_columns=extra)
         t1 = time.perf_counter()
-        stats = _run_moments(con, source, design)
+        stats = _run_moments(con, source, design, spec)
         stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
     finally:
         con.close()
@@ -406,7 +438,8 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
 # means are favg() (fsum / count).  Measured cost on 10M rows (2 cores): the scan ~1.5x
 # (0.38 -> 0.57 s), fsum 1.7-1.8x sum in a bare GROUP BY; exact alternatives (HUGEINT fixed
 # point 2.8-7x, a two-level exact float split +50-130%) were measured and not adopted.
-def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design) -> Statistics:
+def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
+                 spec: Spec | None = None) -> Statistics:
     mom = _Moments(design)
     pairs = mom.pairs()
     columns = ",\n        ".join(f"{sql} AS c{k + 1}" for k, sql in enumerate(mom.exprs))
@@ -422,13 +455,21 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         groups = ", ".join(f"src.{quote_ident(c)} AS g{k}" for k, c in enumerate(gcols))
         group_by = ", ".join(f"g{k}" for k in range(len(gcols)))
     centred, centering = materialize(con, source, design)  # + center()/group_mean() means
-    sql = render("group_moments", sums=sums, groups=groups, group_by=group_by,
-                 columns=columns or "1 AS c_unused",
-                 source=centred, complete=design.complete_sql)
-    try:
-        con.execute(sql, params)
-    except duckdb.Error as exc:
-        raise source.error(exc, "statistics pass failed over") from None
+    if spec is not None:  # the lag pass (mlpipe/residual.py) builds group_moments too
+        try:
+            run_pass(con, source=centred, params=params, spec=spec, mom=mom, groups=groups,
+                     group_cols=[g.strip() for g in group_by.split(",")],
+                     complete=design.complete_sql, columns=columns or "1 AS c_unused")
+        except duckdb.Error as exc:
+            raise source.error(exc, "statistics pass failed over") from None
+    else:
+        sql = render("group_moments", sums=sums, groups=groups, group_by=group_by,
+                     columns=columns or "1 AS c_unused",
+                     source=centred, complete=design.complete_sql)
+        try:
+            con.execute(sql, params)
+        except duckdb.Error as exc:
+            raise source.error(exc, "statistics pass failed over") from None
 
     z_cols = ", ".join(mom.name(i, j) for i, j in mom.group_pairs())
     if design.group is not None:
@@ -495,6 +536,11 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
     xtx = np.array([[tot(i, j) for j in mom.x] for i in mom.x])
     xty = np.array([tot(i, mom.y) for i in mom.x])
     n_i = np.asarray(per_group["n"], dtype=float)
+    residual = None
+    if spec is not None:
+        residual = read_components(con, spec=spec, mom=mom,
+                                   group_cols=[g.strip() for g in group_by.split(",")],
+                                   cell_order=group_by, schema=design.schema, m=m)
     factors = []
     if design.group is None:
         for k, f in enumerate(design.factors):
@@ -515,7 +561,8 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design)
         factors=factors,
         centering=centering,
         group_types={c: design.schema.get(c, "") for c in _cell_columns(design)},
-        weights=design.weights or "", log_weights=float(log_weights or 0.0))
+        weights=design.weights or "", log_weights=float(log_weights or 0.0),
+        residual=residual)
 
 
 _SQRT_MAX = float(np.sqrt(np.finfo(float).max))  # ~1.34e154: larger values square to inf

@@ -1,0 +1,521 @@
+"""Stage 2c: the residual covariance — serial correlation within a series and variances by
+stratum — exact from lag statistics.
+
+lme4's residuals are independent with one variance, R = σ² I.  Repeated measures often are
+not: `ar1(TIME | GROUP)` (nlme's `corAR1(form = ~ 1 | GROUP)` on data sorted by TIME) and
+`car1(TIME | GROUP)` (nlme's `corCAR1(form = ~ TIME | GROUP)`: correlation φ^|Δt|) make
+the residuals of one series a stationary AR(1) process; `variance_by = COL` (nlme's
+`varIdent(form = ~ 1 | COL)`) gives each level k of COL its own residual SD σ·δ_k, δ = 1
+for the first level in sorted order.  R = σ² Δ C(φ) Δ, block diagonal by series.
+
+Why statistics suffice.  An AR(1) series is Markov: with ρ_t = φ^(gap before row t+1)
+(the gap is 1 for ar1) the quadratic form of C⁻¹ is
+
+    a'C⁻¹b = a₁b₁ + Σ_t [a_{t+1}b_{t+1} − ρ_t (a_t b_{t+1} + a_{t+1} b_t) + ρ_t² a_t b_t] / (1 − ρ_t²)
+    log|C| = Σ_t log(1 − ρ_t²)
+
+and with Δ the rows are divided by their δ first.  So every cross-product the likelihood
+needs — Z'R⁻¹Z, Z'R⁻¹X, y'R⁻¹y, ... per cell — is a fixed linear combination of
+"components" that one pass computes with window functions (`sql/lag_moments.sql`), for any
+φ and δ:
+
+    F(k)          Σ over a series' first rows of stratum k of  c c'         weight 1/δ_k²
+    A(d, k, k')   Σ over pairs with gap d, later row in stratum k, earlier in k', of  c c'
+    B(d, k, k')   the same pairs' earlier rows  l l'                (l = the previous row)
+    C(d, k, k')   l c' + c l'
+
+with weights A: 1/((1−ρ_d²)δ_k²), B: ρ_d²/((1−ρ_d²)δ_k'²), C: −ρ_d/((1−ρ_d²)δ_kδ_k').
+Whitened by those weights the statistics are those of an ordinary linear mixed model
+(`at`), and log|R/σ²| enters the deviance as case weights' −Σ log w does (`log_weights`), so
+the objective, the optimizer, the results and inference run unchanged at a given ψ.
+
+The parameters ψ (φ on nlme's unconstrained scale — atanh for ar1, logit for car1 — and
+log δ_k for the strata after the first) are estimated by minimizing the profiled criterion
+min_θ d(θ; ψ) + log|R(ψ)| (REML or ML): bounded Brent for one parameter, BOBYQA for more,
+each evaluation an optimization of θ warm-started at the previous one (`estimate`).  β's
+standard errors and the t tests are then those at ψ̂ (nlme's too are conditional on the
+variance parameters).
+
+Each series must lie within one cell of the grouping factors (a series crossing levels
+would couple two cells' random effects); the pass counts such pairs and refuses them, and
+refuses times repeated within a series.  car1 supports at most `MAX_GAPS` distinct gaps
+(rounded to 12 significant digits); the statistics grow with their number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError, FormulaError, InputError
+
+KINDS = ("ar1", "car1")
+MAX_GAPS = 100
+#: the bounds of the unconstrained parameters: |atanh φ| ≤ 8 (|φ| ≤ 1 − 2e-7), |logit φ| ≤
+#: 16, |log δ| ≤ 12
+BOUND_AR1, BOUND_CAR1, BOUND_DELTA = 8.0, 16.0, 12.0
+
+_SPEC = re.compile(r"^\s*(\w+)\s*\(\s*(.+?)\s*\|\s*(.+?)\s*\)\s*$")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the user asked for: a correlation structure (kind, time, the series' columns)
+    and/or a column of variance strata."""
+
+    kind: str | None = None
+    time: str | None = None
+    group: tuple[str, ...] = ()
+    variance_by: str | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        cols = ([self.time] if self.time else []) + list(self.group)
+        return cols + ([self.variance_by] if self.variance_by else [])
+
+    @property
+    def text(self) -> str:
+        return f"{self.kind}({self.time} | {':'.join(self.group)})" if self.kind else ""
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "time": self.time, "group": list(self.group),
+                "variance_by": self.variance_by}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Spec:
+        return cls(d.get("kind"), d.get("time"), tuple(d.get("group") or ()),
+                   d.get("variance_by"))
+
+
+def parse_spec(correlation: str | None, variance_by: str | None = None) -> Spec | None:
+    """`correlation` ("ar1(TIME | GROUP)", "car1(TIME | GROUP)"; GROUP may be `a:b`) and
+    `variance_by` (a column) → a `Spec`, or None when neither is given."""
+    if not correlation and not variance_by:
+        return None
+    kind = time = None
+    group: tuple[str, ...] = ()
+    if correlation:
+        m = _SPEC.match(correlation)
+        if not m or m.group(1) not in KINDS:
+            raise FormulaError(f"correlation {correlation!r}: expected ar1(TIME | GROUP) or "
+                               f"car1(TIME | GROUP)")
+        kind, time = m.group(1), m.group(2).strip("` ")
+        group = tuple(g.strip("` ") for g in m.group(3).split(":"))
+        if not time or not all(group):
+            raise FormulaError(f"correlation {correlation!r}: name a time column and a "
+                               f"grouping column")
+    if variance_by is not None and not str(variance_by).strip():
+        raise InputError("residual variance by: name a column")
+    return Spec(kind, time, group, variance_by.strip() if variance_by else None)
+
+
+@dataclass
+class ResidualStatistics:
+    """The lag statistics of a residual structure: one set of arrays per component (leading
+    axis K), laid out as `Statistics`' (cells last).  `psi` is where the owning Statistics'
+    main arrays were whitened (None: not yet, they are the unweighted sums)."""
+
+    spec: Spec
+    strata: list[str]  # level labels of variance_by, reference first ([""] without one)
+    gaps: np.ndarray  # (G,) the distinct gaps (ar1: [1.0])
+    kind: np.ndarray  # (K,) "F", "A", "B", "C"
+    gap: np.ndarray  # (K,) index into gaps, -1 for F
+    k: np.ndarray  # (K,) stratum of the (later) row
+    kp: np.ndarray  # (K,) stratum of the earlier row, -1 for F
+    count: np.ndarray  # (K,) rows of F / pairs of A, B, C
+    ztz: np.ndarray  # (K, q, q, m)
+    ztx: np.ndarray  # (K, q, p, m)
+    zty: np.ndarray  # (K, q, m)
+    yty_i: np.ndarray  # (K, m)
+    xtx: np.ndarray  # (K, p, p)
+    xty: np.ndarray  # (K, p)
+    yty: np.ndarray  # (K,)
+    n_series: int
+    psi: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def n_params(self) -> int:
+        return (1 if self.spec.kind else 0) + len(self.strata) - 1
+
+    def bounds(self) -> list[tuple[float, float]]:
+        b = [(-BOUND_AR1, BOUND_AR1)] if self.spec.kind == "ar1" else \
+            [(-BOUND_CAR1, BOUND_CAR1)] if self.spec.kind == "car1" else []
+        return b + [(-BOUND_DELTA, BOUND_DELTA)] * (len(self.strata) - 1)
+
+    def unpack(self, psi: np.ndarray) -> tuple[float, np.ndarray]:
+        """ψ → (φ, δ per stratum)."""
+        psi = np.asarray(psi, dtype=float)
+        phi, rest = 0.0, psi
+        if self.spec.kind == "ar1":
+            phi, rest = math.tanh(psi[0]), psi[1:]
+        elif self.spec.kind == "car1":
+            phi, rest = 1.0 / (1.0 + math.exp(-psi[0])), psi[1:]
+        return phi, np.exp(np.concatenate([[0.0], rest]))
+
+    def weights(self, psi: np.ndarray) -> tuple[np.ndarray, float]:
+        """The components' weights at ψ and log|R/σ²|."""
+        phi, delta = self.unpack(psi)
+        rho_g = self.gaps * 0 + phi if self.spec.kind == "ar1" else phi ** self.gaps
+        one_m = (1.0 - rho_g) * (1.0 + rho_g)  # 1 − ρ², without cancellation near ρ = 0
+        w = np.empty(len(self.kind))
+        logdet = 0.0
+        for c, kind in enumerate(self.kind):
+            dk = delta[self.k[c]]
+            if kind == "F":
+                w[c] = 1.0 / dk**2
+                logdet += self.count[c] * 2.0 * math.log(dk)
+                continue
+            g = self.gap[c]
+            rho, om, dp = rho_g[g], one_m[g], delta[self.kp[c]]
+            if kind == "A":
+                w[c] = 1.0 / (om * dk**2)
+                logdet += self.count[c] * (math.log(om) + 2.0 * math.log(dk))
+            elif kind == "B":
+                w[c] = rho**2 / (om * dp**2)
+            else:
+                w[c] = -rho / (om * dk * dp)
+        return w, logdet
+
+    def describe(self, psi: np.ndarray) -> dict:
+        """What result.json records of the structure at ψ."""
+        phi, delta = self.unpack(psi)
+        out: dict = {}
+        if self.spec.kind:
+            out = {"structure": self.spec.kind, "time": self.spec.time,
+                   "group": ":".join(self.spec.group), "phi": phi, "series": self.n_series}
+            if self.spec.kind == "car1":
+                out["distinct_gaps"] = len(self.gaps)
+        if self.spec.variance_by:
+            out["variance_by"] = self.spec.variance_by
+            out["variance_ratios"] = dict(zip(self.strata, delta.tolist()))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def columns(self) -> dict[str, np.ndarray]:
+        """Per-cell arrays as named columns (for Statistics.save)."""
+        cols = {}
+        K, q, p = self.ztz.shape[0], self.ztz.shape[1], self.ztx.shape[2]
+        for c in range(K):
+            cols[f"r{c}_yty"] = self.yty_i[c]
+            for a in range(q):
+                cols[f"r{c}_zty_{a}"] = self.zty[c, a]
+                for b in range(q):
+                    cols[f"r{c}_ztz_{a}_{b}"] = self.ztz[c, a, b]
+                for j in range(p):
+                    cols[f"r{c}_ztx_{a}_{j}"] = self.ztx[c, a, j]
+        return cols
+
+    def meta(self) -> dict:
+        return {"spec": self.spec.to_dict(), "strata": self.strata,
+                "gaps": self.gaps.tolist(), "kind": self.kind.tolist(),
+                "gap": self.gap.tolist(), "k": self.k.tolist(), "kp": self.kp.tolist(),
+                "count": self.count.tolist(), "xtx": self.xtx.tolist(),
+                "xty": self.xty.tolist(), "yty": self.yty.tolist(),
+                "n_series": self.n_series,
+                "psi": None if self.psi is None else self.psi.tolist()}
+
+    @classmethod
+    def from_saved(cls, meta: dict, col, q: int, p: int, m: int) -> ResidualStatistics:
+        K = len(meta["kind"])
+        ztz, ztx = np.empty((K, q, q, m)), np.empty((K, q, p, m))
+        zty, yty_i = np.empty((K, q, m)), np.empty((K, m))
+        for c in range(K):
+            yty_i[c] = col(f"r{c}_yty")
+            for a in range(q):
+                zty[c, a] = col(f"r{c}_zty_{a}")
+                for b in range(q):
+                    ztz[c, a, b] = col(f"r{c}_ztz_{a}_{b}")
+                for j in range(p):
+                    ztx[c, a, j] = col(f"r{c}_ztx_{a}_{j}")
+        arr = lambda key, dt=float: np.asarray(meta[key], dtype=dt)  # noqa: E731
+        return cls(Spec.from_dict(meta["spec"]), list(meta["strata"]), arr("gaps"),
+                   np.asarray(meta["kind"], dtype=object), arr("gap", np.int64),
+                   arr("k", np.int64), arr("kp", np.int64), arr("count"), ztz, ztx, zty, yty_i,
+                   arr("xtx").reshape(K, p, p), arr("xty").reshape(K, p), arr("yty"),
+                   int(meta["n_series"]),
+                   None if meta.get("psi") is None else np.asarray(meta["psi"], dtype=float))
+
+
+def at(stats, psi: np.ndarray):
+    """The statistics whitened at ψ: an ordinary `Statistics` whose cross-products are those
+    of R(ψ)^(-1/2)-transformed rows and whose `log_weights` is −log|R(ψ)/σ²|; it keeps the
+    components (`residual`, with `psi`) so that it can be refitted or saved."""
+    rs = stats.residual
+    w, logdet = rs.weights(psi)
+    comb = lambda a: np.tensordot(w, a, axes=1)  # noqa: E731
+    return dataclasses.replace(
+        stats, ztz=comb(rs.ztz), ztx=comb(rs.ztx), zty=comb(rs.zty), yty_i=comb(rs.yty_i),
+        xtx=comb(rs.xtx), xty=comb(rs.xty), yty=float(comb(rs.yty)), log_weights=-logdet,
+        residual=dataclasses.replace(rs, psi=np.asarray(psi, dtype=float)))
+
+
+def start(rs: ResidualStatistics) -> np.ndarray:
+    """ψ's starting value: φ = 0.2 (ar1; car1 at its median gap), δ = 1."""
+    x = np.zeros(rs.n_params)
+    if rs.spec.kind == "ar1":
+        x[0] = math.atanh(0.2)
+    elif rs.spec.kind == "car1":
+        phi = 0.2 ** (1.0 / float(np.median(rs.gaps)))
+        x[0] = math.log(phi / (1.0 - phi))
+    return x
+
+
+def estimate(stats, inner, *, xtol: float = 1e-9) -> tuple[np.ndarray, dict]:
+    """ψ̂ minimizing `inner(stats_at_ψ, θ₀) → (criterion, θ̂)` (the profiled criterion over
+    θ; `at` puts log|R| in it) → (ψ̂, the record: evaluations, method, criterion)."""
+    rs = stats.residual
+    best = {"f": np.inf, "theta": None, "psi": None}
+    evals = [0]
+
+    def f(psi) -> float:
+        psi = np.atleast_1d(np.asarray(psi, dtype=float))
+        evals[0] += 1
+        crit, theta = inner(at(stats, psi), best["theta"])
+        if not np.isfinite(crit):
+            return 1e300
+        if crit < best["f"]:
+            best.update(f=crit, theta=theta, psi=psi.copy())
+        return float(crit)
+
+    bounds = rs.bounds()
+    x0 = start(rs)
+    if len(bounds) == 1:
+        from scipy.optimize import minimize_scalar
+
+        lo, hi = bounds[0]
+        f(x0)
+        res = minimize_scalar(lambda u: f([u]), bounds=(lo, hi), method="bounded",
+                              options={"xatol": xtol, "maxiter": 500})
+        method = "brent (bounded)"
+        if not res.success:
+            raise DataError(f"the residual structure's parameter did not converge "
+                            f"({res.message})")
+    else:
+        import nlopt
+
+        opt = nlopt.opt(nlopt.LN_BOBYQA, len(bounds))
+        opt.set_lower_bounds([b[0] for b in bounds])
+        opt.set_upper_bounds([b[1] for b in bounds])
+        opt.set_min_objective(lambda x, grad: f(x))
+        opt.set_ftol_rel(1e-14)
+        opt.set_xtol_abs(xtol)
+        opt.set_maxeval(2000)
+        opt.set_initial_step(0.5)
+        x = x0
+        for _ in range(3):  # BOBYQA restarted from its answer until it stops moving
+            before = best["f"]
+            try:
+                x = opt.optimize(x)
+            except (nlopt.RoundoffLimited, ValueError):
+                x = best["psi"]
+            x = best["psi"]
+            if not best["f"] < before - 1e-12 * max(1.0, abs(before)):
+                break
+        method = "LN_BOBYQA"
+    return best["psi"], {"method": method, "evaluations": evals[0], "criterion": best["f"]}
+
+
+# ---------------------------------------------------------------------- the lag pass
+
+def check_spec(spec: Spec, schema: dict[str, str], *, weights: str | None) -> None:
+    """The structure's columns exist; car1's time is numeric; no case weights with it."""
+    from .design import is_numeric
+
+    for col in spec.columns:
+        if col not in schema:
+            raise DataError(f"column {col!r} of the residual structure is not in the data")
+    if spec.kind == "car1" and not is_numeric(schema[spec.time]):
+        raise DataError(f"car1({spec.time} | ...): the time column {spec.time!r} must be "
+                        f"numeric (it is {schema[spec.time]})")
+    if weights:
+        raise InputError("case weights cannot be combined with a residual correlation or "
+                         "variance structure")
+
+
+def _gap_sql(spec: Spec) -> str:
+    if spec.kind != "car1":  # ar1: consecutive rows are at lag 1; no correlation: all "first"
+        return "CASE WHEN prev_t IS NULL THEN NULL ELSE 1.0 END" if spec.kind else \
+            "CAST(NULL AS DOUBLE)"
+    d = "CAST(t - prev_t AS DOUBLE)"
+    # 12 significant digits: gaps computed from decimal times (0.3 - 0.2 and 0.2 - 0.1) are
+    # one gap
+    return (f"CASE WHEN prev_t IS NULL THEN NULL WHEN t = prev_t THEN 0.0 "
+            f"ELSE round({d}, 11 - CAST(floor(log10(abs({d}))) AS INTEGER)) END")
+
+
+def run_pass(con, *, source: str, params: dict, spec: Spec, mom, groups: str,
+             group_cols: list[str], complete: str, columns: str) -> None:
+    """The statistics pass with a residual structure: lag_moments (the components per cell)
+    and group_moments (the usual sums, from it)."""
+    from ._sql import quote_ident, render
+
+    pairs = mom.pairs()
+    sums = [mom.sum_sql(i, j) for i, j in pairs]
+    for i, j in pairs:
+        a, b = min(i, j), max(i, j)
+        if a == 0:
+            sums += [f"fsum(l{b}) AS b_{a}_{b}", f"fsum(l{b} + c{b}) AS x_{a}_{b}"]
+        else:
+            sums += [f"fsum(l{a} * l{b}) AS b_{a}_{b}",
+                     f"fsum(l{a} * c{b} + c{a} * l{b}) AS x_{a}_{b}"]
+    ks = sorted({k for pair in pairs for k in pair if k})
+    if spec.kind:
+        previous = ["LAG(t) OVER w AS prev_t", "LAG(stratum) OVER w AS prev_stratum"]
+        previous += [f"LAG(c{k}) OVER w AS l{k}" for k in ks]
+        previous += [f"LAG({g}) OVER w AS prev_{g}" for g in group_cols]
+        series_by = ", ".join(f"__series{k}" for k in range(len(spec.group)))
+        window = f"WINDOW w AS (PARTITION BY {series_by}, complete ORDER BY t)"
+    else:  # variances by stratum only: no previous row, no window
+        previous = ["CAST(NULL AS DOUBLE) AS prev_t", "CAST(NULL AS VARCHAR) AS prev_stratum"]
+        previous += [f"CAST(NULL AS DOUBLE) AS l{k}" for k in ks]
+        previous += [f"NULL AS prev_{g}" for g in group_cols]
+        window = ""
+    crossing = " OR ".join(f"{g} IS DISTINCT FROM prev_{g}" for g in group_cols)
+    series = [f"src.{quote_ident(c)} AS __series{k}" for k, c in enumerate(spec.group)]
+    time = f"src.{quote_ident(spec.time)}" if spec.time else "0"
+    stratum = f"CAST(src.{quote_ident(spec.variance_by)} AS VARCHAR)" if spec.variance_by \
+        else "''"
+    group_by = ", ".join(group_cols)
+    sql = render("lag_moments", group_by=group_by, crossing=crossing, sums=",\n    ".join(sums),
+                 gap=_gap_sql(spec), previous=",\n            ".join(previous), groups=groups,
+                 complete=complete, series=", ".join(series) or "0 AS __series0",
+                 time=time, stratum=stratum, columns=columns, source=source, window=window)
+    con.execute(sql, params)  # the caller names the source in a failure's message
+    summed = ",\n    ".join(f"fsum({mom.name(i, j)}) AS {mom.name(i, j)}" for i, j in pairs)
+    con.execute(render("lag_group_moments", group_by=group_by, sums=summed))
+
+
+def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: str,
+                    schema: dict[str, str], m: int) -> ResidualStatistics:
+    """The components of lag_moments, in the cell order of the usual statistics."""
+    from ._sql import render
+    from .stats import _label_key
+
+    pairs = mom.pairs()
+    names = [mom.name(i, j) for i, j in pairs]
+    lag_names = [f"{t}_{min(i, j)}_{max(i, j)}" for i, j in pairs for t in ("b", "x")]
+    tot = con.execute(render("lag_totals", sums=", ".join(
+        f"fsum({c}) AS {c}" for c in names + lag_names))).fetchnumpy()
+    crossing, ties = int(np.sum(tot["crossing"])), int(np.sum(tot["ties"]))
+    what = spec.text or f"variance by {spec.variance_by}"
+    if crossing:
+        raise DataError(f"{what}: {crossing} consecutive pairs of a series lie in different "
+                        f"levels of a grouping factor; every series "
+                        f"({':'.join(spec.group)}) must lie within one level of each "
+                        f"grouping factor")
+    if ties:
+        raise DataError(f"{what}: {ties} repeated times within a series ({spec.time} must be "
+                        f"unique within {':'.join(spec.group)})")
+    gaps_all = [g for g in tot["gap"].tolist() if g is not None and not _isnan(g)]
+    gaps = np.array(sorted(set(gaps_all)), dtype=float)
+    if len(gaps) > MAX_GAPS:
+        raise DataError(f"{what}: the gaps between consecutive times take {len(gaps)} "
+                        f"distinct values; the exact statistics support at most {MAX_GAPS} "
+                        f"(round the time column, or use ar1())")
+    if spec.variance_by:
+        labels = {s for s in tot["stratum"].tolist()}
+        typ = {spec.variance_by: schema.get(spec.variance_by, "")}
+        strata = sorted(labels, key=lambda x: _label_key(x, [spec.variance_by], typ))
+    else:
+        strata = [""]
+    s_index = {s: i for i, s in enumerate(strata)}
+    g_index = {g: i for i, g in enumerate(gaps.tolist())}
+
+    # the components: F per stratum, (A, B, C) per (gap, stratum, previous stratum)
+    comp: dict[tuple, int] = {}
+    kind, gap, k, kp = [], [], [], []
+
+    def component(key: tuple, kd: str, gi: int, si: int, pi: int) -> int:
+        if key not in comp:
+            comp[key] = len(kind)
+            kind.append(kd), gap.append(gi), k.append(si), kp.append(pi)
+        return comp[key]
+
+    def comps_of(g, s, ps) -> tuple[int, ...]:
+        si = s_index[s]
+        if g is None or _isnan(g):
+            return (component(("F", si), "F", -1, si, -1),)
+        gi, pi = g_index[float(g)], s_index[ps]
+        return tuple(component((kd, gi, si, pi), kd, gi, si, pi) for kd in "ABC")
+
+    for g, s, ps in zip(tot["gap"].tolist(), tot["stratum"].tolist(),
+                        tot["prev_stratum"].tolist()):
+        comps_of(g, s, ps)
+    K = len(kind)
+    cols = ", ".join(f"lm.{c}" for c in names + lag_names)
+    rows = con.execute(render("lag_statistics", columns=cols, group_by=", ".join(group_cols),
+                              cell_order=cell_order)).fetchnumpy()
+    q, p = len(mom.z), len(mom.x)
+    ztz, ztx = np.zeros((K, q, q, m)), np.zeros((K, q, p, m))
+    zty, yty_i = np.zeros((K, q, m)), np.zeros((K, m))
+    xtx, xty, yty = np.zeros((K, p, p)), np.zeros((K, p)), np.zeros(K)
+    count = np.zeros(K)
+    idx = np.asarray(rows["idx"], dtype=np.int64)
+    ids = np.array([comps_of(g, s, ps) for g, s, ps in
+                    zip(rows["gap"].tolist(), rows["stratum"].tolist(),
+                        rows["prev_stratum"].tolist())], dtype=object)
+    first = np.array([len(t) == 1 for t in ids])
+    cF = np.array([t[0] for t in ids[first]], dtype=np.int64)
+    cA = np.array([t[0] for t in ids[~first]], dtype=np.int64)
+    cB = np.array([t[1] for t in ids[~first]], dtype=np.int64)
+    cC = np.array([t[2] for t in ids[~first]], dtype=np.int64)
+    n_row = np.asarray(rows["n"], dtype=float)
+
+    def value(prefix: str, i: int, j: int, sel) -> np.ndarray:
+        a, b = min(i, j), max(i, j)
+        if (a, b) == (0, 0):  # n: the count; the pair's Σ(1·1 + 1·1) = 2n
+            return n_row[sel] * (2.0 if prefix == "x" else 1.0)
+        name = mom.name(a, b) if prefix == "s" else f"{prefix}_{a}_{b}"
+        return np.nan_to_num(np.asarray(rows[name], dtype=float)[sel])
+
+    def fill(arr, slot: tuple, i: int, j: int) -> None:
+        for prefix, sel, cid in (("s", first, cF), ("s", ~first, cA), ("b", ~first, cB),
+                                 ("x", ~first, cC)):
+            arr[(cid,) + slot + (idx[sel],)] = value(prefix, i, j, sel)
+
+    # per cell: Z with [Z X y], y'y
+    for a, ia in enumerate(mom.z):
+        fill(zty, (a,), ia, mom.y)
+        for b, ib in enumerate(mom.z):
+            fill(ztz, (a, b), ia, ib)
+        for j, ij in enumerate(mom.x):
+            fill(ztx, (a, j), ia, ij)
+    fill(yty_i, (), mom.y, mom.y)
+
+    # totals per component, from lag_totals
+    t_ids = [comps_of(g, s, ps) for g, s, ps in zip(
+        tot["gap"].tolist(), tot["stratum"].tolist(), tot["prev_stratum"].tolist())]
+    t_n = np.asarray(tot["n"], dtype=float)
+
+    def total(prefix: str, i: int, j: int, r: int) -> float:
+        a, b = min(i, j), max(i, j)
+        if (a, b) == (0, 0):
+            return t_n[r] * (2.0 if prefix == "x" else 1.0)
+        name = mom.name(a, b) if prefix == "s" else f"{prefix}_{a}_{b}"
+        v = tot[name][r]
+        return 0.0 if v is None or _isnan(v) else float(v)
+
+    for r, cs in enumerate(t_ids):
+        parts = (("s", cs[0]),) if len(cs) == 1 else (("s", cs[0]), ("b", cs[1]), ("x", cs[2]))
+        for c in cs:
+            count[c] += t_n[r]
+        for prefix, c in parts:
+            for a, ia in enumerate(mom.x):
+                xty[c, a] = total(prefix, ia, mom.y, r)
+                for b, ib in enumerate(mom.x):
+                    xtx[c, a, b] = total(prefix, ia, ib, r)
+            yty[c] = total(prefix, mom.y, mom.y, r)
+    n_series = int(sum(t_n[r] for r, cs in enumerate(t_ids) if len(cs) == 1))
+    return ResidualStatistics(spec, strata, gaps if spec.kind else np.zeros(0),
+                              np.asarray(kind, dtype=object), np.asarray(gap, np.int64),
+                              np.asarray(k, np.int64), np.asarray(kp, np.int64), count,
+                              ztz, ztx, zty, yty_i, xtx, xty, yty, n_series)
+
+
+def _isnan(v) -> bool:
+    return isinstance(v, float) and v != v
