@@ -448,6 +448,10 @@ class _Coder:
             if var.expr.kind == "call" and var.expr.value == "poly":
                 sqls = poly_columns(var.expr, self.levels)
                 return [(f"{var.label}{j + 1}", sql) for j, sql in enumerate(sqls)]
+            if var.expr.kind == "call" and var.expr.value == "pw":  # the two segments
+                t, knot = (a.sql(self.aggregates.refs) for a in var.expr.args)
+                return [(f"{var.label}1", f"least({t}, {knot})"),
+                        (f"{var.label}2", f"greatest({t} - {knot}, 0.0)")]
             return [(var.label, var.expr.sql(self.aggregates.refs))]
         else:
             key = col

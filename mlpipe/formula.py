@@ -20,6 +20,11 @@ from .errors import FormulaError
 #: functions allowed on numeric columns: formula name -> DuckDB function
 NUMERIC_FUNCTIONS = {"log": "ln", "exp": "exp", "sqrt": "sqrt", "abs": "abs", "log10": "log10",
                      "log2": "log2", "sin": "sin", "cos": "cos", "tan": "tan"}
+#: two-argument numeric functions: R's elementwise pmin / pmax -> DuckDB's least / greatest
+BINARY_FUNCTIONS = {"pmin": "least", "pmax": "greatest"}
+#: pw(t, knot): a piecewise-linear time in two columns, min(t, knot) and max(t - knot, 0)
+#: (the slopes before and after the knot), named "pw(t, knot)1" and "pw(t, knot)2"
+SPLIT_FUNCTIONS = ("pw",)
 #: predictor-construction functions computed from group or grand means in the statistics pass
 AGGREGATE_FUNCTIONS = ("center", "group_mean")
 #: a column as a factor: factor(x), relevel(x, "b") / relevel(x, 2), C(x, ref = "b")
@@ -140,6 +145,12 @@ class Expr:
                                f"an interaction), not part of arithmetic")
         if self.value in PREPASS_FUNCTIONS:
             raise FormulaError(f"{self.deparse()} needs its pre-pass constants to compute it")
+        if self.value in SPLIT_FUNCTIONS:
+            raise FormulaError(f"{self.deparse()} is two columns: it can be a term, not part "
+                               f"of arithmetic")
+        if self.value in BINARY_FUNCTIONS:
+            a, b = (x.sql(aggregate_names) for x in self.args)
+            return f"{BINARY_FUNCTIONS[self.value]}({a}, {b})"
         return f"{NUMERIC_FUNCTIONS[self.value]}({self.args[0].sql(aggregate_names)})"
 
 
@@ -562,6 +573,15 @@ class _Parser:
             return Expr("call", name, (arg,))
         if name in CATEGORICAL_FUNCTIONS:
             return self.categorical_call(name_tok)
+        if name in BINARY_FUNCTIONS or name in SPLIT_FUNCTIONS:
+            a = self.arith()
+            if self.tok.text != ",":
+                raise self.fail(f"{name}() takes two arguments" + (
+                    " (the time and the knot)" if name in SPLIT_FUNCTIONS else ""))
+            self.take(",")
+            b = self.arith()
+            self.take(")")
+            return Expr("call", name, (a, b))
         if name == "scale":
             arg = self.arith()
             if self.tok.text == ",":
@@ -602,7 +622,8 @@ class _Parser:
                 raise self.fail("group_mean() needs by=GROUP")
             return Expr("call", name, (arg,), by)
         known = ["I"] + list(NUMERIC_FUNCTIONS) + list(AGGREGATE_FUNCTIONS) \
-            + list(CATEGORICAL_FUNCTIONS) + list(PREPASS_FUNCTIONS) + ["offset"]
+            + list(CATEGORICAL_FUNCTIONS) + list(PREPASS_FUNCTIONS) + list(BINARY_FUNCTIONS) \
+            + list(SPLIT_FUNCTIONS) + ["offset"]
         raise FormulaError(f"unknown function {name}() at position {name_tok.pos + 1} in "
                            f"formula {self.text!r} (known: {', '.join(known)})")
 

@@ -35,6 +35,8 @@ SPELLINGS = {
     "hsb_power_spelled": ("hsb_power", "mAch ~ meanses + cses + sector + meanses:cses + "
                           "meanses:sector + cses:sector + (cses | school)"),
     "hsb_in_spelled": ("hsb_in", "mAch ~ sector + sector:cses + (cses | school)"),
+    # pw(t, knot): the two segments min(t, knot) and max(t - knot, 0) as one term
+    "sleep_pw": ("sleep_piecewise", "Reaction ~ pw(Days, 4) + (pw(Days, 4) | Subject)"),
 }
 
 

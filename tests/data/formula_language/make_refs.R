@@ -123,6 +123,9 @@ cases <- list(
   list("sleep_scale", sleep, "Reaction ~ scale(Days) + (scale(Days) | Subject)",
        "sleepstudy_w"),
   list("sleep_poly", sleep, "Reaction ~ poly(Days, 2) + (1 | Subject)", "sleepstudy_w"),
+  # piecewise-linear growth (mlpipe's pw(Days, 4) is these two columns)
+  list("sleep_piecewise", sleep, paste("Reaction ~ pmin(Days, 4) + pmax(Days - 4, 0) +",
+       "(pmin(Days, 4) + pmax(Days - 4, 0) | Subject)"), "sleepstudy_w"),
   list("hsb_poly", hsb, "mAch ~ poly(ses, 3) + sector + (1 | school)", "hsb")
 )
 for (c in cases)
