@@ -16,9 +16,12 @@ import re
 import uuid
 from pathlib import Path
 
-import duckdb
-
+from ._lazy import lazy_import
 from .errors import DataError, InputError
+
+# bound at first use: modules that need only quote_ident / render (the formula parser, and
+# through it the registration of `mlpipe anova`) do not import DuckDB
+duckdb = lazy_import("duckdb")
 
 def _sql_dir() -> Path:
     """`mlpipe/sql` in an installed wheel; the repository's top-level `sql/` in a checkout."""

@@ -36,13 +36,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-import polars as pl
-
 from . import _dist
-from .design import _level_label
+from ._lazy import lazy_import
 from .errors import InputError
 from .formula import Formula, parse_formula
+
+# bound at first use, so that registering `mlpipe anova`'s options imports neither
+np = lazy_import("numpy")
+pl = lazy_import("polars")
 
 COLUMNS = ["Sum Sq", "Mean Sq", "NumDF", "DenDF", "F value", "Pr(>F)"]
 TYPES = {"1": 1, "i": 1, "2": 2, "ii": 2, "3": 3, "iii": 3}
@@ -94,6 +95,8 @@ def _variable(v, factor_levels: dict) -> _Var:
 
 def _term_columns(term: tuple[_Var, ...], full: list[bool]) -> list[tuple[tuple[int, ...], str]]:
     """(index per variable, R's name) of a term's columns, the first variable fastest."""
+    from .design import _level_label  # (design imports DuckDB)
+
     parts = []
     for var, f in zip(term, full):
         if var.levels is None:
@@ -300,7 +303,7 @@ def _row(F: float, ndf: float, ddf: float, sigma: float, scale: float = 1.0) -> 
 
 
 def contest_satterthwaite(L: np.ndarray, beta: np.ndarray, parts, sigma: float,
-                       eps: float = math.sqrt(np.finfo(float).eps)) -> dict | None:
+                       eps: float = math.sqrt(2.0**-52)) -> dict | None:  # √(machine ε)
     """lmerTest's contestMD (Satterthwaite) for the hypothesis Lβ = 0."""
     if len(L) == 0:
         return None

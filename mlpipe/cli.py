@@ -133,7 +133,7 @@ def _add_report(sub) -> None:
 
 
 def _add_predict(sub) -> None:
-    from .predict import add_cli
+    from .predict_cli import add_cli
 
     add_cli(sub)
 

@@ -38,7 +38,7 @@ from ._sql import (Source, connect, first_line, quote_ident, read_error, render,
                    staging_prefix, sweep_stale)
 from .design import (Design, FactorDesign, build_design, coding_keys, complete_condition,
                      discover_levels, factor_columns, is_categorical, is_numeric, present_sql)
-from .config import add_duckdb_options
+from .predict_cli import add_cli  # noqa: F401  (the CLI registration, kept light)
 from .errors import DataError, FormulaError, InputError
 from .formula import Formula, parse_formula
 
@@ -744,28 +744,6 @@ def residual_summary(result, data=None, *, memory_limit: str | None = None,
 
 
 # ---------------------------------------------------------------------- command line
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register `mlpipe predict RESULT_DIR DATA --out FILE.parquet [--population]`."""
-    p = subparsers.add_parser(
-        "predict", help="predictions (and residuals) of a fitted model for new data",
-        description="Predict from a result directory written by `mlpipe fit --out DIR`: "
-                    "conditional (X·β + Z·b; unseen groups fall back to X·β) or population "
-                    "(X·β) predictions for every row of DATA, written to a Parquet (.parquet) "
-                    "or CSV (.csv) file.")
-    p.add_argument("result_dir", help="the --out DIR of `mlpipe fit` (result.json, "
-                                      "ranef.parquet)")
-    p.add_argument("data", help="Parquet file, directory or glob, or CSV")
-    p.add_argument("--out", "-o", required=True,
-                   help="the output file: .parquet (Parquet) or .csv (CSV)")
-    p.add_argument("--population", action="store_true",
-                   help="population-level predictions X·β (ignore the random effects)")
-    p.add_argument("--any-order", action="store_true",
-                   help="do not restore input row order (saves a sort on large data)")
-    add_duckdb_options(p)
-    p.set_defaults(func=cmd_predict)
-    return p
-
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Run `mlpipe predict`; returns the exit code (0)."""

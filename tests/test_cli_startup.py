@@ -28,7 +28,8 @@ def _modules_after(argv: list[str]) -> tuple[int, str, set[str]]:
 
 @pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["stats", "--help"],
                                   ["simulate", "--help"], ["compare", "--help"],
-                                  ["report", "--help"], ["--version"]])
+                                  ["report", "--help"], ["predict", "--help"], ["anova", "--help"],
+                                  ["--version"]])
 def test_help_imports_no_heavy_library(argv):
     rc, out, modules = _modules_after(argv)
     assert rc == 0 and out.strip()
