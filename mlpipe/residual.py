@@ -11,7 +11,8 @@ for the first level in sorted order.  R = σ² Δ C(φ) Δ, block diagonal by se
 Why statistics suffice.  An AR(1) series is Markov: with ρ_t = φ^(gap before row t+1)
 (the gap is 1 for ar1) the quadratic form of C⁻¹ is
 
-    a'C⁻¹b = a₁b₁ + Σ_t [a_{t+1}b_{t+1} − ρ_t (a_t b_{t+1} + a_{t+1} b_t) + ρ_t² a_t b_t] / (1 − ρ_t²)
+    a'C⁻¹b = a₁b₁ + Σ_t [a_{t+1}b_{t+1} − ρ_t (a_t b_{t+1} + a_{t+1} b_t)
+                         + ρ_t² a_t b_t] / (1 − ρ_t²)
     log|C| = Σ_t log(1 − ρ_t²)
 
 and with Δ the rows are divided by their δ first.  So every cross-product the likelihood
@@ -392,15 +393,19 @@ def run_pass(con, *, source: str, params: dict, spec: Spec, mom, groups: str,
 
 def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: str,
                     schema: dict[str, str], m: int) -> ResidualStatistics:
-    """The components of lag_moments, in the cell order of the usual statistics."""
+    """The components of lag_moments, in the cell order of the usual statistics: one small
+    query numbers the distinct (gap, stratum, previous stratum) keys (`sql/lag_keys.sql`)
+    and gives their totals; the per-cell rows carry the key's number, so the arrays are
+    filled by numpy indexing, without a Python step per cell."""
     from ._sql import render
     from .stats import _label_key
 
     pairs = mom.pairs()
     names = [mom.name(i, j) for i, j in pairs]
     lag_names = [f"{t}_{min(i, j)}_{max(i, j)}" for i, j in pairs for t in ("b", "x")]
+    con.execute(render("lag_keys"))
     tot = con.execute(render("lag_totals", sums=", ".join(
-        f"fsum({c}) AS {c}" for c in names + lag_names))).fetchnumpy()
+        f"fsum(lm.{c}) AS {c}" for c in names + lag_names))).fetchnumpy()
     crossing, ties = int(np.sum(tot["crossing"])), int(np.sum(tot["ties"]))
     what = spec.text or f"variance by {spec.variance_by}"
     if crossing:
@@ -411,41 +416,42 @@ def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: 
     if ties:
         raise DataError(f"{what}: {ties} repeated times within a series ({spec.time} must be "
                         f"unique within {':'.join(spec.group)})")
-    gaps_all = [g for g in tot["gap"].tolist() if g is not None and not _isnan(g)]
-    gaps = np.array(sorted(set(gaps_all)), dtype=float)
+    key_gap = [None if g is None or _isnan(g) else float(g) for g in tot["gap"].tolist()]
+    gaps = np.array(sorted({g for g in key_gap if g is not None}), dtype=float)
     if len(gaps) > MAX_GAPS:
         raise DataError(f"{what}: the gaps between consecutive times take {len(gaps)} "
                         f"distinct values; the exact statistics support at most {MAX_GAPS} "
                         f"(round the time column, or use ar1())")
     if spec.variance_by:
-        labels = {s for s in tot["stratum"].tolist()}
         typ = {spec.variance_by: schema.get(spec.variance_by, "")}
-        strata = sorted(labels, key=lambda x: _label_key(x, [spec.variance_by], typ))
+        strata = sorted(set(tot["stratum"].tolist()),
+                        key=lambda x: _label_key(x, [spec.variance_by], typ))
     else:
         strata = [""]
     s_index = {s: i for i, s in enumerate(strata)}
     g_index = {g: i for i, g in enumerate(gaps.tolist())}
 
-    # the components: F per stratum, (A, B, C) per (gap, stratum, previous stratum)
-    comp: dict[tuple, int] = {}
+    # the components: F per stratum, (A, B, C) per (gap, stratum, previous stratum); per key
+    # r its components (F, or A, B, C)
     kind, gap, k, kp = [], [], [], []
-
-    def component(key: tuple, kd: str, gi: int, si: int, pi: int) -> int:
-        if key not in comp:
-            comp[key] = len(kind)
-            kind.append(kd), gap.append(gi), k.append(si), kp.append(pi)
-        return comp[key]
-
-    def comps_of(g, s, ps) -> tuple[int, ...]:
-        si = s_index[s]
-        if g is None or _isnan(g):
-            return (component(("F", si), "F", -1, si, -1),)
-        gi, pi = g_index[float(g)], s_index[ps]
-        return tuple(component((kd, gi, si, pi), kd, gi, si, pi) for kd in "ABC")
-
-    for g, s, ps in zip(tot["gap"].tolist(), tot["stratum"].tolist(),
-                        tot["prev_stratum"].tolist()):
-        comps_of(g, s, ps)
+    R = len(key_gap)
+    key_first = np.zeros(R, dtype=bool)
+    key_c = np.zeros((R, 3), dtype=np.int64)  # F in column 0 for first rows
+    comp: dict[tuple, int] = {}
+    for r, (g, st, ps) in enumerate(zip(key_gap, tot["stratum"].tolist(),
+                                        tot["prev_stratum"].tolist())):
+        si = s_index[st]
+        if g is None:
+            keys = [(("F", si), "F", -1, si, -1)]
+            key_first[r] = True
+        else:
+            gi, pi = g_index[g], s_index[ps]
+            keys = [((kd, gi, si, pi), kd, gi, si, pi) for kd in "ABC"]
+        for col, (key, kd, gi, si_, pi) in enumerate(keys):
+            if key not in comp:
+                comp[key] = len(kind)
+                kind.append(kd), gap.append(gi), k.append(si_), kp.append(pi)
+            key_c[r, col] = comp[key]
     K = len(kind)
     cols = ", ".join(f"lm.{c}" for c in names + lag_names)
     rows = con.execute(render("lag_statistics", columns=cols, group_by=", ".join(group_cols),
@@ -454,29 +460,28 @@ def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: 
     ztz, ztx = np.zeros((K, q, q, m)), np.zeros((K, q, p, m))
     zty, yty_i = np.zeros((K, q, m)), np.zeros((K, m))
     xtx, xty, yty = np.zeros((K, p, p)), np.zeros((K, p)), np.zeros(K)
-    count = np.zeros(K)
     idx = np.asarray(rows["idx"], dtype=np.int64)
-    ids = np.array([comps_of(g, s, ps) for g, s, ps in
-                    zip(rows["gap"].tolist(), rows["stratum"].tolist(),
-                        rows["prev_stratum"].tolist())], dtype=object)
-    first = np.array([len(t) == 1 for t in ids])
-    cF = np.array([t[0] for t in ids[first]], dtype=np.int64)
-    cA = np.array([t[0] for t in ids[~first]], dtype=np.int64)
-    cB = np.array([t[1] for t in ids[~first]], dtype=np.int64)
-    cC = np.array([t[2] for t in ids[~first]], dtype=np.int64)
+    r_row = np.asarray(rows["r"], dtype=np.int64)
     n_row = np.asarray(rows["n"], dtype=float)
+    first = key_first[r_row]
+    sel = {"F": first, "A": ~first}
+    cid = {"F": key_c[r_row[first], 0], "A": key_c[r_row[~first], 0],
+           "B": key_c[r_row[~first], 1], "C": key_c[r_row[~first], 2]}
+    t_n = np.asarray(tot["n"], dtype=float)
 
-    def value(prefix: str, i: int, j: int, sel) -> np.ndarray:
+    def value(src, n, prefix: str, i: int, j: int, mask) -> np.ndarray:
         a, b = min(i, j), max(i, j)
         if (a, b) == (0, 0):  # n: the count; the pair's Σ(1·1 + 1·1) = 2n
-            return n_row[sel] * (2.0 if prefix == "x" else 1.0)
+            return n[mask] * (2.0 if prefix == "x" else 1.0)
         name = mom.name(a, b) if prefix == "s" else f"{prefix}_{a}_{b}"
-        return np.nan_to_num(np.asarray(rows[name], dtype=float)[sel])
+        return np.nan_to_num(np.asarray(src[name], dtype=float)[mask])
+
+    parts = (("F", "s"), ("A", "s"), ("B", "b"), ("C", "x"))
 
     def fill(arr, slot: tuple, i: int, j: int) -> None:
-        for prefix, sel, cid in (("s", first, cF), ("s", ~first, cA), ("b", ~first, cB),
-                                 ("x", ~first, cC)):
-            arr[(cid,) + slot + (idx[sel],)] = value(prefix, i, j, sel)
+        for kd, prefix in parts:
+            mask = sel["F" if kd == "F" else "A"]
+            arr[(cid[kd],) + slot + (idx[mask],)] = value(rows, n_row, prefix, i, j, mask)
 
     # per cell: Z with [Z X y], y'y
     for a, ia in enumerate(mom.z):
@@ -486,31 +491,26 @@ def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: 
         for j, ij in enumerate(mom.x):
             fill(ztx, (a, j), ia, ij)
     fill(yty_i, (), mom.y, mom.y)
+    # totals per component, from lag_totals (one row per key)
+    t_sel = {"F": key_first, "A": ~key_first}
+    t_cid = {"F": key_c[key_first, 0], "A": key_c[~key_first, 0],
+             "B": key_c[~key_first, 1], "C": key_c[~key_first, 2]}
 
-    # totals per component, from lag_totals
-    t_ids = [comps_of(g, s, ps) for g, s, ps in zip(
-        tot["gap"].tolist(), tot["stratum"].tolist(), tot["prev_stratum"].tolist())]
-    t_n = np.asarray(tot["n"], dtype=float)
+    def fill_total(arr, slot: tuple, i: int, j: int) -> None:
+        for kd, prefix in parts:
+            mask = t_sel["F" if kd == "F" else "A"]
+            np.add.at(arr, (t_cid[kd],) + slot, value(tot, t_n, prefix, i, j, mask))
 
-    def total(prefix: str, i: int, j: int, r: int) -> float:
-        a, b = min(i, j), max(i, j)
-        if (a, b) == (0, 0):
-            return t_n[r] * (2.0 if prefix == "x" else 1.0)
-        name = mom.name(a, b) if prefix == "s" else f"{prefix}_{a}_{b}"
-        v = tot[name][r]
-        return 0.0 if v is None or _isnan(v) else float(v)
-
-    for r, cs in enumerate(t_ids):
-        parts = (("s", cs[0]),) if len(cs) == 1 else (("s", cs[0]), ("b", cs[1]), ("x", cs[2]))
-        for c in cs:
-            count[c] += t_n[r]
-        for prefix, c in parts:
-            for a, ia in enumerate(mom.x):
-                xty[c, a] = total(prefix, ia, mom.y, r)
-                for b, ib in enumerate(mom.x):
-                    xtx[c, a, b] = total(prefix, ia, ib, r)
-            yty[c] = total(prefix, mom.y, mom.y, r)
-    n_series = int(sum(t_n[r] for r, cs in enumerate(t_ids) if len(cs) == 1))
+    for a, ia in enumerate(mom.x):
+        fill_total(xty, (a,), ia, mom.y)
+        for b, ib in enumerate(mom.x):
+            fill_total(xtx, (a, b), ia, ib)
+    fill_total(yty, (), mom.y, mom.y)
+    count = np.zeros(K)
+    for kd in ("F", "A", "B", "C"):
+        mask = t_sel["F" if kd == "F" else "A"]
+        np.add.at(count, t_cid[kd], t_n[mask])
+    n_series = int(t_n[key_first].sum())
     return ResidualStatistics(spec, strata, gaps if spec.kind else np.zeros(0),
                               np.asarray(kind, dtype=object), np.asarray(gap, np.int64),
                               np.asarray(k, np.int64), np.asarray(kp, np.int64), count,
