@@ -6,9 +6,11 @@ For each result directory (result.json, ranef.parquet, config.toml, as `mlpipe f
 writes them) the page shows the summary tables, a caterpillar plot of the conditional modes
 of every grouping factor, the variance decomposition, a Q-Q plot of the scaled residuals and,
 for a random slope on a numeric variable, the group-specific regression lines (of the first
-factor, most levels first, with such a slope).  With several directories it adds
-the model-comparison table and the proportional reduction in variance between consecutive
-models.
+factor, most levels first, with such a slope) and, for growth models (`growth_model`: a
+residual correlation structure, or a random slope on the innermost factor), the observed and
+fitted trajectories of a sample of subjects and the average trajectory with its confidence
+band.  With several directories it adds the model-comparison table and the proportional
+reduction in variance between consecutive models.
 
 Everything the page needs is inside the file: the plots are PNGs drawn with matplotlib's
 Agg canvas (no pyplot, no global backend switch) and embedded as base64 data URIs; the CSS
@@ -19,14 +21,17 @@ The data-dependent parts read the training data named in config.toml again with 
 and its parents), through the model's linear predictor as mlpipe.predict compiles it
 (`linear_predictor`: X·β + Σ_k Z_k·b_k, sql/predict.sql): the residual Q-Q plot from a
 bounded reservoir sample (`sample_rows` rows), the regression lines from one grouped pass
-(per group: the slope variable's range and the means of the other predictors), and, through
-the optional helpers,
-`mlpipe.predict.residual_summary` (exact scaled-residual quantiles, per-group residual
-variance), `mlpipe.variance.icc` (the ICC's interval, from a refit of the statistics) and
-`mlpipe.compare.compare` (ML refits when the fixed effects differ).  Memory stays
-O(groups + sample_rows) whatever the data's size.  `data=False` (`--no-data`) skips all of
-them.  A helper module that is missing or fails, or data that cannot be read (moved, or a
-fit from saved statistics), costs only its section, replaced by a note.
+(per group: the slope variable's range and the means of the other predictors), the growth
+curves from three (`growth_curves`: the rows of at most GROWTH_SUBJECTS subjects picked by
+the MD5 hash of their key, a grid of X·β̂ with the rows of X, the observed means by time; the
+band's Var(β̂) from the saved statistics at the fit's estimates, `fixed_vcov`), and, through
+the optional helpers, `mlpipe.predict.residual_summary` (exact scaled-residual quantiles,
+per-group residual variance), `mlpipe.variance.icc` (the ICC's interval, from a refit of the
+statistics) and `mlpipe.compare.compare` (ML refits when the fixed effects differ).  Memory
+stays O(groups + sample_rows + GROWTH_SUBJECTS × GROWTH_SUBJECT_ROWS) whatever the data's
+size.  `data=False` (`--no-data`) skips all of them.  A helper module that is missing or
+fails, or data that cannot be read (moved, or a fit from saved statistics), costs only its
+section, replaced by a note.
 """
 
 from __future__ import annotations
@@ -65,6 +70,16 @@ MAX_LABELLED_LEVELS = 60
 MAX_PLOTTED_LEVELS = 5000
 #: points along the slope variable's range for each group's line (curves for I(x^2) etc.)
 LINE_POINTS = 25
+#: at most this many subjects are drawn in a growth model's spaghetti plot
+GROWTH_SUBJECTS = 30
+#: a drawn subject's series longer than this many rows is thinned evenly along time
+GROWTH_SUBJECT_ROWS = 500
+#: points along the time's range for the average trajectory
+GROWTH_POINTS = 50
+#: observed means per distinct time up to this many distinct times, else per quantile bin
+GROWTH_MAX_TIMES = 25
+#: quantile bins of time for the observed means (many distinct times)
+GROWTH_BINS = 12
 Z95 = 1.959963984540054
 
 
@@ -429,6 +444,68 @@ def lines_plot(lines: pl.DataFrame, population: pl.DataFrame | None, x_label: st
     return _img(fig, "group-specific regression lines")
 
 
+def _subject_colours(n: int) -> list:
+    """n distinguishable colours (tab20 then tab20b, cycled beyond 40)."""
+    from matplotlib import colormaps
+
+    base = [colormaps["tab20"](i) for i in range(20)] + \
+        [colormaps["tab20b"](i) for i in range(20)]
+    base = base[0::2] + base[1::2]  # the darker shades first: neighbours differ most
+    return [base[i % len(base)] for i in range(n)]
+
+
+def spaghetti_plot(curves: dict, y_label: str, title: str) -> str:
+    """`curves` as `growth_curves` returns them: per sampled subject, one colour, the
+    observed values as points joined by a thin line and the conditional fit as a thick
+    line, both in time order."""
+    from matplotlib.lines import Line2D
+
+    g = curves["growth"]
+    fig = _figure(7.5, 5.2)
+    ax = fig.add_subplot()
+    traj = curves["trajectories"]
+    colours = _subject_colours(len(curves["sampled"]))
+    for colour, subject in zip(colours, curves["sampled"]):
+        d = traj.filter(pl.col("subject") == subject)
+        t = d["time"].to_numpy()
+        ax.plot(t, d["observed"].to_numpy(), "-o", color=colour, lw=0.6, ms=2.6, alpha=0.7,
+                mec="none")
+        ax.plot(t, d["fitted"].to_numpy(), "-", color=colour, lw=1.8, alpha=0.95)
+    ax.legend(handles=[Line2D([], [], color="0.35", ls="-", marker="o", lw=0.6, ms=3,
+                              label="observed"),
+                       Line2D([], [], color="0.35", lw=1.8,
+                              label="fitted (fixed + random effects)")],
+              fontsize=8, loc="best")
+    ax.set_xlabel(g.time)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=10)
+    ax.grid(color="0.93")
+    return _img(fig, "spaghetti plot of observed and fitted trajectories")
+
+
+def average_plot(curves: dict, y_label: str, title: str) -> str:
+    """The average trajectory X·β̂ with its 95% band over the observed means by time."""
+    g = curves["growth"]
+    fig = _figure(7.5, 5.2)
+    ax = fig.add_subplot()
+    ax.fill_between(curves["grid"], curves["lower"], curves["upper"], color="#4a7ab5",
+                    alpha=0.25, lw=0, label="95% confidence band")
+    ax.plot(curves["grid"], curves["line"], color="#1f3f73", lw=2.2,
+            label="average trajectory (fixed effects)")
+    m = curves["means"]
+    if m.height:
+        what = f"per {g.time}" if curves["binning"] == "time" \
+            else f"per quantile bin of {g.time}"
+        ax.plot(m["time"].to_numpy(), m["mean"].to_numpy(), "o", color="#d35400", ms=5,
+                mec="white", mew=0.8, label=f"observed mean {what}")
+    ax.set_xlabel(g.time)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(color="0.93")
+    return _img(fig, "average trajectory with its 95% confidence band")
+
+
 # ---------------------------------------------------------------------- data passes (DuckDB)
 
 class _NoData(Exception):
@@ -493,6 +570,12 @@ class _Model:
         """Run `sql` with exactly the bound parameters it names (DuckDB rejects extras)."""
         used = set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", sql))
         return self.con.execute(sql, {k: v for k, v in self.params.items() if k in used})
+
+    def polars(self, sql: str) -> pl.DataFrame:
+        """`execute`, the result as a polars DataFrame (only what the report draws)."""
+        used = set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", sql))
+        return self.con.sql(sql, params={k: v for k, v in self.params.items()
+                                         if k in used}).pl()
 
 
 def _compile(run: ModelRun) -> _Model:
@@ -582,6 +665,36 @@ def slope_variables(run: ModelRun, schema: dict[str, str] | None = None) -> list
     return line_factor(run, schema)[1]
 
 
+def _held_predictors(model: _Model, xcol: str, keys: list[str]
+                     ) -> tuple[list[str], list[str], list[str]]:
+    """How a grid along `xcol` holds the model's other columns (`keys`, the columns grouped
+    on, excepted): the predictors held (at their mean, categorical ones at their most
+    frequent level — `mode()` — and the means of center()/group_mean() at their mean), the
+    aggregates that compute them (over the rows grouped), and the select list that carries
+    them into the grid, with the columns of the other grouping factors as NULL (so their
+    conditional modes do not enter)."""
+    from ._sql import quote_ident
+    from .design import is_numeric
+
+    formula, schema = model.pred.formula, model.pred.schema
+    grouping = {c for rt in formula.random for c in rt.group_columns}
+    variables = {c for t in list(formula.fixed) + [t for rt in formula.random
+                                                    for t in rt.terms]
+                 for v in t for c in v.expr.columns()}
+    others = [c for c in formula.columns()
+              if c not in [xcol, *keys] and c not in formula.response.columns()]
+    held = [c for c in others if c in variables or c not in grouping]
+    means = [alias for ms in model.pred.design.aggregates.tables.values() for alias, _ in ms]
+    aggs = []
+    for c in held:
+        qc = quote_ident(c)
+        aggs.append(f"favg({qc}) AS {qc}" if is_numeric(schema[c]) else f"mode({qc}) AS {qc}")
+    aggs += [f"favg({a}) AS {a}" for a in means]
+    keep = [quote_ident(c) for c in held] + means
+    keep += [f"NULL AS {quote_ident(c)}" for c in others if c not in held]
+    return held, aggs, keep
+
+
 def group_lines(run: ModelRun, slope_term: str, max_groups: int = MAX_LINE_GROUPS
                 ) -> tuple[pl.DataFrame, pl.DataFrame, int, str]:
     """Fitted lines over the slope variable's observed range within each level of the
@@ -617,25 +730,10 @@ def group_lines(run: ModelRun, slope_term: str, max_groups: int = MAX_LINE_GROUP
 
         keys = list(formula.factor_columns(factor))
         qkeys = [quote_ident(c) for c in keys]
-        grouping = {c for rt in formula.random for c in rt.group_columns}
-        variables = {c for t in list(formula.fixed) + [t for rt in formula.random
-                                                        for t in rt.terms]
-                     for v in t for c in v.expr.columns()}
-        others = [c for c in formula.columns()
-                  if c not in [xcol, *keys] and c not in formula.response.columns()]
-        held = [c for c in others if c in variables or c not in grouping]
-        means = [alias for ms in model.pred.design.aggregates.tables.values()
-                 for alias, _ in ms]
-        aggs = []
-        for c in held:
-            qc = quote_ident(c)
-            aggs.append(f"favg({qc}) AS {qc}" if is_numeric(schema[c]) else f"mode({qc}) AS {qc}")
-        aggs += [f"favg({a}) AS {a}" for a in means]
+        _, aggs, keep = _held_predictors(model, xcol, keys)
         qx = quote_ident(xcol)
         agg_sql = ", ".join([f"min({qx}) AS __mlpipe_lo", f"max({qx}) AS __mlpipe_hi",
                              f"grouping({qkeys[0]}) AS __mlpipe_all"] + aggs)
-        keep = [quote_ident(c) for c in held] + means
-        keep += [f"NULL AS {quote_ident(c)}" for c in others if c not in held]
         k = LINE_POINTS - 1
         points = render("report_group_lines", keys=", ".join(qkeys), aggregates=agg_sql,
                         source=model.source, complete=model.complete,
@@ -670,6 +768,220 @@ def group_lines(run: ModelRun, slope_term: str, max_groups: int = MAX_LINE_GROUP
         model.close()
 
 
+# ---------------------------------------------------------------------- growth curves
+
+@dataclass(frozen=True)
+class GrowthModel:
+    """Why a model is a growth model, and its time and subject (`growth_model`)."""
+
+    rule: str  # "correlation" (rule 1) or "slope" (rule 2)
+    time: str  # the time column
+    subject: tuple[str, ...]  # the subject's columns
+    name: str  # the subject as the model names it: the series ("a:b") or the factor
+    why: str  # the rule that applied, as the page says it
+
+
+def growth_model(run: ModelRun) -> GrowthModel | None:
+    """Whether the report draws growth curves for a model, and what its time and subject are.
+
+    Rule 1: a model with a residual correlation structure (result.json's `correlation`, from
+    `--correlation "ar1(TIME | GROUP)"` or car1): time = its `time`, subject = its `group`
+    columns ("a:b": several).  Rule 2, otherwise: a model whose innermost grouping factor
+    (the one with most levels) has a random slope on a numeric variable (`line_factor`; a
+    categorical column is one with levels in result.json's `factor_levels`): time = that
+    variable (the first such slope), subject = that factor.  None for any other model."""
+    from .formula import parse_formula
+
+    corr = run.result.get("correlation")
+    if isinstance(corr, dict) and corr.get("structure") and corr.get("time") \
+            and corr.get("group"):
+        time, group = str(corr["time"]), str(corr["group"])
+        return GrowthModel("correlation", time, tuple(group.split(":")), group,
+                           f"its {corr['structure']}({time} | {group}) residual correlation "
+                           f"gives the time ({time}) and the subject ({group})")
+    try:
+        formula = parse_formula(run.result["formula"])
+    except MlpipeError:
+        return None
+    factors = run.factors or formula.grouping_factors
+    factor, terms = line_factor(run)
+    if not factors or factor != factors[0]:
+        return None
+    categorical = run.result.get("factor_levels") or {}
+    for rt in (r for r in formula.random if r.group == factor):
+        for var in rt.variables():
+            if var.label in terms and var.column and var.column not in categorical:
+                return GrowthModel(
+                    "slope", var.column, tuple(formula.factor_columns(factor)), factor,
+                    f"no residual correlation structure, and the innermost grouping factor "
+                    f"({factor}) has a random slope on the numeric {var.column}: time = "
+                    f"{var.column}, subject = {factor}")
+    return None
+
+
+def fixed_vcov(run: ModelRun) -> tuple[np.ndarray, str]:
+    """Var(β̂), in the order of the fit's fixed effects, and where it came from.
+
+    result.json keeps only the standard errors.  The saved statistics (stats.parquet,
+    whitened at the fit's ψ̂ when there is a residual structure) decomposed at the fit's θ̂
+    give the whole matrix without optimizing — σ̂²(R_X'R_X)⁻¹ as the fit computed it
+    (`results._fixed_table`); its β̂ (and, but under Kenward–Roger, whose standard errors
+    are adjusted, its diagonal) must be result.json's.  Without them: a refit (`_refit`)."""
+    from .model import make_objective
+    from .results import _fixed_table
+    from .stats import Statistics
+
+    r = run.result
+    terms = run.fixed_terms
+    beta = np.array([float(f["estimate"]) for f in r["fixed_effects"]])
+    se = np.array([float(f.get("std_error") or "nan") for f in r["fixed_effects"]])
+    saved = run.path / "stats.parquet"
+    if saved.is_file() and r.get("theta") is not None:
+        try:
+            stats = Statistics.load(saved)
+            obj = make_objective(stats, reml=r.get("method", "REML") == "REML")
+            dec = obj.decompose(np.asarray(r["theta"], dtype=float))
+            _, vcov = _fixed_table(list(stats.fixed_names), dec.beta, dec.rx,
+                                   obj.sigma(dec) ** 2)
+            kr = "kenward" in str(r.get("df_method") or "").lower()
+            if list(stats.fixed_names) == terms \
+                    and np.allclose(dec.beta, beta, rtol=1e-6, atol=1e-9 * (1 + abs(beta).max())) \
+                    and (kr or np.allclose(np.sqrt(np.diag(vcov)), se, rtol=1e-5)):
+                return vcov, "the saved statistics at the fit's estimates"
+        except Exception:  # noqa: BLE001 - the refit below still gives it
+            pass
+    res = _refit(run)
+    names = res.fixed_effects["term"].to_list()
+    if names != terms:
+        raise _NoData(f"the refit's fixed effects ({', '.join(names)}) are not the model's")
+    return np.asarray(res.vcov_matrix, dtype=float), "a refit of the model"
+
+
+def growth_curves(run: ModelRun, subjects: int = GROWTH_SUBJECTS) -> dict:
+    """What the growth pictures of a growth model (`growth_model`) draw, from three DuckDB
+    passes through the model's linear predictor (sql/predict.sql):
+
+    * the spaghetti plot: the rows of at most `subjects` subjects — those whose key label
+      has the smallest MD5 hash (sql/report_growth_sample.sql; stable, O(subjects)), a series
+      over GROWTH_SUBJECT_ROWS rows thinned evenly — with the observed response and the
+      conditional fit X·β̂ + Z·b̂ at the subject's own rows;
+    * the average trajectory: X·β̂ on GROWTH_POINTS points along the time's range, the other
+      predictors held as the group-specific lines hold them (`_held_predictors`; grouping
+      columns NULL), with the pointwise 95% band ±1.96·√(x'Var(β̂)x) (`fixed_vcov`), x the
+      row of X the same compilation gives at the point (sql/report_growth_average.sql);
+    * the observed mean of the response per distinct time (at most GROWTH_MAX_TIMES of them)
+      or per quantile bin of time (GROWTH_BINS bins, from approximate quantiles).
+
+    Returns a dict: `growth` (the GrowthModel), `subjects` (how many the data has),
+    `sampled` (the labels drawn, in hash order), `trajectories` (subject, time, observed,
+    fitted; sorted by sample order and time), `thinned` (subjects thinned), `grid`, `line`,
+    `se`, `lower`, `upper`, `x` (the rows of X; arrays), `terms`, `vcov`, `vcov_source`,
+    `held` (the predictors held), `means` (time, mean, n), `binning` ("time" or
+    "quantile")."""
+    from ._sql import first_line, quote_ident, render
+    from .design import complete_condition, is_numeric
+
+    growth = growth_model(run)
+    if growth is None:
+        raise _NoData("not a growth model")
+    if subjects < 1:
+        raise ValueError("subjects must be positive")
+    model = _compile(run)
+    try:
+        schema, design = model.pred.schema, model.pred.design
+        cols = [growth.time, *growth.subject]
+        missing = [c for c in cols if c not in schema]
+        if missing:
+            raise _NoData(f"column {missing[0]!r} is not in the data")
+        if not is_numeric(schema[growth.time]):
+            raise _NoData(f"the time column {growth.time!r} is not numeric "
+                          f"({schema[growth.time]})")
+        # the model's rows, and a time and subject (the residual structure's may be
+        # columns the formula does not name: the fit dropped their nulls too)
+        complete = f"{model.complete} AND {complete_condition(cols, schema)}"
+        qt = quote_ident(growth.time)
+        label = " || ':' || ".join(f"CAST({quote_ident(c)} AS VARCHAR)" for c in growth.subject)
+
+        def run_sql(sql: str, what: str):
+            try:
+                return model.polars(sql)
+            except duckdb.Error as exc:
+                raise _NoData(f"cannot compute {what} from the data: {first_line(exc)}") \
+                    from None
+
+        # --- the sampled subjects' rows: observed and conditional fit
+        rows = render("report_growth_sample", source=model.source, complete=complete,
+                      label=label, time=qt, order=design.response.sql,
+                      subjects=str(int(subjects)), rows=str(GROWTH_SUBJECT_ROWS))
+        traj = run_sql(model.pred.sql(
+            "__mlpipe_subject AS subject, __mlpipe_rank AS rank, __mlpipe_time AS time, "
+            "CAST(__mlpipe_y AS DOUBLE) AS observed, CAST(fitted AS DOUBLE) AS fitted, "
+            "__mlpipe_n AS n, __mlpipe_subjects AS subjects",
+            f"({rows}) AS __mlpipe_growth"), "the subjects' trajectories")
+        if traj.height == 0:
+            raise _NoData("no rows with a time and a subject")
+        traj = traj.sort("rank", "time", "observed", "fitted")
+        firsts = traj.group_by("rank", maintain_order=True).agg(
+            pl.col("subject").first(), pl.col("n").first())
+        sampled = firsts["subject"].to_list()
+        thinned = firsts.filter(pl.col("n") > GROWTH_SUBJECT_ROWS)["subject"].to_list()
+        n_subjects = int(traj["subjects"][0])
+        traj = traj.select("subject", "time", "observed", "fitted")
+
+        # --- the average trajectory X·β̂ on a grid, and the rows of X there
+        held, aggs, keep = _held_predictors(model, growth.time, [])
+        fractions = ", ".join(f"{i / GROWTH_BINS!r}" for i in range(1, GROWTH_BINS))
+        k = GROWTH_POINTS - 1
+        points = render("report_growth_average", time=qt, source=model.source,
+                        complete=complete, fractions=f"[{fractions}]",
+                        aggregates="".join(f", {a}" for a in aggs),
+                        keep="".join(f"{c}, " for c in keep), k=str(k),
+                        points=str(k + 1))
+        xs = [f"CAST({'1' if c.sql is None else c.sql} AS DOUBLE) AS __mlpipe_x{j}"
+              for j, c in enumerate(design.fixed)]
+        grid = run_sql(model.pred.sql(
+            ", ".join([f"CAST({qt} AS DOUBLE) AS __mlpipe_grid",
+                       "CAST(fitted_population AS DOUBLE) AS __mlpipe_line",
+                       "__mlpipe_distinct", "__mlpipe_edges", *xs]),
+            f"({points}) AS __mlpipe_points", response=False, input="*"),
+            "the average trajectory")
+        grid = grid.sort("__mlpipe_grid").filter(pl.col("__mlpipe_line").is_not_null())
+        if grid.height == 0:
+            raise _NoData("the average trajectory is undefined (a predictor held is missing)")
+        x = grid.select([f"__mlpipe_x{j}" for j in range(len(design.fixed))]) \
+            .to_numpy().astype(float)
+        vcov, vcov_source = fixed_vcov(run)
+        se = np.sqrt(np.clip(np.einsum("ij,jk,ik->i", x, vcov, x), 0.0, None))
+        line = grid["__mlpipe_line"].to_numpy().astype(float)
+
+        # --- the observed means by time: per distinct time, or per quantile bin
+        distinct = int(grid["__mlpipe_distinct"][0] or 0)
+        edges = sorted({float(e) for e in (grid["__mlpipe_edges"].to_list()[0] or [])
+                        if e is not None and math.isfinite(float(e))})
+        if distinct <= GROWTH_MAX_TIMES or not edges:
+            binning, bin_sql = "time", f"CAST({qt} AS DOUBLE)"
+        else:
+            binning = "quantile"
+            model.params.update({f"mlpipe_edge{i}": e for i, e in enumerate(edges)})
+            bin_sql = ("CASE " + " ".join(f"WHEN CAST({qt} AS DOUBLE) <= $mlpipe_edge{i} "
+                                           f"THEN {i}" for i in range(len(edges)))
+                       + f" ELSE {len(edges)} END")
+        means = run_sql(render("report_growth_means", bin=bin_sql, time=qt,
+                               response=design.response.sql, source=model.source,
+                               complete=complete), "the observed means")
+        means = means.select(pl.col("time").cast(pl.Float64), pl.col("mean").cast(pl.Float64),
+                             pl.col("n").cast(pl.Int64))
+        return {"growth": growth, "subjects": n_subjects, "sampled": sampled,
+                "trajectories": traj, "thinned": thinned,
+                "grid": grid["__mlpipe_grid"].to_numpy().astype(float), "line": line,
+                "se": se, "lower": line - Z95 * se, "upper": line + Z95 * se, "x": x,
+                "terms": [c.name for c in design.fixed], "vcov": vcov,
+                "vcov_source": vcov_source, "held": held, "means": means,
+                "binning": binning}
+    finally:
+        model.close()
+
+
 # ---------------------------------------------------------------------- variance summaries
 
 def _refit(run: ModelRun):
@@ -684,6 +996,8 @@ def _refit(run: ModelRun):
         return fit(stats=run.config["stats"], method=method)
     duck = run.config.get("duckdb") or {}
     return fit(resolve_data(run), run.result["formula"], method=method,
+               weights=run.config.get("weights"), correlation=run.config.get("correlation"),
+               residual_variance_by=run.config.get("residual_variance_by"),
                **{k: duck.get(k) for k in ("memory_limit", "threads", "temp_directory")})
 
 
@@ -1045,6 +1359,12 @@ def model_section(i: int, run: ModelRun, *, data: bool, sample_rows: int,
                              f"are left out."))
         for term in slopes:
             out.append(lines_html(run, term, data=data, max_groups=max_groups))
+
+    # --- growth curves (a residual correlation, or a slope on the innermost factor)
+    growth = growth_model(run)
+    if growth is not None:
+        out.append("<h3>Growth curves</h3>")
+        out.append(growth_html(run, growth, data=data))
     out.append("</section>")
     return "\n".join(out)
 
@@ -1204,6 +1524,58 @@ def lines_html(run: ModelRun, term: str, *, data: bool, max_groups: int) -> str:
     return (f"<figure>{img}<figcaption>Group-specific lines of {_e(term)} ({_e(which)}): "
             f"fixed effects plus conditional modes, over each group's observed range of "
             f"{_e(xcol)}; colour is the group's slope.{_e(held)}</figcaption></figure>")
+
+
+def growth_html(run: ModelRun, growth: GrowthModel, *, data: bool) -> str:
+    """The growth pictures of a growth model: the spaghetti plot and the average trajectory
+    (`growth_curves`), each with a one-line caption naming the sample and the rule."""
+    rule = "rule 1, a residual correlation structure" if growth.rule == "correlation" \
+        else "rule 2, a random slope on the innermost grouping factor"
+    out = [f"<p>Growth model ({_e(rule)}): {_e(growth.why)}.</p>"]
+    if not data:
+        return "\n".join(out + [_note("Skipped: data passes were turned off (--no-data).")])
+    try:
+        curves = growth_curves(run)
+    except (_NoData, MlpipeError) as exc:
+        return "\n".join(out + [_note(f"Skipped (growth curves): {exc}")])
+    except Exception as exc:  # noqa: BLE001 - one failed section must not lose the page
+        return "\n".join(out + [_note(f"Skipped (growth curves): the pass over the data "
+                                      f"failed ({_first_line(exc)}).")])
+    from .formula import parse_formula
+
+    y = parse_formula(run.result["formula"]).response.deparse()
+    k, m, name, time = len(curves["sampled"]), curves["subjects"], growth.name, growth.time
+    which = f"all {m:,}" if k == m else f"{k} of {m:,}"
+    how = "" if k == m else " (those with the smallest MD5 hash of their key: the same every time)"
+    rule_short = "a residual correlation" if growth.rule == "correlation" \
+        else "a random slope on the innermost factor"
+    try:
+        img = spaghetti_plot(curves, y, f"{y} by {time}: {which} levels of {name}")
+        out.append(f"<figure>{img}<figcaption>Observed (points, thin lines) and fitted "
+                   f"(thick lines, X·β̂ + Z·b̂ at the subject's own rows) trajectories of "
+                   f"{_e(which)} subjects ({_e(name)}){_e(how)}; growth model by "
+                   f"{_e(rule_short)}.</figcaption></figure>")
+        if curves["thinned"]:
+            out.append(_note(f"{len(curves['thinned'])} of the drawn subjects have more than "
+                             f"{GROWTH_SUBJECT_ROWS} rows: their series are thinned evenly "
+                             f"along {time}."))
+    except Exception as exc:  # noqa: BLE001 - an optional figure
+        out.append(_note(f"Skipped the spaghetti plot ({_first_line(exc)})."))
+    try:
+        means = curves["means"]
+        bins = (f"per {time} ({means.height} values)" if curves["binning"] == "time"
+                else f"in {means.height} quantile bins of {time}")
+        held = (f"; other predictors ({', '.join(curves['held'])}) at their overall means, "
+                f"categorical ones at their most frequent level" if curves["held"] else "")
+        img = average_plot(curves, y, f"Average trajectory of {y} by {time}")
+        out.append(f"<figure>{img}<figcaption>Average trajectory X·β̂ along {_e(time)} with "
+                   f"its pointwise 95% band ±1.96·√(x′Var(β̂)x) (Var(β̂) from "
+                   f"{_e(curves['vcov_source'])}){_e(held)}, over the observed mean of "
+                   f"{_e(y)} {_e(bins)} ({int(means['n'].sum()):,} rows); "
+                   f"growth model by {_e(rule_short)}.</figcaption></figure>")
+    except Exception as exc:  # noqa: BLE001 - an optional figure
+        out.append(_note(f"Skipped the average trajectory ({_first_line(exc)})."))
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------- the page

@@ -68,8 +68,9 @@ def test_sections_and_images(page):
                    'id="model-1"', 'id="model-2"', "mAch ~ cses + (cses|school)"):
         assert needle in text, needle
     images = IMG.findall(text)
-    # null: caterpillar + Q-Q + residual SDs; rc: the same + regression lines
-    assert len(images) == 7
+    # null: caterpillar + Q-Q + residual SDs; rc: the same + regression lines + the two
+    # growth pictures (rule 2: a random slope on its only, innermost, factor)
+    assert len(images) == 9
     for b64 in images:
         w, h = _png_size(b64)
         assert w > 200 and h > 200
@@ -183,7 +184,7 @@ def test_column_names_that_could_clash(tmp_path):
     out = res.write(tmp_path / "fit", config={"data": str(data), "formula": formula,
                                               "method": "REML", "out": str(tmp_path / "fit")})
     text = rp.report([out], tmp_path / "r.html").read_text()
-    assert "Skipped" not in text and len(IMG.findall(text)) == 4
+    assert "Skipped" not in text and len(IMG.findall(text)) == 6  # with the growth pictures
     resid, _ = rp.residual_sample(rp.load_run(out), sample_rows=100_000)
     assert abs(resid.mean()) < 1e-9  # REML residuals of a model with an intercept sum to ~0
 
@@ -228,8 +229,8 @@ def test_several_factors_report(crossed_slope, tmp_path):
     assert "Random intercepts on several grouping factors" in text
     # per model: caterpillars + Q-Q + a residual-SD plot per factor whose group sizes vary
     # (pastes is balanced: 2 rows per cask:batch, 6 per batch: notes instead); lines for the
-    # slope
-    assert len(IMG.findall(text)) == (2 + 1 + 0) + (2 + 1 + 2 + 1)
+    # slope, and the two growth pictures (the slope is on a, the innermost factor)
+    assert len(IMG.findall(text)) == (2 + 1 + 0) + (2 + 1 + 2 + 1 + 2)
     assert "every cask:batch has 2 rows, so no plot against group size" in text
     assert "every batch has 6 rows, so no plot against group size" in text
     for b64 in IMG.findall(text):
@@ -301,7 +302,7 @@ def test_without_the_optional_modules(dirs, tmp_path, monkeypatch):
     assert "mlpipe.variance is not available" in text
     assert "mlpipe.predict is not available" in text
     assert "Likelihood-ratio tests" in text and "Intraclass correlation" in text
-    assert len(IMG.findall(text)) == 5
+    assert len(IMG.findall(text)) == 7
 
 
 def test_uses_mlpipe_predict_when_present(dirs, tmp_path, monkeypatch):
@@ -405,7 +406,7 @@ def test_renders_in_headless_chromium(page, tmp_path):
     found = re.search(r'<pre id="img-probe">(.*?)</pre>', proc.stdout, re.S)
     assert found, f"probe missing from the DOM: {proc.stdout[:500]} {proc.stderr[-1000:]}"
     sizes = json.loads(found.group(1))
-    assert len(sizes) == 7
+    assert len(sizes) == 9
     for natural_w, natural_h, shown_w in sizes:
         assert natural_w > 200 and natural_h > 200 and shown_w > 100
     assert "Model comparison" in proc.stdout
@@ -455,3 +456,150 @@ def test_model_table_decimals_are_consistent(dirs, tmp_path):
         nums = re.findall(r'<td class="n">([-\d.]+)</td>', row)[-4:]
         assert len(nums) == 4
         assert len({len(n.split(".")[1]) if "." in n else 0 for n in nums}) == 1, nums
+
+
+# ---------------------------------------------------------------------- growth curves
+
+SLEEP = DATA / "sleepstudy.parquet"
+SLEEP_F = "Reaction ~ Days + (Days | Subject)"
+AR1 = "ar1(Days | Subject)"
+SPAGHETTI = 'alt="spaghetti plot of observed and fitted trajectories"'
+AVERAGE = 'alt="average trajectory with its 95% confidence band"'
+
+
+def _img_of(text: str, alt: str) -> str:
+    return re.search(alt + r' src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text).group(1)
+
+
+def _md5_first(labels, k: int) -> list[str]:
+    """The k labels with the smallest MD5 hash (hex), as the report's SQL picks subjects."""
+    import hashlib
+
+    return sorted(labels, key=lambda s: (hashlib.md5(s.encode()).hexdigest(), s))[:k]
+
+
+@pytest.fixture(scope="module")
+def sleep_ar1(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("growth") / "ar1"
+    res = mlpipe.fit(str(SLEEP), SLEEP_F, correlation=AR1)
+    return res.write(out, config={"data": str(SLEEP), "formula": SLEEP_F, "correlation": AR1,
+                                  "method": "REML", "out": str(out)})
+
+
+def test_growth_section_of_an_ar1_fit(sleep_ar1, tmp_path):
+    """An ar1 fit is a growth model by its correlation (rule 1): the section, both pictures
+    with their captions; the same subjects and the same pictures on two renders."""
+    run = rp.load_run(sleep_ar1)
+    g = rp.growth_model(run)
+    assert (g.rule, g.time, g.subject, g.name) == ("correlation", "Days", ("Subject",),
+                                                   "Subject")
+    texts = [rp.report([sleep_ar1], tmp_path / f"g{i}.html").read_text() for i in range(2)]
+    text = texts[0]
+    assert "Skipped" not in text
+    assert "<h3>Growth curves</h3>" in text and "rule 1, a residual correlation structure" in text
+    assert "ar1(Days | Subject) residual correlation gives the time (Days)" in text
+    assert text.count(SPAGHETTI) == 1 and text.count(AVERAGE) == 1
+    assert "trajectories of all 18 subjects (Subject)" in text
+    assert "observed mean of Reaction per Days (10 values) (180 rows)" in text
+    for alt in (SPAGHETTI, AVERAGE):
+        w, h = _png_size(_img_of(text, alt))
+        assert w > 200 and h > 200
+        assert _img_of(texts[1], alt) == _img_of(text, alt)  # deterministic pictures
+    a, b = rp.growth_curves(run), rp.growth_curves(run)
+    assert a["sampled"] == b["sampled"] and len(a["sampled"]) <= rp.GROWTH_SUBJECTS
+    assert a["subjects"] == 18 and sorted(a["sampled"]) == sorted(
+        pl.read_parquet(SLEEP)["Subject"].cast(pl.Utf8).unique().to_list())
+    # a smaller sample: the subjects with the smallest MD5 hash, only their rows fetched
+    five = rp.growth_curves(run, subjects=5)
+    assert five["sampled"] == _md5_first(a["sampled"], 5) == a["sampled"][:5]
+    assert five["trajectories"].height == 5 * 10 and five["subjects"] == 18
+    assert set(five["trajectories"]["subject"]) == set(five["sampled"])
+
+
+def test_growth_curves_values(sleep_ar1):
+    """What is drawn: the observed values and X·β̂ + Z·b̂ of the sampled subjects; the
+    average line β̂₀ + β̂₁·Days (result.json) on the grid, its band from Var(β̂) — at
+    Days = 0 the intercept's standard error, elsewhere a refit's vcov — and the observed
+    means per day."""
+    run = rp.load_run(sleep_ar1)
+    c = rp.growth_curves(run)
+    fe = {r["term"]: r for r in run.result["fixed_effects"]}
+    b0, b1 = fe["(Intercept)"]["estimate"], fe["Days"]["estimate"]
+    # the spaghetti: observed and conditional fit at each subject's own rows
+    df = pl.read_parquet(SLEEP).with_columns(pl.col("Subject").cast(pl.Utf8),
+                                             pl.col("Days").cast(pl.Float64))
+    modes = (run.ranef.pivot(on="term", index="level", values="estimate")
+             .rename({"(Intercept)": "u0", "Days": "u1"}))
+    t = (c["trajectories"].join(df, left_on=["subject", "time"], right_on=["Subject", "Days"])
+         .join(modes, left_on="subject", right_on="level"))
+    assert t.height == c["trajectories"].height == 180
+    np.testing.assert_allclose(t["observed"].to_numpy(), t["Reaction"].to_numpy(), atol=1e-12)
+    fitted = b0 + t["u0"].to_numpy() + (b1 + t["u1"].to_numpy()) * t["time"].to_numpy()
+    np.testing.assert_allclose(t["fitted"].to_numpy(), fitted, atol=1e-9)
+    # the average trajectory at two grid points (Days = 0, and the middle of the range)
+    grid, line, se = c["grid"], c["line"], c["se"]
+    assert len(grid) == rp.GROWTH_POINTS and grid[0] == 0.0 and grid[-1] == 9.0
+    for i in (0, rp.GROWTH_POINTS // 2):
+        assert line[i] == pytest.approx(b0 + b1 * grid[i], abs=1e-9)
+    assert se[0] == pytest.approx(fe["(Intercept)"]["std_error"], rel=1e-6)
+    assert c["vcov_source"] == "the saved statistics at the fit's estimates"
+    vcov = mlpipe.fit(str(SLEEP), SLEEP_F, correlation=AR1).vcov_matrix  # a full refit
+    i = rp.GROWTH_POINTS // 2
+    x = np.array([1.0, grid[i]])
+    assert se[i] == pytest.approx(float(np.sqrt(x @ vcov @ x)), rel=1e-5)
+    np.testing.assert_allclose(c["upper"] - line, rp.Z95 * se)
+    np.testing.assert_allclose(line - c["lower"], rp.Z95 * se)
+    # the observed means, one per day
+    expect = df.group_by("Days").agg(pl.col("Reaction").mean()).sort("Days")
+    assert c["binning"] == "time"
+    np.testing.assert_allclose(c["means"]["time"].to_numpy(), expect["Days"].to_numpy())
+    np.testing.assert_allclose(c["means"]["mean"].to_numpy(), expect["Reaction"].to_numpy())
+
+
+def test_growth_by_slope_samples_thirty_subjects(tmp_path):
+    """Rule 2 (a random slope on the innermost factor, no correlation) on 120 subjects
+    measured at irregular times: 30 subjects drawn, by MD5 hash, only their rows; the
+    observed means in quantile bins; the section says which rule applied."""
+    rng = np.random.default_rng(11)
+    m, k = 120, 6
+    sid = np.repeat(np.arange(m), k)
+    time = np.round(np.tile(np.arange(k), m) + rng.uniform(-0.4, 0.4, m * k), 3)
+    y = (10 + rng.normal(size=m)[sid] + (2 + 0.5 * rng.normal(size=m)[sid]) * time
+         + rng.normal(size=m * k))
+    data = tmp_path / "growth.parquet"
+    pl.DataFrame({"y": y, "t": time, "id": [f"s{i}" for i in sid]}).write_parquet(data)
+    out = _fit_to(tmp_path / "fit", data, "y ~ t + (t | id)")
+    run = rp.load_run(out)
+    g = rp.growth_model(run)
+    assert (g.rule, g.time, g.subject) == ("slope", "t", ("id",))
+    c = rp.growth_curves(run)
+    labels = [f"s{i}" for i in range(m)]
+    assert c["subjects"] == m and c["sampled"] == _md5_first(labels, rp.GROWTH_SUBJECTS)
+    assert c["trajectories"].height == rp.GROWTH_SUBJECTS * k
+    assert set(c["trajectories"]["subject"]) == set(c["sampled"])
+    assert rp.growth_curves(run)["sampled"] == c["sampled"]
+    assert c["binning"] == "quantile" and 2 <= c["means"].height <= rp.GROWTH_BINS
+    assert c["means"]["n"].sum() == m * k
+    fe = {r["term"]: r["estimate"] for r in run.result["fixed_effects"]}
+    np.testing.assert_allclose(c["line"], fe["(Intercept)"] + fe["t"] * c["grid"], atol=1e-9)
+    text = rp.report([out], tmp_path / "r.html").read_text()
+    assert "rule 2, a random slope on the innermost grouping factor" in text
+    assert f"trajectories of 30 of {m} subjects (id)" in text
+    assert SPAGHETTI in text and AVERAGE in text and "Skipped" not in text
+
+
+def test_no_growth_section_without_slope_or_correlation(dirs, crossed_slope, tmp_path):
+    """A random-intercept model is no growth model, nor one whose slope is on a factor that
+    is not the innermost; a growth model under --no-data keeps its section, with a note."""
+    run = rp.load_run(dirs["null"])
+    assert rp.growth_model(run) is None
+    text = rp.report([dirs["null"]], tmp_path / "null.html").read_text()
+    assert "Growth curves" not in text and SPAGHETTI not in text and AVERAGE not in text
+    data = rp.load_run(crossed_slope).config["data"]  # a: 30 levels, b: 8
+    outer = _fit_to(tmp_path / "outer", Path(data), "y ~ x + (1|a) + (x|b)")
+    assert rp.growth_model(rp.load_run(outer)) is None
+    text = rp.report([outer], tmp_path / "outer.html").read_text()
+    assert "Group-specific regression lines" in text and "Growth curves" not in text
+    text = rp.report([dirs["rc"]], tmp_path / "nodata.html", data=False).read_text()
+    assert "<h3>Growth curves</h3>" in text and SPAGHETTI not in text
+    assert "Skipped: data passes were turned off (--no-data)." in text
