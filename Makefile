@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-nested bench-crossed install clean browser lint
+.PHONY: demo test test-slow bench bench-nested bench-crossed bench-ar1 install clean browser lint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: $(STAMP)
 	$(BIN)/mlpipe report $(addprefix out/,$(HSB_MODELS)) --out out/report.html
 	@echo "=================== three-level growth: pupils in schools over six grades (egsingle)"
 	$(BIN)/mlpipe fit --config configs/egsingle_growth.toml
+	@echo "=================== growth curves: quadratic, piecewise-linear, AR(1) residuals (egsingle)"
+	$(BIN)/mlpipe fit --config configs/egsingle_quadratic.toml -q --out out/egsingle_quadratic
+	$(BIN)/mlpipe fit --config configs/egsingle_piecewise.toml -q --out out/egsingle_piecewise
+	$(BIN)/mlpipe fit --config configs/egsingle_ar1.toml
+	$(BIN)/mlpipe compare out/egsingle_growth out/egsingle_ar1 --out out/comparison_ar1
 
 ## the tests (slow ones excluded; `make test-slow` runs those). The report test opens the HTML
 ## in headless Chromium: installed from Debian's packages when missing and we are root.
@@ -56,8 +61,13 @@ bench-nested: $(STAMP)
 bench-crossed: $(STAMP)
 	$(BIN)/python benchmarks/bench_multilevel.py crossed
 
+## serially correlated residuals, ar1(t | subject): a 10M-row panel (1M subjects x 10
+## occasions; also 1M rows) against a bare DuckDB window pass, and 2 series of 100k / 1M points
+bench-ar1: $(STAMP)
+	$(BIN)/python benchmarks/bench_ar1.py --rows 1000000 10000000
+
 lint: $(STAMP)
 	$(BIN)/ruff check mlpipe tests benchmarks
 
 clean:
-	rm -rf out bench_data bench_data_multilevel
+	rm -rf out bench_data bench_data_multilevel bench_data_ar1
