@@ -176,31 +176,23 @@ class BlockedObjective:
         ms = [f.m for f in self.factors]
         self.uoff = np.concatenate([[0], np.cumsum([m * q for m, q in zip(ms, qs)])]).astype(int)
         self.Q = int(self.uoff[-1])
-        p = stats.p
-        # per-cell [Z X y] cross-products, cells first: S (C, qa, qa), G (C, qa, p+1)
-        S = np.ascontiguousarray(np.moveaxis(np.asarray(stats.ztz, dtype=float), -1, 0))
-        G = np.concatenate([np.moveaxis(np.asarray(stats.ztx, dtype=float), -1, 0),
-                            np.asarray(stats.zty, dtype=float).T[:, :, None]], axis=2)
-        self.pairs: list[_Pair] = []
+        # the level pairs of factors sharing cells: (j, k, rows, cols, each cell's pair)
+        self._pair_keys = []
         for j, fj in enumerate(self.factors):
             for k in range(j + 1):
                 fk = self.factors[k]
-                sub = S[:, fj.z][:, :, fk.z]
                 if j == k:
                     rows = np.arange(fj.m)
-                    self.pairs.append(_Pair(j, k, rows, rows,
-                                            _pair_last(_group_sum(fj.index, sub, fj.m))))
+                    self._pair_keys.append((j, k, rows, rows, fj.index, fj.m))
                     continue
-                key = fj.index * fk.m + fk.index
-                uniq, inv = np.unique(key, return_inverse=True)
-                self.pairs.append(_Pair(j, k, uniq // fk.m, uniq % fk.m,
-                                        _pair_last(_group_sum(inv, sub, len(uniq)))))
-        self.G = [_group_sum(f.index, G[:, f.z, :], f.m) for f in self.factors]
-        m0 = np.empty((p + 1, p + 1))
-        m0[:p, :p] = stats.xtx
-        m0[:p, p] = m0[p, :p] = stats.xty
-        m0[p, p] = stats.yty
-        self._M0 = m0
+                uniq, inv = np.unique(fj.index * fk.m + fk.index, return_inverse=True)
+                self._pair_keys.append((j, k, uniq // fk.m, uniq % fk.m, inv, len(uniq)))
+        parts = self.linear_parts_of(stats)
+        npairs = len(self._pair_keys)
+        self.pairs: list[_Pair] = [_Pair(j, k, rows, cols, parts[t]) for t, (j, k, rows, cols,
+                                   _inv, _n) in enumerate(self._pair_keys)]
+        self.G = parts[npairs:npairs + len(self.factors)]
+        self._M0 = parts[-1]
         self._blocks_t = [pr.blocks_t for pr in self.pairs]
         spec = ([f.q for f in self.factors], [f.m for f in self.factors],
                 [(pr.j, pr.k, pr.rows, pr.cols, bt) for pr, bt in zip(self.pairs,
@@ -216,6 +208,38 @@ class BlockedObjective:
                 f"simplify the random part or raise --memory-limit")
         self._st = Structure(*spec)
         self._lock = threading.Lock()
+
+    def linear_parts_of(self, stats: Statistics) -> list[np.ndarray]:
+        """The arrays the evaluations read, from `stats` (per-cell statistics of this
+        model's cells): per level pair the summed Z_j'Z_k blocks "pair last", per factor the
+        summed Z'[X y] per level, and [X y]'[X y].  All are linear in the statistics (see
+        `linear_parts`)."""
+        p = stats.p
+        # per-cell [Z X y] cross-products, cells first: S (C, qa, qa), G (C, qa, p+1)
+        S = np.ascontiguousarray(np.moveaxis(np.asarray(stats.ztz, dtype=float), -1, 0))
+        G = np.concatenate([np.moveaxis(np.asarray(stats.ztx, dtype=float), -1, 0),
+                            np.asarray(stats.zty, dtype=float).T[:, :, None]], axis=2)
+        out = []
+        for j, k, _rows, _cols, index, n in self._pair_keys:
+            sub = S[:, self.factors[j].z][:, :, self.factors[k].z]
+            out.append(_pair_last(_group_sum(index, sub, n)))
+        out += [_group_sum(f.index, G[:, f.z, :], f.m) for f in self.factors]
+        m0 = np.empty((p + 1, p + 1))
+        m0[:p, :p] = stats.xtx
+        m0[:p, p] = m0[p, :p] = stats.xty
+        m0[p, p] = stats.yty
+        return out + [m0]
+
+    def linear_parts(self) -> list[np.ndarray]:
+        """The live arrays of `linear_parts_of` (the pairs' blocks, as the solver's
+        structure holds them, G, [X y]'[X y]): writing into them in place changes the
+        statistics the objective evaluates (mlpipe/residual.py re-weights them); then call
+        `statistics_changed`."""
+        return [pr.blocks_t for pr in self.pairs] + list(self.G) + [self._M0]
+
+    def statistics_changed(self) -> None:
+        """Drop what was derived from the `linear_parts` (the sparse Z'Z of the gradient)."""
+        self._ztz = None
 
     # ------------------------------------------------------------------ structure
     def structure(self) -> list[dict]:

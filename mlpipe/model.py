@@ -120,13 +120,22 @@ def _estimate_residual(stats: Statistics, ci: str | None, *, reml: bool,
         raise InputError("profile confidence intervals are not available with a residual "
                          "correlation or variance structure; use --ci wald")
 
+    def make(st: Statistics):
+        return make_objective(st, reml=reml, memory_limit=memory_limit)
+
     def inner(st: Statistics, theta0):
-        obj = make_objective(st, reml=reml, memory_limit=memory_limit)
+        obj = make(st)
         # the BOBYQA guard of boundary answers runs once, in the fit at ψ̂
         summary = optimize(obj, method=obj.default_method, theta0=theta0, guard=False)
         return summary.final_objective, np.asarray(summary.final_theta)
 
-    psi, record = residual.estimate(stats, inner)
+    # θ and ψ together (Newton), from θ̂ at ψ's start; should that fail, ψ by a search
+    # over the profiled criterion (each value an optimization of θ)
+    _crit, theta0 = inner(residual.at(stats, residual.start(stats.residual)), None)
+    psi, record = residual.estimate_joint(stats, make, optimize, theta0)
+    if psi is None:
+        psi, fallback = residual.estimate(stats, inner)
+        record = {**fallback, "joint": record}
     whitened = residual.at(stats, psi)
     return whitened, {**whitened.residual.describe(psi), "optimizer": record}
 

@@ -178,26 +178,39 @@ class Objective:
         self.theta_map = ThetaMap(stats.blocks, stats.q)
         self.evaluations = 0
         self.gradient_evaluations = 0
+        self._S, self._G, self._M0 = self.linear_parts_of(stats)
+        # the reusable work space of the evaluations (its arrays allocated on first use);
+        # the lock keeps concurrent evaluations of one Objective from sharing it
+        self._ws = _Workspace()
+        self._lock = threading.Lock()
+
+    def linear_parts_of(self, stats: Statistics) -> list[np.ndarray]:
+        """The arrays the evaluations read, computed from `stats` (this model's structure):
+        per-group Z'Z (q, q, m) symmetric from its lower triangle, Z'[X y] (q, p+1, m) and
+        [X y]'[X y].  All are linear in the statistics (see `linear_parts`)."""
         q, p = stats.q, stats.p
-        # per-group Z'Z: (q, q, m), C-contiguous, symmetric from its lower triangle
         S = np.array(stats.ztz, dtype=float, order="C")
         for a in range(q):
             for b in range(a + 1, q):
                 S[a, b] = S[b, a]
-        self._S = S
-        # Z_i'[X y] per group: (q, p+1, m), C-contiguous
-        self._G = np.ascontiguousarray(
+        G = np.ascontiguousarray(
             np.concatenate([np.asarray(stats.ztx, dtype=float),
                             np.asarray(stats.zty, dtype=float)[:, None, :]], axis=1))
         m0 = np.empty((p + 1, p + 1))
         m0[:p, :p] = stats.xtx
         m0[:p, p] = m0[p, :p] = stats.xty
         m0[p, p] = stats.yty
-        self._M0 = m0
-        # the reusable work space of the evaluations (its arrays allocated on first use);
-        # the lock keeps concurrent evaluations of one Objective from sharing it
-        self._ws = _Workspace()
-        self._lock = threading.Lock()
+        return [S, G, m0]
+
+    def linear_parts(self) -> list[np.ndarray]:
+        """The live arrays of `linear_parts_of`: writing into them (in place) changes the
+        statistics the objective evaluates — how a residual structure re-weights one
+        objective at each of its parameter values (mlpipe/residual.py); then call
+        `statistics_changed`."""
+        return [self._S, self._G, self._M0]
+
+    def statistics_changed(self) -> None:
+        """Nothing is derived from the `linear_parts` here (see BlockedObjective's)."""
 
     def __getstate__(self) -> dict:  # picklable: the work space and the lock are rebuilt
         state = dict(self.__dict__)

@@ -519,3 +519,118 @@ def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: 
 
 def _isnan(v) -> bool:
     return isinstance(v, float) and v != v
+
+
+# ---------------------------------------------------------------------- joint optimization
+
+class _JointMap:
+    """θ's map extended by ψ: ψ's entries are free (no bound; `weights` clips them to the
+    structure's range), not diagonal, in no column of T."""
+
+    def __init__(self, tm, psi0: np.ndarray):
+        k = len(psi0)
+        self.base = tm
+        self.diagonal = np.concatenate([tm.diagonal, np.zeros(k, bool)])
+        self.lower = np.concatenate([tm.lower, np.full(k, -np.inf)])
+        self.initial = np.concatenate([tm.initial, psi0])
+        self.rows = list(tm.rows) + [-1 - j for j in range(k)]
+        self.cols = list(tm.cols) + [-1 - j for j in range(k)]
+
+    def __len__(self) -> int:
+        return len(self.diagonal)
+
+
+class JointObjective:
+    """The criterion as a function of (θ, ψ) together, for the optimizer of θ
+    (mlpipe/optimize.py): one objective of the model whose statistics (`linear_parts`) are
+    re-weighted in place at each ψ, from the same arrays computed once per component.  The
+    gradient is the objective's exact one in θ and a 4-point central difference in ψ
+    (h = 1e-3: an evaluation's rounding, ~1e-13 relative, would swamp a smaller step's
+    difference; the stencil's error is O(h⁴)).  Reweighting costs about one evaluation."""
+
+    default_method = "newton"
+
+    def __init__(self, stats, make, psi0: np.ndarray, h: float = 1e-3):
+        rs = stats.residual
+        self.rs, self.h = rs, h
+        self._psi = np.asarray(psi0, dtype=float).copy()
+        self.base = make(at(stats, self._psi))
+        comps = [dataclasses.replace(stats, ztz=rs.ztz[c], ztx=rs.ztx[c], zty=rs.zty[c],
+                                     yty_i=rs.yty_i[c], xtx=rs.xtx[c], xty=rs.xty[c],
+                                     yty=float(rs.yty[c]), residual=None)
+                 for c in range(len(rs.kind))]
+        self._parts = [self.base.linear_parts_of(s) for s in comps]
+        self.kt = len(self.base.theta_map)
+        self.theta_map = _JointMap(self.base.theta_map, self._psi)
+        self.reml = self.base.reml
+        self._bounds = np.array(rs.bounds(), dtype=float).reshape(-1, 2)
+
+    @property
+    def evaluations(self) -> int:
+        return self.base.evaluations
+
+    @property
+    def gradient_evaluations(self) -> int:
+        return self.base.gradient_evaluations
+
+    def clip(self, psi: np.ndarray) -> np.ndarray:
+        return np.clip(psi, self._bounds[:, 0], self._bounds[:, 1])
+
+    def _set(self, psi: np.ndarray) -> None:
+        psi = self.clip(np.asarray(psi, dtype=float))
+        if np.array_equal(psi, self._psi):
+            return
+        w, logdet = self.rs.weights(psi)
+        for j, target in enumerate(self.base.linear_parts()):
+            np.multiply(self._parts[0][j], w[0], out=target)
+            for c in range(1, len(w)):
+                target += w[c] * self._parts[c][j]
+        self.base.statistics_changed()
+        self.base.stats = dataclasses.replace(self.base.stats, log_weights=-logdet)
+        self._psi = psi
+
+    def __call__(self, x: np.ndarray) -> float:
+        x = np.asarray(x, dtype=float)
+        self._set(x[self.kt:])
+        return self.base(x[:self.kt])
+
+    def value_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        x = np.asarray(x, dtype=float)
+        theta, psi = x[:self.kt], x[self.kt:]
+        self._set(psi)
+        f, g = self.base.value_and_gradient(theta)
+        if not np.isfinite(f):
+            return np.inf, np.full(len(x), np.nan)
+        gp = np.empty(len(psi))
+        for j in range(len(psi)):  # the 4-point central difference (error O(h⁴))
+            step = self.h * max(1.0, abs(psi[j]))
+            f_at = []
+            for mult in (2, 1, -1, -2):
+                e = np.zeros(len(psi))
+                e[j] = mult * step
+                self._set(psi + e)
+                f_at.append(self.base(theta))
+            gp[j] = (-f_at[0] + 8 * f_at[1] - 8 * f_at[2] + f_at[3]) / (12 * step)
+        self._set(psi)
+        return f, np.concatenate([g, gp])
+
+    def gradient(self, x: np.ndarray) -> np.ndarray:
+        return self.value_and_gradient(x)[1]
+
+    def moment_start(self) -> np.ndarray | None:
+        return None
+
+
+def estimate_joint(stats, make, optimize, theta0: np.ndarray) -> tuple[np.ndarray, dict]:
+    """ψ̂ by the projected Newton method over (θ, ψ) together (`JointObjective`), from θ₀
+    and ψ's start → (ψ̂, the record), or (None, record) when it did not converge."""
+    rs = stats.residual
+    psi0 = start(rs)
+    joint = JointObjective(stats, make, psi0)
+    x0 = np.concatenate([np.asarray(theta0, dtype=float), psi0])
+    summary = optimize(joint, method="newton", theta0=x0, guard=False)
+    x = np.asarray(summary.final_theta, dtype=float)
+    psi = joint.clip(x[joint.kt:])
+    record = {"method": f"joint {summary.optimizer}", "evaluations": summary.evaluations,
+              "criterion": summary.final_objective, "converged": summary.converged}
+    return (psi if summary.converged else None), record
