@@ -89,11 +89,12 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     check_general_options(stats, ddf, ci)
     reml = method == "REML"
     t0 = time.perf_counter()
-    structure = None
-    if stats.residual is not None:  # ψ first (each value an optimization of θ), then θ at ψ̂
-        stats, structure = _estimate_residual(stats, ci, reml=reml, memory_limit=memory_limit)
+    structure, theta0 = None, None
+    if stats.residual is not None:  # ψ̂ (with θ), then the fit of θ at ψ̂ from there
+        stats, structure, theta0 = _estimate_residual(stats, ci, reml=reml,
+                                                      memory_limit=memory_limit)
     obj = make_objective(stats, reml=reml, memory_limit=memory_limit)
-    summary = optimize(obj, method=obj.default_method)
+    summary = optimize(obj, method=obj.default_method, theta0=theta0)
     dec = obj.decompose(np.asarray(summary.final_theta))
     build = FitResult.build_general if stats.general else FitResult.build
     result = build(stats, obj, dec, summary)
@@ -111,9 +112,9 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
 
 
 def _estimate_residual(stats: Statistics, ci: str | None, *, reml: bool,
-                       memory_limit: str | None) -> tuple[Statistics, dict]:
+                       memory_limit: str | None) -> tuple[Statistics, dict, np.ndarray]:
     """ψ̂ of the residual structure (mlpipe/residual.py) → (the statistics whitened at ψ̂,
-    what result.json records of it)."""
+    what result.json records of it, θ̂ there)."""
     from . import residual
 
     if ci == "profile":
@@ -133,11 +134,12 @@ def _estimate_residual(stats: Statistics, ci: str | None, *, reml: bool,
     # over the profiled criterion (each value an optimization of θ)
     _crit, theta0 = inner(residual.at(stats, residual.start(stats.residual)), None)
     psi, record = residual.estimate_joint(stats, make, optimize, theta0)
+    theta = np.asarray(record.pop("theta"))
     if psi is None:
         psi, fallback = residual.estimate(stats, inner)
-        record = {**fallback, "joint": record}
+        record, theta = {**fallback, "joint": record}, None
     whitened = residual.at(stats, psi)
-    return whitened, {**whitened.residual.describe(psi), "optimizer": record}
+    return whitened, {**whitened.residual.describe(psi), "optimizer": record}, theta
 
 
 def _check_residual_matches(stats: Statistics, correlation: str | None,

@@ -385,7 +385,10 @@ def run_pass(con, *, source: str, params: dict, spec: Spec, mom, groups: str,
     sql = render("lag_moments", group_by=group_by, crossing=crossing, sums=",\n    ".join(sums),
                  gap=_gap_sql(spec), previous=",\n            ".join(previous), groups=groups,
                  complete=complete, series=", ".join(series) or "0 AS __series0",
-                 time=time, stratum=stratum, columns=columns, source=source, window=window)
+                 time=time, stratum=stratum, columns=columns, source=source, window=window,
+                 strata_select="stratum, prev_stratum" if spec.variance_by else
+                 "'' AS stratum, CASE WHEN gap IS NULL THEN NULL ELSE '' END AS prev_stratum",
+                 strata_keys=", stratum, prev_stratum" if spec.variance_by else "")
     con.execute(sql, params)  # the caller names the source in a failure's message
     summed = ",\n    ".join(f"fsum({mom.name(i, j)}) AS {mom.name(i, j)}" for i, j in pairs)
     con.execute(render("lag_group_moments", group_by=group_by, sums=summed))
@@ -453,20 +456,10 @@ def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: 
                 kind.append(kd), gap.append(gi), k.append(si_), kp.append(pi)
             key_c[r, col] = comp[key]
     K = len(kind)
-    cols = ", ".join(f"lm.{c}" for c in names + lag_names)
-    rows = con.execute(render("lag_statistics", columns=cols, group_by=", ".join(group_cols),
-                              cell_order=cell_order)).fetchnumpy()
     q, p = len(mom.z), len(mom.x)
     ztz, ztx = np.zeros((K, q, q, m)), np.zeros((K, q, p, m))
     zty, yty_i = np.zeros((K, q, m)), np.zeros((K, m))
     xtx, xty, yty = np.zeros((K, p, p)), np.zeros((K, p)), np.zeros(K)
-    idx = np.asarray(rows["idx"], dtype=np.int64)
-    r_row = np.asarray(rows["r"], dtype=np.int64)
-    n_row = np.asarray(rows["n"], dtype=float)
-    first = key_first[r_row]
-    sel = {"F": first, "A": ~first}
-    cid = {"F": key_c[r_row[first], 0], "A": key_c[r_row[~first], 0],
-           "B": key_c[r_row[~first], 1], "C": key_c[r_row[~first], 2]}
     t_n = np.asarray(tot["n"], dtype=float)
 
     def value(src, n, prefix: str, i: int, j: int, mask) -> np.ndarray:
@@ -477,20 +470,36 @@ def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: 
         return np.nan_to_num(np.asarray(src[name], dtype=float)[mask])
 
     parts = (("F", "s"), ("A", "s"), ("B", "b"), ("C", "x"))
-
-    def fill(arr, slot: tuple, i: int, j: int) -> None:
-        for kd, prefix in parts:
-            mask = sel["F" if kd == "F" else "A"]
-            arr[(cid[kd],) + slot + (idx[mask],)] = value(rows, n_row, prefix, i, j, mask)
-
-    # per cell: Z with [Z X y], y'y
-    for a, ia in enumerate(mom.z):
-        fill(zty, (a,), ia, mom.y)
-        for b, ib in enumerate(mom.z):
-            fill(ztz, (a, b), ia, ib)
-        for j, ij in enumerate(mom.x):
-            fill(ztx, (a, j), ia, ij)
-    fill(yty_i, (), mom.y, mom.y)
+    # per cell only the sums with Z (and y'y), streamed in batches: the (cell, key) rows are
+    # 2-4 per cell, and each batch is scattered into the arrays by flat index
+    group = mom.group_pairs()
+    cell_cols = [mom.name(i, j) for i, j in group if (i, j) != (0, 0)]
+    cell_cols += [f"{t}_{i}_{j}" for i, j in group if (i, j) != (0, 0) for t in ("b", "x")]
+    reader = con.sql(render(
+        "lag_statistics", columns=", ".join(f"lm.{c}" for c in cell_cols),
+        group_by=", ".join(group_cols), cell_order=cell_order)).to_arrow_reader(1 << 19)
+    targets = [(zty, (a,), ia, mom.y) for a, ia in enumerate(mom.z)]
+    targets += [(ztz, (a, b), ia, ib) for a, ia in enumerate(mom.z)
+                for b, ib in enumerate(mom.z)]
+    targets += [(ztx, (a, j), ia, ij) for a, ia in enumerate(mom.z) for j, ij in enumerate(mom.x)]
+    targets += [(yty_i, (), mom.y, mom.y)]
+    for batch in reader:
+        rows = {name: batch.column(name).to_numpy(zero_copy_only=False)
+                for name in batch.schema.names}
+        idx = np.asarray(rows["idx"], dtype=np.int64)
+        r_row = np.asarray(rows["r"], dtype=np.int64)
+        n_row = np.asarray(rows["n"], dtype=float)
+        first = key_first[r_row]
+        sel = {"F": first, "A": ~first, "B": ~first, "C": ~first}
+        cid = {"F": key_c[r_row[first], 0], "A": key_c[r_row[~first], 0],
+               "B": key_c[r_row[~first], 1], "C": key_c[r_row[~first], 2]}
+        for arr, slot, i, j in targets:
+            flat = arr.reshape(-1)
+            per_c = arr[0].size  # one component's values
+            off = int(np.ravel_multi_index(slot, arr.shape[1:-1])) * m if slot else 0
+            for kd, prefix in parts:
+                mask = sel[kd]
+                flat[cid[kd] * per_c + off + idx[mask]] = value(rows, n_row, prefix, i, j, mask)
     # totals per component, from lag_totals (one row per key)
     t_sel = {"F": key_first, "A": ~key_first}
     t_cid = {"F": key_c[key_first, 0], "A": key_c[~key_first, 0],
@@ -559,7 +568,14 @@ class JointObjective:
                                      yty_i=rs.yty_i[c], xtx=rs.xtx[c], xty=rs.xty[c],
                                      yty=float(rs.yty[c]), residual=None)
                  for c in range(len(rs.kind))]
-        self._parts = [self.base.linear_parts_of(s) for s in comps]
+        # per live array, the components' values stacked (K, size): one matrix-vector
+        # product re-weights it in place
+        parts = [self.base.linear_parts_of(s) for s in comps]
+        self._stacked = [np.stack([p[j].reshape(-1) for p in parts])
+                         for j in range(len(parts[0]))]
+        del parts
+        if not all(t.flags.c_contiguous for t in self.base.linear_parts()):
+            raise ValueError("the objective's linear parts must be C-contiguous")
         self.kt = len(self.base.theta_map)
         self.theta_map = _JointMap(self.base.theta_map, self._psi)
         self.reml = self.base.reml
@@ -581,10 +597,8 @@ class JointObjective:
         if np.array_equal(psi, self._psi):
             return
         w, logdet = self.rs.weights(psi)
-        for j, target in enumerate(self.base.linear_parts()):
-            np.multiply(self._parts[0][j], w[0], out=target)
-            for c in range(1, len(w)):
-                target += w[c] * self._parts[c][j]
+        for stacked, target in zip(self._stacked, self.base.linear_parts()):
+            np.dot(w, stacked, out=target.reshape(-1))  # the arrays are C-contiguous
         self.base.statistics_changed()
         self.base.stats = dataclasses.replace(self.base.stats, log_weights=-logdet)
         self._psi = psi
@@ -632,5 +646,6 @@ def estimate_joint(stats, make, optimize, theta0: np.ndarray) -> tuple[np.ndarra
     x = np.asarray(summary.final_theta, dtype=float)
     psi = joint.clip(x[joint.kt:])
     record = {"method": f"joint {summary.optimizer}", "evaluations": summary.evaluations,
-              "criterion": summary.final_objective, "converged": summary.converged}
+              "criterion": summary.final_objective, "converged": summary.converged,
+              "theta": x[:joint.kt].tolist()}
     return (psi if summary.converged else None), record

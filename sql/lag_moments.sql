@@ -7,14 +7,13 @@
 --   b_i_j  Σ l_i l_j             (the previous row)
 --   x_i_j  Σ (l_i c_j + c_i l_j) (across the pair)
 -- `crossing` counts pairs whose rows lie in different cells, `ties` pairs with equal times;
--- both are refused.  group_moments.sql's table is then these sums added over gap and strata.
+-- both are refused.  Without strata the stratum columns are constants, not grouped by.  group_moments.sql's table is then these sums added over gap and strata.
 CREATE OR REPLACE TEMP TABLE lag_moments AS
 SELECT
     {group_by},
     complete,
     gap,
-    stratum,
-    prev_stratum,
+    {strata_select},
     count(*) AS n,
     count(*) FILTER (WHERE prev_t IS NOT NULL AND ({crossing})) AS crossing,
     count(*) FILTER (WHERE prev_t = t) AS ties,
@@ -40,4 +39,4 @@ FROM (
         {window}
     ) AS paired
 ) AS lagged
-GROUP BY {group_by}, complete, gap, stratum, prev_stratum
+GROUP BY {group_by}, complete, gap{strata_keys}
