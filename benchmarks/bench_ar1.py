@@ -350,7 +350,7 @@ def bench_panel(args) -> list[str]:
     for k in ("prepare", "scan", "solve", "inference"):
         out.append((f"    {k}", [f"{b['timings'].get(k, float('nan')):.2f} s" for b in best],
                     {"prepare": "schema, levels, pre-pass", "scan": "the lag pass and reading "
-                     "its statistics", "solve": "phi by Brent, theta at each phi, results",
+                     "its statistics", "solve": "(theta, phi) jointly, theta at phi-hat, results",
                      "inference": "Satterthwaite df"}[k]))
     peak = [b["peak_rss_mb"] for b in best]
     out += [
@@ -370,9 +370,9 @@ def bench_panel(args) -> list[str]:
         out.append((f"sd {term} (truth {true})", [f"{b['sd'][term]:.4f}" for b in best], ""))
     out += [
         ("sigma (truth 1)", [f"{b['sigma']:.4f}" for b in best], "sd(e)"),
-        ("outer evaluations (phi)", [str(b["outer"].get("evaluations")) for b in best],
+        ("evaluations estimating (theta, phi)", [str(b["outer"].get("evaluations")) for b in best],
          str(best[0]["outer"].get("method"))),
-        ("inner evaluations (theta at phi-hat)", [str(b["evaluations"]) for b in best],
+        ("evaluations of the fit at phi-hat", [str(b["evaluations"]) for b in best],
          f"{best[0]['optimizer']}; converged: " + ", ".join(str(b["converged"])
                                                             for b in best)),
     ]
@@ -433,7 +433,8 @@ def bench_series(args) -> list[str]:
         ("beta t1 (truth 0.5)", [f"{f['beta']['t1'][0]:.4f} ({f['beta']['t1'][1]:.4f})"
                                  for f in fits], "estimate (SE)"),
         ("sigma (truth 1)", [f"{f['sigma']:.4f}" for f in fits], ""),
-        ("outer evaluations (phi)", [str(f["outer"].get("evaluations")) for f in fits], ""),
+        ("evaluations estimating (theta, phi)",
+         [str(f["outer"].get("evaluations")) for f in fits], ""),
     ]
     table(f"series: {SERIES}, correlation {CORRELATION}", head, out)
     if len(runs) >= 2:
