@@ -92,9 +92,14 @@ def _add_stats(sub) -> None:
                                    "statistics of a formula and saves them; `mlpipe fit "
                                    "--stats FILE` refits from them without rereading DATA.")
     s.add_argument("data", help="Parquet file, directory or glob, or CSV")
-    s.add_argument("--formula", "-f", required=True,
-                   help='lme4 formula, e.g. "y ~ x + (1 | g)"')
-    s.add_argument("--out", "-o", required=True, help="statistics file to write (.parquet)")
+    s.add_argument("--formula", "-f",
+                   help='lme4 formula, e.g. "y ~ x + (1 | g)" (with --append-to: the store\'s)')
+    s.add_argument("--out", "-o", help="statistics file (a store) to write (.parquet); it "
+                                       "records DATA's files for later appends")
+    s.add_argument("--append-to", metavar="STORE",
+                   help="merge DATA's statistics into this store (written by --out): a "
+                        "file the store already holds is refused, the store is replaced "
+                        "atomically")
     add_weights_option(s)
     add_residual_options(s)
     add_duckdb_options(s)
@@ -248,20 +253,33 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .stats import compute_statistics
+    from . import store
 
-    stats = compute_statistics(args.data, args.formula, memory_limit=args.memory_limit,
-                               threads=args.threads, temp_directory=args.temp_directory,
-                               weights=args.weights, correlation=args.correlation,
-                               residual_variance_by=args.residual_variance_by)
-    stats.save(args.out)
+    duck = dict(memory_limit=args.memory_limit, threads=args.threads,
+                temp_directory=args.temp_directory)
+    if args.append_to:
+        if args.out:
+            raise InputError("give --out (a new store) or --append-to (an existing one), "
+                             "not both")
+        if args.weights or args.correlation or args.residual_variance_by:
+            raise InputError("--append-to takes the store's model: no --weights, "
+                             "--correlation or --residual-variance-by")
+        stats = store.append(args.data, args.append_to, formula=args.formula, **duck)
+        target = args.append_to
+    else:
+        if not args.formula or not args.out:
+            raise InputError("mlpipe stats needs --formula and --out (or --append-to STORE)")
+        stats = store.create(args.data, args.formula, args.out, weights=args.weights,
+                             correlation=args.correlation,
+                             residual_variance_by=args.residual_variance_by, **duck)
+        target = args.out
     if stats.general:
         what = (f"{stats.m} cells of " + ", ".join(f"{f.name} ({f.m} levels)"
                                                    for f in stats.factors))
     else:
         what = f"{stats.m} groups of {stats.group!r}"
-    print(f"wrote statistics for {what} ({stats.n} rows used, {stats.rows_dropped} dropped) "
-          f"to {args.out}")
+    print(f"wrote statistics for {what} ({stats.n} rows used, {stats.rows_dropped} dropped; "
+          f"{len(stats.inputs)} input files) to {target}")
     return EXIT_OK
 
 

@@ -104,6 +104,8 @@ class Statistics:
     #: (mlpipe/residual.py); the arrays above are then whitened at `residual.psi` (the
     #: plain sums while it is None), and `log_weights` is −log|R/σ²| there
     residual: ResidualStatistics | None = None
+    #: a statistics store's inputs (mlpipe/store.py): [{path, size, fingerprint}]
+    inputs: list[dict] = field(default_factory=list)
 
     @property
     def response_ss(self) -> float:
@@ -246,7 +248,7 @@ class Statistics:
             "centering": self.centering,
             "weights": self.weights, "log_weights": self.log_weights,
             "residual": None if self.residual is None else self.residual.meta(),
-            "response_ss": self.response_ss,
+            "response_ss": self.response_ss, "inputs": self.inputs,
         }
         table = pa.table(cols).replace_schema_metadata({"mlpipe": json.dumps(meta)})
         path = Path(path)
@@ -297,7 +299,8 @@ class Statistics:
                    group_types=meta.get("group_types", {}), weights=meta.get("weights", ""),
                    log_weights=float(meta.get("log_weights", 0.0)),
                    residual=None if not meta.get("residual") else
-                   ResidualStatistics.from_saved(meta["residual"], col, q, p, m))
+                   ResidualStatistics.from_saved(meta["residual"], col, q, p, m),
+                   inputs=list(meta.get("inputs") or []))
 
 
 def _cell_keys(st: Statistics) -> np.ndarray:
@@ -395,11 +398,14 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
                        memory_limit: str | None = None, threads: int | None = None,
                        temp_directory: str | None = None,
                        weights: str | None = None, correlation: str | None = None,
-                       residual_variance_by: str | None = None) -> Statistics:
+                       residual_variance_by: str | None = None,
+                       coding: dict[str, list] | None = None) -> Statistics:
     """One streaming DuckDB pass over `data` → the model's `Statistics`.  `weights` names a
     column of case weights (lme4's prior weights: Var(e_i) = σ² / w_i); `correlation`
     ("ar1(TIME | GROUP)", "car1(TIME | GROUP)") and `residual_variance_by` (a column) a
-    residual structure (mlpipe/residual.py), whose lag statistics the pass adds."""
+    residual structure (mlpipe/residual.py), whose lag statistics the pass adds.  `coding`:
+    the levels of the categorical predictors to use (a store's, mlpipe/store.py) instead of
+    those of `data`; a level `data` has beyond them is refused."""
     import time
 
     t0 = time.perf_counter()
@@ -416,7 +422,11 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
         if spec:
             check_spec(spec, schema, weights=weights)
         levels = discover_levels(con, source, parsed, schema, weights, extra)
-        levels.update(compute_prepass(con, source, parsed, schema, weights, extra))
+        if coding is not None:
+            _check_coding(levels, coding, source)
+            levels = dict(coding)
+        else:
+            levels.update(compute_prepass(con, source, parsed, schema, weights, extra))
         design = build_design(parsed, schema, levels, weights=weights, extra_columns=extra)
         t1 = time.perf_counter()
         stats = _run_moments(con, source, design, spec)
@@ -424,6 +434,20 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
     finally:
         con.close()
     return stats
+
+
+def _check_coding(found: dict[str, list], coding: dict[str, list], source: Source) -> None:
+    """The categorical levels of new data must be among those of the coding given."""
+    for key, levels in found.items():
+        known = coding.get(key)
+        if known is None:
+            continue
+        new = [lv for lv in levels if lv not in known]
+        if new:
+            raise DataError(f"{source.location}: level {new[0]!r} of {key!r} is not in the "
+                            f"statistics' coding ({len(known)} levels: "
+                            f"{', '.join(map(repr, known[:6]))}{', ...' if len(known) > 6 else ''})"
+                            f"; rebuild the statistics over all inputs")
 
 
 # Reproducibility (issue 13).  Every floating-point sum of the scan is DuckDB's compensated
