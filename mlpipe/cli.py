@@ -21,9 +21,12 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
-from .config import add_duckdb_options, add_residual_options, add_weights_option
+from .config import (add_duckdb_options, add_log_option, add_residual_options,
+                     add_weights_option)
+from . import runlog
 from .errors import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
@@ -83,6 +86,7 @@ def _add_fit(sub) -> None:
     f.add_argument("--correlation-of-fixed", action="store_true",
                    help="print lme4's \"Correlation of Fixed Effects\" in the summary")
     f.add_argument("--quiet", "-q", action="store_true", help="do not print the summary")
+    add_log_option(f)
     add_duckdb_options(f)
 
 
@@ -102,6 +106,7 @@ def _add_stats(sub) -> None:
                         "atomically")
     add_weights_option(s)
     add_residual_options(s)
+    add_log_option(s)
     add_duckdb_options(s)
 
 
@@ -236,16 +241,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if cfg.get("residuals"):
         from .predict import residual_summary
 
+        t0 = time.perf_counter()
         # a new result with the residuals: a returned fit is never mutated
         result = dataclasses.replace(result, residuals=residual_summary(
             result, **cfg.get("duckdb", {})))
+        runlog.stage("residuals", time.perf_counter() - t0)
     if not args.quiet:
         print(result.summary(correlation=args.correlation_of_fixed))
     if cfg.get("out"):
         # the recorded config names its files by absolute path, so it works from anywhere
         resolved = {k: (os.path.abspath(v) if k in ("data", "stats", "out") and v else v)
                     for k, v in cfg.items()}
+        t0 = time.perf_counter()
         result.write(cfg["out"], config=resolved)
+        runlog.stage("write", time.perf_counter() - t0, out=os.path.abspath(cfg["out"]))
         if not args.quiet:
             files = sorted(p.name for p in Path(cfg["out"]).iterdir() if not p.name.startswith("."))
             print(f"\nwrote {cfg['out']}/: {', '.join(files)}")
@@ -273,6 +282,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                              correlation=args.correlation,
                              residual_variance_by=args.residual_variance_by, **duck)
         target = args.out
+    runlog.stage("write", None, out=os.path.abspath(target), inputs=len(stats.inputs))
     if stats.general:
         what = (f"{stats.m} cells of " + ", ".join(f"{f.name} ({f.m} levels)"
                                                    for f in stats.factors))
@@ -334,7 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser(_command_of(argv)).parse_args(argv)
         _check_duckdb_args(args)
-        return COMMANDS[args.command](args)
+        log = getattr(args, "log_json", None)
+        if log is None:
+            return COMMANDS[args.command](args)
+        from .runlog import logging_to
+
+        with logging_to(log):
+            return COMMANDS[args.command](args)
     except InputError as exc:
         print(f"mlpipe: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

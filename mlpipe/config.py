@@ -79,6 +79,13 @@ def add_weights_option(p) -> None:
                         "rows with a null weight are dropped)")
 
 
+def add_log_option(p) -> None:
+    """--log-json FILE: one JSON line per stage (mlpipe/runlog.py)."""
+    p.add_argument("--log-json", metavar="FILE",
+                   help="append one JSON line per stage (stage, seconds, rows, cells, groups, "
+                        "peak memory) to FILE, for the scheduler running the job")
+
+
 def add_residual_options(p) -> None:
     """--correlation and --residual-variance-by (the residual structure, mlpipe/residual.py)
     of the commands that build statistics."""

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import polars as pl
 
+from . import runlog
 from .errors import DataError, InputError
 from .inference import (check_ddf, icc_or_none, kenward_roger, profile_intervals, satterthwaite,
                         satterthwaite_general, wald_intervals)
@@ -105,9 +106,12 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
         result.aic += 2 * k
         result.bic += k * np.log(stats.n)
     t1 = time.perf_counter()
+    runlog.stage("solve", t1 - t0, evaluations=summary.evaluations,
+                 converged=summary.converged, criterion=summary.final_objective)
     add_inference(result, ddf=ddf, ci=ci, level=level, obj=obj)
     result.timings = {**stats.timings, "solve": t1 - t0,
                       "inference": time.perf_counter() - t1}
+    runlog.stage("inference", result.timings["inference"], ddf=result.df_method)
     return result
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import runlog
 from ._sql import (Source, connect, first_line, quote_ident, render, staging_prefix,
                    sweep_stale)
 from .centering import materialize
@@ -429,8 +430,10 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
             levels.update(compute_prepass(con, source, parsed, schema, weights, extra))
         design = build_design(parsed, schema, levels, weights=weights, extra_columns=extra)
         t1 = time.perf_counter()
+        runlog.stage("prepare", t1 - t0)
         stats = _run_moments(con, source, design, spec)
         stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
+        runlog.stage("scan", stats.timings["scan"], **runlog.statistics_fields(stats))
     finally:
         con.close()
     return stats
