@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-nested bench-crossed bench-ar1 install clean browser lint
+.PHONY: demo test test-slow bench bench-nested bench-crossed bench-ar1 install clean browser lint fit
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -65,6 +65,30 @@ bench-crossed: $(STAMP)
 ## occasions; also 1M rows) against a bare DuckDB window pass, and 2 series of 100k / 1M points
 bench-ar1: $(STAMP)
 	$(BIN)/python benchmarks/bench_ar1.py --rows 1000000 10000000
+
+## Makefile-driven runs: `make fit CONFIG=configs/X.toml [RUNS=out/runs]` keeps
+## RUNS/X/stats.parquet, RUNS/X/fit/result.json and RUNS/X/report.html as file targets, each
+## rebuilt only when what it is made from changed: the config and the data files it names,
+## then the statistics, then the result
+CONFIG ?= configs/hsb_full.toml
+RUNS   ?= out/runs
+RUN    := $(RUNS)/$(basename $(notdir $(CONFIG)))
+CONFIG_DATA = $(shell $(BIN)/python -c "import glob, os, tomllib; \
+  d = tomllib.load(open('$(CONFIG)', 'rb')).get('data', ''); \
+  print(' '.join(sorted(glob.glob(os.path.join(d, '*')) if os.path.isdir(d) else glob.glob(d))))" \
+  2>/dev/null)
+
+fit: $(RUN)/report.html
+
+$(RUN)/stats.parquet: $(CONFIG) $(CONFIG_DATA) | $(STAMP)
+	@mkdir -p $(@D)
+	$(BIN)/mlpipe stats --config $(CONFIG) --out $@
+
+$(RUN)/fit/result.json: $(RUN)/stats.parquet $(CONFIG)
+	$(BIN)/mlpipe fit --config $(CONFIG) --stats $< --out $(RUN)/fit -q
+
+$(RUN)/report.html: $(RUN)/fit/result.json
+	$(BIN)/mlpipe report $(RUN)/fit --out $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check mlpipe tests benchmarks

@@ -95,9 +95,13 @@ def _add_stats(sub) -> None:
                        description="One pass over DATA builds the per-group sufficient "
                                    "statistics of a formula and saves them; `mlpipe fit "
                                    "--stats FILE` refits from them without rereading DATA.")
-    s.add_argument("data", help="Parquet file, directory or glob, or CSV")
+    s.add_argument("data", nargs="?", help="Parquet file, directory or glob, or CSV (default: "
+                                           "the --config's data)")
     s.add_argument("--formula", "-f",
                    help='lme4 formula, e.g. "y ~ x + (1 | g)" (with --append-to: the store\'s)')
+    s.add_argument("--config", "-c", help="take data, formula, weights, residual structure "
+                                          "and [duckdb] options from a TOML config; options "
+                                          "given here override it")
     s.add_argument("--out", "-o", help="statistics file (a store) to write (.parquet); it "
                                        "records DATA's files for later appends")
     s.add_argument("--append-to", metavar="STORE",
@@ -196,12 +200,14 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
     from .config import load_config
 
     cfg: dict = load_config(args.config) if args.config else {}
+    if args.data and args.stats:
+        raise InputError("give DATA or saved statistics, not both")
     if args.data:
         cfg["data"] = args.data
     if args.formula:
         cfg["formula"] = args.formula
-    if args.stats:
-        cfg["stats"] = args.stats
+    if args.stats:  # saved statistics are fitted instead of the config's data (which the
+        cfg["stats"] = args.stats  # report may still read); the model is checked
     if args.weights:
         cfg["weights"] = args.weights
     if args.correlation:
@@ -264,6 +270,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from . import store
 
+    if args.config:
+        from .config import load_config
+
+        cfg = load_config(args.config)
+        for key in ("data", "formula", "weights", "correlation", "residual_variance_by"):
+            if getattr(args, key) is None and cfg.get(key) is not None:
+                setattr(args, key, cfg[key])
+        for key, value in (cfg.get("duckdb") or {}).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    if not args.data:
+        raise InputError("mlpipe stats needs DATA (or a --config naming it)")
     duck = dict(memory_limit=args.memory_limit, threads=args.threads,
                 temp_directory=args.temp_directory)
     if args.append_to:

@@ -72,7 +72,9 @@ def fit_config(cfg: dict, **overrides) -> FitResult:
     if not cfg.get("stats") and not (cfg.get("data") and cfg.get("formula")):
         raise InputError("the config names neither DATA and a formula nor statistics")
     duck = {} if cfg.get("stats") else (cfg.get("duckdb") or {})
-    return fit(cfg.get("data"), cfg.get("formula"), method=str(cfg.get("method", "REML")),
+    # saved statistics, when named, are fitted instead of the data (a config may name both:
+    # the data for what rereads it, e.g. the report)
+    return fit(None if cfg.get("stats") else cfg.get("data"), cfg.get("formula"), method=str(cfg.get("method", "REML")),
                stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"), ci=cfg.get("ci"),
                level=float(cfg.get("level", 0.95)), weights=cfg.get("weights"),
                correlation=cfg.get("correlation"),
