@@ -73,6 +73,12 @@ def _add_fit(sub) -> None:
                         help="restricted maximum likelihood (the default, as lme4's lmer)")
     method.add_argument("--ml", dest="method", action="store_const", const="ML",
                         help="maximum likelihood instead of REML (lmer's REML = FALSE)")
+    method.add_argument("--moments", dest="method", action="store_const", const="moments",
+                        help="random intercepts by the method of moments and fixed effects by "
+                             "GLS at them, for crossed designs too large for the exact solver "
+                             "(no likelihood); also taken automatically, with the reason "
+                             "printed, when the exact solver's memory estimate exceeds the "
+                             "limit")
     f.add_argument("--out", "-o", help="write result.json, ranef.parquet, config.toml here")
     f.add_argument("--ddf", choices=["satterthwaite", "kenward-roger", "none"],
                    help="denominator df for the fixed-effect tests (default: satterthwaite)")

@@ -168,6 +168,11 @@ def _fit_config(path: Path, name: str | None) -> Model:
     return Model.from_result(result, name or cfg["name"], config=cfg)
 
 
+def _num(v) -> float:
+    """A number of result.json (null — a fit without likelihood — is NaN)."""
+    return float("nan") if v is None else float(v)
+
+
 def _load_result_dir(path: Path, name: str | None) -> Model:
     from .config import load_config
 
@@ -185,8 +190,8 @@ def _load_result_dir(path: Path, name: str | None) -> Model:
                                   "std_dev": pl.Float64})
         return Model(name=name or path.resolve().name, formula=d["formula"],
                      method=d["method"], nobs=int(d["nobs"]), npar=int(d["npar"]),
-                     loglik=float(d["loglik"]), deviance=float(d["deviance"]),
-                     aic=float(d["aic"]), bic=float(d["bic"]),
+                     loglik=_num(d["loglik"]), deviance=_num(d["deviance"]),
+                     aic=_num(d["aic"]), bic=_num(d["bic"]),
                      fixed_terms=tuple(r["term"] for r in d["fixed_effects"]),
                      random_effects=re, residual_variance=float(d["residual_variance"]),
                      config=cfg, directory=path, residual_structure=d.get("correlation"))
@@ -261,6 +266,10 @@ def compare(models, names: list[str] | None = None, *, ml: bool = False) -> Comp
     if names is None:
         _default_names(recs, models)
 
+    moments = [r.name for r in recs if r.method == "moments"]
+    if moments:
+        raise InputError(f"{', '.join(moments)}: fitted by the method of moments, which has no "
+                         f"likelihood: no likelihood-ratio test (refit by REML or ML)")
     if len({r.nobs for r in recs}) > 1:
         counts = ", ".join(f"{r.name}: {r.nobs}" for r in recs)
         raise InputError(f"models were not all fitted to the same rows ({counts} "

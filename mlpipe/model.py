@@ -12,7 +12,7 @@ import time
 import numpy as np
 import polars as pl
 
-from . import runlog
+from . import _dist, runlog
 from .errors import DataError, InputError
 from .inference import (check_ddf, icc_or_none, kenward_roger, profile_intervals, satterthwaite,
                         satterthwaite_general, wald_intervals)
@@ -74,7 +74,8 @@ def fit_config(cfg: dict, **overrides) -> FitResult:
     duck = {} if cfg.get("stats") else (cfg.get("duckdb") or {})
     # saved statistics, when named, are fitted instead of the data (a config may name both:
     # the data for what rereads it, e.g. the report)
-    return fit(None if cfg.get("stats") else cfg.get("data"), cfg.get("formula"), method=str(cfg.get("method", "REML")),
+    return fit(None if cfg.get("stats") else cfg.get("data"), cfg.get("formula"),
+               method=str(cfg.get("method", "REML")),
                stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"), ci=cfg.get("ci"),
                level=float(cfg.get("level", 0.95)), weights=cfg.get("weights"),
                correlation=cfg.get("correlation"),
@@ -89,6 +90,8 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     estimated solver memory exceeds it (or the machine's memory) is refused up front."""
     method, ddf, ci = check_options(method, ddf, ci, level)
     validate(stats)
+    if method == "moments":
+        return _fit_moments(stats, ci=ci, level=level)
     check_general_options(stats, ddf, ci)
     reml = method == "REML"
     t0 = time.perf_counter()
@@ -96,7 +99,15 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     if stats.residual is not None:  # ψ̂ (with θ), then the fit of θ at ψ̂ from there
         stats, structure, theta0 = _estimate_residual(stats, ci, reml=reml,
                                                       memory_limit=memory_limit)
-    obj = make_objective(stats, reml=reml, memory_limit=memory_limit)
+    try:
+        obj = make_objective(stats, reml=reml, memory_limit=memory_limit)
+    except InputError as exc:  # too large for the exact solver: moments, if they apply
+        if not (str(exc).startswith("the random-effects structure needs about")
+                and _moments_apply(stats)):
+            raise
+        return _fit_moments(stats, ci=ci, level=level,
+                            reason=f"{method} not attempted: {exc}".split("; simplify")[0]
+                            + "; fitted by the method of moments instead")
     summary = optimize(obj, method=obj.default_method, theta0=theta0)
     dec = obj.decompose(np.asarray(summary.final_theta))
     build = FitResult.build_general if stats.general else FitResult.build
@@ -114,6 +125,39 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     result.timings = {**stats.timings, "solve": t1 - t0,
                       "inference": time.perf_counter() - t1}
     runlog.stage("inference", result.timings["inference"], ddf=result.df_method)
+    return result
+
+
+def _moments_apply(stats: Statistics) -> bool:
+    """Random intercepts only, no weights, no residual structure (mlpipe/moments.py)."""
+    factors = stats.factors if stats.general else []
+    return (not stats.weights and stats.residual is None
+            and (all(f.names == ["(Intercept)"] for f in factors) if stats.general
+                 else stats.random_names == ["(Intercept)"]))
+
+
+def _fit_moments(stats: Statistics, *, ci: str | None, level: float,
+                 reason: str | None = None) -> FitResult:
+    """The method of moments with GLS fixed effects (mlpipe/moments.py): t statistics
+    without df (there is no likelihood for Satterthwaite), Wald intervals on request."""
+    from .moments import fit_moments
+
+    if ci == "profile":
+        raise InputError("profile intervals need a likelihood: use --ci wald with the method "
+                         "of moments")
+    t0 = time.perf_counter()
+    result = fit_moments(stats, reason=reason)
+    if ci == "wald":
+        se = result.fixed_effects["std_error"].to_numpy()
+        beta = result.fixed_effects["estimate"].to_numpy()
+        z = _dist.norm_ppf(0.5 + level / 2)
+        result.confidence_intervals = pl.DataFrame({
+            "parameter": result.fixed_effects["term"], "estimate": beta,
+            "lower": beta - z * se, "upper": beta + z * se, "method": "Wald"})
+        result.ci_level = level
+    result.timings = {**stats.timings, "solve": time.perf_counter() - t0, "inference": 0.0}
+    runlog.stage("solve", result.timings["solve"], method="moments",
+                 evaluations=result.optimizer.evaluations)
     return result
 
 
@@ -247,8 +291,10 @@ def check_ci(ci: str | None) -> str | None:
 
 def _check_method(method: str) -> str:
     m = str(method).upper()
+    if m == "MOMENTS":
+        return "moments"
     if m not in METHODS:
-        raise InputError(f"method must be REML or ML, not {method!r}")
+        raise InputError(f"method must be REML, ML or moments, not {method!r}")
     return m
 
 

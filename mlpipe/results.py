@@ -258,8 +258,9 @@ class FitResult:
             "random_effects": rows(self.random_effects),
             "random_correlations": rows(self.random_correlations),
             "residual_variance": self.residual_variance, "sigma": self.sigma,
-            "loglik": self.loglik, "deviance": self.deviance,
-            "reml_criterion": self.reml_criterion, "aic": self.aic, "bic": self.bic,
+            "loglik": _clean(self.loglik), "deviance": _clean(self.deviance),
+            "reml_criterion": self.reml_criterion, "aic": _clean(self.aic),
+            "bic": _clean(self.bic),
             "npar": self.npar, "converged": self.converged, "singular": self.singular,
             "theta": self.theta.tolist(), "rows_dropped": self.rows_dropped,
             "factor_levels": self.stats.factor_levels if self.stats is not None else {},
@@ -690,9 +691,12 @@ def correlation_text(names: list[str], corr: np.ndarray) -> list[str]:
 
 
 def render_summary(r: FitResult, correlation: bool = False) -> str:
-    lines = [f"Linear mixed model fit by {'REML' if r.method == 'REML' else 'maximum likelihood'}"
-             f" (mlpipe)", f"Formula: {r.formula}", ""]
-    if r.method == "REML":
+    how = {"REML": "REML", "ML": "maximum likelihood",
+           "moments": "the method of moments (fixed effects by GLS)"}[r.method]
+    lines = [f"Linear mixed model fit by {how} (mlpipe)", f"Formula: {r.formula}", ""]
+    if r.method == "moments":
+        lines += r.optimizer.messages + ["(no likelihood: no logLik, AIC, BIC or LRT)"]
+    elif r.method == "REML":
         lines.append(f"REML criterion at convergence: {r.reml_criterion:.4f}")
     else:
         lines += _table(["AIC", "BIC", "logLik", "deviance", "df.resid"],
