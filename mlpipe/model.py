@@ -46,6 +46,19 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     method, ddf, ci = check_options(method, ddf, ci, level)  # before any work
     if stats is not None and data is not None:
         raise InputError("give DATA or saved statistics, not both")
+    if stats is None and str(method).upper() == "MOMENTS" and data is not None \
+            and formula is not None:  # its own pass: never the per-cell statistics
+        from .moments import compute_moment_statistics
+
+        if weights is not None or correlation is not None or residual_variance_by is not None:
+            raise InputError("the method of moments takes no case weights or residual "
+                             "structure")
+        if ci == "profile":
+            raise InputError("profile intervals need a likelihood: use --ci wald with the "
+                             "method of moments")
+        ms = compute_moment_statistics(data, formula, memory_limit=memory_limit,
+                                       threads=threads, temp_directory=temp_directory)
+        return _fit_moments(ms, ci=ci, level=level)
     if stats is None:
         if data is None or formula is None:
             raise InputError("fit needs DATA and a formula, or saved statistics")
@@ -136,7 +149,7 @@ def _moments_apply(stats: Statistics) -> bool:
                  else stats.random_names == ["(Intercept)"]))
 
 
-def _fit_moments(stats: Statistics, *, ci: str | None, level: float,
+def _fit_moments(stats, *, ci: str | None, level: float,
                  reason: str | None = None) -> FitResult:
     """The method of moments with GLS fixed effects (mlpipe/moments.py): t statistics
     without df (there is no likelihood for Satterthwaite), Wald intervals on request."""
@@ -155,7 +168,8 @@ def _fit_moments(stats: Statistics, *, ci: str | None, level: float,
             "parameter": result.fixed_effects["term"], "estimate": beta,
             "lower": beta - z * se, "upper": beta + z * se, "method": "Wald"})
         result.ci_level = level
-    result.timings = {**stats.timings, "solve": time.perf_counter() - t0, "inference": 0.0}
+    result.timings = {**(stats.timings or {}), "solve": time.perf_counter() - t0,
+                      "inference": 0.0}
     runlog.stage("solve", result.timings["solve"], method="moments",
                  evaluations=result.optimizer.evaluations)
     return result
