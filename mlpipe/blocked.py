@@ -43,7 +43,7 @@ from ._lazy import lazy_import
 from ._levels import vdot
 from ._levels_jit import shared_matmul
 from ._schur import Factorization, Structure, estimate
-from .errors import InputError
+from .errors import InputError, MlpipeError
 from .objective import ThetaMap, profile_fixed, profiled_deviance
 from .stats import Factor, Statistics
 
@@ -472,16 +472,33 @@ class BlockedObjective:
         return f, g
 
     def moment_start(self) -> np.ndarray | None:
-        """A cheap starting θ: for every factor alone, the moment estimate of a one-factor
-        model on its levels (the cell statistics summed by level, `Objective.moment_start`).
-        Each factor's estimate ignores the others — an inner factor's variance inflates an
-        outer one's — but it puts every block at its scale; `optimize` keeps it only when
-        it beats lme4's default start."""
+        """A cheap starting θ; `optimize` keeps it only when it beats lme4's default start.
+
+        Random intercepts only: the joint method-of-moments estimate of all the factors'
+        variances (mlpipe/moments.py, Gao & Owen's U-statistics), θ_k = σ_k / σ (floored at
+        0.01, off the boundary).  Otherwise, for every factor alone, the moment estimate of
+        a one-factor model on its levels (the cell statistics summed by level,
+        `Objective.moment_start`): each ignores the others — an inner factor's variance
+        inflates an outer one's — but it puts every block at its scale."""
         from dataclasses import replace
 
         from .objective import Objective
 
         s = self.stats
+        if all(f.names == ["(Intercept)"] for f in self.factors) and not s.weights \
+                and s.residual is None:
+            from .moments import MomentStatistics, moment_estimates
+
+            try:
+                ms = MomentStatistics.from_statistics(s)
+                est = moment_estimates(ms)["sigma2"]
+            except (np.linalg.LinAlgError, ValueError, MlpipeError):
+                est = None
+            if est is not None and est[-1] > 0:
+                by_name = {f.name: np.sqrt(v / est[-1]) for f, v in zip(ms.factors, est)}
+                theta = np.array([max(by_name[f.name], 0.01) for f in self.factors])
+                if np.all(np.isfinite(theta)) and len(theta) == len(self.theta_map):
+                    return theta
         parts = []
         for f in self.factors:
             def by_level(a: np.ndarray) -> np.ndarray:

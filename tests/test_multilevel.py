@@ -219,8 +219,14 @@ def test_solver_memory_is_estimated_printed_and_bounded():
     # 144 entries of B (24 plates x 6 samples; q1 = 1): 48 bytes each, and the dense
     # 6x6 Schur complement three times (S, its factor, its inverse); no update index arrays
     assert solver["bytes"] == 144 * 48 + 3 * 8 * 36
+    # random intercepts only: the method of moments instead, saying why
+    moments = mlpipe.fit(stats=res.stats, ddf=None, memory_limit="4KB")
+    assert moments.method == "moments"
+    assert "more than the memory limit 4KB" in moments.optimizer.messages[0]
+    # with a random slope the moments do not apply: refused
+    slope, _ = fitted("scotssec_crossed_slope", "REML")
     with pytest.raises(mlpipe.InputError, match="more than the memory limit 4KB"):
-        mlpipe.fit(stats=res.stats, ddf=None, memory_limit="4KB")
+        mlpipe.fit(stats=slope.stats, ddf=None, memory_limit="4KB")
 
 
 @pytest.mark.parametrize("formula", ["y ~ x + (x | school) + (1 | school:class)",
