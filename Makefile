@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-nested bench-crossed bench-ar1 install clean browser lint fit
+.PHONY: demo test test-slow bench bench-nested bench-crossed bench-ar1 bench-moments install clean browser lint fit
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench-crossed: $(STAMP)
 bench-ar1: $(STAMP)
 	$(BIN)/python benchmarks/bench_ar1.py --rows 1000000 10000000
 
+## the method of moments on a MovieLens-32M-shaped crossed design: 200k users x 84k items
+## (Zipf item popularity), 32M rows (also 4M, for the curve) against bare DuckDB aggregates
+bench-moments: $(STAMP)
+	$(BIN)/python benchmarks/bench_moments.py --rows 4000000 32000000
+
 ## Makefile-driven runs: `make fit CONFIG=configs/X.toml [RUNS=out/runs]` keeps
 ## RUNS/X/stats.parquet, RUNS/X/fit/result.json and RUNS/X/report.html as file targets, each
 ## rebuilt only when what it is made from changed: the config and the data files it names,
@@ -94,4 +99,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check mlpipe tests benchmarks
 
 clean:
-	rm -rf out bench_data bench_data_multilevel bench_data_ar1
+	rm -rf out bench_data bench_data_multilevel bench_data_ar1 bench_data_moments
