@@ -318,3 +318,15 @@ def test_a_decomposition_is_not_changed_by_later_evaluations(tmp_path):
     after = [m["cond_sd"] for m in obj.conditional_modes(dec, 1.0)]
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def test_sparse_factor_estimate_counts_the_fill_of_crossed_factors():
+    """The sparse path's factor is estimated as filled when the rest's levels are linked
+    like a crossed design (many entries per row), as the pattern's size along a tree."""
+    from mlpipe._schur import FILL_DEGREE, factor_entries
+
+    R = 84_000
+    assert factor_entries(R, 74_000_000) == R * (R + 1) // 2  # crossed: fills in
+    assert factor_entries(R, 3 * R) == 3 * R  # nested: a few entries per row
+    assert factor_entries(R, R + FILL_DEGREE * R // 2) == R + FILL_DEGREE * R // 2
+    assert factor_entries(100, 10**6) == 100 * 101 // 2  # never more than the triangle
