@@ -68,6 +68,11 @@ class FittedModel:
     group_types: dict[str, str] | None = None
     #: the means of center()/group_mean() the fit used (`Statistics.centering`)
     centering: dict | None = None
+    #: what scales a Pearson residual: the case-weight column (r·√w) and the residual
+    #: SD ratios of `--residual-variance-by` (r / δ_k), as lme4 / nlme scale them
+    weights: str | None = None
+    variance_by: str | None = None
+    variance_ratios: dict | None = None
 
     @classmethod
     def from_result(cls, result) -> FittedModel:
@@ -76,10 +81,13 @@ class FittedModel:
         levels = getattr(stats, "factor_levels", None) if stats is not None else None
         source = getattr(stats, "source", None) or None
         types = getattr(stats, "group_types", None) if stats is not None else None
+        rs = getattr(result, "residual_structure", None) or {}
         return cls(result.formula, dict(result.fixef), float(result.sigma), result.ranef,
                    dict(levels) if levels else None, source, int(result.nobs),
                    getattr(stats, "group_type", None) or None, dict(types) if types else None,
-                   getattr(stats, "centering", None))
+                   getattr(stats, "centering", None),
+                   getattr(stats, "weights", None) or None, rs.get("variance_by"),
+                   rs.get("variance_ratios"))
 
 
 def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
@@ -111,7 +119,7 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
     levels = meta.get("factor_levels") or None
     group_type = meta.get("group_type") or None
     source, group_types = None, meta.get("group_types") or None
-    centering = None
+    centering, weights = None, None
     sp = d / "stats.parquet"  # written with the result since stats are kept: coding, source
     if sp.is_file():
         try:
@@ -121,6 +129,7 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
             group_type = group_type or smeta.get("group_type") or None
             group_types = group_types or smeta.get("group_types") or None
             centering = smeta.get("centering") or None
+            weights = smeta.get("weights") or None
         except (OSError, pa.ArrowException, KeyError, TypeError, ValueError):
             pass
     cfg = d / "config.toml"
@@ -131,11 +140,13 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             source = None
     nobs = meta.get("nobs")
+    rs = meta.get("correlation") if isinstance(meta.get("correlation"), dict) else {}
     return FittedModel(formula, fixed, sigma, ranef,
                        dict(levels) if isinstance(levels, dict) else None, source,
                        int(nobs) if nobs is not None else None, group_type,
                        dict(group_types) if isinstance(group_types, dict) else None,
-                       centering if isinstance(centering, dict) else None)
+                       centering if isinstance(centering, dict) else None, weights,
+                       rs.get("variance_by"), rs.get("variance_ratios"))
 
 
 def as_model(result) -> FittedModel:
@@ -682,13 +693,31 @@ class ResidualSummary:
         return f"Scaled residuals:\n{head}\n{vals}{note}"
 
 
+def _pearson_scale(model: FittedModel) -> tuple[str, dict]:
+    """SQL of the factor that makes a residual a Pearson residual (times σ): √w under case
+    weights (lme4's residuals(type = "pearson")), 1/δ_k under a variance per stratum (nlme's),
+    1 otherwise; and its bound parameters."""
+    parts, params = [], {}
+    if model.weights:
+        parts.append(f"sqrt(CAST({quote_ident(model.weights)} AS DOUBLE))")
+    if model.variance_by and model.variance_ratios:
+        cases = []
+        for i, (level, ratio) in enumerate(model.variance_ratios.items()):
+            params[f"mlpipe_vb{i}"] = str(level)
+            cases.append(f"WHEN $mlpipe_vb{i} THEN {1.0 / float(ratio)!r}")
+        parts.append(f"(CASE CAST({quote_ident(model.variance_by)} AS VARCHAR) "
+                     f"{' '.join(cases)} END)")
+    return (" * ".join(parts) or "1.0"), params
+
+
 def residual_summary(result, data=None, *, memory_limit: str | None = None,
                      threads: int | None = None, temp_directory: str | None = None,
                      exact: bool | None = None) -> ResidualSummary:
     """One more pass over the training data: conditional residuals r = y − Xβ − Σ_k Z_k b_k
-    of the rows the model used (no null in any model column), their scaled quantiles (r/σ:
-    Min, 1Q, Median, 3Q, Max, as lme4's summary, quantile type 7) and, for every level of
-    every grouping factor, n, mean and variance.
+    of the rows the model used (no null in any model column), the quantiles of the scaled
+    Pearson residuals (r·√w/σ under case weights, r/(σδ_k) under a variance per stratum,
+    else r/σ: Min, 1Q, Median, 3Q, Max, as lme4's summary, quantile type 7) and, for every
+    level of every grouping factor, n, mean and variance of r.
 
     `data` defaults to the training data recorded with the fit.  Quartiles are exact
     (`quantile_cont`) unless `exact=False`, or by default for more than
@@ -710,13 +739,17 @@ def residual_summary(result, data=None, *, memory_limit: str | None = None,
         if not pred.has_response:
             cols = ", ".join(pred.formula.response.columns())
             raise DataError(f"response column {cols} is not in {frame.path} (or not numeric)")
-        complete = complete_condition(pred.formula.columns(), pred.schema)
-        predicted = pred.sql(", ".join(["__mlpipe_y - fitted AS r"] + pred.matched),
+        extra = [c for c in (model.weights, model.variance_by) if c]
+        complete = complete_condition(pred.formula.columns() + extra, pred.schema)
+        scale, scale_params = _pearson_scale(model)
+        predicted = pred.sql(", ".join(["__mlpipe_y - fitted AS r",
+                                        f"(__mlpipe_y - fitted) * {scale} AS rp"]
+                                       + pred.matched),
                              pred.design.aggregates.source(frame.relation, complete),
                              where=complete)
         sql = render("residuals", predicted=predicted, levels=", ".join(pred.matched),
                      quantile="quantile_cont" if exact else "approx_quantile")
-        table = _fetch(con, sql, {**frame.params, **pred.params}, frame.path)
+        table = _fetch(con, sql, {**frame.params, **pred.params, **scale_params}, frame.path)
     finally:
         con.close()
     overall = table.filter(pl.col("factor").is_null())

@@ -1,4 +1,5 @@
--- Conditional residuals y − X·β − Σ_k Z_k·b_k of the rows a model was fitted to, from one
+-- Conditional residuals r = y − X·β − Σ_k Z_k·b_k (and rp, the Pearson residual times σ,
+-- whose quantiles are summarized) of the rows a model was fitted to, from one
 -- scan of the data (the CTE is sql/predict.sql returning the residual r of the complete rows
 -- and, per grouping factor, the level it matched: {levels}).  The residuals are materialized
 -- once (spilling if need be) and summarized per level of every factor (n, mean, variance;
@@ -12,7 +13,7 @@ WITH resid AS MATERIALIZED (
 ),
 by_level AS (
     SELECT factor, level, r
-    FROM (UNPIVOT resid ON {levels} INTO NAME factor VALUE level)
+    FROM (UNPIVOT (SELECT * EXCLUDE (rp) FROM resid) ON {levels} INTO NAME factor VALUE level)
     UNION ALL
     SELECT CAST(NULL AS VARCHAR) AS factor, CAST(NULL AS VARCHAR) AS level, r
     FROM resid
@@ -38,7 +39,7 @@ summary AS (
     GROUP BY means.factor, means.level, means.n, means.mean_residual
 ),
 overall AS (
-    SELECT list_concat([min(r)], {quantile}(r, [0.25, 0.5, 0.75]), [max(r)]) AS quantiles
+    SELECT list_concat([min(rp)], {quantile}(rp, [0.25, 0.5, 0.75]), [max(rp)]) AS quantiles
     FROM resid
 )
 SELECT

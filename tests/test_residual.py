@@ -294,3 +294,26 @@ def test_rows_missing_a_structure_column_are_dropped(tmp_path):
     ref = mlpipe.fit(path2, "y ~ x + (1 | subject)", correlation="ar1(t | subject)")
     assert res.rows_dropped == holes.height - kept.height
     assert res.loglik == pytest.approx(ref.loglik, rel=1e-12)
+
+
+def test_scaled_residuals_divide_by_the_stratum_sd(tmp_path):
+    """Under a variance per stratum the summary's scaled residuals are nlme's Pearson
+    residuals (y − fitted) / (σ δ_k): their quartiles against numpy on the predictions."""
+    from mlpipe.predict import predict, residual_summary
+
+    frame = _panel(seed=12)
+    path = tmp_path / "p.parquet"
+    frame.write_parquet(path)
+    res = mlpipe.fit(path, "y ~ x + (1 | subject)", residual_variance_by="stratum",
+                     correlation="ar1(t | subject)", ddf=None)
+    ratios = res.residual_structure["variance_ratios"]
+    assert ratios["b"] > 1.3  # the simulated noise is 1.8 times larger in b
+    q = residual_summary(res, path).quantiles
+    out = tmp_path / "pred.parquet"
+    predict(res, path, out)
+    pred = pl.read_parquet(out)
+    r = (pred["y"] - pred["fitted"]).to_numpy() / res.sigma
+    r = r / np.array([ratios[s] for s in pred["stratum"].to_list()])
+    want = np.percentile(r, [0, 25, 50, 75, 100])
+    got = [q[k] for k in ("Min", "1Q", "Median", "3Q", "Max")]
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)

@@ -35,3 +35,18 @@ def test_inference_under_weights(case, ddf):
     np.testing.assert_allclose(fe["std_error"].to_numpy(), _list(want["se"]), rtol=1e-5)
     if ddf == "satterthwaite":
         np.testing.assert_allclose(fe["p_value"].to_numpy(), _list(want["p"]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_scaled_residuals_are_pearson_under_weights(case):
+    """The summary's scaled residuals under weights are lme4's: Pearson residuals
+    √w·(y − fitted) over σ (their quartiles, 1e-5 relative to the largest)."""
+    from mlpipe.predict import residual_summary
+
+    ref = json.loads((DATA / "weights_inference" / f"{case}.json").read_text())
+    data = DATA / "formula_language" / f"{ref['data']}.parquet"
+    res = mlpipe.fit(data, ref["formula"], weights=ref["weights"], ddf=None)
+    q = residual_summary(res, data).quantiles
+    got = [q[k] for k in ("Min", "1Q", "Median", "3Q", "Max")]
+    np.testing.assert_allclose(got, ref["scaled_residuals"], rtol=0,
+                               atol=1e-5 * max(abs(v) for v in ref["scaled_residuals"]))

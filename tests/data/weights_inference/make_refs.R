@@ -30,7 +30,10 @@ one <- function(case, data, formula, weights) {
   m <- lmer(as.formula(formula), data = d, weights = d[[weights]], REML = TRUE,
             control = lmerControl(optimizer = "bobyqa", optCtrl = list(rhoend = 1e-12)))
   res <- list(case = case, data = data, formula = formula, weights = weights,
-              reml_criterion = as.numeric(REMLcrit(m)))
+              reml_criterion = as.numeric(REMLcrit(m)),
+              # the summary's "Scaled residuals": Pearson (sqrt(w) (y - fitted)) / sigma
+              scaled_residuals = unname(quantile(residuals(m, type = "pearson",
+                                                           scaled = TRUE))))
   co <- summary(m, ddf = "Satterthwaite")$coefficients
   res[["Satterthwaite"]] <- list(term = rownames(co), estimate = unname(co[, 1]),
                                  se = unname(co[, 2]), df = unname(co[, 3]), p = unname(co[, 5]))
