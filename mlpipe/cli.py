@@ -68,6 +68,12 @@ def _add_fit(sub) -> None:
     f.add_argument("--stats", help="refit from a statistics file written by `mlpipe stats`")
     add_weights_option(f)
     add_residual_options(f)
+    f.add_argument("--family", choices=["gaussian", "binomial", "poisson"],
+                   help="a generalized linear mixed model (Laplace approximation, one "
+                        "grouping factor): binomial (0/1 or cbind(successes, failures)) or "
+                        "poisson (with offset(log(exposure))) (default: gaussian, an LMM)")
+    f.add_argument("--link", choices=["logit", "probit", "cloglog", "log"],
+                   help="the link of --family (default: logit for binomial, log for poisson)")
     method = f.add_mutually_exclusive_group()
     method.add_argument("--reml", dest="method", action="store_const", const="REML",
                         help="restricted maximum likelihood (the default, as lme4's lmer)")
@@ -220,6 +226,9 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
         cfg["correlation"] = args.correlation
     if args.residual_variance_by:
         cfg["residual_variance_by"] = args.residual_variance_by
+    for key in ("family", "link"):
+        if getattr(args, key):
+            cfg[key] = getattr(args, key)
     if args.method:
         cfg["method"] = args.method
     if args.out:

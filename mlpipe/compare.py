@@ -193,7 +193,7 @@ def _load_result_dir(path: Path, name: str | None) -> Model:
                      loglik=_num(d["loglik"]), deviance=_num(d["deviance"]),
                      aic=_num(d["aic"]), bic=_num(d["bic"]),
                      fixed_terms=tuple(r["term"] for r in d["fixed_effects"]),
-                     random_effects=re, residual_variance=float(d["residual_variance"]),
+                     random_effects=re, residual_variance=_num(d["residual_variance"]),
                      config=cfg, directory=path, residual_structure=d.get("correlation"))
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{rj} is not an mlpipe result ({type(exc).__name__}: {exc})") \

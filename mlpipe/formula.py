@@ -148,6 +148,9 @@ class Expr:
         if self.value in SPLIT_FUNCTIONS:
             raise FormulaError(f"{self.deparse()} is two columns: it can be a term, not part "
                                f"of arithmetic")
+        if self.value == "cbind":
+            raise FormulaError(f"{self.deparse()}: a cbind(successes, failures) response needs "
+                               f"a binomial family (--family binomial)")
         if self.value in BINARY_FUNCTIONS:
             a, b = (x.sql(aggregate_names) for x in self.args)
             return f"{BINARY_FUNCTIONS[self.value]}({a}, {b})"
@@ -358,7 +361,17 @@ class _Parser:
             raise self.fail("missing '~' (expected 'response ~ predictors')")
         if self.tok.text == "~":
             raise self.fail("missing response before '~'")
-        response = self.arith()
+        if self.tok.text == "cbind" and self.toks[self.i + 1].text == "(":
+            # lme4's binomial response cbind(successes, failures)
+            self.take()
+            self.take("(")
+            successes = self.arith()
+            self.take(",")
+            failures = self.arith()
+            self.take(")")
+            response = Expr("call", "cbind", (successes, failures))
+        else:
+            response = self.arith()
         self.take("~")
         if self.tok.kind == "end":
             raise self.fail("missing predictors after '~'")

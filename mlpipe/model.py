@@ -29,7 +29,8 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         ddf: str | None = "satterthwaite", ci: str | None = None, level: float = 0.95,
         memory_limit: str | None = None, threads: int | None = None,
         temp_directory: str | None = None, weights: str | None = None,
-        correlation: str | None = None, residual_variance_by: str | None = None) -> FitResult:
+        correlation: str | None = None, residual_variance_by: str | None = None,
+        family: str | None = None, link: str | None = None) -> FitResult:
     """Fit a linear mixed model.
 
     Either `data` (Parquet file / directory / glob, or CSV; or data in memory: a polars
@@ -42,7 +43,14 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     `correlation`: serially correlated residuals within a series, "ar1(TIME | GROUP)" (nlme's
     corAR1 on rows ordered by TIME) or "car1(TIME | GROUP)" (corCAR1: φ^|Δt|);
     `residual_variance_by`: a column whose levels have their own residual SD (varIdent).
+    `family` ("binomial", "poisson") and `link`: a generalized linear mixed model by the
+    Laplace approximation (mlpipe/glmm.py; one grouping factor so far).
     """
+    if family is not None and str(family).lower() != "gaussian":
+        return _fit_glmm(data, formula, family, link, stats=stats, weights=weights,
+                         correlation=correlation, residual_variance_by=residual_variance_by,
+                         method=method, ci=ci, memory_limit=memory_limit, threads=threads,
+                         temp_directory=temp_directory)
     method, ddf, ci = check_options(method, ddf, ci, level)  # before any work
     if stats is not None and data is not None:
         raise InputError("give DATA or saved statistics, not both")
@@ -92,7 +100,8 @@ def fit_config(cfg: dict, **overrides) -> FitResult:
                stats=cfg.get("stats"), ddf=cfg.get("ddf", "satterthwaite"), ci=cfg.get("ci"),
                level=float(cfg.get("level", 0.95)), weights=cfg.get("weights"),
                correlation=cfg.get("correlation"),
-               residual_variance_by=cfg.get("residual_variance_by"), **duck)
+               residual_variance_by=cfg.get("residual_variance_by"),
+               family=cfg.get("family"), link=cfg.get("link"), **duck)
 
 
 def fit_statistics(stats: Statistics, *, method: str = "REML",
@@ -138,6 +147,28 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     result.timings = {**stats.timings, "solve": t1 - t0,
                       "inference": time.perf_counter() - t1}
     runlog.stage("inference", result.timings["inference"], ddf=result.df_method)
+    return result
+
+
+def _fit_glmm(data, formula, family, link, *, stats, weights, correlation,
+              residual_variance_by, method, ci, memory_limit, threads,
+              temp_directory) -> FitResult:
+    """A GLMM (mlpipe/glmm.py): the data compressed to covariate patterns, the Laplace fit."""
+    from .glmm import compress, fit_glmm
+
+    if stats is not None or data is None or formula is None:
+        raise InputError("a GLMM needs DATA and a formula (saved statistics are Gaussian)")
+    if weights is not None or correlation is not None or residual_variance_by is not None:
+        raise InputError("GLMMs take no case weights or residual structure yet")
+    if str(method).upper() not in ("REML", "ML"):
+        raise InputError(f"method {method!r}: GLMMs are fitted by maximum likelihood")
+    if ci is not None:
+        raise InputError("confidence intervals for GLMMs are not done yet")
+    pat = compress(data, formula, family, link=link, memory_limit=memory_limit,
+                   threads=threads, temp_directory=temp_directory)
+    result = fit_glmm(pat)
+    runlog.stage("solve", result.timings["solve"], family=result.family,
+                 evaluations=result.optimizer.evaluations)
     return result
 
 

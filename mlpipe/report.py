@@ -1286,7 +1286,9 @@ def model_section(i: int, run: ModelRun, *, data: bool, sample_rows: int,
         earlier.append(re_["term"])
         rows.append([g, re_["term"], _fmt(re_["variance"]), _fmt(re_["std_dev"]),
                      " ".join(cors)])
-    rows.append(["Residual", "", _fmt(r.get("residual_variance")), _fmt(r.get("sigma")), ""])
+    if not r.get("family"):  # a GLMM's response has no residual variance
+        rows.append(["Residual", "", _fmt(r.get("residual_variance")), _fmt(r.get("sigma")),
+                     ""])
     out.append(_table(["group", "term", "variance", "std. dev.", "corr."], rows, cls="num"))
 
     # --- fit criteria
@@ -1299,6 +1301,15 @@ def model_section(i: int, run: ModelRun, *, data: bool, sample_rows: int,
     if r.get("method") == "REML":
         out.append(_note("REML fit: logLik, AIC and BIC are REML quantities; compare models "
                          "that differ in their fixed effects with ML fits (--ml)."))
+
+    if r.get("family"):  # a GLMM: the sections below are those of a linear mixed model
+        out.append(_note(f"Generalized linear mixed model ({r['family']}, {r.get('link')} "
+                         f"link, Laplace approximation): z tests; the variance "
+                         f"decomposition, residual and group-line sections are not drawn for "
+                         f"GLMMs yet."))
+        out += caterpillar_html(run)
+        out.append("</section>")
+        return "\n".join(out)
 
     # --- variance decomposition
     out.append("<h3>Variance decomposition</h3>")

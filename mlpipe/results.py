@@ -94,6 +94,11 @@ class FitResult:
     #: a residual structure (mlpipe/residual.py): structure, time, group, phi, series,
     #: variance_by, variance_ratios, optimizer — as result.json's "correlation"
     residual_structure: dict | None = None
+    #: a GLMM (mlpipe/glmm.py): the family ("binomial", "poisson"), link and nAGQ (1 =
+    #: Laplace); None for a linear mixed model
+    family: str | None = None
+    link: str | None = None
+    nagq: int | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -257,7 +262,7 @@ class FitResult:
             "df_method": self.df_method,
             "random_effects": rows(self.random_effects),
             "random_correlations": rows(self.random_correlations),
-            "residual_variance": self.residual_variance, "sigma": self.sigma,
+            "residual_variance": _clean(self.residual_variance), "sigma": self.sigma,
             "loglik": _clean(self.loglik), "deviance": _clean(self.deviance),
             "reml_criterion": self.reml_criterion, "aic": _clean(self.aic),
             "bic": _clean(self.bic),
@@ -270,6 +275,8 @@ class FitResult:
             "icc": self.icc,
             "variance_partition": self.variance_partition,
         }
+        if self.family is not None:
+            out.update(family=self.family, link=self.link, nagq=self.nagq)
         if self.residual_structure is not None:
             out["correlation"] = {k: _clean(v) if not isinstance(v, dict) else v
                                   for k, v in self.residual_structure.items()}
@@ -693,7 +700,12 @@ def correlation_text(names: list[str], corr: np.ndarray) -> list[str]:
 def render_summary(r: FitResult, correlation: bool = False) -> str:
     how = {"REML": "REML", "ML": "maximum likelihood",
            "moments": "the method of moments (fixed effects by GLS)"}[r.method]
-    lines = [f"Linear mixed model fit by {how} (mlpipe)", f"Formula: {r.formula}", ""]
+    if r.family is not None:
+        lines = ["Generalized linear mixed model fit by maximum likelihood (Laplace "
+                 "Approximation) (mlpipe)", f" Family: {r.family}  ( {r.link} )",
+                 f"Formula: {r.formula}", ""]
+    else:
+        lines = [f"Linear mixed model fit by {how} (mlpipe)", f"Formula: {r.formula}", ""]
     if r.method == "moments":
         lines += r.optimizer.messages + ["(no likelihood: no logLik, AIC, BIC or LRT)"]
     elif r.method == "REML":
@@ -707,8 +719,9 @@ def render_summary(r: FitResult, correlation: bool = False) -> str:
     lines += ["", "Random effects:"]
     corr = {(c["group"], c["term1"], c["term2"]): c["correlation"]
             for c in r.random_correlations.iter_rows(named=True)}
-    variances = r_format(r.random_effects["variance"].to_list() + [r.residual_variance])
-    sds = r_format(r.random_effects["std_dev"].to_list() + [r.sigma])
+    resid = [] if r.family is not None else [r.residual_variance]
+    variances = r_format(r.random_effects["variance"].to_list() + resid)
+    sds = r_format(r.random_effects["std_dev"].to_list() + ([] if r.family else [r.sigma]))
     rows = []
     before: list[str] = []  # the earlier terms of the current group
     for i, row in enumerate(r.random_effects.iter_rows(named=True)):
@@ -722,7 +735,8 @@ def render_summary(r: FitResult, correlation: bool = False) -> str:
         rows.append([row["group"] if first else "", row["term"], variances[i], sds[i],
                      " ".join(cors)])
         before.append(row["term"])
-    rows.append(["Residual", "", variances[-1], sds[-1], ""])
+    if r.family is None:  # a GLMM's binomial / Poisson response has no residual variance
+        rows.append(["Residual", "", variances[-1], sds[-1], ""])
     lines += _table(["Groups", "Name", "Variance", "Std.Dev.", "Corr"], rows, align_left=2)
     if r.residual_structure:
         lines += residual_structure_text(r.residual_structure)
@@ -742,6 +756,8 @@ def render_summary(r: FitResult, correlation: bool = False) -> str:
     has_df = r.fixed_effects["df"].null_count() < r.fixed_effects.height
     header = ["", "Estimate", "Std. Error"] + (["df"] if has_df else []) + ["t value"] + \
         (["Pr(>|t|)"] if has_df else [])
+    if r.family is not None:  # z tests, as glmer's summary
+        header = ["", "Estimate", "Std. Error", "z value", "Pr(>|z|)"]
     rows = []
     # as R's printCoefmat: estimates and SEs share the decimals the estimates need
     decimals = max(_r_decimals(r.fixed_effects["estimate"].to_list(), 5),
@@ -751,7 +767,7 @@ def render_summary(r: FitResult, correlation: bool = False) -> str:
         if has_df:
             row.append(f"{fe['df']:.1f}" if fe["df"] is not None else "NA")
         row.append(f"{fe['t_value']:.3f}")
-        if has_df:
+        if has_df or r.family is not None:
             p = fe["p_value"]
             row.append("NA" if p is None else "< 2e-16" if p < 2e-16 else f"{p:.3g}")
         rows.append(row)

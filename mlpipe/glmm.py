@@ -1,0 +1,437 @@
+"""Generalized linear mixed models (first step): binomial (logit, probit, cloglog; a 0/1
+outcome or lme4's `cbind(successes, failures)`) and Poisson (log, with `offset()`), one
+grouping factor with any random effects, by the Laplace approximation (lme4's nAGQ = 1).
+
+The data are compressed once (`sql/glmm_patterns.sql`): the rows are grouped by level and
+by the values of every model column (the covariate pattern), keeping per pattern the row
+count, Σ successes / Σ trials (binomial) or Σ y (Poisson) and Σ of the log-likelihood's
+constant (the binomial coefficients, −log y!).  That is exact — every row of a pattern has
+the same linear predictor — and the fit iterates in memory over the patterns, never over
+rows.  It pays when the patterns are few (categorical predictors, a cbind table); with
+continuous predictors every row is its own pattern, and above `MAX_PATTERNS` the fit is
+refused (the pass-per-iteration path of the issue is not done).
+
+Laplace (per evaluation, at (θ, β)): for each level the conditional mode û of the spherical
+random effects u (b = Λu) maximizes Σ_p ℓ_p(x_p'β + z_p'Λu + offset_p) − ½|u|², found by
+Newton's method batched over the levels (PIRLS); then
+
+    log L(θ, β) ≈ Σ_p ℓ_p(η̂_p) − ½ Σ_i |û_i|² − ½ Σ_i log|Λ'Z_i'W_iZ_iΛ + I|
+
+with W the working weights at û.  (θ, β) maximize it (BOBYQA, θ's diagonal ≥ 0), from a
+GLM fit and θ = 1, as glmer's second stage.  Standard errors of β: the inverse of the
+Hessian of −2 log L in (θ, β) by central differences, its β block (glmer's default,
+`use.hessian = TRUE`).  Conditional SDs of b: from the inverse of Λ'Z'WZΛ + I at û.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+import polars as pl
+
+from .errors import DataError, InputError
+
+FAMILIES = {"binomial": ("logit", "probit", "cloglog"), "poisson": ("log",)}
+MAX_PATTERNS = 2_000_000
+PIRLS_TOL = 1e-10
+PIRLS_MAXITER = 100
+
+
+# ---------------------------------------------------------------------- families
+
+def _inverse_link(link: str, eta: np.ndarray):
+    """μ, dμ/dη."""
+    if link == "logit":
+        mu = 1.0 / (1.0 + np.exp(-eta))
+        return mu, mu * (1.0 - mu)
+    if link == "probit":
+        from scipy.special import ndtr
+
+        return ndtr(eta), np.exp(-0.5 * eta * eta) / math.sqrt(2 * math.pi)
+    if link == "cloglog":
+        e = np.exp(eta)
+        return -np.expm1(-e), e * np.exp(-e)
+    if link == "log":
+        mu = np.exp(eta)
+        return mu, mu
+    raise InputError(f"unknown link {link!r}")
+
+
+def _loglik_parts(family: str, link: str, eta, sy, st, n):
+    """Per pattern: ℓ (without the constant), dℓ/dη and the working weight −E d²ℓ/dη²
+    (the expected information, as PIRLS uses; equal to the observed one for canonical
+    links)."""
+    mu, dmu = _inverse_link(link, eta)
+    if family == "binomial":
+        eps = 1e-300
+        mu = np.clip(mu, eps, 1 - 1e-16)
+        ll = sy * np.log(mu) + (st - sy) * np.log1p(-mu)
+        var = mu * (1.0 - mu)
+        score = (sy - st * mu) * dmu / var
+        w = st * dmu * dmu / var
+        return ll, score, w
+    # poisson, log link
+    ll = sy * eta - n * mu
+    return ll, sy - n * mu, n * mu
+
+
+# ---------------------------------------------------------------------- the patterns
+
+@dataclasses.dataclass
+class Patterns:
+    """The compressed data: per pattern its level index, X row, Z row, offset, row count,
+    Σy (successes), Σ trials (binomial) and Σ of the log-likelihood constant."""
+
+    family: str
+    link: str
+    formula: str
+    fixed_names: list[str]
+    random_names: list[str]
+    blocks: list[tuple[int, int]]
+    group: str
+    levels: np.ndarray
+    level: np.ndarray
+    X: np.ndarray
+    Z: np.ndarray
+    offset: np.ndarray
+    n: np.ndarray
+    sy: np.ndarray
+    st: np.ndarray
+    const: float
+    nobs: int
+    rows_dropped: int
+    timings: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def m(self) -> int:
+        return len(self.levels)
+
+
+def compress(data, formula: str, family: str, *, link: str | None = None,
+             memory_limit: str | None = None, threads: int | None = None,
+             temp_directory: str | None = None) -> Patterns:
+    """One pass: the model's rows grouped by level and covariate pattern."""
+    import duckdb
+
+    from ._sql import Source, connect, quote_ident, render
+    from .design import build_design, check_columns, compute_prepass, discover_levels
+    from .formula import parse_formula
+
+    t0 = time.perf_counter()
+    family = family.lower()
+    if family not in FAMILIES:
+        raise InputError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    link = (link or FAMILIES[family][0]).lower()
+    if link not in FAMILIES[family]:
+        raise InputError(f"the {family} family takes the link {' or '.join(FAMILIES[family])}, "
+                         f"not {link!r}")
+    parsed = parse_formula(formula)
+    cbind = parsed.response.kind == "call" and parsed.response.value == "cbind"
+    if cbind and family != "binomial":
+        raise InputError("a cbind(successes, failures) response needs --family binomial")
+    if len(parsed.grouping_factors) != 1:
+        raise InputError("GLMMs are fitted with one grouping factor so far "
+                         f"(this formula has {len(parsed.grouping_factors)})")
+    design_formula = dataclasses.replace(parsed, response=parsed.response.args[0]) if cbind \
+        else parsed
+    source = Source(data)
+    con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
+    try:
+        schema = source.schema(con, parsed.value_columns())
+        check_columns(design_formula, schema)
+        levels = discover_levels(con, source, design_formula, schema)
+        levels.update(compute_prepass(con, source, design_formula, schema))
+        design = build_design(design_formula, schema, levels)
+        if design.aggregates is not None and design.aggregates.tables:
+            raise InputError("center()/group_mean() are not supported in GLMMs yet")
+        f = design.factors[0]
+        y = f"CAST({design.response.sql} AS DOUBLE)"
+        if cbind:
+            fail = f"CAST({parsed.response.args[1].sql()} AS DOUBLE)"
+            trials = f"({y} + {fail})"
+            const = f"(lgamma({trials} + 1) - lgamma({y} + 1) - lgamma({fail} + 1))"
+        elif family == "binomial":
+            trials, const = "1.0", "0.0"
+        else:
+            trials, const = "1.0", f"(-lgamma({y} + 1))"
+        cols = [f"CAST({c.sql or '1.0'} AS DOUBLE) AS x{j}" for j, c in enumerate(design.fixed)]
+        cols += [f"CAST({c.sql or '1.0'} AS DOUBLE) AS z{j}" for j, c in enumerate(design.random)]
+        cols.append(f"CAST({design.offset or '0.0'} AS DOUBLE) AS off")
+        keys = [f"x{j}" for j in range(len(design.fixed))] + \
+            [f"z{j}" for j in range(len(design.random))] + ["off"]
+        gcols = [f"src.{quote_ident(c)} AS g{k}" for k, c in enumerate(f.columns)]
+        gkeys = [f"g{k}" for k in range(len(f.columns))]
+        label = " || ':' || ".join(f"CAST({g} AS VARCHAR)" for g in gkeys)
+        complete = design.complete_sql
+        sql = render("glmm_patterns", groups=", ".join(gcols), columns=", ".join(cols),
+                     y=y, trials=trials, const=const, source=source.relation,
+                     complete=complete, keys=", ".join(gkeys + keys), label=label,
+                     gkeys=", ".join(gkeys), pattern_keys=", ".join(keys))
+        try:
+            count = con.execute(render("glmm_count", sql=sql), {**source.params,
+                                                                **design.params}).fetchone()
+            if count[0] > MAX_PATTERNS:
+                raise InputError(f"{count[0]:,} distinct (level, covariate pattern) "
+                                 f"combinations: more than the {MAX_PATTERNS:,} the in-memory "
+                                 f"GLMM path takes (continuous predictors make every row a "
+                                 f"pattern); the pass-per-iteration path is not done yet")
+            tab = con.execute(sql, {**source.params, **design.params}).fetchnumpy()
+            tot = con.execute(render("glmm_rows", source=source.relation, complete=complete),
+                              source.params).fetchone()
+        except duckdb.Error as exc:
+            raise source.error(exc, "the GLMM pass failed over") from None
+    finally:
+        con.close()
+    if len(tab["n"]) == 0:
+        raise DataError("no rows left after dropping rows with missing values")
+    sy, st = np.asarray(tab["sy"], float), np.asarray(tab["st"], float)
+    if family == "binomial" and (np.any(sy < 0) or np.any(sy > st)):
+        raise DataError("binomial outcome: successes must lie between 0 and the trials "
+                        "(a 0/1 outcome, or cbind(successes, failures) with failures >= 0)")
+    if family == "poisson" and np.any(sy < 0):
+        raise DataError("Poisson outcome: counts must be non-negative")
+    labels = np.asarray(tab["label"], dtype=object)
+    lv, level = np.unique(labels.astype(str), return_inverse=True)
+    p, q = len(design.fixed), len(design.random)
+    X = np.column_stack([np.asarray(tab[f"x{j}"], float) for j in range(p)])
+    Z = np.column_stack([np.asarray(tab[f"z{j}"], float) for j in range(q)])
+    # the levels sort as the grouping column sorts (numbers numerically), as R's factors
+    from .stats import _label_key
+
+    types = {c: schema.get(c, "") for c in f.columns}
+    order = sorted(range(len(lv)), key=lambda i: _label_key(lv[i], list(f.columns), types))
+    rank = np.empty(len(lv), np.int64)
+    rank[order] = np.arange(len(lv))
+    return Patterns(family, link, parsed.text, [c.name for c in design.fixed],
+                    [c.name for c in design.random], [(b.start, b.size) for b in f.blocks],
+                    f.name, np.asarray(lv[order], dtype=object), rank[level], X, Z,
+                    np.asarray(tab["off"], float), np.asarray(tab["n"], float), sy, st,
+                    float(np.sum(tab["sc"])), int(tot[1]), int(tot[0]) - int(tot[1]),
+                    {"prepare": 0.0, "scan": time.perf_counter() - t0})
+
+
+# ---------------------------------------------------------------------- the Laplace fit
+
+class Laplace:
+    """−2 × the Laplace log-likelihood as a function of (θ, β), with û kept warm."""
+
+    def __init__(self, pat: Patterns):
+        from .objective import ThetaMap
+
+        self.pat = pat
+        self.tm = ThetaMap(pat.blocks, len(pat.random_names))
+        self.k = len(self.tm)
+        self.u = np.zeros((pat.m, len(pat.random_names)))
+        self.evaluations = 0
+
+    def split(self, x):
+        return np.asarray(x[:self.k], float), np.asarray(x[self.k:], float)
+
+    def modes(self, theta, beta, u0=None):
+        """û per level (m, q), η̂, the working weights and the Cholesky factors of
+        Λ'Z_i'W_iZ_iΛ + I; None when PIRLS fails."""
+        pat = self.pat
+        lam = self.tm.T(theta)
+        ZL = pat.Z @ lam  # (patterns, q)
+        xb = pat.X @ beta + pat.offset
+        u = (self.u if u0 is None else u0).copy()
+        m, q = u.shape
+
+        def objective(u):
+            eta = xb + np.einsum("pq,pq->p", ZL, u[pat.level])
+            ll, score, w = _loglik_parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n)
+            per = np.bincount(pat.level, ll, minlength=m) - 0.5 * np.sum(u * u, axis=1)
+            return per, eta, score, w
+
+        per, eta, score, w = objective(u)
+        for _ in range(PIRLS_MAXITER):
+            g = np.stack([np.bincount(pat.level, ZL[:, a] * score, minlength=m)
+                          for a in range(q)], axis=1) - u
+            H = np.zeros((m, q, q))
+            for a in range(q):
+                for b in range(a + 1):
+                    h = np.bincount(pat.level, w * ZL[:, a] * ZL[:, b], minlength=m)
+                    H[:, a, b] = h
+                    H[:, b, a] = h
+            H[:, range(q), range(q)] += 1.0
+            step = np.linalg.solve(H, g[:, :, None])[:, :, 0]
+            t = np.ones(m)
+            for _half in range(30):  # step halving, per level
+                new_u = u + t[:, None] * step
+                new_per, new_eta, new_score, new_w = objective(new_u)
+                bad = new_per < per - 1e-12 * np.abs(per)
+                if not bad.any():
+                    break
+                t = np.where(bad, t / 2, t)
+            u, per, eta, score, w = new_u, new_per, new_eta, new_score, new_w
+            if np.max(np.abs(t[:, None] * step)) < PIRLS_TOL:
+                break
+        else:
+            return None
+        H = np.zeros((m, q, q))
+        for a in range(q):
+            for b in range(a + 1):
+                h = np.bincount(pat.level, w * ZL[:, a] * ZL[:, b], minlength=m)
+                H[:, a, b] = h
+                H[:, b, a] = h
+        H[:, range(q), range(q)] += 1.0
+        return u, eta, w, H, per
+
+    def __call__(self, x) -> float:
+        self.evaluations += 1
+        theta, beta = self.split(x)
+        if np.any(theta[self.tm.diagonal] < 0):
+            return np.inf
+        with np.errstate(all="ignore"):
+            res = self.modes(theta, beta)
+        if res is None:
+            return np.inf
+        u, _eta, _w, H, per = res
+        self.u = u
+        try:
+            logdet = 2 * np.sum(np.log(np.diagonal(np.linalg.cholesky(H), axis1=1, axis2=2)))
+        except np.linalg.LinAlgError:
+            return np.inf
+        value = -2 * (float(np.sum(per)) + self.pat.const) + logdet
+        return value if np.isfinite(value) else np.inf
+
+
+def _glm_start(pat: Patterns) -> np.ndarray:
+    """β of the GLM without random effects (IRLS on the patterns)."""
+    beta = np.zeros(pat.X.shape[1])
+    for _ in range(100):
+        eta = pat.X @ beta + pat.offset
+        _ll, score, w = _loglik_parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n)
+        step = np.linalg.solve(pat.X.T @ (w[:, None] * pat.X), pat.X.T @ score)
+        beta = beta + step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return beta
+
+
+def _hessian(f, x: np.ndarray, h: float = 1e-4) -> np.ndarray:
+    n = len(x)
+    H = np.empty((n, n))
+    f0 = f(x)
+    steps = h * np.maximum(1.0, np.abs(x))
+    for i in range(n):
+        ei = np.zeros(n)
+        ei[i] = steps[i]
+        H[i, i] = (f(x + ei) - 2 * f0 + f(x - ei)) / steps[i] ** 2
+        for j in range(i):
+            ej = np.zeros(n)
+            ej[j] = steps[j]
+            H[i, j] = H[j, i] = (f(x + ei + ej) - f(x + ei - ej) - f(x - ei + ej)
+                                 + f(x - ei - ej)) / (4 * steps[i] * steps[j])
+    return H
+
+
+def fit_glmm(pat: Patterns):
+    """The Laplace fit of compressed data → a FitResult (family, link, nagq set)."""
+    import nlopt
+
+    from .optimize import SINGULAR_TOL, OptSummary
+    from .results import FitResult
+
+    t0 = time.perf_counter()
+    obj = Laplace(pat)
+    k = obj.k
+    beta0 = _glm_start(pat)
+    x0 = np.concatenate([obj.tm.initial, beta0])
+    opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
+    lower = np.concatenate([obj.tm.lower, np.full(len(beta0), -np.inf)])
+    opt.set_lower_bounds(lower)
+    opt.set_min_objective(lambda x, grad: obj(x))
+    opt.set_ftol_rel(1e-12)
+    opt.set_xtol_abs(1e-8)
+    opt.set_maxeval(20000)
+    opt.set_initial_step(np.concatenate([np.where(obj.tm.diagonal, 0.25, 0.1),
+                                         np.maximum(0.1, 0.1 * np.abs(beta0))]))
+    x = x0
+    best = obj(x0)
+    for _ in range(3):  # restart from the answer until it stops moving
+        try:
+            x_new = opt.optimize(x)
+        except nlopt.RoundoffLimited:
+            x_new = x
+        f_new = obj(x_new)
+        moved = f_new < best - 1e-10 * abs(best)
+        if f_new <= best:
+            x, best = x_new, f_new
+        if not moved:
+            break
+    dev = float(obj(x))
+    theta, beta = obj.split(x)
+    u, _eta, _w, H, _per = obj.modes(theta, beta)
+    # Var(β): the β block of the inverse Hessian of −2 log L in (θ, β) (glmer's default)
+    Hs = _hessian(obj, x)
+    try:
+        cov_all = 2 * np.linalg.inv(Hs)
+        vcov = cov_all[k:, k:]
+        if not np.all(np.isfinite(vcov)) or np.any(np.diag(vcov) <= 0):
+            raise np.linalg.LinAlgError
+        hessian_ok = True
+    except np.linalg.LinAlgError:
+        hessian_ok = False
+        vcov = np.full((len(beta), len(beta)), np.nan)
+    obj.modes(theta, beta)  # û at the answer again (the Hessian moved it)
+    lam = obj.tm.T(theta)
+    b = u @ lam.T
+    Hinv = np.linalg.inv(H)
+    cond_var = np.einsum("ab,mbc,dc->mad", lam, Hinv, lam)
+    cond_sd = np.sqrt(np.clip(np.einsum("maa->ma", cond_var), 0, None))
+    se = np.sqrt(np.diag(vcov))
+    z = beta / se
+    from scipy.special import ndtr
+
+    p_value = 2 * ndtr(-np.abs(z))
+    fixed = pl.DataFrame({"term": pat.fixed_names, "estimate": beta, "std_error": se,
+                          "t_value": z, "df": [None] * len(beta), "p_value": p_value},
+                         schema={"term": pl.Utf8, "estimate": pl.Float64,
+                                 "std_error": pl.Float64, "t_value": pl.Float64,
+                                 "df": pl.Float64, "p_value": pl.Float64})
+    cov = lam @ lam.T
+    q = len(pat.random_names)
+    rand = pl.DataFrame({"group": [pat.group] * q, "term": pat.random_names,
+                         "variance": np.diag(cov), "std_dev": np.sqrt(np.diag(cov))})
+    corr_rows = []
+    for start, size in pat.blocks:
+        for a in range(start, start + size):
+            for c in range(a + 1, start + size):
+                den = math.sqrt(cov[a, a] * cov[c, c])
+                corr_rows.append((pat.group, pat.random_names[a], pat.random_names[c],
+                                  cov[a, c] / den if den > 0 else float("nan")))
+    corrs = pl.DataFrame(corr_rows, schema={"group": pl.Utf8, "term1": pl.Utf8,
+                                            "term2": pl.Utf8, "correlation": pl.Float64},
+                         orient="row")
+    levels = pl.Series("level", pat.levels.astype(str), dtype=pl.Utf8)
+    ranef = pl.concat([pl.DataFrame({"level": levels, "estimate": b[:, a],
+                                     "cond_sd": cond_sd[:, a]}).select(
+        pl.lit(pat.group).alias("group"), "level", pl.lit(name).alias("term"), "estimate",
+        "cond_sd") for a, name in enumerate(pat.random_names)])
+    npar = len(beta) + k
+    loglik = -dev / 2
+    messages = [f"Laplace approximation (nAGQ = 1); {len(pat.n):,} covariate patterns of "
+                f"{pat.nobs:,} rows (the data compressed once: exact)"]
+    if not hessian_ok:
+        messages.append("the Hessian of the deviance is not positive definite: no SEs")
+    summary = OptSummary("LN_BOBYQA", x0.tolist(), float(obj(x0)), x.tolist(), dev,
+                         evaluations=obj.evaluations, return_code="SUCCESS",
+                         converged=hessian_ok, reml=False, seconds=time.perf_counter() - t0,
+                         messages=messages, start="glm")
+    singular = bool(np.any(theta[obj.tm.diagonal] < SINGULAR_TOL))
+    res = FitResult(
+        formula=pat.formula, method="ML", nobs=pat.nobs, groups={pat.group: pat.m},
+        fixed_effects=fixed, vcov_matrix=vcov, random_effects=rand, random_correlations=corrs,
+        residual_variance=float("nan"), sigma=1.0, loglik=loglik, deviance=dev,
+        reml_criterion=None, aic=dev + 2 * npar, bic=dev + npar * math.log(pat.nobs),
+        npar=npar, converged=hessian_ok, singular=singular, optimizer=summary, ranef=ranef,
+        theta=theta, rows_dropped=pat.rows_dropped, stats=None)
+    res.family, res.link, res.nagq = pat.family, pat.link, 1
+    if not np.isfinite(res.residual_variance):
+        res.residual_variance = float("nan")
+    res.timings = {**pat.timings, "solve": time.perf_counter() - t0, "inference": 0.0}
+    return res

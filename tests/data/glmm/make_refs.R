@@ -1,0 +1,65 @@
+# GLMM references made with glmmTMB (the exact Laplace approximation, derivatives by automatic
+# differentiation) and, beside each, glmer (lme4) — whose standard errors come from a
+# finite-difference Hessian and sit ~1% from the exact ones.  The glmer references of
+# ../shared/reference/glmm (cbpp_logit, cbpp_logit_agq, mmmec_pois_offset) are copied here.
+# Usage, from the repository root:  Rscript tests/data/glmm/make_refs.R
+suppressMessages({library(glmmTMB); library(lme4); library(mlmRev); library(jsonlite)})
+invisible(Sys.setlocale("LC_COLLATE", "C"))
+out <- "tests/data/glmm"
+py <- Sys.getenv("PYTHON", ".venv/bin/python")
+read_parquet <- function(name) {  # string columns stay factors (CSV would lose that)
+  f <- tempfile(fileext = ".csv")
+  system2(py, c("-c", shQuote(sprintf(paste0(
+    "import polars as pl; d = pl.read_parquet('%s/%s.parquet'); d.write_csv('%s'); ",
+    "open('%s.str', 'w').write(chr(10).join(c for c, t in d.schema.items() if t == pl.Utf8))"),
+    out, name, f, f))))
+  strs <- readLines(paste0(f, ".str"))
+  d <- read.csv(f, colClasses = setNames(rep("character", length(strs)), strs))
+  for (v in names(d)) if (is.character(d[[v]])) d[[v]] <- factor(d[[v]], levels = sort(unique(d[[v]])))
+  d
+}
+# mlmRev's Contraception (Bangladesh 1988): a 0/1 outcome, 1934 women in 60 districts
+data(Contraception)
+con <- data.frame(use = as.integer(Contraception$use == "Y"), age = Contraception$age,
+                  urban = as.character(Contraception$urban),
+                  district = as.character(Contraception$district))
+f <- file.path(out, "contraception.csv")
+write.csv(con, f, row.names = FALSE)
+system2(py, c("-c", shQuote(sprintf(
+  "import polars as pl; pl.read_csv('%s', schema_overrides={'district': pl.Utf8, 'urban': pl.Utf8}).write_parquet('%s')",
+  f, sub("csv$", "parquet", f)))))
+unlink(f)
+one <- function(case, data, formula, family, mlpipe_family, link) {
+  d <- read_parquet(data)
+  fam <- family
+  m <- glmmTMB(as.formula(formula), d, family = fam)
+  g <- glmer(as.formula(formula), d, family = fam,
+             control = glmerControl(optimizer = "bobyqa", optCtrl = list(maxfun = 1e5)))
+  vc <- VarCorr(m)$cond[[1]]
+  res <- list(case = case, data = data, formula = formula, family = mlpipe_family,
+              link = link, engine = "glmmTMB",
+              loglik = as.numeric(logLik(m)),
+              fixed = list(term = names(fixef(m)$cond), estimate = unname(fixef(m)$cond),
+                           se = unname(sqrt(diag(vcov(m)$cond)))),
+              sd = unname(attr(vc, "stddev")),
+              corr = if (ncol(vc) > 1) unname(attr(vc, "correlation")[2, 1]) else NULL,
+              glmer = list(loglik = as.numeric(logLik(g)), estimate = unname(fixef(g)),
+                           se = unname(sqrt(diag(as.matrix(vcov(g)))))))
+  write(toJSON(res, auto_unbox = TRUE, digits = NA, pretty = TRUE),
+        file.path(out, paste0(case, ".json")))
+}
+one("tmb_cbpp_logit", "cbpp", "cbind(incidence, failures) ~ period + (1 | herd)",
+    binomial(), "binomial", "logit")
+one("tmb_cbpp_probit", "cbpp", "cbind(incidence, failures) ~ period + (1 | herd)",
+    binomial(link = "probit"), "binomial", "probit")
+one("tmb_cbpp_cloglog", "cbpp", "cbind(incidence, failures) ~ period + (1 | herd)",
+    binomial(link = "cloglog"), "binomial", "cloglog")
+one("tmb_mmmec_offset", "mmmec", "deaths ~ uvb + (1 | region) + offset(logexp)",
+    poisson(), "poisson", "log")
+one("tmb_mmmec_slope", "mmmec", "deaths ~ uvb + (uvb | nation) + offset(logexp)",
+    poisson(), "poisson", "log")
+one("tmb_contraception", "contraception", "use ~ age + urban + (1 | district)",
+    binomial(), "binomial", "logit")
+one("tmb_contraception_slope", "contraception", "use ~ age + urban + (urban | district)",
+    binomial(), "binomial", "logit")
+cat("done\n")
