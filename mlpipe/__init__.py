@@ -34,7 +34,8 @@ _EXPORTS = {
 }
 _SUBMODULES = {"anova", "blocked", "cli", "compare", "config", "design", "errors", "formula",
                "inference", "model", "objective", "optimize", "predict", "report", "results",
-               "residual", "runlog", "simulate", "stats", "store", "variance"}
+               "glmm", "moments", "residual", "runlog", "simulate", "stats", "store",
+               "variance"}
 
 __all__ = ["fit", "fit_statistics", "compute_statistics", "parse_formula", "Statistics",
            "FitResult", "MlpipeError", "InputError", "FormulaError", "DataError", "compare",

@@ -74,6 +74,9 @@ def _add_fit(sub) -> None:
                         "poisson (with offset(log(exposure))) (default: gaussian, an LMM)")
     f.add_argument("--link", choices=["logit", "probit", "cloglog", "log"],
                    help="the link of --family (default: logit for binomial, log for poisson)")
+    f.add_argument("--nagq", type=int,
+                   help="with --family: adaptive Gauss-Hermite quadrature points for a "
+                        "single scalar random effect, as glmer's nAGQ (default: 1, Laplace)")
     method = f.add_mutually_exclusive_group()
     method.add_argument("--reml", dest="method", action="store_const", const="REML",
                         help="restricted maximum likelihood (the default, as lme4's lmer)")
@@ -226,7 +229,7 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
         cfg["correlation"] = args.correlation
     if args.residual_variance_by:
         cfg["residual_variance_by"] = args.residual_variance_by
-    for key in ("family", "link"):
+    for key in ("family", "link", "nagq"):
         if getattr(args, key):
             cfg[key] = getattr(args, key)
     if args.method:

@@ -30,7 +30,7 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         memory_limit: str | None = None, threads: int | None = None,
         temp_directory: str | None = None, weights: str | None = None,
         correlation: str | None = None, residual_variance_by: str | None = None,
-        family: str | None = None, link: str | None = None) -> FitResult:
+        family: str | None = None, link: str | None = None, nagq: int = 1) -> FitResult:
     """Fit a linear mixed model.
 
     Either `data` (Parquet file / directory / glob, or CSV; or data in memory: a polars
@@ -44,10 +44,11 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     corAR1 on rows ordered by TIME) or "car1(TIME | GROUP)" (corCAR1: φ^|Δt|);
     `residual_variance_by`: a column whose levels have their own residual SD (varIdent).
     `family` ("binomial", "poisson") and `link`: a generalized linear mixed model by the
-    Laplace approximation (mlpipe/glmm.py; one grouping factor so far).
+    Laplace approximation (mlpipe/glmm.py; one grouping factor so far), or with `nagq` > 1
+    adaptive Gauss-Hermite quadrature (one scalar random effect, as glmer's nAGQ).
     """
     if family is not None and str(family).lower() != "gaussian":
-        return _fit_glmm(data, formula, family, link, stats=stats, weights=weights,
+        return _fit_glmm(data, formula, family, link, nagq, stats=stats, weights=weights,
                          correlation=correlation, residual_variance_by=residual_variance_by,
                          method=method, ci=ci, memory_limit=memory_limit, threads=threads,
                          temp_directory=temp_directory)
@@ -101,7 +102,8 @@ def fit_config(cfg: dict, **overrides) -> FitResult:
                level=float(cfg.get("level", 0.95)), weights=cfg.get("weights"),
                correlation=cfg.get("correlation"),
                residual_variance_by=cfg.get("residual_variance_by"),
-               family=cfg.get("family"), link=cfg.get("link"), **duck)
+               family=cfg.get("family"), link=cfg.get("link"),
+               nagq=int(cfg.get("nagq", 1)), **duck)
 
 
 def fit_statistics(stats: Statistics, *, method: str = "REML",
@@ -150,7 +152,7 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     return result
 
 
-def _fit_glmm(data, formula, family, link, *, stats, weights, correlation,
+def _fit_glmm(data, formula, family, link, nagq, *, stats, weights, correlation,
               residual_variance_by, method, ci, memory_limit, threads,
               temp_directory) -> FitResult:
     """A GLMM (mlpipe/glmm.py): the data compressed to covariate patterns, the Laplace fit."""
@@ -166,7 +168,7 @@ def _fit_glmm(data, formula, family, link, *, stats, weights, correlation,
         raise InputError("confidence intervals for GLMMs are not done yet")
     pat = compress(data, formula, family, link=link, memory_limit=memory_limit,
                    threads=threads, temp_directory=temp_directory)
-    result = fit_glmm(pat)
+    result = fit_glmm(pat, nagq=nagq)
     runlog.stage("solve", result.timings["solve"], family=result.family,
                  evaluations=result.optimizer.evaluations)
     return result

@@ -101,3 +101,34 @@ def test_refusals(tmp_path):
         mlpipe.fit(cbpp, "incidence ~ period + (1 | herd) + (1 | period)", family="poisson")
     with pytest.raises(DataError, match="successes must lie between 0 and the trials"):
         mlpipe.fit(cbpp, "size ~ period + (1 | herd)", family="binomial")
+
+
+def test_adaptive_quadrature_against_glmer_nagq25():
+    """--nagq 25 (one scalar random effect): estimates, SEs and the SD as glmer's nAGQ = 25
+    (1e-4); the quadrature with one node is the Laplace approximation; the quadrature log-likelihood, with every
+    constant, lies close to Laplace's (glmer's nAGQ > 1 logLik is on another scale and is
+    not compared)."""
+    ref = json.loads((DATA / "cbpp_logit_agq.json").read_text())
+    data = DATA / "cbpp.parquet"
+    agq = mlpipe.fit(data, ref["formula"], family="binomial", nagq=25)
+    lap = mlpipe.fit(data, ref["formula"], family="binomial")
+    assert agq.nagq == 25 and lap.nagq == 1
+    se = np.asarray(ref["fixed"]["se"])
+    assert np.all(np.abs(agq.fixed_effects["estimate"].to_numpy() - ref["fixed"]["estimate"])
+                  <= 1e-3 * se)
+    np.testing.assert_allclose(agq.fixed_effects["std_error"].to_numpy(), se, rtol=1e-4)
+    assert agq.random_effects["std_dev"][0] == pytest.approx(ref["varcorr"][0]["sdcor"],
+                                                             rel=1e-4)
+    assert abs(agq.loglik - lap.loglik) < 0.5
+    one = mlpipe.fit(data, ref["formula"], family="binomial", nagq=1)
+    assert one.loglik == lap.loglik
+    from mlpipe.glmm import Laplace, compress
+
+    pat = compress(data, ref["formula"], "binomial")
+    x = np.concatenate([lap.theta, lap.fixed_effects["estimate"].to_numpy()])
+    quad = Laplace(pat, nagq=2)
+    quad.nodes, quad.weights = np.polynomial.hermite.hermgauss(1)  # one node: Laplace
+    assert quad(x) == pytest.approx(Laplace(pat)(x), rel=1e-12)
+    with pytest.raises(InputError, match="single scalar random effect"):
+        mlpipe.fit(DATA / "mmmec.parquet", "deaths ~ uvb + (uvb | nation) + offset(logexp)",
+                   family="poisson", nagq=5)
