@@ -315,7 +315,7 @@ class Laplace:
         xb = pat.X @ beta + pat.offset
         sd = 1.0 / np.sqrt(H[:, 0, 0])  # (m,)
         m = pat.m
-        terms = np.empty((self.nagq, m))
+        terms = np.empty((len(self.nodes), m))
         for k, (z, w) in enumerate(zip(self.nodes, self.weights)):
             uk = u[:, 0] + math.sqrt(2.0) * sd * z
             eta = xb + zl * uk[pat.level]
