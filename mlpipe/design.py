@@ -225,7 +225,7 @@ def discover_levels(con: duckdb.DuckDBPyConnection, source: Source, formula: For
     complete = complete_condition(model_columns(formula, weights, extra), schema)
     sql = render("levels", lists=lists, source=source.relation, complete=complete)
     try:
-        row = con.execute(sql, source.params).fetchone()
+        row = con.execute(sql, source.params).fetchall()[0]  # all: no open result left
     except duckdb.Error as exc:
         raise source.error(exc) from None
     found = {c: (list(v) if v is not None else []) for c, v in zip(cols, row)}
@@ -310,7 +310,7 @@ def compute_prepass(con: duckdb.DuckDBPyConnection, source: Source, formula: For
            f"{', '.join(f'any_value(__mlpipe_m.m{k})' for k in range(len(args)))}, "
            f"{sums} FROM {source.relation} CROSS JOIN __mlpipe_m WHERE {complete}")
     try:
-        row = con.execute(sql, source.params).fetchone()
+        row = con.execute(sql, source.params).fetchall()[0]  # all: no open result left
     except duckdb.Error as exc:
         raise source.error(exc) from None
     n, row = int(row[0]), list(row[1:])

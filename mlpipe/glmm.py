@@ -104,6 +104,9 @@ class Patterns:
     nobs: int
     rows_dropped: int
     timings: dict = dataclasses.field(default_factory=dict)
+    factor_levels: dict = dataclasses.field(default_factory=dict)  # the coding (design)
+    group_types: dict = dataclasses.field(default_factory=dict)  # DuckDB type per column
+    source: str = ""  # the data's location, for prediction and residuals
 
     @property
     def m(self) -> int:
@@ -210,7 +213,8 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
                     f.name, np.asarray(lv[order], dtype=object), rank[level], X, Z,
                     np.asarray(tab["off"], float), np.asarray(tab["n"], float), sy, st,
                     float(np.sum(tab["sc"])), int(tot[1]), int(tot[0]) - int(tot[1]),
-                    {"prepare": 0.0, "scan": time.perf_counter() - t0})
+                    {"prepare": 0.0, "scan": time.perf_counter() - t0}, dict(design.levels),
+                    types, source.location)
 
 
 # ---------------------------------------------------------------------- the Laplace fit
@@ -471,6 +475,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
         npar=npar, converged=hessian_ok, singular=singular, optimizer=summary, ranef=ranef,
         theta=theta, rows_dropped=pat.rows_dropped, stats=None)
     res.family, res.link, res.nagq = pat.family, pat.link, nagq
+    res.factor_levels, res.group_types = pat.factor_levels, pat.group_types
     if not np.isfinite(res.residual_variance):
         res.residual_variance = float("nan")
     res.timings = {**pat.timings, "solve": time.perf_counter() - t0, "inference": 0.0}

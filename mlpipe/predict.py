@@ -19,6 +19,7 @@ Python unless a polars DataFrame is asked for (small data only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -73,6 +74,9 @@ class FittedModel:
     weights: str | None = None
     variance_by: str | None = None
     variance_ratios: dict | None = None
+    #: a GLMM's family and link (predictions on the link scale, and the response scale)
+    family: str | None = None
+    link: str | None = None
 
     @classmethod
     def from_result(cls, result) -> FittedModel:
@@ -82,12 +86,16 @@ class FittedModel:
         source = getattr(stats, "source", None) or None
         types = getattr(stats, "group_types", None) if stats is not None else None
         rs = getattr(result, "residual_structure", None) or {}
+        if stats is None:  # a fit without Statistics (a GLMM) keeps its own coding
+            levels = getattr(result, "factor_levels", None)
+            types = getattr(result, "group_types", None)
         return cls(result.formula, dict(result.fixef), float(result.sigma), result.ranef,
                    dict(levels) if levels else None, source, int(result.nobs),
                    getattr(stats, "group_type", None) or None, dict(types) if types else None,
                    getattr(stats, "centering", None),
                    getattr(stats, "weights", None) or None, rs.get("variance_by"),
-                   rs.get("variance_ratios"))
+                   rs.get("variance_ratios"), getattr(result, "family", None),
+                   getattr(result, "link", None))
 
 
 def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
@@ -146,7 +154,8 @@ def load_result_dir(path: str | os.PathLike[str]) -> FittedModel:
                        int(nobs) if nobs is not None else None, group_type,
                        dict(group_types) if isinstance(group_types, dict) else None,
                        centering if isinstance(centering, dict) else None, weights,
-                       rs.get("variance_by"), rs.get("variance_ratios"))
+                       rs.get("variance_by"), rs.get("variance_ratios"), meta.get("family"),
+                       meta.get("link"))
 
 
 def as_model(result) -> FittedModel:
@@ -505,6 +514,9 @@ def linear_predictor(model: FittedModel, frame: Frame, con: duckdb.DuckDBPyConne
     if level not in LEVELS:
         raise InputError(f"level must be 'conditional' or 'population', not {level!r}")
     formula = parse_formula(model.formula)
+    if formula.response.kind == "call" and formula.response.value == "cbind":
+        # a binomial GLMM's cbind(successes, failures): the linear predictor needs neither
+        formula = dataclasses.replace(formula, response=formula.response.args[0])
     schema = frame.schema(formula.value_columns())
     levels = _fit_levels(model, con, formula, schema)
     pred = _compile(model, formula, schema, levels, level, frame.path, training=training)
@@ -556,7 +568,13 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
         numbered = level == "conditional" and keep_order
         internal = pred.internal + (["__mlpipe_row"] if numbered else [])
         output = f"* EXCLUDE ({', '.join(internal)})"
-        if pred.has_response:
+        if model.family:  # a GLMM: fitted is on the link scale
+            mu = inverse_link_sql(model.link, "fitted")
+            output += f", {mu} AS fitted_response"
+            cbind = "cbind(" in model.formula.split("~", 1)[0]
+            if pred.has_response and not cbind:
+                output += f", __mlpipe_y - {mu} AS residual"
+        elif pred.has_response:
             output += ", __mlpipe_y - fitted AS residual"
         source, means, inputs = frame.relation, [], None
         if pred.formula.aggregates():
@@ -582,6 +600,28 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
         return _write(con, sql, params, frame.path, out, fmt)
     finally:
         con.close()
+
+
+def inverse_link_sql(link: str, eta: str) -> str:
+    """SQL of a GLMM's inverse link at `eta`: the response-scale prediction (probability or
+    mean count).  DuckDB has no normal CDF: the probit's is 1 − erfc(η/√2)/2 by Numerical
+    Recipes' erfcc (relative error below 1.2e-7)."""
+    if link == "logit":
+        return f"(1.0 / (1.0 + exp(-({eta}))))"
+    if link == "cloglog":
+        return f"(1.0 - exp(-exp({eta})))"
+    if link == "log":
+        return f"exp({eta})"
+    if link == "probit":
+        z = f"(abs({eta}) / sqrt(2.0))"
+        t = f"(1.0 / (1.0 + 0.5 * {z}))"
+        poly = "0.17087277"
+        for c in ("-0.82215223", "1.48851587", "-1.13520398", "0.27886807", "-0.18628806",
+                  "0.09678418", "0.37409196", "1.00002368"):
+            poly = f"({c} + {t} * {poly})"
+        erfc = f"({t} * exp(-{z} * {z} - 1.26551223 + {t} * {poly}))"
+        return f"(CASE WHEN ({eta}) >= 0 THEN 1.0 - 0.5 * {erfc} ELSE 0.5 * {erfc} END)"
+    raise InputError(f"no inverse link for {link!r}")
 
 
 def _exclude(select: str, columns: list[str]) -> str:

@@ -99,6 +99,10 @@ class FitResult:
     family: str | None = None
     link: str | None = None
     nagq: int | None = None
+    #: coding of categorical predictors and grouping-column types of a fit without
+    #: `Statistics` (a GLMM); otherwise read from `stats`
+    factor_levels: dict | None = None
+    group_types: dict | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -268,7 +272,8 @@ class FitResult:
             "bic": _clean(self.bic),
             "npar": self.npar, "converged": self.converged, "singular": self.singular,
             "theta": self.theta.tolist(), "rows_dropped": self.rows_dropped,
-            "factor_levels": self.stats.factor_levels if self.stats is not None else {},
+            "factor_levels": self.stats.factor_levels if self.stats is not None
+            else (self.factor_levels or {}),
             "group_type": self.stats.group_type if self.stats is not None else "",
             "optimizer": {k: _clean(v) for k, v in self.optimizer.to_dict().items()
                           if k not in RUN_ONLY},
@@ -277,6 +282,8 @@ class FitResult:
         }
         if self.family is not None:
             out.update(family=self.family, link=self.link, nagq=self.nagq)
+        if self.stats is None and self.group_types:
+            out["group_types"] = self.group_types
         if self.residual_structure is not None:
             out["correlation"] = {k: _clean(v) if not isinstance(v, dict) else v
                                   for k, v in self.residual_structure.items()}
