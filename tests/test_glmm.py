@@ -106,8 +106,8 @@ def test_refusals(tmp_path):
 def test_adaptive_quadrature_against_glmer_nagq25():
     """--nagq 25 (one scalar random effect): estimates, SEs and the SD as glmer's nAGQ = 25
     (1e-4); the quadrature with one node is the Laplace approximation; the quadrature
-    log-likelihood, with every constant, lies close to Laplace's (glmer's nAGQ > 1 logLik is on another scale and is
-    not compared)."""
+    log-likelihood, with every constant, lies close to Laplace's (glmer's nAGQ > 1 logLik is
+    on another scale and is not compared)."""
     ref = json.loads((DATA / "cbpp_logit_agq.json").read_text())
     data = DATA / "cbpp.parquet"
     agq = mlpipe.fit(data, ref["formula"], family="binomial", nagq=25)
