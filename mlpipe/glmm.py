@@ -104,6 +104,11 @@ class Patterns:
     nobs: int
     rows_dropped: int
     timings: dict = dataclasses.field(default_factory=dict)
+    #: every grouping factor: (name, level labels, level of each pattern (P,), its Z columns
+    #: (indices into Z's columns), its correlated blocks); `group`/`levels`/`level` are the
+    #: first's
+    factors: list = dataclasses.field(default_factory=list)
+    z_names: list = dataclasses.field(default_factory=list)  # the names of Z's columns
     factor_levels: dict = dataclasses.field(default_factory=dict)  # the coding (design)
     group_types: dict = dataclasses.field(default_factory=dict)  # DuckDB type per column
     source: str = ""  # the data's location, for prediction and residuals
@@ -135,9 +140,6 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
     cbind = parsed.response.kind == "call" and parsed.response.value == "cbind"
     if cbind and family != "binomial":
         raise InputError("a cbind(successes, failures) response needs --family binomial")
-    if len(parsed.grouping_factors) != 1:
-        raise InputError("GLMMs are fitted with one grouping factor so far "
-                         f"(this formula has {len(parsed.grouping_factors)})")
     design_formula = dataclasses.replace(parsed, response=parsed.response.args[0]) if cbind \
         else parsed
     source = Source(data)
@@ -150,7 +152,6 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         design = build_design(design_formula, schema, levels)
         if design.aggregates is not None and design.aggregates.tables:
             raise InputError("center()/group_mean() are not supported in GLMMs yet")
-        f = design.factors[0]
         y = f"CAST({design.response.sql} AS DOUBLE)"
         if cbind:
             fail = f"CAST({parsed.response.args[1].sql()} AS DOUBLE)"
@@ -165,9 +166,12 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         cols.append(f"CAST({design.offset or '0.0'} AS DOUBLE) AS off")
         keys = [f"x{j}" for j in range(len(design.fixed))] + \
             [f"z{j}" for j in range(len(design.random))] + ["off"]
-        gcols = [f"src.{quote_ident(c)} AS g{k}" for k, c in enumerate(f.columns)]
-        gkeys = [f"g{k}" for k in range(len(f.columns))]
-        label = " || ':' || ".join(f"CAST({g} AS VARCHAR)" for g in gkeys)
+        allcols = list(dict.fromkeys(c for fd in design.factors for c in fd.columns))
+        gcols = [f"src.{quote_ident(c)} AS g{k}" for k, c in enumerate(allcols)]
+        gkeys = [f"g{k}" for k in range(len(allcols))]
+        label = ", ".join(
+            " || ':' || ".join(f"CAST(g{allcols.index(c)} AS VARCHAR)" for c in fd.columns)
+            + f" AS label{k}" for k, fd in enumerate(design.factors))
         complete = design.complete_sql
         sql = render("glmm_patterns", groups=", ".join(gcols), columns=", ".join(cols),
                      y=y, trials=trials, const=const, source=source.relation,
@@ -196,25 +200,33 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
                         "(a 0/1 outcome, or cbind(successes, failures) with failures >= 0)")
     if family == "poisson" and np.any(sy < 0):
         raise DataError("Poisson outcome: counts must be non-negative")
-    labels = np.asarray(tab["label"], dtype=object)
-    lv, level = np.unique(labels.astype(str), return_inverse=True)
     p, q = len(design.fixed), len(design.random)
     X = np.column_stack([np.asarray(tab[f"x{j}"], float) for j in range(p)])
     Z = np.column_stack([np.asarray(tab[f"z{j}"], float) for j in range(q)])
-    # the levels sort as the grouping column sorts (numbers numerically), as R's factors
+    # the levels sort as the grouping columns sort (numbers numerically), as R's factors
     from .stats import _label_key
 
-    types = {c: schema.get(c, "") for c in f.columns}
-    order = sorted(range(len(lv)), key=lambda i: _label_key(lv[i], list(f.columns), types))
-    rank = np.empty(len(lv), np.int64)
-    rank[order] = np.arange(len(lv))
+    types = {c: schema.get(c, "") for c in allcols}
+    factors = []
+    for k, fd in enumerate(design.factors):
+        labels = np.asarray(tab[f"label{k}"], dtype=object)
+        lv, level = np.unique(labels.astype(str), return_inverse=True)
+        order = sorted(range(len(lv)), key=lambda i: _label_key(lv[i], list(fd.columns),
+                                                                types))
+        rank = np.empty(len(lv), np.int64)
+        rank[order] = np.arange(len(lv))
+        factors.append((fd.name, np.asarray(lv[order], dtype=object), rank[level],
+                        list(fd.z), [(b.start, b.size) for b in fd.blocks]))
+    first = factors[0]
     return Patterns(family, link, parsed.text, [c.name for c in design.fixed],
-                    [c.name for c in design.random], [(b.start, b.size) for b in f.blocks],
-                    f.name, np.asarray(lv[order], dtype=object), rank[level], X, Z,
+                    [design.random[j].name for j in first[3]], first[4],
+                    first[0], first[1], first[2], X, Z[:, first[3]] if len(factors) == 1
+                    else Z,
                     np.asarray(tab["off"], float), np.asarray(tab["n"], float), sy, st,
                     float(np.sum(tab["sc"])), int(tot[1]), int(tot[0]) - int(tot[1]),
-                    {"prepare": 0.0, "scan": time.perf_counter() - t0}, dict(design.levels),
-                    types, source.location)
+                    {"prepare": 0.0, "scan": time.perf_counter() - t0}, factors,
+                    [c.name for c in design.random], dict(design.levels), types,
+                    source.location)
 
 
 # ---------------------------------------------------------------------- the Laplace fit
@@ -331,6 +343,142 @@ class Laplace:
         return float(np.sum(lse + np.log(math.sqrt(2.0) * sd) - 0.5 * math.log(2 * math.pi)))
 
 
+class SparseLaplace:
+    """The Laplace deviance of several grouping factors (crossed or nested): the modes of
+    all the factors' spherical random effects at once, by Newton's method with sparse
+    H = Λ'Z'WZΛ + I (scipy's sparse LU; log|H| from its diagonal), Z the patterns' sparse
+    model matrix of every factor's levels.  θ: the factors' blocks in formula order."""
+
+    def __init__(self, pat: Patterns):
+        import scipy.sparse as sp
+
+        from .objective import ThetaMap
+
+        self.pat, self.nagq = pat, 1
+        P = len(pat.n)
+        self.q = [len(f[3]) for f in pat.factors]
+        self.m = [len(f[1]) for f in pat.factors]
+        self.off = np.concatenate([[0], np.cumsum([q * m for q, m in zip(self.q, self.m)])])
+        self.Q = int(self.off[-1])
+        self.toff = np.concatenate([[0], np.cumsum(self.q)]).astype(int)
+        blocks = [(int(self.toff[k]) + s0, n) for k, f in enumerate(pat.factors)
+                  for s0, n in f[4]]
+        self.tm = ThetaMap(blocks, int(self.toff[-1]))
+        self.k = len(self.tm)
+        rows, cols, vals = [], [], []
+        for k, (_name, _lab, level, zc, _b) in enumerate(pat.factors):
+            for a, j in enumerate(zc):
+                rows.append(np.arange(P))
+                cols.append(self.off[k] + level * self.q[k] + a)
+                vals.append(pat.Z[:, j])
+        self.Zs = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
+                                                       np.concatenate(cols))), shape=(P, self.Q))
+        self.u = np.zeros(self.Q)
+        self.evaluations = 0
+
+    def split(self, x):
+        return np.asarray(x[:self.k], float), np.asarray(x[self.k:], float)
+
+    def T_blocks(self, theta):
+        T = self.tm.T(theta)
+        return [T[self.toff[k]:self.toff[k + 1], self.toff[k]:self.toff[k + 1]]
+                for k in range(len(self.q))]
+
+    def lam(self, theta):
+        import scipy.sparse as sp
+
+        return sp.block_diag([sp.kron(sp.identity(m), sp.csr_matrix(T))
+                              for m, T in zip(self.m, self.T_blocks(theta))]).tocsr()
+
+    def modes(self, theta, beta, u0=None):
+        """û (Q,), η̂, the weights, the LU of H at û, Σℓ − ½|û|²; None if PIRLS fails."""
+        import scipy.sparse as sp
+        from scipy.sparse.linalg import splu
+
+        pat = self.pat
+        ZL = (self.Zs @ self.lam(theta)).tocsr()
+        xb = pat.X @ beta + pat.offset
+        u = (self.u if u0 is None else u0).copy()
+        eye = sp.identity(self.Q, format="csc")
+
+        def objective(u):
+            eta = xb + ZL @ u
+            ll, score, w = _loglik_parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n)
+            return float(np.sum(ll) - 0.5 * u @ u), eta, score, w
+
+        val, eta, score, w = objective(u)
+        for _ in range(PIRLS_MAXITER):
+            g = ZL.T @ score - u
+            H = (ZL.T @ sp.diags(w) @ ZL + eye).tocsc()
+            step = splu(H).solve(g)
+            t = 1.0
+            for _half in range(30):
+                new = objective(u + t * step)
+                if new[0] >= val - 1e-12 * abs(val):
+                    break
+                t /= 2
+            u = u + t * step
+            val, eta, score, w = new
+            if np.max(np.abs(t * step)) < PIRLS_TOL:
+                break
+        else:
+            return None
+        lu = splu((ZL.T @ sp.diags(w) @ ZL + eye).tocsc())
+        return u, eta, w, lu, val
+
+    def __call__(self, x) -> float:
+        self.evaluations += 1
+        theta, beta = self.split(x)
+        if np.any(theta[self.tm.diagonal] < 0):
+            return np.inf
+        with np.errstate(all="ignore"):
+            try:
+                res = self.modes(theta, beta)
+            except RuntimeError:  # a singular LU
+                return np.inf
+        if res is None:
+            return np.inf
+        u, _eta, _w, lu, val = res
+        self.u = u
+        logdet = float(np.sum(np.log(np.abs(lu.U.diagonal()))))
+        value = -2 * (val + self.pat.const) + logdet
+        return value if np.isfinite(value) else np.inf
+
+
+#: above this many random effects the conditional SDs of several factors are not computed
+#: (each needs a column of H⁻¹)
+COND_SD_MAX = 20_000
+
+
+def _random_effects(obj, pat: Patterns, theta, beta):
+    """Per factor: name, level labels, T, the conditional modes b (m, q), their conditional
+    SDs (m, q), the terms' names and blocks — at the modes the last evaluation left."""
+    if isinstance(obj, Laplace):
+        u, _eta, _w, H, _per = obj.modes(theta, beta)
+        lam = obj.tm.T(theta)
+        cond_var = np.einsum("ab,mbc,dc->mad", lam, np.linalg.inv(H), lam)
+        cond_sd = np.sqrt(np.clip(np.einsum("maa->ma", cond_var), 0, None))
+        yield (pat.group, pat.levels, lam, u @ lam.T, cond_sd, pat.random_names, pat.blocks)
+        return
+    u, _eta, _w, lu, _val = obj.modes(theta, beta)
+    Lam = obj.lam(theta)
+    b = Lam @ u
+    if obj.Q <= COND_SD_MAX:  # diag(Λ H⁻¹ Λ'), a column of H⁻¹Λ' at a time, in blocks
+        Ld = Lam.toarray()
+        var = np.empty(obj.Q)
+        for s0 in range(0, obj.Q, 512):
+            cols = lu.solve(np.ascontiguousarray(Ld[s0:s0 + 512].T))
+            var[s0:s0 + 512] = np.einsum("ij,ji->i", Ld[s0:s0 + 512], cols)
+        sd_all = np.sqrt(np.clip(var, 0, None))
+    else:
+        sd_all = np.full(obj.Q, np.nan)
+    for k, (name, labels, _level, zc, blocks) in enumerate(pat.factors):
+        m, q = obj.m[k], obj.q[k]
+        sl = slice(int(obj.off[k]), int(obj.off[k + 1]))
+        yield (name, labels, obj.T_blocks(theta)[k], b[sl].reshape(m, q),
+               sd_all[sl].reshape(m, q), [pat.z_names[j] for j in zc], blocks)
+
+
 def _glm_start(pat: Patterns) -> np.ndarray:
     """β of the GLM without random effects (IRLS on the patterns)."""
     beta = np.zeros(pat.X.shape[1])
@@ -376,10 +524,11 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     nagq = int(nagq)
     if nagq < 1:
         raise InputError("nAGQ must be a whole number >= 1")
-    if nagq > 1 and len(pat.random_names) != 1:
+    several = len(pat.factors) > 1
+    if nagq > 1 and (several or len(pat.random_names) != 1):
         raise InputError("adaptive Gauss-Hermite quadrature (--nagq > 1) needs a single "
                          "scalar random effect, as glmer's")
-    obj = Laplace(pat, nagq)
+    obj = SparseLaplace(pat) if several else Laplace(pat, nagq)
     k = obj.k
     beta0 = _glm_start(pat)
     x0 = np.concatenate([obj.tm.initial, beta0])
@@ -407,7 +556,6 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
             break
     dev = float(obj(x))
     theta, beta = obj.split(x)
-    u, _eta, _w, H, _per = obj.modes(theta, beta)
     # Var(β): the β block of the inverse Hessian of −2 log L in (θ, β) (glmer's default)
     Hs = _hessian(obj, x)
     try:
@@ -419,12 +567,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     except np.linalg.LinAlgError:
         hessian_ok = False
         vcov = np.full((len(beta), len(beta)), np.nan)
-    obj.modes(theta, beta)  # û at the answer again (the Hessian moved it)
-    lam = obj.tm.T(theta)
-    b = u @ lam.T
-    Hinv = np.linalg.inv(H)
-    cond_var = np.einsum("ab,mbc,dc->mad", lam, Hinv, lam)
-    cond_sd = np.sqrt(np.clip(np.einsum("maa->ma", cond_var), 0, None))
+    obj(x)  # û at the answer again (the Hessian moved it)
     se = np.sqrt(np.diag(vcov))
     z = beta / se
     from scipy.special import ndtr
@@ -435,25 +578,29 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
                          schema={"term": pl.Utf8, "estimate": pl.Float64,
                                  "std_error": pl.Float64, "t_value": pl.Float64,
                                  "df": pl.Float64, "p_value": pl.Float64})
-    cov = lam @ lam.T
-    q = len(pat.random_names)
-    rand = pl.DataFrame({"group": [pat.group] * q, "term": pat.random_names,
-                         "variance": np.diag(cov), "std_dev": np.sqrt(np.diag(cov))})
-    corr_rows = []
-    for start, size in pat.blocks:
-        for a in range(start, start + size):
-            for c in range(a + 1, start + size):
-                den = math.sqrt(cov[a, a] * cov[c, c])
-                corr_rows.append((pat.group, pat.random_names[a], pat.random_names[c],
-                                  cov[a, c] / den if den > 0 else float("nan")))
+    rand_rows, corr_rows, parts = [], [], []
+    for name, labels, T, b, cond_sd, names, blocks in _random_effects(obj, pat, theta, beta):
+        cov = T @ T.T
+        for a, term in enumerate(names):
+            rand_rows.append((name, term, cov[a, a], math.sqrt(cov[a, a])))
+        for start, size in blocks:
+            for a in range(start, start + size):
+                for c in range(a + 1, start + size):
+                    den = math.sqrt(cov[a, a] * cov[c, c])
+                    corr_rows.append((name, names[a], names[c],
+                                      cov[a, c] / den if den > 0 else float("nan")))
+        levels = pl.Series("level", labels.astype(str), dtype=pl.Utf8)
+        parts += [pl.DataFrame({"level": levels, "estimate": b[:, a],
+                                "cond_sd": cond_sd[:, a]}).select(
+            pl.lit(name).alias("group"), "level", pl.lit(term).alias("term"), "estimate",
+            "cond_sd") for a, term in enumerate(names)]
+    rand = pl.DataFrame(rand_rows, schema={"group": pl.Utf8, "term": pl.Utf8,
+                                           "variance": pl.Float64, "std_dev": pl.Float64},
+                        orient="row")
     corrs = pl.DataFrame(corr_rows, schema={"group": pl.Utf8, "term1": pl.Utf8,
                                             "term2": pl.Utf8, "correlation": pl.Float64},
                          orient="row")
-    levels = pl.Series("level", pat.levels.astype(str), dtype=pl.Utf8)
-    ranef = pl.concat([pl.DataFrame({"level": levels, "estimate": b[:, a],
-                                     "cond_sd": cond_sd[:, a]}).select(
-        pl.lit(pat.group).alias("group"), "level", pl.lit(name).alias("term"), "estimate",
-        "cond_sd") for a, name in enumerate(pat.random_names)])
+    ranef = pl.concat(parts)
     npar = len(beta) + k
     loglik = -dev / 2
     how = "Laplace approximation (nAGQ = 1)" if nagq == 1 else \
@@ -468,7 +615,8 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
                          messages=messages, start="glm")
     singular = bool(np.any(theta[obj.tm.diagonal] < SINGULAR_TOL))
     res = FitResult(
-        formula=pat.formula, method="ML", nobs=pat.nobs, groups={pat.group: pat.m},
+        formula=pat.formula, method="ML", nobs=pat.nobs,
+        groups={f[0]: len(f[1]) for f in pat.factors},
         fixed_effects=fixed, vcov_matrix=vcov, random_effects=rand, random_correlations=corrs,
         residual_variance=float("nan"), sigma=1.0, loglik=loglik, deviance=dev,
         reml_criterion=None, aic=dev + 2 * npar, bic=dev + npar * math.log(pat.nobs),

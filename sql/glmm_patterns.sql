@@ -1,9 +1,9 @@
 -- GLMMs (mlpipe/glmm.py): the model's complete rows compressed to (level, covariate pattern):
 -- per distinct level and values of every X and Z column and the offset, the row count, the
 -- sums of y (successes) and of the trials, and the sum of the log-likelihood's constant
--- (log binomial coefficients, -log y!).  Exact: the rows of a pattern share their linear
--- predictor.
-SELECT {label} AS label, {pattern_keys}, count(*) AS n, fsum(y) AS sy, fsum(t) AS st,
+-- (log binomial coefficients, -log y!), with each grouping factor's level label (label0,
+-- ...).  Exact: the rows of a pattern share their linear predictor.
+SELECT {label}, {pattern_keys}, count(*) AS n, fsum(y) AS sy, fsum(t) AS st,
        fsum(c) AS sc
 FROM (
     SELECT {groups}, {columns}, {y} AS y, {trials} AS t, {const} AS c

@@ -1,7 +1,9 @@
 """GLMMs by the Laplace approximation (mlpipe/glmm.py) against R on real data
 (tests/data/glmm/make_refs.R): binomial with cbind(successes, failures) (cbpp) and a 0/1
 outcome (mlmRev's Contraception), logit, probit and cloglog; Poisson with an exposure offset
-(mmmec); random intercepts and random slopes.
+(mmmec); random intercepts and random slopes; crossed (cbpp: herd × period) and nested
+factors (lme4's grouseticks: broods in locations, with and without an observation-level
+random effect).
 
 The exact Laplace references are glmmTMB's (automatic differentiation) for the canonical
 links, where the working weights of PIRLS are the exact Hessian: mlpipe matches them to
@@ -27,6 +29,11 @@ DATA = Path(__file__).parent / "data" / "glmm"
 TMB = sorted(p.stem for p in DATA.glob("tmb_*.json"))
 
 
+def _l(v) -> list:
+    """A JSON value as a list (R's jsonlite unboxes one-element vectors)."""
+    return v if isinstance(v, list) else [v]
+
+
 def _fit(ref):
     return mlpipe.fit(DATA / f"{ref['data']}.parquet", ref["formula"], family=ref["family"],
                       link=ref.get("link"))
@@ -38,20 +45,28 @@ def test_against_r(case):
     res = _fit(ref)
     assert res.converged and res.family == ref["family"] and res.link == ref["link"]
     fe = res.fixed_effects
-    assert fe["term"].to_list() == ref["fixed"]["term"]
+    assert fe["term"].to_list() == _l(ref["fixed"]["term"])
+    est, se = np.asarray(_l(ref["fixed"]["estimate"])), np.asarray(_l(ref["fixed"]["se"]))
     if ref["link"] in ("logit", "log"):  # exact: glmmTMB
         assert res.loglik == pytest.approx(ref["loglik"], rel=1e-9)
-        diff = np.abs(fe["estimate"].to_numpy() - ref["fixed"]["estimate"])
-        assert np.all(diff <= 1e-3 * np.asarray(ref["fixed"]["se"])), diff
-        np.testing.assert_allclose(fe["std_error"].to_numpy(), ref["fixed"]["se"], rtol=1e-4)
-        np.testing.assert_allclose(res.random_effects["std_dev"].to_numpy(),
-                                   np.atleast_1d(ref["sd"]), rtol=1e-3)
+        diff = np.abs(fe["estimate"].to_numpy() - est)
+        assert np.all(diff <= 1e-3 * se), diff
+        np.testing.assert_allclose(fe["std_error"].to_numpy(), se, rtol=1e-4)
+        sd = {}
+        for r in res.random_effects.iter_rows(named=True):
+            sd.setdefault(r["group"], []).append(r["std_dev"])
+        for group, want in ref["sd_by_group"].items():
+            np.testing.assert_allclose(sd[group], np.atleast_1d(want), rtol=1e-3)
     g = ref["glmer"]  # every case: glmer's Laplace, to the issue's tolerances
     assert res.loglik > g["loglik"] - 1e-5 * abs(g["loglik"])
+    if ref["link"] in ("logit", "log") and ref["loglik"] - g["loglik"] > 1e-6 * abs(g["loglik"]):
+        # glmer stopped short of the exact optimum (grouseticks: 0.035 below glmmTMB's and
+        # mlpipe's): its estimates are no reference
+        return
     assert res.loglik == pytest.approx(g["loglik"], rel=1e-5)
-    diff = np.abs(fe["estimate"].to_numpy() - g["estimate"])
-    assert np.all(diff <= 1e-2 * np.asarray(g["se"])), diff
-    np.testing.assert_allclose(fe["std_error"].to_numpy(), g["se"], rtol=2e-2)
+    diff = np.abs(fe["estimate"].to_numpy() - np.asarray(_l(g["estimate"])))
+    assert np.all(diff <= 1e-2 * np.asarray(_l(g["se"]))), diff
+    np.testing.assert_allclose(fe["std_error"].to_numpy(), _l(g["se"]), rtol=2e-2)
 
 
 @pytest.mark.parametrize("case", ["cbpp_logit", "mmmec_pois_offset"])
@@ -97,8 +112,6 @@ def test_refusals(tmp_path):
         mlpipe.fit(cbpp, "cbind(incidence, failures) ~ period + (1 | herd)", family="poisson")
     with pytest.raises(InputError, match="takes the link"):
         mlpipe.fit(cbpp, "incidence ~ period + (1 | herd)", family="poisson", link="logit")
-    with pytest.raises(InputError, match="one grouping factor so far"):
-        mlpipe.fit(cbpp, "incidence ~ period + (1 | herd) + (1 | period)", family="poisson")
     with pytest.raises(DataError, match="successes must lie between 0 and the trials"):
         mlpipe.fit(cbpp, "size ~ period + (1 | herd)", family="binomial")
 

@@ -29,19 +29,34 @@ system2(py, c("-c", shQuote(sprintf(
   "import polars as pl; pl.read_csv('%s', schema_overrides={'district': pl.Utf8, 'urban': pl.Utf8}).write_parquet('%s')",
   f, sub("csv$", "parquet", f)))))
 unlink(f)
+# lme4's grouseticks (red grouse chicks: ticks counted on 403 chicks in 118 broods at 63
+# locations, 1995-97): nested factors (brood within location) and an observation-level one
+data(grouseticks)
+gt <- data.frame(TICKS = grouseticks$TICKS, YEAR = as.character(grouseticks$YEAR),
+                 cHEIGHT = grouseticks$cHEIGHT, INDEX = as.character(grouseticks$INDEX),
+                 BROOD = as.character(grouseticks$BROOD),
+                 LOCATION = as.character(grouseticks$LOCATION))
+f <- file.path(out, "grouseticks.csv")
+write.csv(gt, f, row.names = FALSE)
+system2(py, c("-c", shQuote(sprintf(paste0(
+  "import polars as pl; pl.read_csv('%s', schema_overrides={c: pl.Utf8 for c in ",
+  "['YEAR', 'INDEX', 'BROOD', 'LOCATION']}).write_parquet('%s')"), f, sub("csv$", "parquet", f)))))
+unlink(f)
 one <- function(case, data, formula, family, mlpipe_family, link) {
   d <- read_parquet(data)
   fam <- family
   m <- glmmTMB(as.formula(formula), d, family = fam)
   g <- glmer(as.formula(formula), d, family = fam,
              control = glmerControl(optimizer = "bobyqa", optCtrl = list(maxfun = 1e5)))
-  vc <- VarCorr(m)$cond[[1]]
+  vcs <- VarCorr(m)$cond
+  vc <- vcs[[1]]
   res <- list(case = case, data = data, formula = formula, family = mlpipe_family,
               link = link, engine = "glmmTMB",
               loglik = as.numeric(logLik(m)),
               fixed = list(term = names(fixef(m)$cond), estimate = unname(fixef(m)$cond),
                            se = unname(sqrt(diag(vcov(m)$cond)))),
               sd = unname(attr(vc, "stddev")),
+              sd_by_group = lapply(vcs, function(v) unname(attr(v, "stddev"))),
               corr = if (ncol(vc) > 1) unname(attr(vc, "correlation")[2, 1]) else NULL,
               glmer = list(loglik = as.numeric(logLik(g)), estimate = unname(fixef(g)),
                            se = unname(sqrt(diag(as.matrix(vcov(g)))))))
@@ -62,4 +77,11 @@ one("tmb_contraception", "contraception", "use ~ age + urban + (1 | district)",
     binomial(), "binomial", "logit")
 one("tmb_contraception_slope", "contraception", "use ~ age + urban + (urban | district)",
     binomial(), "binomial", "logit")
+one("tmb_cbpp_crossed", "cbpp", "cbind(incidence, failures) ~ 1 + (1 | herd) + (1 | period)",
+    binomial(), "binomial", "logit")
+one("tmb_grouseticks_nested", "grouseticks",
+    "TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)", poisson(), "poisson", "log")
+one("tmb_grouseticks_olre", "grouseticks",
+    "TICKS ~ YEAR + cHEIGHT + (1 | INDEX) + (1 | BROOD) + (1 | LOCATION)", poisson(),
+    "poisson", "log")
 cat("done\n")
