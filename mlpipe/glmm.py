@@ -34,7 +34,8 @@ import polars as pl
 
 from .errors import DataError, InputError
 
-FAMILIES = {"binomial": ("logit", "probit", "cloglog"), "poisson": ("log",)}
+FAMILIES = {"binomial": ("logit", "probit", "cloglog"), "poisson": ("log",),
+            "negative_binomial": ("log",)}
 MAX_PATTERNS = 2_000_000
 PIRLS_TOL = 1e-10
 PIRLS_MAXITER = 100
@@ -60,11 +61,20 @@ def _inverse_link(link: str, eta: np.ndarray):
     raise InputError(f"unknown link {link!r}")
 
 
-def _loglik_parts(family: str, link: str, eta, sy, st, n):
+def _loglik_parts(family: str, link: str, eta, sy, st, n, nb: float | None = None):
     """Per pattern: ℓ (without the constant), dℓ/dη and the working weight −E d²ℓ/dη²
     (the expected information, as PIRLS uses; equal to the observed one for canonical
-    links)."""
+    links).  `nb`: the negative binomial's θ (NB2: Var = μ + μ²/θ); its patterns are
+    grouped by y too, so y = sy / n."""
     mu, dmu = _inverse_link(link, eta)
+    if family == "negative_binomial":
+        from scipy.special import gammaln
+
+        y = sy / n
+        lt = np.log(nb + mu)
+        ll = n * (nb * (math.log(nb) - lt) + y * (eta - lt) + gammaln(y + nb)
+                  - gammaln(nb))
+        return ll, n * nb * (y - mu) / (nb + mu), n * mu * nb / (nb + mu)
     if family == "binomial":
         eps = 1e-300
         mu = np.clip(mu, eps, 1 - 1e-16)
@@ -159,13 +169,15 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
             const = f"(lgamma({trials} + 1) - lgamma({y} + 1) - lgamma({fail} + 1))"
         elif family == "binomial":
             trials, const = "1.0", "0.0"
-        else:
+        else:  # poisson, negative binomial: −log y!
             trials, const = "1.0", f"(-lgamma({y} + 1))"
         cols = [f"CAST({c.sql or '1.0'} AS DOUBLE) AS x{j}" for j, c in enumerate(design.fixed)]
         cols += [f"CAST({c.sql or '1.0'} AS DOUBLE) AS z{j}" for j, c in enumerate(design.random)]
         cols.append(f"CAST({design.offset or '0.0'} AS DOUBLE) AS off")
         keys = [f"x{j}" for j in range(len(design.fixed))] + \
             [f"z{j}" for j in range(len(design.random))] + ["off"]
+        if family == "negative_binomial":  # its likelihood is not linear in Σy: y too
+            keys.append("y")
         allcols = list(dict.fromkeys(c for fd in design.factors for c in fd.columns))
         gcols = [f"src.{quote_ident(c)} AS g{k}" for k, c in enumerate(allcols)]
         gkeys = [f"g{k}" for k in range(len(allcols))]
@@ -198,8 +210,8 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
     if family == "binomial" and (np.any(sy < 0) or np.any(sy > st)):
         raise DataError("binomial outcome: successes must lie between 0 and the trials "
                         "(a 0/1 outcome, or cbind(successes, failures) with failures >= 0)")
-    if family == "poisson" and np.any(sy < 0):
-        raise DataError("Poisson outcome: counts must be non-negative")
+    if family != "binomial" and np.any(sy < 0):
+        raise DataError(f"{family} outcome: counts must be non-negative")
     p, q = len(design.fixed), len(design.random)
     X = np.column_stack([np.asarray(tab[f"x{j}"], float) for j in range(p)])
     Z = np.column_stack([np.asarray(tab[f"z{j}"], float) for j in range(q)])
@@ -248,9 +260,15 @@ class Laplace:
         self.k = len(self.tm)
         self.u = np.zeros((pat.m, len(pat.random_names)))
         self.evaluations = 0
+        self.nb = None
 
     def split(self, x):
-        return np.asarray(x[:self.k], float), np.asarray(x[self.k:], float)
+        """(θ, β); for the negative binomial the last entry is log θ_NB (set on `nb`)."""
+        x = np.asarray(x, float)
+        if self.pat.family == "negative_binomial":
+            self.nb = float(np.exp(np.clip(x[-1], -30, 30)))
+            return x[:self.k], x[self.k:-1]
+        return x[:self.k], x[self.k:]
 
     def modes(self, theta, beta, u0=None):
         """û per level (m, q), η̂, the working weights and the Cholesky factors of
@@ -264,7 +282,8 @@ class Laplace:
 
         def objective(u):
             eta = xb + np.einsum("pq,pq->p", ZL, u[pat.level])
-            ll, score, w = _loglik_parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n)
+            ll, score, w = _loglik_parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n,
+                                         self.nb)
             per = np.bincount(pat.level, ll, minlength=m) - 0.5 * np.sum(u * u, axis=1)
             return per, eta, score, w
 
@@ -335,7 +354,8 @@ class Laplace:
         for k, (z, w) in enumerate(zip(self.nodes, self.weights)):
             uk = u[:, 0] + math.sqrt(2.0) * sd * z
             eta = xb + zl * uk[pat.level]
-            ll, _score, _w = _loglik_parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n)
+            ll, _score, _w = _loglik_parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n,
+                                           self.nb)
             h = np.bincount(pat.level, ll, minlength=m) - 0.5 * uk * uk
             terms[k] = math.log(w) + h + z * z
         top = terms.max(axis=0)
@@ -375,9 +395,15 @@ class SparseLaplace:
                                                        np.concatenate(cols))), shape=(P, self.Q))
         self.u = np.zeros(self.Q)
         self.evaluations = 0
+        self.nb = None
 
     def split(self, x):
-        return np.asarray(x[:self.k], float), np.asarray(x[self.k:], float)
+        """(θ, β); for the negative binomial the last entry is log θ_NB (set on `nb`)."""
+        x = np.asarray(x, float)
+        if self.pat.family == "negative_binomial":
+            self.nb = float(np.exp(np.clip(x[-1], -30, 30)))
+            return x[:self.k], x[self.k:-1]
+        return x[:self.k], x[self.k:]
 
     def T_blocks(self, theta):
         T = self.tm.T(theta)
@@ -403,7 +429,8 @@ class SparseLaplace:
 
         def objective(u):
             eta = xb + ZL @ u
-            ll, score, w = _loglik_parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n)
+            ll, score, w = _loglik_parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n,
+                                         self.nb)
             return float(np.sum(ll) - 0.5 * u @ u), eta, score, w
 
         val, eta, score, w = objective(u)
@@ -482,9 +509,10 @@ def _random_effects(obj, pat: Patterns, theta, beta):
 def _glm_start(pat: Patterns) -> np.ndarray:
     """β of the GLM without random effects (IRLS on the patterns)."""
     beta = np.zeros(pat.X.shape[1])
+    family = "poisson" if pat.family == "negative_binomial" else pat.family
     for _ in range(100):
         eta = pat.X @ beta + pat.offset
-        _ll, score, w = _loglik_parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n)
+        _ll, score, w = _loglik_parts(family, pat.link, eta, pat.sy, pat.st, pat.n)
         step = np.linalg.solve(pat.X.T @ (w[:, None] * pat.X), pat.X.T @ score)
         beta = beta + step
         if np.max(np.abs(step)) < 1e-10:
@@ -531,16 +559,19 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     obj = SparseLaplace(pat) if several else Laplace(pat, nagq)
     k = obj.k
     beta0 = _glm_start(pat)
-    x0 = np.concatenate([obj.tm.initial, beta0])
+    nb = pat.family == "negative_binomial"
+    extra = np.array([0.0]) if nb else np.zeros(0)  # log θ_NB from θ_NB = 1
+    x0 = np.concatenate([obj.tm.initial, beta0, extra])
     opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
-    lower = np.concatenate([obj.tm.lower, np.full(len(beta0), -np.inf)])
+    lower = np.concatenate([obj.tm.lower, np.full(len(beta0) + len(extra), -np.inf)])
     opt.set_lower_bounds(lower)
     opt.set_min_objective(lambda x, grad: obj(x))
     opt.set_ftol_rel(1e-12)
     opt.set_xtol_abs(1e-8)
     opt.set_maxeval(20000)
     opt.set_initial_step(np.concatenate([np.where(obj.tm.diagonal, 0.25, 0.1),
-                                         np.maximum(0.1, 0.1 * np.abs(beta0))]))
+                                         np.maximum(0.1, 0.1 * np.abs(beta0)),
+                                         np.full(len(extra), 0.5)]))
     x = x0
     best = obj(x0)
     for _ in range(3):  # restart from the answer until it stops moving
@@ -556,8 +587,14 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
             break
     dev = float(obj(x))
     theta, beta = obj.split(x)
-    # Var(β): the β block of the inverse Hessian of −2 log L in (θ, β) (glmer's default)
-    Hs = _hessian(obj, x)
+    nb_theta = obj.nb if nb else None
+    # Var(β): the β block of the inverse Hessian of −2 log L in (θ, β) (glmer's default; for
+    # the negative binomial at its θ, as glmer.nb's final glmer fit)
+    if nb:
+        log_nb = float(x[-1])
+        Hs = _hessian(lambda xr: obj(np.append(xr, log_nb)), x[:-1])
+    else:
+        Hs = _hessian(obj, x)
     try:
         cov_all = 2 * np.linalg.inv(Hs)
         vcov = cov_all[k:, k:]
@@ -601,7 +638,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
                                             "term2": pl.Utf8, "correlation": pl.Float64},
                          orient="row")
     ranef = pl.concat(parts)
-    npar = len(beta) + k
+    npar = len(beta) + k + (1 if nb else 0)
     loglik = -dev / 2
     how = "Laplace approximation (nAGQ = 1)" if nagq == 1 else \
         f"adaptive Gauss-Hermite quadrature (nAGQ = {nagq})"
@@ -623,6 +660,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
         npar=npar, converged=hessian_ok, singular=singular, optimizer=summary, ranef=ranef,
         theta=theta, rows_dropped=pat.rows_dropped, stats=None)
     res.family, res.link, res.nagq = pat.family, pat.link, nagq
+    res.nb_theta = nb_theta
     res.factor_levels, res.group_types = pat.factor_levels, pat.group_types
     if not np.isfinite(res.residual_variance):
         res.residual_variance = float("nan")

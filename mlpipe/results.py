@@ -99,6 +99,7 @@ class FitResult:
     family: str | None = None
     link: str | None = None
     nagq: int | None = None
+    nb_theta: float | None = None  # the negative binomial's θ (Var = μ + μ²/θ)
     #: coding of categorical predictors and grouping-column types of a fit without
     #: `Statistics` (a GLMM); otherwise read from `stats`
     factor_levels: dict | None = None
@@ -282,6 +283,8 @@ class FitResult:
         }
         if self.family is not None:
             out.update(family=self.family, link=self.link, nagq=self.nagq)
+            if self.nb_theta is not None:
+                out["nb_theta"] = self.nb_theta
         if self.stats is None and self.group_types:
             out["group_types"] = self.group_types
         if self.residual_structure is not None:
@@ -704,12 +707,17 @@ def correlation_text(names: list[str], corr: np.ndarray) -> list[str]:
     return [line.rstrip() for line in out]
 
 
+def _family_text(r: FitResult) -> str:
+    """glmer's family label: binomial, poisson, Negative Binomial(θ)."""
+    return r.family if r.nb_theta is None else f"Negative Binomial({r.nb_theta:.4g})"
+
+
 def render_summary(r: FitResult, correlation: bool = False) -> str:
     how = {"REML": "REML", "ML": "maximum likelihood",
            "moments": "the method of moments (fixed effects by GLS)"}[r.method]
     if r.family is not None:
         lines = ["Generalized linear mixed model fit by maximum likelihood (Laplace "
-                 "Approximation) (mlpipe)", f" Family: {r.family}  ( {r.link} )",
+                 "Approximation) (mlpipe)", f" Family: {_family_text(r)}  ( {r.link} )",
                  f"Formula: {r.formula}", ""]
     else:
         lines = [f"Linear mixed model fit by {how} (mlpipe)", f"Formula: {r.formula}", ""]

@@ -188,3 +188,27 @@ def test_predictions_on_the_link_and_response_scales(tmp_path, case):
         np.testing.assert_allclose(pred["residual"].to_numpy(), y - inv, rtol=1e-6, atol=1e-9)
     else:
         assert ref["formula"].startswith("cbind(")
+
+
+def test_negative_binomial_against_glmer_nb(tmp_path):
+    """The negative binomial (NB2, θ estimated jointly by maximum likelihood) against
+    glmer.nb on grouseticks: logLik within 1e-5 (or higher), θ within 1e-2, fixed effects
+    within 1e-2 SE, their SEs (at θ̂, as glmer.nb's final fit) and the SD within 1e-2;
+    nb_theta in result.json and the summary's family."""
+    ref = json.loads((DATA / "nb_grouseticks.json").read_text())
+    res = mlpipe.fit(DATA / f"{ref['data']}.parquet", ref["formula"],
+                     family="negative_binomial")
+    assert res.loglik > ref["loglik"] - 1e-5 * abs(ref["loglik"])
+    assert res.loglik == pytest.approx(ref["loglik"], rel=1e-5)
+    assert res.nb_theta == pytest.approx(ref["theta"], rel=1e-2)
+    se = np.asarray(ref["fixed"]["se"])
+    diff = np.abs(res.fixed_effects["estimate"].to_numpy() - ref["fixed"]["estimate"])
+    assert np.all(diff <= 1e-2 * se), diff
+    np.testing.assert_allclose(res.fixed_effects["std_error"].to_numpy(), se, rtol=1e-2)
+    np.testing.assert_allclose(res.random_effects["std_dev"].to_numpy(), _l(ref["sd"]),
+                               rtol=1e-2)
+    assert res.npar == len(se) + 2  # β, the SD, θ
+    assert "Negative Binomial(2.05" in res.summary()
+    res.write(tmp_path / "nb")
+    assert json.loads((tmp_path / "nb" / "result.json").read_text())["nb_theta"] == \
+        pytest.approx(res.nb_theta)

@@ -84,4 +84,22 @@ one("tmb_grouseticks_nested", "grouseticks",
 one("tmb_grouseticks_olre", "grouseticks",
     "TICKS ~ YEAR + cHEIGHT + (1 | INDEX) + (1 | BROOD) + (1 | LOCATION)", poisson(),
     "poisson", "log")
+# the negative binomial (NB2, theta estimated): glmer.nb's convention (the Laplace of PIRLS
+# with the expected weights; glmmTMB's nbinom2 uses the observed Hessian, another
+# approximation), with glmmTMB's figures beside it
+nb_one <- function(case, data, formula) {
+  d <- read_parquet(data)
+  g <- glmer.nb(as.formula(formula), d)
+  t <- glmmTMB(as.formula(formula), d, family = nbinom2)
+  res <- list(case = case, data = data, formula = formula, family = "negative_binomial",
+              link = "log", engine = "glmer.nb", loglik = as.numeric(logLik(g)),
+              theta = getME(g, "glmer.nb.theta"),
+              fixed = list(term = names(fixef(g)), estimate = unname(fixef(g)),
+                           se = unname(sqrt(diag(as.matrix(vcov(g)))))),
+              sd = unname(as.data.frame(VarCorr(g))$sdcor),
+              glmmTMB = list(loglik = as.numeric(logLik(t)), theta = sigma(t)))
+  write(toJSON(res, auto_unbox = TRUE, digits = NA, pretty = TRUE),
+        file.path(out, paste0(case, ".json")))
+}
+nb_one("nb_grouseticks", "grouseticks", "TICKS ~ YEAR + cHEIGHT + (1 | LOCATION)")
 cat("done\n")
