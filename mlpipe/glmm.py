@@ -35,7 +35,10 @@ import polars as pl
 from .errors import DataError, InputError
 
 FAMILIES = {"binomial": ("logit", "probit", "cloglog"), "poisson": ("log",),
-            "negative_binomial": ("log",)}
+            "negative_binomial": ("log",), "gamma": ("log",)}
+#: families with one more parameter, estimated with (θ, β) on the log scale: the negative
+#: binomial's θ, the gamma's shape ν (dispersion 1/ν)
+EXTRA = ("negative_binomial", "gamma")
 MAX_PATTERNS = 2_000_000
 PIRLS_TOL = 1e-10
 PIRLS_MAXITER = 100
@@ -66,6 +69,12 @@ def _loglik_parts(family: str, link: str, eta, sy, st, n, nb: float | None = Non
     (the expected information, as PIRLS uses; equal to the observed one for canonical
     links).  `nb`: the negative binomial's θ (NB2: Var = μ + μ²/θ); its patterns are
     grouped by y too, so y = sy / n."""
+    if family == "gamma":  # log link; st = Σ log y; the observed weights, as glmmTMB's
+        from scipy.special import gammaln
+
+        e = sy * np.exp(-eta)
+        ll = n * (nb * math.log(nb) - gammaln(nb)) + (nb - 1.0) * st - nb * e - n * nb * eta
+        return ll, nb * (e - n), nb * e
     mu, dmu = _inverse_link(link, eta)
     if family == "negative_binomial":
         from scipy.special import gammaln
@@ -169,6 +178,8 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
             const = f"(lgamma({trials} + 1) - lgamma({y} + 1) - lgamma({fail} + 1))"
         elif family == "binomial":
             trials, const = "1.0", "0.0"
+        elif family == "gamma":  # Σ log y rides in the trials' column
+            trials, const = f"ln(greatest({y}, 1e-300))", "0.0"
         else:  # poisson, negative binomial: −log y!
             trials, const = "1.0", f"(-lgamma({y} + 1))"
         cols = [f"CAST({c.sql or '1.0'} AS DOUBLE) AS x{j}" for j, c in enumerate(design.fixed)]
@@ -210,7 +221,7 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
     if family == "binomial" and (np.any(sy < 0) or np.any(sy > st)):
         raise DataError("binomial outcome: successes must lie between 0 and the trials "
                         "(a 0/1 outcome, or cbind(successes, failures) with failures >= 0)")
-    if family != "binomial" and np.any(sy < 0):
+    if family in ("poisson", "negative_binomial") and np.any(sy < 0):
         raise DataError(f"{family} outcome: counts must be non-negative")
     p, q = len(design.fixed), len(design.random)
     X = np.column_stack([np.asarray(tab[f"x{j}"], float) for j in range(p)])
@@ -265,7 +276,7 @@ class Laplace:
     def split(self, x):
         """(θ, β); for the negative binomial the last entry is log θ_NB (set on `nb`)."""
         x = np.asarray(x, float)
-        if self.pat.family == "negative_binomial":
+        if self.pat.family in EXTRA:
             self.nb = float(np.exp(np.clip(x[-1], -30, 30)))
             return x[:self.k], x[self.k:-1]
         return x[:self.k], x[self.k:]
@@ -400,7 +411,7 @@ class SparseLaplace:
     def split(self, x):
         """(θ, β); for the negative binomial the last entry is log θ_NB (set on `nb`)."""
         x = np.asarray(x, float)
-        if self.pat.family == "negative_binomial":
+        if self.pat.family in EXTRA:
             self.nb = float(np.exp(np.clip(x[-1], -30, 30)))
             return x[:self.k], x[self.k:-1]
         return x[:self.k], x[self.k:]
@@ -508,6 +519,10 @@ def _random_effects(obj, pat: Patterns, theta, beta):
 
 def _glm_start(pat: Patterns) -> np.ndarray:
     """β of the GLM without random effects (IRLS on the patterns)."""
+    if pat.family == "gamma":  # least squares of the patterns' mean log y, weighted by n
+        w = pat.n
+        return np.linalg.lstsq(pat.X * np.sqrt(w)[:, None], (pat.st / pat.n) * np.sqrt(w),
+                               rcond=None)[0]
     beta = np.zeros(pat.X.shape[1])
     family = "poisson" if pat.family == "negative_binomial" else pat.family
     for _ in range(100):
@@ -560,7 +575,13 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     k = obj.k
     beta0 = _glm_start(pat)
     nb = pat.family == "negative_binomial"
-    extra = np.array([0.0]) if nb else np.zeros(0)  # log θ_NB from θ_NB = 1
+    # log θ_NB from θ_NB = 1; the gamma's log ν from the spread of log y about the start
+    extra = np.zeros(0)
+    if nb:
+        extra = np.array([0.0])
+    elif pat.family == "gamma":
+        resid = pat.st / pat.n - pat.X @ beta0
+        extra = np.array([-math.log(max(float(np.average(resid ** 2, weights=pat.n)), 1e-3))])
     x0 = np.concatenate([obj.tm.initial, beta0, extra])
     opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
     lower = np.concatenate([obj.tm.lower, np.full(len(beta0) + len(extra), -np.inf)])
@@ -588,6 +609,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     dev = float(obj(x))
     theta, beta = obj.split(x)
     nb_theta = obj.nb if nb else None
+    shape = obj.nb if pat.family == "gamma" else None
     # Var(β): the β block of the inverse Hessian of −2 log L in (θ, β) (glmer's default; for
     # the negative binomial at its θ, as glmer.nb's final glmer fit)
     if nb:
@@ -597,7 +619,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
         Hs = _hessian(obj, x)
     try:
         cov_all = 2 * np.linalg.inv(Hs)
-        vcov = cov_all[k:, k:]
+        vcov = cov_all[k:k + len(beta), k:k + len(beta)]
         if not np.all(np.isfinite(vcov)) or np.any(np.diag(vcov) <= 0):
             raise np.linalg.LinAlgError
         hessian_ok = True
@@ -638,7 +660,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
                                             "term2": pl.Utf8, "correlation": pl.Float64},
                          orient="row")
     ranef = pl.concat(parts)
-    npar = len(beta) + k + (1 if nb else 0)
+    npar = len(beta) + k + len(extra)
     loglik = -dev / 2
     how = "Laplace approximation (nAGQ = 1)" if nagq == 1 else \
         f"adaptive Gauss-Hermite quadrature (nAGQ = {nagq})"
@@ -661,6 +683,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
         theta=theta, rows_dropped=pat.rows_dropped, stats=None)
     res.family, res.link, res.nagq = pat.family, pat.link, nagq
     res.nb_theta = nb_theta
+    res.dispersion = None if shape is None else 1.0 / shape
     res.factor_levels, res.group_types = pat.factor_levels, pat.group_types
     if not np.isfinite(res.residual_variance):
         res.residual_variance = float("nan")

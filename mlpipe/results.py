@@ -100,6 +100,7 @@ class FitResult:
     link: str | None = None
     nagq: int | None = None
     nb_theta: float | None = None  # the negative binomial's θ (Var = μ + μ²/θ)
+    dispersion: float | None = None  # the gamma's φ = 1/shape (Var = φ μ²)
     #: coding of categorical predictors and grouping-column types of a fit without
     #: `Statistics` (a GLMM); otherwise read from `stats`
     factor_levels: dict | None = None
@@ -285,6 +286,8 @@ class FitResult:
             out.update(family=self.family, link=self.link, nagq=self.nagq)
             if self.nb_theta is not None:
                 out["nb_theta"] = self.nb_theta
+            if self.dispersion is not None:
+                out["dispersion"] = self.dispersion
         if self.stats is None and self.group_types:
             out["group_types"] = self.group_types
         if self.residual_structure is not None:
@@ -709,7 +712,9 @@ def correlation_text(names: list[str], corr: np.ndarray) -> list[str]:
 
 def _family_text(r: FitResult) -> str:
     """glmer's family label: binomial, poisson, Negative Binomial(θ)."""
-    return r.family if r.nb_theta is None else f"Negative Binomial({r.nb_theta:.4g})"
+    if r.nb_theta is not None:
+        return f"Negative Binomial({r.nb_theta:.4g})"
+    return "Gamma" if r.family == "gamma" else r.family
 
 
 def render_summary(r: FitResult, correlation: bool = False) -> str:

@@ -212,3 +212,22 @@ def test_negative_binomial_against_glmer_nb(tmp_path):
     res.write(tmp_path / "nb")
     assert json.loads((tmp_path / "nb" / "result.json").read_text())["nb_theta"] == \
         pytest.approx(res.nb_theta)
+
+
+@pytest.mark.parametrize("case", ["gamma_sleep_rs", "gamma_sleep_ri"])
+def test_gamma_against_glmmtmb(case):
+    """The gamma with a log link, its dispersion by maximum likelihood (the Laplace with the
+    observed weights, as glmmTMB's): exact against glmmTMB on sleepstudy's reaction times."""
+    ref = json.loads((DATA / f"{case}.json").read_text())
+    res = mlpipe.fit(DATA / f"{ref['data']}.parquet", ref["formula"], family="gamma")
+    assert res.converged and res.family == "gamma"
+    assert res.loglik == pytest.approx(ref["loglik"], rel=1e-9)
+    assert res.dispersion == pytest.approx(ref["dispersion"], rel=1e-4)
+    se = np.asarray(_l(ref["fixed"]["se"]))
+    diff = np.abs(res.fixed_effects["estimate"].to_numpy() - _l(ref["fixed"]["estimate"]))
+    assert np.all(diff <= 1e-3 * se), diff
+    np.testing.assert_allclose(res.fixed_effects["std_error"].to_numpy(), se, rtol=1e-4)
+    for group, want in ref["sd_by_group"].items():
+        got = res.random_effects.filter(res.random_effects["group"] == group)["std_dev"]
+        np.testing.assert_allclose(got.to_numpy(), np.atleast_1d(want), rtol=1e-3)
+    assert res.npar == len(se) + len(res.theta) + 1

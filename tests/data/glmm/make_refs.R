@@ -102,4 +102,21 @@ nb_one <- function(case, data, formula) {
         file.path(out, paste0(case, ".json")))
 }
 nb_one("nb_grouseticks", "grouseticks", "TICKS ~ YEAR + cHEIGHT + (1 | LOCATION)")
+# the gamma with a log link and its dispersion by maximum likelihood: glmmTMB (glmer's gamma
+# scale is not maximum likelihood); sleepstudy's reaction times (copied as sleepstudy.parquet)
+gamma_one <- function(case, data, formula) {
+  d <- read_parquet(data)
+  m <- glmmTMB(as.formula(formula), d, family = Gamma(link = "log"))
+  vcs <- VarCorr(m)$cond
+  res <- list(case = case, data = data, formula = formula, family = "gamma", link = "log",
+              engine = "glmmTMB", loglik = as.numeric(logLik(m)),
+              dispersion = sigma(m)^2,  # glmmTMB's sigma for Gamma: sqrt(dispersion), the CV
+              fixed = list(term = names(fixef(m)$cond), estimate = unname(fixef(m)$cond),
+                           se = unname(sqrt(diag(vcov(m)$cond)))),
+              sd_by_group = lapply(vcs, function(v) unname(attr(v, "stddev"))))
+  write(toJSON(res, auto_unbox = TRUE, digits = NA, pretty = TRUE),
+        file.path(out, paste0(case, ".json")))
+}
+gamma_one("gamma_sleep_rs", "sleepstudy", "Reaction ~ Days + (Days | Subject)")
+gamma_one("gamma_sleep_ri", "sleepstudy", "Reaction ~ Days + (1 | Subject)")
 cat("done\n")
