@@ -69,11 +69,12 @@ def _add_fit(sub) -> None:
     add_weights_option(f)
     add_residual_options(f)
     f.add_argument("--family", choices=["gaussian", "binomial", "poisson",
-                                        "negative_binomial", "gamma"],
+                                        "negative_binomial", "gamma", "ordinal"],
                    help="a generalized linear mixed model (Laplace approximation, one "
                         "grouping factor): binomial (0/1 or cbind(successes, failures)) or "
                         "poisson (with offset(log(exposure))), negative_binomial (theta "
-                        "estimated, as glmer.nb) or gamma (log link, dispersion by ML) "
+                        "estimated, as glmer.nb), gamma (log link, dispersion by ML) or "
+                        "ordinal (cumulative logit/probit, ordinal::clmm) "
                         "(default: gaussian, an LMM)")
     f.add_argument("--link", choices=["logit", "probit", "cloglog", "log"],
                    help="the link of --family (default: logit for binomial, log for poisson)")

@@ -35,16 +35,48 @@ import polars as pl
 from .errors import DataError, InputError
 
 FAMILIES = {"binomial": ("logit", "probit", "cloglog"), "poisson": ("log",),
-            "negative_binomial": ("log",), "gamma": ("log",)}
+            "negative_binomial": ("log",), "gamma": ("log",),
+            "ordinal": ("logit", "probit")}
 #: families with one more parameter, estimated with (θ, β) on the log scale: the negative
 #: binomial's θ, the gamma's shape ν (dispersion 1/ν)
 EXTRA = ("negative_binomial", "gamma")
+#: the ordinal family's thresholds α_1 < … < α_{K−1} ride at the end of the parameters as
+#: (α_1, log(α_2 − α_1), …); its patterns are grouped by category (kept in `st`)
 MAX_PATTERNS = 2_000_000
 PIRLS_TOL = 1e-10
 PIRLS_MAXITER = 100
 
 
 # ---------------------------------------------------------------------- families
+
+def _cdf_pdf_dpdf(link: str, x: np.ndarray):
+    """F, f and f' of the cumulative link's latent distribution (logistic or normal), with
+    F(±inf) = 1 / 0 and f(±inf) = f'(±inf) = 0."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if link == "logit":
+            F = 1.0 / (1.0 + np.exp(-x))
+            f = F * (1.0 - F)
+            return F, f, f * (1.0 - 2.0 * F)
+        from scipy.special import ndtr
+
+        F = ndtr(x)
+        f = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        f = np.where(np.isfinite(x), f, 0.0)
+        return F, f, np.where(np.isfinite(x), -x * f, 0.0)
+
+
+def _ordinal_parts(link: str, eta, cat, n, alpha):
+    """ℓ, dℓ/dη and the observed weight −d²ℓ/dη² (as ordinal::clmm's Laplace) per pattern of
+    category `cat` (0..K−1) at thresholds `alpha` (K−1,)."""
+    cuts = np.concatenate([[-np.inf], alpha, [np.inf]])
+    a, b = cuts[cat + 1] - eta, cuts[cat] - eta
+    Fa, fa, da = _cdf_pdf_dpdf(link, a)
+    Fb, fb, db = _cdf_pdf_dpdf(link, b)
+    P = np.clip(Fa - Fb, 1e-300, None)
+    g = (fa - fb) / P
+    ll = n * np.log(P)
+    return ll, -n * g, n * (g * g - (da - db) / P)
+
 
 def _inverse_link(link: str, eta: np.ndarray):
     """μ, dμ/dη."""
@@ -69,6 +101,8 @@ def _loglik_parts(family: str, link: str, eta, sy, st, n, nb: float | None = Non
     (the expected information, as PIRLS uses; equal to the observed one for canonical
     links).  `nb`: the negative binomial's θ (NB2: Var = μ + μ²/θ); its patterns are
     grouped by y too, so y = sy / n."""
+    if family == "ordinal":  # cumulative link: P(Y ≤ c) = F(α_c − η); st = the category c
+        return _ordinal_parts(link, eta, st.astype(np.int64), n, nb)
     if family == "gamma":  # log link; st = Σ log y; the observed weights, as glmmTMB's
         from scipy.special import gammaln
 
@@ -128,6 +162,7 @@ class Patterns:
     #: first's
     factors: list = dataclasses.field(default_factory=list)
     z_names: list = dataclasses.field(default_factory=list)  # the names of Z's columns
+    categories: list = dataclasses.field(default_factory=list)  # ordinal: in order
     factor_levels: dict = dataclasses.field(default_factory=dict)  # the coding (design)
     group_types: dict = dataclasses.field(default_factory=dict)  # DuckDB type per column
     source: str = ""  # the data's location, for prediction and residuals
@@ -161,6 +196,15 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         raise InputError("a cbind(successes, failures) response needs --family binomial")
     design_formula = dataclasses.replace(parsed, response=parsed.response.args[0]) if cbind \
         else parsed
+    ordinal = family == "ordinal"
+    extra_cols: tuple[str, ...] = ()
+    if ordinal:  # the response is a column of ordered categories; X has no intercept
+        if parsed.response.kind != "col":
+            raise InputError("an ordinal response must be a column (its ordered categories)")
+        from .formula import Expr
+
+        extra_cols = (parsed.response.value,)
+        design_formula = dataclasses.replace(parsed, response=Expr("num", "0"))
     source = Source(data)
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
@@ -168,7 +212,9 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         check_columns(design_formula, schema)
         levels = discover_levels(con, source, design_formula, schema)
         levels.update(compute_prepass(con, source, design_formula, schema))
-        design = build_design(design_formula, schema, levels)
+        design = build_design(design_formula, schema, levels, extra_columns=extra_cols)
+        if ordinal:
+            design.fixed = [c for c in design.fixed if c.sql is not None]  # no intercept
         if design.aggregates is not None and design.aggregates.tables:
             raise InputError("center()/group_mean() are not supported in GLMMs yet")
         y = f"CAST({design.response.sql} AS DOUBLE)"
@@ -180,6 +226,9 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
             trials, const = "1.0", "0.0"
         elif family == "gamma":  # Σ log y rides in the trials' column
             trials, const = f"ln(greatest({y}, 1e-300))", "0.0"
+        elif ordinal:  # the category, a pattern key
+            y = f"CAST(src.{quote_ident(extra_cols[0])} AS VARCHAR)"
+            trials, const = "0.0", "0.0"
         else:  # poisson, negative binomial: −log y!
             trials, const = "1.0", f"(-lgamma({y} + 1))"
         cols = [f"CAST({c.sql or '1.0'} AS DOUBLE) AS x{j}" for j, c in enumerate(design.fixed)]
@@ -187,7 +236,7 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         cols.append(f"CAST({design.offset or '0.0'} AS DOUBLE) AS off")
         keys = [f"x{j}" for j in range(len(design.fixed))] + \
             [f"z{j}" for j in range(len(design.random))] + ["off"]
-        if family == "negative_binomial":  # its likelihood is not linear in Σy: y too
+        if family in ("negative_binomial", "ordinal"):  # likelihood not linear in y: key
             keys.append("y")
         allcols = list(dict.fromkeys(c for fd in design.factors for c in fd.columns))
         gcols = [f"src.{quote_ident(c)} AS g{k}" for k, c in enumerate(allcols)]
@@ -197,6 +246,7 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
             + f" AS label{k}" for k, fd in enumerate(design.factors))
         complete = design.complete_sql
         sql = render("glmm_patterns", groups=", ".join(gcols), columns=", ".join(cols),
+                     sum_y="0.0" if ordinal else "fsum(y)",
                      y=y, trials=trials, const=const, source=source.relation,
                      complete=complete, keys=", ".join(gkeys + keys), label=label,
                      gkeys=", ".join(gkeys), pattern_keys=", ".join(keys))
@@ -218,6 +268,18 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
     if len(tab["n"]) == 0:
         raise DataError("no rows left after dropping rows with missing values")
     sy, st = np.asarray(tab["sy"], float), np.asarray(tab["st"], float)
+    categories: list = []
+    if ordinal:  # categories in order: numbers numerically, text in byte order
+        values = [str(v) for v in tab["y"].tolist()]
+        numeric = schema.get(extra_cols[0], "").upper().startswith(
+            ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "FLOAT", "DOUBLE",
+             "DECIMAL", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"))
+        categories = sorted(set(values), key=(lambda v: float(v)) if numeric else None)
+        if len(categories) < 3:
+            raise DataError(f"an ordinal outcome needs at least 3 categories; "
+                            f"{extra_cols[0]!r} has {len(categories)} (use --family binomial)")
+        index = {c: i for i, c in enumerate(categories)}
+        st = np.array([index[v] for v in values], dtype=float)
     if family == "binomial" and (np.any(sy < 0) or np.any(sy > st)):
         raise DataError("binomial outcome: successes must lie between 0 and the trials "
                         "(a 0/1 outcome, or cbind(successes, failures) with failures >= 0)")
@@ -247,9 +309,10 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
                     else Z,
                     np.asarray(tab["off"], float), np.asarray(tab["n"], float), sy, st,
                     float(np.sum(tab["sc"])), int(tot[1]), int(tot[0]) - int(tot[1]),
-                    {"prepare": 0.0, "scan": time.perf_counter() - t0}, factors,
-                    [c.name for c in design.random], dict(design.levels), types,
-                    source.location)
+                    {"prepare": 0.0, "scan": time.perf_counter() - t0}, factors=factors,
+                    z_names=[c.name for c in design.random], categories=categories,
+                    factor_levels=dict(design.levels), group_types=types,
+                    source=source.location)
 
 
 # ---------------------------------------------------------------------- the Laplace fit
@@ -279,6 +342,11 @@ class Laplace:
         if self.pat.family in EXTRA:
             self.nb = float(np.exp(np.clip(x[-1], -30, 30)))
             return x[:self.k], x[self.k:-1]
+        if self.pat.family == "ordinal":
+            K1 = len(self.pat.categories) - 1
+            t = x[len(x) - K1:]
+            self.nb = np.cumsum(np.concatenate([t[:1], np.exp(np.clip(t[1:], -30, 30))]))
+            return x[:self.k], x[self.k:len(x) - K1]
         return x[:self.k], x[self.k:]
 
     def modes(self, theta, beta, u0=None):
@@ -414,6 +482,11 @@ class SparseLaplace:
         if self.pat.family in EXTRA:
             self.nb = float(np.exp(np.clip(x[-1], -30, 30)))
             return x[:self.k], x[self.k:-1]
+        if self.pat.family == "ordinal":
+            K1 = len(self.pat.categories) - 1
+            t = x[len(x) - K1:]
+            self.nb = np.cumsum(np.concatenate([t[:1], np.exp(np.clip(t[1:], -30, 30))]))
+            return x[:self.k], x[self.k:len(x) - K1]
         return x[:self.k], x[self.k:]
 
     def T_blocks(self, theta):
@@ -518,7 +591,9 @@ def _random_effects(obj, pat: Patterns, theta, beta):
 
 
 def _glm_start(pat: Patterns) -> np.ndarray:
-    """β of the GLM without random effects (IRLS on the patterns)."""
+    """β of the GLM without random effects (IRLS on the patterns); 0 for ordinal."""
+    if pat.family == "ordinal":
+        return np.zeros(pat.X.shape[1])
     if pat.family == "gamma":  # least squares of the patterns' mean log y, weighted by n
         w = pat.n
         return np.linalg.lstsq(pat.X * np.sqrt(w)[:, None], (pat.st / pat.n) * np.sqrt(w),
@@ -577,7 +652,16 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     nb = pat.family == "negative_binomial"
     # log θ_NB from θ_NB = 1; the gamma's log ν from the spread of log y about the start
     extra = np.zeros(0)
-    if nb:
+    ordinal = pat.family == "ordinal"
+    if ordinal:  # thresholds from the cumulative proportions, as a GLM without covariates
+        counts = np.bincount(pat.st.astype(np.int64), pat.n, minlength=len(pat.categories))
+        cum = np.clip(np.cumsum(counts)[:-1] / counts.sum(), 1e-6, 1 - 1e-6)
+        from scipy.special import logit, ndtri
+
+        alpha0 = logit(cum) if pat.link == "logit" else ndtri(cum)
+        alpha0 = np.maximum.accumulate(alpha0 + 1e-3 * np.arange(len(alpha0)))
+        extra = np.concatenate([alpha0[:1], np.log(np.maximum(np.diff(alpha0), 1e-3))])
+    elif nb:
         extra = np.array([0.0])
     elif pat.family == "gamma":
         resid = pat.st / pat.n - pat.X @ beta0
@@ -608,6 +692,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
             break
     dev = float(obj(x))
     theta, beta = obj.split(x)
+    alpha = np.array(obj.nb, dtype=float) if ordinal else None
     nb_theta = obj.nb if nb else None
     shape = obj.nb if pat.family == "gamma" else None
     # Var(β): the β block of the inverse Hessian of −2 log L in (θ, β) (glmer's default; for
@@ -626,6 +711,17 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     except np.linalg.LinAlgError:
         hessian_ok = False
         vcov = np.full((len(beta), len(beta)), np.nan)
+    thresholds = None
+    if ordinal:  # α = cumsum(t_1, e^t_2, …): the delta method from the parameters' covariance
+        K1 = len(alpha)
+        t = x[len(x) - K1:]
+        J = np.tril(np.ones((K1, K1))) * np.concatenate([[1.0], np.exp(t[1:])])[None, :]
+        cov_t = cov_all[len(x) - K1:, len(x) - K1:] if hessian_ok else np.full((K1, K1),
+                                                                               np.nan)
+        se_a = np.sqrt(np.clip(np.diag(J @ cov_t @ J.T), 0, None))
+        cats = pat.categories
+        thresholds = [{"term": f"{cats[c]}|{cats[c + 1]}", "estimate": float(alpha[c]),
+                       "std_error": float(se_a[c])} for c in range(K1)]
     obj(x)  # û at the answer again (the Hessian moved it)
     se = np.sqrt(np.diag(vcov))
     z = beta / se
@@ -683,6 +779,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
         theta=theta, rows_dropped=pat.rows_dropped, stats=None)
     res.family, res.link, res.nagq = pat.family, pat.link, nagq
     res.nb_theta = nb_theta
+    res.thresholds = thresholds
     res.dispersion = None if shape is None else 1.0 / shape
     res.factor_levels, res.group_types = pat.factor_levels, pat.group_types
     if not np.isfinite(res.residual_variance):

@@ -101,6 +101,8 @@ class FitResult:
     nagq: int | None = None
     nb_theta: float | None = None  # the negative binomial's θ (Var = μ + μ²/θ)
     dispersion: float | None = None  # the gamma's φ = 1/shape (Var = φ μ²)
+    #: an ordinal model's thresholds [{term "1|2", estimate, std_error}], clmm's
+    thresholds: list | None = None
     #: coding of categorical predictors and grouping-column types of a fit without
     #: `Statistics` (a GLMM); otherwise read from `stats`
     factor_levels: dict | None = None
@@ -288,6 +290,8 @@ class FitResult:
                 out["nb_theta"] = self.nb_theta
             if self.dispersion is not None:
                 out["dispersion"] = self.dispersion
+            if self.thresholds is not None:
+                out["thresholds"] = self.thresholds
         if self.stats is None and self.group_types:
             out["group_types"] = self.group_types
         if self.residual_structure is not None:
@@ -794,6 +798,11 @@ def render_summary(r: FitResult, correlation: bool = False) -> str:
     lines += _table(header, rows)
     if r.df_method:
         lines.append(f"(degrees of freedom and p-values: {r.df_method})")
+    if r.thresholds:
+        lines += ["", "Threshold coefficients:"]
+        lines += _table(["", "Estimate", "Std. Error"],
+                        [[t["term"], f"{t['estimate']:.4f}", f"{t['std_error']:.4f}"]
+                         for t in r.thresholds])
     if correlation and r.fixed_effects.height > 1:
         lines += [""] + correlation_text(r.fixed_effects["term"].to_list(),
                                          _correlation(r.vcov_matrix))

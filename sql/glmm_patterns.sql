@@ -3,7 +3,7 @@
 -- sums of y (successes) and of the trials, and the sum of the log-likelihood's constant
 -- (log binomial coefficients, -log y!), with each grouping factor's level label (label0,
 -- ...).  Exact: the rows of a pattern share their linear predictor.
-SELECT {label}, {pattern_keys}, count(*) AS n, fsum(y) AS sy, fsum(t) AS st,
+SELECT {label}, {pattern_keys}, count(*) AS n, {sum_y} AS sy, fsum(t) AS st,
        fsum(c) AS sc
 FROM (
     SELECT {groups}, {columns}, {y} AS y, {trials} AS t, {const} AS c

@@ -231,3 +231,30 @@ def test_gamma_against_glmmtmb(case):
         got = res.random_effects.filter(res.random_effects["group"] == group)["std_dev"]
         np.testing.assert_allclose(got.to_numpy(), np.atleast_1d(want), rtol=1e-3)
     assert res.npar == len(se) + len(res.theta) + 1
+
+
+@pytest.mark.parametrize("case", ["clmm_wine_logit", "clmm_wine_probit"])
+def test_ordinal_against_clmm(case, tmp_path):
+    """Ordinal outcomes (cumulative logit / probit, thresholds α_c with P(Y ≤ c) =
+    F(α_c − η)) against ordinal::clmm on its wine data: logLik 1e-6, fixed effects and
+    thresholds within 1e-2 SE (and their SEs 1e-2), the judge SD 1e-2; thresholds in
+    result.json named as clmm's ("1|2", ...)."""
+    ref = json.loads((DATA / f"{case}.json").read_text())
+    res = mlpipe.fit(DATA / f"{ref['data']}.parquet", ref["formula"], family="ordinal",
+                     link=ref["link"])
+    assert res.loglik == pytest.approx(ref["loglik"], rel=1e-6)
+    for got, want in [(res.fixed_effects.rename({"std_error": "se"}).to_dict(as_series=False),
+                       ref["fixed"]),
+                      ({k: [t[k if k != "se" else "std_error"] for t in res.thresholds]
+                        for k in ("term", "estimate", "se")}, ref["thresholds"])]:
+        assert got["term"] == _l(want["term"])
+        se = np.asarray(_l(want["se"]))
+        assert np.all(np.abs(np.asarray(got["estimate"]) - _l(want["estimate"])) <= 1e-2 * se)
+        np.testing.assert_allclose(got["se"], se, rtol=1e-2)
+    assert res.random_effects["std_dev"][0] == pytest.approx(_l(ref["sd"])[0], rel=1e-2)
+    res.write(tmp_path / "o")
+    saved = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert [t["term"] for t in saved["thresholds"]] == ["1|2", "2|3", "3|4", "4|5"]
+    with pytest.raises(DataError, match="at least 3 categories"):  # a 0/1 outcome
+        mlpipe.fit(DATA / "contraception.parquet", "use ~ urban + (1 | district)",
+                   family="ordinal")

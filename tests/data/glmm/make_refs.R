@@ -3,7 +3,8 @@
 # finite-difference Hessian and sit ~1% from the exact ones.  The glmer references of
 # ../shared/reference/glmm (cbpp_logit, cbpp_logit_agq, mmmec_pois_offset) are copied here.
 # Usage, from the repository root:  Rscript tests/data/glmm/make_refs.R
-suppressMessages({library(glmmTMB); library(lme4); library(mlmRev); library(jsonlite)})
+suppressMessages({library(glmmTMB); library(lme4); library(mlmRev); library(jsonlite)
+                  library(ordinal)})
 invisible(Sys.setlocale("LC_COLLATE", "C"))
 out <- "tests/data/glmm"
 py <- Sys.getenv("PYTHON", ".venv/bin/python")
@@ -119,4 +120,33 @@ gamma_one <- function(case, data, formula) {
 }
 gamma_one("gamma_sleep_rs", "sleepstudy", "Reaction ~ Days + (Days | Subject)")
 gamma_one("gamma_sleep_ri", "sleepstudy", "Reaction ~ Days + (1 | Subject)")
+# ordinal outcomes: ordinal::clmm (cumulative link, the Laplace approximation) on its wine
+# data (72 bitterness ratings 1-5 of wines by 9 judges; copied as wine.parquet)
+data(wine)
+wf <- file.path(out, "wine.csv")
+write.csv(data.frame(rating = as.integer(as.character(wine$rating)),
+                     temp = as.character(wine$temp), contact = as.character(wine$contact),
+                     judge = as.character(wine$judge)), wf, row.names = FALSE)
+system2(py, c("-c", shQuote(sprintf(paste0(
+  "import polars as pl; pl.read_csv('%s', schema_overrides={'judge': pl.Utf8, 'temp': pl.Utf8, ",
+  "'contact': pl.Utf8}).write_parquet('%s')"), wf, sub("csv$", "parquet", wf)))))
+unlink(wf)
+clmm_one <- function(case, formula, link) {
+  d <- read_parquet("wine")
+  d$rating <- factor(d$rating, levels = sort(unique(d$rating)), ordered = TRUE)
+  m <- clmm(as.formula(formula), data = d, link = link, Hess = TRUE, nAGQ = 1)
+  co <- summary(m)$coefficients
+  nth <- length(m$alpha)
+  res <- list(case = case, data = "wine", formula = formula, family = "ordinal", link = link,
+              engine = "ordinal::clmm", loglik = as.numeric(logLik(m)),
+              thresholds = list(term = rownames(co)[1:nth], estimate = unname(co[1:nth, 1]),
+                                se = unname(co[1:nth, 2])),
+              fixed = list(term = rownames(co)[-(1:nth)], estimate = unname(co[-(1:nth), 1]),
+                           se = unname(co[-(1:nth), 2])),
+              sd = unname(attr(VarCorr(m)[[1]], "stddev")))
+  write(toJSON(res, auto_unbox = TRUE, digits = NA, pretty = TRUE),
+        file.path(out, paste0(case, ".json")))
+}
+clmm_one("clmm_wine_logit", "rating ~ temp + contact + (1 | judge)", "logit")
+clmm_one("clmm_wine_probit", "rating ~ temp + contact + (1 | judge)", "probit")
 cat("done\n")
