@@ -166,6 +166,7 @@ class Patterns:
     factor_levels: dict = dataclasses.field(default_factory=dict)  # the coding (design)
     group_types: dict = dataclasses.field(default_factory=dict)  # DuckDB type per column
     source: str = ""  # the data's location, for prediction and residuals
+    syy: np.ndarray | None = None  # Σ y² per pattern (the Pearson statistic)
 
     @property
     def m(self) -> int:
@@ -247,6 +248,7 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         complete = design.complete_sql
         sql = render("glmm_patterns", groups=", ".join(gcols), columns=", ".join(cols),
                      sum_y="0.0" if ordinal else "fsum(y)",
+                     sum_yy="0.0" if ordinal else "fsum(y * y)",
                      y=y, trials=trials, const=const, source=source.relation,
                      complete=complete, keys=", ".join(gkeys + keys), label=label,
                      gkeys=", ".join(gkeys), pattern_keys=", ".join(keys))
@@ -312,7 +314,7 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
                     {"prepare": 0.0, "scan": time.perf_counter() - t0}, factors=factors,
                     z_names=[c.name for c in design.random], categories=categories,
                     factor_levels=dict(design.levels), group_types=types,
-                    source=source.location)
+                    source=source.location, syy=np.asarray(tab["syy"], float))
 
 
 # ---------------------------------------------------------------------- the Laplace fit
@@ -590,6 +592,45 @@ def _random_effects(obj, pat: Patterns, theta, beta):
                sd_all[sl].reshape(m, q), [pat.z_names[j] for j in zc], blocks)
 
 
+#: Pearson χ² / residual df above this: a Poisson fit is called overdispersed
+OVERDISPERSION = 1.5
+
+
+def _diagnostics(obj, pat: Patterns, theta, beta, npar: int, *, singular: bool) -> list[str]:
+    """What a user must hear about a GLMM fit, in words: fitted probabilities 0 or 1
+    (separation), Poisson overdispersion (Pearson χ²/df), a singular fit."""
+    out = []
+    if singular:
+        out.append("boundary (singular) fit: a random-effect variance is estimated as 0")
+    if pat.family not in ("binomial", "poisson"):
+        return out
+    if isinstance(obj, Laplace):
+        u = obj.modes(theta, beta)
+        eta = None if u is None else u[1]
+    else:
+        res = obj.modes(theta, beta)
+        eta = None if res is None else res[1]
+    if eta is None:
+        return out + ["PIRLS did not converge at the estimates"]
+    mu, _d = _inverse_link(pat.link, eta)
+    if pat.family == "binomial":
+        extreme = (mu < 1e-8) | (mu > 1 - 1e-8)
+        if extreme.any():
+            out.append(f"fitted probabilities numerically 0 or 1 for "
+                       f"{int(pat.n[extreme].sum()):,} rows: complete or quasi-complete "
+                       f"separation (a predictor or level with only 0s or only 1s); some "
+                       f"estimates may be infinite")
+        return out
+    # Pearson χ² = Σ (y − μ)² / μ over the rows, from Σy, Σy², n per pattern
+    chi2 = float(np.sum((pat.syy - 2 * mu * pat.sy + pat.n * mu * mu) / mu))
+    df = pat.nobs - npar
+    if df > 0 and chi2 / df > OVERDISPERSION:
+        out.append(f"overdispersion: Pearson chi-squared / residual df = {chi2 / df:.2f} "
+                   f"(> {OVERDISPERSION}); consider --family negative_binomial or an "
+                   f"observation-level random effect")
+    return out
+
+
 def _glm_start(pat: Patterns) -> np.ndarray:
     """β of the GLM without random effects (IRLS on the patterns); 0 for ordinal."""
     if pat.family == "ordinal":
@@ -757,6 +798,8 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
                          orient="row")
     ranef = pl.concat(parts)
     npar = len(beta) + k + len(extra)
+    diagnostics = _diagnostics(obj, pat, theta, beta, npar, singular=bool(
+        np.any(theta[obj.tm.diagonal] < SINGULAR_TOL)))
     loglik = -dev / 2
     how = "Laplace approximation (nAGQ = 1)" if nagq == 1 else \
         f"adaptive Gauss-Hermite quadrature (nAGQ = {nagq})"
@@ -764,6 +807,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
                 f"compressed once: exact)"]
     if not hessian_ok:
         messages.append("the Hessian of the deviance is not positive definite: no SEs")
+    messages += diagnostics
     summary = OptSummary("LN_BOBYQA", x0.tolist(), float(obj(x0)), x.tolist(), dev,
                          evaluations=obj.evaluations, return_code="SUCCESS",
                          converged=hessian_ok, reml=False, seconds=time.perf_counter() - t0,

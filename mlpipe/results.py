@@ -815,6 +815,10 @@ def render_summary(r: FitResult, correlation: bool = False) -> str:
         lines += _table(["", "estimate", "lower", "upper"],
                         [[c["parameter"], f"{c['estimate']:.4g}", f"{c['lower']:.4g}",
                           f"{c['upper']:.4g}"] for c in ci.iter_rows(named=True)])
+    if r.family is not None and r.converged:  # a GLMM's diagnostics, in words
+        notes = [m for m in r.optimizer.messages[1:] if not m.startswith("boundary")]
+        if notes:
+            lines += [""] + notes
     if r.singular:
         lines += ["", "boundary (singular) fit: a variance component is estimated as zero"]
     if not r.converged:

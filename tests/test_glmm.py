@@ -258,3 +258,28 @@ def test_ordinal_against_clmm(case, tmp_path):
     with pytest.raises(DataError, match="at least 3 categories"):  # a 0/1 outcome
         mlpipe.fit(DATA / "contraception.parquet", "use ~ urban + (1 | district)",
                    family="ordinal")
+
+
+def test_diagnostics_in_words(tmp_path):
+    """An overdispersed Poisson fit says so (Pearson χ²/df 2.72 on grouseticks), and not once
+    an observation-level random effect absorbs it; a binomial fit with complete separation
+    (a period with no case) reports fitted probabilities 0 or 1 and no SEs."""
+    import polars as pl
+
+    data = DATA / "grouseticks.parquet"
+    over = mlpipe.fit(data, "TICKS ~ YEAR + cHEIGHT + (1 | LOCATION)", family="poisson")
+    note = [m for m in over.optimizer.messages if m.startswith("overdispersion")]
+    assert note and "2.72" in note[0] and note[0] in over.summary()
+    olre = mlpipe.fit(data, "TICKS ~ YEAR + cHEIGHT + (1 | INDEX) + (1 | BROOD) + "
+                      "(1 | LOCATION)", family="poisson")
+    assert not [m for m in olre.optimizer.messages if m.startswith("overdispersion")]
+    frame = pl.read_parquet(DATA / "cbpp.parquet")
+    frame = frame.with_columns(
+        incidence=pl.when(pl.col("period") == "4").then(0).otherwise(pl.col("incidence")))
+    frame = frame.with_columns(failures=pl.col("size") - pl.col("incidence"))
+    frame.write_parquet(tmp_path / "sep.parquet")
+    sep = mlpipe.fit(tmp_path / "sep.parquet",
+                     "cbind(incidence, failures) ~ period + (1 | herd)", family="binomial")
+    assert any("separation" in m for m in sep.optimizer.messages)
+    assert not sep.converged
+    assert sep.fixed_effects["estimate"][3] < -10  # period4: towards -inf
