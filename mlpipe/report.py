@@ -1304,10 +1304,12 @@ def model_section(i: int, run: ModelRun, *, data: bool, sample_rows: int,
 
     if r.get("family"):  # a GLMM: the sections below are those of a linear mixed model
         out.append(_note(f"Generalized linear mixed model ({r['family']}, {r.get('link')} "
-                         f"link, Laplace approximation): z tests; the variance "
-                         f"decomposition, residual and group-line sections are not drawn for "
-                         f"GLMMs yet."))
+                         f"link, Laplace approximation): z tests; the caterpillar plot is on "
+                         f"the link scale; the variance decomposition, residual and "
+                         f"group-line sections are not drawn for GLMMs."))
         out += caterpillar_html(run)
+        out.append("<h3>Calibration</h3>")
+        out.append(calibration_html(run, data=data))
         out.append("</section>")
         return "\n".join(out)
 
@@ -1378,6 +1380,68 @@ def model_section(i: int, run: ModelRun, *, data: bool, sample_rows: int,
         out.append(growth_html(run, growth, data=data))
     out.append("</section>")
     return "\n".join(out)
+
+
+CALIBRATION_BINS = 10
+
+
+def calibration(run: ModelRun, bins: int = CALIBRATION_BINS) -> pl.DataFrame:
+    """A GLMM's observed against fitted means in `bins` bins of the fitted μ (one DuckDB
+    pass over the training rows; only the bins come back): bin, fitted, observed, n."""
+    from ._sql import render
+    from .formula import parse_formula
+    from .predict import inverse_link_sql
+
+    r = run.result
+    formula = parse_formula(r["formula"])
+    model = _compile(run)
+    try:
+        mu = inverse_link_sql(r.get("link") or "logit", "fitted")
+        trials = "1.0"
+        if formula.response.kind == "call" and formula.response.value == "cbind":
+            trials = f"(__mlpipe_y + {formula.response.args[1].sql()})"
+        inner = model.pred.sql(f"{mu} AS mu, __mlpipe_y AS y, CAST({trials} AS DOUBLE) AS t",
+                               model.source, where=model.complete)
+        return model.polars(render("report_calibration", inner=inner, bins=int(bins)))
+    finally:
+        model.close()
+
+
+def calibration_plot(cal: pl.DataFrame, what: str) -> str:
+    """Observed against fitted means per bin, the 45° line, points sized by their weight."""
+    fig = _figure(4.8, 4.2)
+    ax = fig.add_subplot()
+    x, y = cal["fitted"].to_numpy(), cal["observed"].to_numpy()
+    n = cal["n"].to_numpy().astype(float)
+    lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, ls="--", label="observed = fitted")
+    ax.scatter(x, y, s=20 + 180 * n / n.max(), color="tab:blue", alpha=0.8, zorder=3,
+               label=f"bins of the fitted {what}")
+    ax.set_xlabel(f"fitted {what} (mean in the bin)")
+    ax.set_ylabel(f"observed {what}")
+    ax.legend(loc="upper left", fontsize=8)
+    return _img(fig, "Calibration: observed against fitted")
+
+
+def calibration_html(run: ModelRun, *, data: bool) -> str:
+    """The calibration section of a binomial / count GLMM (none for ordinal outcomes)."""
+    family = run.result.get("family")
+    if family == "ordinal":
+        return _note("Ordinal outcome: no single fitted mean, no calibration plot.")
+    if not data:
+        return _note("Skipped (calibration): data passes were turned off (--no-data).")
+    what = "probability" if family == "binomial" else "mean"
+    try:
+        cal = calibration(run)
+    except (_NoData, MlpipeError) as exc:
+        return _note(f"Skipped (calibration): {exc}")
+    except Exception as exc:  # noqa: BLE001 - one failed section must not lose the page
+        return _note(f"Skipped (calibration): the pass over the data failed "
+                     f"({_first_line(exc)}).")
+    return (f"<figure>{calibration_plot(cal, what)}<figcaption>Observed against fitted "
+            f"{_e(what)} in {cal.height} bins of equal size by the fitted value (conditional "
+            f"on the random effects; {_fmt(float(cal['n'].sum()))} "
+            f"{'trials' if family == 'binomial' else 'rows'}).</figcaption></figure>")
 
 
 def caterpillar_html(run: ModelRun) -> list[str]:

@@ -603,3 +603,29 @@ def test_no_growth_section_without_slope_or_correlation(dirs, crossed_slope, tmp
     text = rp.report([dirs["rc"]], tmp_path / "nodata.html", data=False).read_text()
     assert "<h3>Growth curves</h3>" in text and SPAGHETTI not in text
     assert "Skipped: data passes were turned off (--no-data)." in text
+
+
+def test_glmm_section_with_calibration(tmp_path):
+    """A GLMM's report section: its tables, the caterpillar plot and the calibration plot —
+    observed against fitted probability in 10 bins of the fitted value, computed in one
+    pass: the bins' trials add up to the data's, and their weighted observed mean is the
+    overall proportion."""
+    import polars as pl
+
+    from mlpipe.report import calibration, load_run
+
+    data = Path(__file__).parent / "data" / "glmm" / "cbpp.parquet"
+    res = mlpipe.fit(data, "cbind(incidence, failures) ~ period + (1 | herd)",
+                     family="binomial")
+    res.write(tmp_path / "g", config={"data": str(data)})
+    cal = calibration(load_run(tmp_path / "g"))
+    frame = pl.read_parquet(data)
+    assert cal.height == 10
+    assert cal["n"].sum() == pytest.approx(frame["size"].sum())
+    assert float((cal["observed"] * cal["n"]).sum() / cal["n"].sum()) == pytest.approx(
+        frame["incidence"].sum() / frame["size"].sum(), rel=1e-12)
+    assert list(cal["fitted"]) == sorted(cal["fitted"])  # bins in order of the fitted value
+    out = tmp_path / "r.html"
+    mlpipe.report.report([tmp_path / "g"], out)
+    html = out.read_text()
+    assert "Calibration: observed against fitted" in html and "Generalized linear" in html
