@@ -217,6 +217,22 @@ class FitResult:
         before 0.2) still works but is deprecated: use `result.fixef`."""
         return _Coef(self)
 
+    def ranef_wide(self) -> dict[str, pl.DataFrame]:
+        """lme4's `ranef()`: for each grouping factor, a table with one row per level
+        (`level`, in the factor's order) and one column per random-effect term, the
+        conditional modes (`ranef` is the same in long form, with the conditional SDs)."""
+        out = {}
+        for factor in self.groups:
+            part = self.ranef.filter(pl.col("group") == factor)
+            terms = list(dict.fromkeys(part["term"].to_list()))
+            levels = part.filter(pl.col("term") == terms[0])["level"]
+            cols = {"level": levels}
+            for t in terms:
+                modes = part.filter(pl.col("term") == t)
+                cols[t] = modes["estimate"]
+            out[factor] = pl.DataFrame(cols)
+        return out
+
     def coefficients(self) -> dict[str, pl.DataFrame]:
         """lme4's `coef()`: for each grouping factor (lme4's order), a table with one row per
         level (`level`) and one column per coefficient — every fixed effect plus the level's

@@ -116,3 +116,21 @@ def test_public_api_has_docstrings():
         assert (obj.__doc__ or "").strip(), f"mlpipe.{name} has no docstring"
     for name in ("summary", "coefficients", "write", "fixef", "vcov", "correlation_of_fixed"):
         assert (getattr(mlpipe.FitResult, name).__doc__ or "").strip(), name
+
+
+@pytest.mark.parametrize("case", ["sleepstudy_rs", "pastes_nested", "penicillin_crossed"])
+def test_ranef_wide_is_lme4s_ranef(case):
+    """`result.ranef_wide()` is lme4's ranef(): per factor, levels × terms of conditional
+    modes, equal to lme4's (1e-4 relative to the largest)."""
+    ref = json.loads((Path(__file__).parent / "data" / "lme4" / f"{case}.json").read_text())
+    data = Path(__file__).parent / "data" / f"{ref['data']}.parquet"
+    res = mlpipe.fit(data, ref["formula"], ddf=None)
+    wide = res.ranef_wide()
+    for block in ref["reml"]["ranef"]:
+        table = wide[block["group"]]
+        terms = block["terms"] if isinstance(block["terms"], list) else [block["terms"]]
+        assert table.columns == ["level"] + terms
+        assert table["level"].to_list() == block["levels"]
+        got = table.select(terms).to_numpy()
+        want = np.asarray(block["values"], dtype=float).reshape(got.shape)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
