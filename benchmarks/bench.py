@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -46,7 +45,10 @@ def child(data: str, formula: str) -> None:
     t_import = time.perf_counter()
     result = mlpipe.fit(data, formula)
     t_fit = time.perf_counter()
-    peak_fit_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak up to here
+    from mlpipe.runlog import peak_memory_mb
+
+    # VmHWM: this process's own high-water mark (a child's ru_maxrss starts at its parent's)
+    peak_fit_kb = peak_memory_mb() * 1024
     opt = result.optimizer
     out = {
         "import_seconds": t_import - t_start,
@@ -152,7 +154,7 @@ def report(args, data_note: str, fits: list[dict], floor: tuple[float, list[floa
     stats_pass = tm.get("prepare", 0.0) + tm.get("scan", 0.0)
     solve = tm.get("solve")
     inference = tm.get("inference")
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_mb = max(r["peak_rss_fit_kb"] for r in fits) / 1024  # measured in each child
     fit_s = best["fit_seconds"]
     ratio = fit_s / floor_best
     ratio_sub = best["subprocess_seconds"] / floor_best

@@ -95,18 +95,12 @@ def child(data: str, arg: str) -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak RSS: VmHWM of /proc/self/status, the high-water mark of its own
-    address space.  Not getrusage(RUSAGE_SELF).ru_maxrss: Linux carries that across exec
-    from the process that forked (here, with vfork, the parent's address space), so a child
-    started by a parent that has held 1.8 GB reports at least 1.8 GB whatever it uses."""
-    try:
-        with open("/proc/self/status") as f:
-            for ln in f:
-                if ln.startswith("VmHWM:"):
-                    return int(ln.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS: VmHWM of /proc/self/status (mlpipe.runlog.peak_memory_mb),
+    not getrusage(RUSAGE_SELF).ru_maxrss, which Linux carries across exec from the process
+    that forked: a child of a parent that has held 1.8 GB reports at least 1.8 GB."""
+    from mlpipe.runlog import peak_memory_mb
+
+    return peak_memory_mb()
 
 
 def run_child(data: Path, formula: str, correlation: str) -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ def child(data: str, formula: str) -> None:
     import mlpipe.inference  # noqa: F401  reported apart from fit())
     import mlpipe.model  # noqa: F401
     from mlpipe.errors import MlpipeError
+    from mlpipe.runlog import peak_memory_mb
 
     t1 = time.perf_counter()
     try:
@@ -53,7 +53,7 @@ def child(data: str, formula: str) -> None:
         return
     t2 = time.perf_counter()
     out = {"import_seconds": t1 - t0, "fit_seconds": t2 - t1, "timings": res.timings,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_rss_mb": peak_memory_mb(),  # VmHWM (a child's ru_maxrss starts at its parent's)
            "evaluations": res.optimizer.evaluations, "optimizer": res.optimizer.optimizer,
            "converged": res.converged, "criterion": res.deviance, "groups": res.groups,
            "structure": res.optimizer.structure,
