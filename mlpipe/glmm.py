@@ -173,6 +173,11 @@ class Patterns:
         return len(self.levels)
 
 
+def pat_n(tab) -> np.ndarray:
+    """The row count of every pattern of a fetched pattern table."""
+    return np.asarray(tab["n"], float)
+
+
 def compress(data, formula: str, family: str, *, link: str | None = None,
              memory_limit: str | None = None, threads: int | None = None,
              temp_directory: str | None = None) -> Patterns:
@@ -211,6 +216,17 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
     try:
         schema = source.schema(con, parsed.value_columns())
         check_columns(design_formula, schema)
+        if ordinal:
+            from .design import is_numeric
+
+            col = extra_cols[0]
+            if col not in schema:
+                raise DataError(f"column {col!r} named in the formula is not in the data")
+            if not is_numeric(schema[col]):
+                raise DataError(f"ordinal outcome {col!r} is text ({schema[col]}): give its "
+                                f"categories as ordered numbers (e.g. 1 to 5); the order of "
+                                f"text labels (or of an Enum, which arrives as text) is not "
+                                f"known")
         levels = discover_levels(con, source, design_formula, schema)
         levels.update(compute_prepass(con, source, design_formula, schema))
         design = build_design(design_formula, schema, levels, extra_columns=extra_cols)
@@ -249,6 +265,8 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         sql = render("glmm_patterns", groups=", ".join(gcols), columns=", ".join(cols),
                      sum_y="0.0" if ordinal else "fsum(y)",
                      sum_yy="0.0" if ordinal else "fsum(y * y)",
+                     y_min="0.0" if ordinal else "min(y)",
+                     y_frac="0.0" if ordinal else "max(abs(y - round(y)))",
                      y=y, trials=trials, const=const, source=source.relation,
                      complete=complete, keys=", ".join(gkeys + keys), label=label,
                      gkeys=", ".join(gkeys), pattern_keys=", ".join(keys))
@@ -270,6 +288,17 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
     if len(tab["n"]) == 0:
         raise DataError("no rows left after dropping rows with missing values")
     sy, st = np.asarray(tab["sy"], float), np.asarray(tab["st"], float)
+    y_min = float(np.min(tab["ymin"])) if len(tab["ymin"]) else 0.0
+    y_frac = float(np.max(tab["yfrac"])) if len(tab["yfrac"]) else 0.0
+    what = parsed.response.deparse()
+    if family == "gamma" and not y_min > 0:
+        raise DataError(f"gamma outcome {what}: values must be > 0 (smallest {y_min:g})")
+    if family in ("poisson", "negative_binomial", "binomial") and y_frac > 1e-9:
+        raise DataError(f"{family} outcome {what}: values must be whole numbers (counts"
+                        f"{', or 0/1' if family == 'binomial' else ''}); found a fraction")
+    if family == "binomial" and not cbind and (y_min < 0 or np.any(sy > pat_n(tab))):
+        raise DataError(f"binomial outcome {what}: values must be 0 or 1 (or give "
+                        f"cbind(successes, failures))")
     categories: list = []
     if ordinal:  # categories in order: numbers numerically, text in byte order
         values = [str(v) for v in tab["y"].tolist()]
@@ -282,6 +311,11 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
                             f"{extra_cols[0]!r} has {len(categories)} (use --family binomial)")
         index = {c: i for i, c in enumerate(categories)}
         st = np.array([index[v] for v in values], dtype=float)
+    if family == "binomial" and sy.sum() in (0.0, st.sum()):
+        raise DataError(f"binomial outcome {what} is constant (all "
+                        f"{'failures' if sy.sum() == 0 else 'successes'}) in the rows used")
+    if family in ("poisson", "negative_binomial") and sy.sum() == 0:
+        raise DataError(f"{family} outcome {what} is 0 in every row used")
     if family == "binomial" and (np.any(sy < 0) or np.any(sy > st)):
         raise DataError("binomial outcome: successes must lie between 0 and the trials "
                         "(a 0/1 outcome, or cbind(successes, failures) with failures >= 0)")
@@ -304,6 +338,9 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         rank[order] = np.arange(len(lv))
         factors.append((fd.name, np.asarray(lv[order], dtype=object), rank[level],
                         list(fd.z), [(b.start, b.size) for b in fd.blocks]))
+    for name, labels, *_rest in factors:
+        if len(labels) < 2:
+            raise DataError(f"grouping factor {name} has fewer than 2 levels in the rows used")
     first = factors[0]
     return Patterns(family, link, parsed.text, [c.name for c in design.fixed],
                     [design.random[j].name for j in first[3]], first[4],
@@ -732,6 +769,9 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
         if not moved:
             break
     dev = float(obj(x))
+    if not np.isfinite(dev):
+        raise DataError("the GLMM's likelihood could not be evaluated at any parameters tried "
+                        "(PIRLS failed): check the outcome and the predictors' scales")
     theta, beta = obj.split(x)
     alpha = np.array(obj.nb, dtype=float) if ordinal else None
     nb_theta = obj.nb if nb else None

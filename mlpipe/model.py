@@ -67,6 +67,9 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
                              "method of moments")
         ms = compute_moment_statistics(data, formula, memory_limit=memory_limit,
                                        threads=threads, temp_directory=temp_directory)
+        runlog.stage("scan", ms.timings.get("scan"), rows=ms.n + ms.rows_dropped,
+                     rows_used=ms.n, cells=sum(len(c) for _i, _j, c in ms.pairs.values()),
+                     groups={f.name: f.m for f in ms.factors})
         return _fit_moments(ms, ci=ci, level=level)
     if stats is None:
         if data is None or formula is None:
@@ -168,6 +171,9 @@ def _fit_glmm(data, formula, family, link, nagq, *, stats, weights, correlation,
         raise InputError("confidence intervals for GLMMs are not done yet")
     pat = compress(data, formula, family, link=link, memory_limit=memory_limit,
                    threads=threads, temp_directory=temp_directory)
+    runlog.stage("scan", pat.timings["scan"], rows=pat.nobs + pat.rows_dropped,
+                 rows_used=pat.nobs, cells=len(pat.n),
+                 groups={f[0]: len(f[1]) for f in pat.factors})
     result = fit_glmm(pat, nagq=nagq)
     runlog.stage("solve", result.timings["solve"], family=result.family,
                  evaluations=result.optimizer.evaluations)

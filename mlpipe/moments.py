@@ -349,6 +349,10 @@ def fit_moments(data, *, reason: str | None = None):
         stats, ms = data, MomentStatistics.from_statistics(data)
     if ms.n <= ms.p:
         raise DataError(f"{ms.p} fixed effects for {ms.n} observations")
+    if "(Intercept)" not in ms.fixed_names:
+        raise InputError("the method of moments needs an intercept among the fixed effects "
+                         "(its U-statistics cannot tell a random effect's variance from a "
+                         "nonzero mean the model leaves out)")
     dependent = rank_deficient_columns(ms.xtx)
     if dependent:
         raise DataError(f"fixed-effects design is rank deficient: "

@@ -112,8 +112,25 @@ def test_refusals(tmp_path):
         mlpipe.fit(cbpp, "cbind(incidence, failures) ~ period + (1 | herd)", family="poisson")
     with pytest.raises(InputError, match="takes the link"):
         mlpipe.fit(cbpp, "incidence ~ period + (1 | herd)", family="poisson", link="logit")
-    with pytest.raises(DataError, match="successes must lie between 0 and the trials"):
+    with pytest.raises(DataError, match="values must be 0 or 1"):
         mlpipe.fit(cbpp, "size ~ period + (1 | herd)", family="binomial")
+    import polars as pl
+
+    frame = pl.read_parquet(cbpp).with_columns(
+        one=pl.lit(1), zero=pl.lit(0), half=pl.col("incidence") + 0.5,
+        neg=pl.col("size") - 10.0, k=pl.lit("a"), text=pl.col("period").cast(pl.Utf8))
+    path = tmp_path / "f.parquet"
+    frame.write_parquet(path)
+    for formula, family, message in [
+            ("one ~ period + (1 | herd)", "binomial", "is constant .all successes."),
+            ("zero ~ period + (1 | herd)", "binomial", "is constant .all failures."),
+            ("zero ~ period + (1 | herd)", "poisson", "is 0 in every row used"),
+            ("half ~ period + (1 | herd)", "poisson", "must be whole numbers"),
+            ("neg ~ period + (1 | herd)", "gamma", "must be > 0"),
+            ("incidence ~ period + (1 | k)", "poisson", "fewer than 2 levels"),
+            ("text ~ size + (1 | herd)", "ordinal", "give its categories as ordered numbers")]:
+        with pytest.raises(DataError, match=message):
+            mlpipe.fit(path, formula, family=family)
 
 
 def test_adaptive_quadrature_against_glmer_nagq25():

@@ -176,3 +176,10 @@ def test_own_pass_equals_the_cell_statistics(tmp_path):
         np.testing.assert_allclose(own.vcov_matrix, cells.vcov_matrix, rtol=1e-9)
         assert own.ranef.sort("group", "level")["estimate"].to_numpy() == pytest.approx(
             cells.ranef.sort("group", "level")["estimate"].to_numpy(), rel=1e-8, abs=1e-10)
+
+
+def test_moments_need_an_intercept(tmp_path):
+    path = tmp_path / "c.parquet"
+    _crossed(3, False, n=3000, R=60, C=40).write_parquet(path)
+    with pytest.raises(InputError, match="needs an intercept"):
+        mlpipe.fit(path, "y ~ 0 + x + (1 | u) + (1 | it)", method="moments")

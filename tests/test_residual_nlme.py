@@ -19,6 +19,7 @@ import mlpipe
 
 DATA = Path(__file__).parent / "data" / "nlme"
 CASES = sorted(p.stem for p in DATA.glob("*.json"))
+assert len(CASES) >= 17, f"the nlme references are missing from {DATA}"
 
 
 @pytest.fixture(scope="module", params=CASES)

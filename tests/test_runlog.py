@@ -47,3 +47,20 @@ def test_stats_and_a_failed_run_append_to_the_log(tmp_path, capsys):
     assert stages == ["prepare", "scan", "write", "done", "error"]
     err = _lines(log)[-1]
     assert "'Dayz'" in err["message"] and "'Dayz'" in capsys.readouterr().err
+
+
+def test_glmm_and_moments_fits_log_their_pass(tmp_path):
+    """GLMM and moments fits log their own pass (scan: rows, cells — the covariate
+    patterns, or the level pairs — and groups) before solve."""
+    log = tmp_path / "run.jsonl"
+    assert main(["fit", str(DATA / "glmm" / "cbpp.parquet"), "-f",
+                 "cbind(incidence, failures) ~ period + (1 | herd)", "--family", "binomial",
+                 "-q", "--log-json", str(log)]) == 0
+    assert main(["fit", str(DATA / "penicillin.parquet"), "-f",
+                 "diameter ~ 1 + (1 | plate) + (1 | sample)", "--moments", "-q",
+                 "--log-json", str(log)]) == 0
+    lines = _lines(log)
+    assert [r["stage"] for r in lines] == ["scan", "solve", "done", "scan", "solve", "done"]
+    assert lines[0]["rows_used"] == 56 and lines[0]["cells"] == 56
+    assert lines[0]["groups"] == {"herd": 15}
+    assert lines[3]["rows_used"] == 144 and lines[3]["groups"] == {"plate": 24, "sample": 6}
