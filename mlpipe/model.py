@@ -96,7 +96,10 @@ def fit_config(cfg: dict, **overrides) -> FitResult:
     cfg = {**cfg, **overrides}
     if not cfg.get("stats") and not (cfg.get("data") and cfg.get("formula")):
         raise InputError("the config names neither DATA and a formula nor statistics")
-    duck = {} if cfg.get("stats") else (cfg.get("duckdb") or {})
+    # with saved statistics only the memory limit applies (it bounds the solver)
+    duck = cfg.get("duckdb") or {}
+    if cfg.get("stats"):
+        duck = {k: v for k, v in duck.items() if k == "memory_limit"}
     # saved statistics, when named, are fitted instead of the data (a config may name both:
     # the data for what rereads it, e.g. the report)
     return fit(None if cfg.get("stats") else cfg.get("data"), cfg.get("formula"),

@@ -120,6 +120,12 @@ def test_automatic_switch_when_the_exact_solver_does_not_fit(tmp_path, capsys):
     assert saved["method"] == "moments" and saved["loglik"] is None
     assert main(["compare", str(tmp_path / "o"), str(tmp_path / "o")]) == 2
     assert "no likelihood" in capsys.readouterr().err
+    # from saved statistics on the command line: --memory-limit reaches the solver
+    assert main(["stats", str(PEN), "-f", f, "--out", str(tmp_path / "s.parquet")]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--stats", str(tmp_path / "s.parquet"), "--memory-limit", "4KB",
+                 "-q", "--out", str(tmp_path / "o2")]) == 0
+    assert json.loads((tmp_path / "o2" / "result.json").read_text())["method"] == "moments"
 
 
 def test_refusals():
