@@ -50,8 +50,8 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     if family is not None and str(family).lower() != "gaussian":
         return _fit_glmm(data, formula, family, link, nagq, stats=stats, weights=weights,
                          correlation=correlation, residual_variance_by=residual_variance_by,
-                         method=method, ci=ci, memory_limit=memory_limit, threads=threads,
-                         temp_directory=temp_directory)
+                         method=method, ci=check_ci(ci), memory_limit=memory_limit,
+                         threads=threads, temp_directory=temp_directory, level=level)
     method, ddf, ci = check_options(method, ddf, ci, level)  # before any work
     if stats is not None and data is not None:
         raise InputError("give DATA or saved statistics, not both")
@@ -160,7 +160,7 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
 
 def _fit_glmm(data, formula, family, link, nagq, *, stats, weights, correlation,
               residual_variance_by, method, ci, memory_limit, threads,
-              temp_directory) -> FitResult:
+              temp_directory, level: float = 0.95) -> FitResult:
     """A GLMM (mlpipe/glmm.py): the data compressed to covariate patterns, the Laplace fit."""
     from .glmm import compress, fit_glmm
 
@@ -170,8 +170,8 @@ def _fit_glmm(data, formula, family, link, nagq, *, stats, weights, correlation,
         raise InputError("GLMMs take no case weights or residual structure yet")
     if str(method).upper() not in ("REML", "ML"):
         raise InputError(f"method {method!r}: GLMMs are fitted by maximum likelihood")
-    if ci is not None:
-        raise InputError("confidence intervals for GLMMs are not done yet")
+    if ci == "profile":
+        raise InputError("profile intervals for GLMMs are not done yet: use --ci wald")
     pat = compress(data, formula, family, link=link, memory_limit=memory_limit,
                    threads=threads, temp_directory=temp_directory)
     runlog.stage("scan", pat.timings["scan"], rows=pat.nobs + pat.rows_dropped,
@@ -180,6 +180,8 @@ def _fit_glmm(data, formula, family, link, nagq, *, stats, weights, correlation,
     result = fit_glmm(pat, nagq=nagq)
     runlog.stage("solve", result.timings["solve"], family=result.family,
                  evaluations=result.optimizer.evaluations)
+    if ci == "wald":
+        _wald_intervals(result, level)
     return result
 
 
@@ -189,6 +191,18 @@ def _moments_apply(stats: Statistics) -> bool:
     return (not stats.weights and stats.residual is None
             and (all(f.names == ["(Intercept)"] for f in factors) if stats.general
                  else stats.random_names == ["(Intercept)"]))
+
+
+def _wald_intervals(result: FitResult, level: float) -> None:
+    """Normal-theory intervals β ± z·SE of the fixed effects (fits without a likelihood
+    profile or t df: moments, GLMMs), as `confint(method = "Wald")`."""
+    se = result.fixed_effects["std_error"].to_numpy()
+    beta = result.fixed_effects["estimate"].to_numpy()
+    z = _dist.norm_ppf(0.5 + level / 2)
+    result.confidence_intervals = pl.DataFrame({
+        "parameter": result.fixed_effects["term"], "estimate": beta,
+        "lower": beta - z * se, "upper": beta + z * se, "method": "Wald"})
+    result.ci_level = level
 
 
 def _fit_moments(stats, *, ci: str | None, level: float,
@@ -203,13 +217,7 @@ def _fit_moments(stats, *, ci: str | None, level: float,
     t0 = time.perf_counter()
     result = fit_moments(stats, reason=reason)
     if ci == "wald":
-        se = result.fixed_effects["std_error"].to_numpy()
-        beta = result.fixed_effects["estimate"].to_numpy()
-        z = _dist.norm_ppf(0.5 + level / 2)
-        result.confidence_intervals = pl.DataFrame({
-            "parameter": result.fixed_effects["term"], "estimate": beta,
-            "lower": beta - z * se, "upper": beta + z * se, "method": "Wald"})
-        result.ci_level = level
+        _wald_intervals(result, level)
     result.timings = {**(stats.timings or {}), "solve": time.perf_counter() - t0,
                       "inference": 0.0}
     runlog.stage("solve", result.timings["solve"], method="moments",

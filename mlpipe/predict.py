@@ -517,6 +517,9 @@ def linear_predictor(model: FittedModel, frame: Frame, con: duckdb.DuckDBPyConne
     if formula.response.kind == "call" and formula.response.value == "cbind":
         # a binomial GLMM's cbind(successes, failures): the linear predictor needs neither
         formula = dataclasses.replace(formula, response=formula.response.args[0])
+    if model.family == "ordinal" and formula.intercept and "(Intercept)" not in model.fixed:
+        # the thresholds take the intercept's place: η = Xβ + Zb with the intercept at 0
+        model = dataclasses.replace(model, fixed={"(Intercept)": 0.0, **model.fixed})
     schema = frame.schema(formula.value_columns())
     levels = _fit_levels(model, con, formula, schema)
     pred = _compile(model, formula, schema, levels, level, frame.path, training=training)
@@ -568,7 +571,9 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
         numbered = level == "conditional" and keep_order
         internal = pred.internal + (["__mlpipe_row"] if numbered else [])
         output = f"* EXCLUDE ({', '.join(internal)})"
-        if model.family:  # a GLMM: fitted is on the link scale
+        if model.family == "ordinal":  # fitted is η: P(Y ≤ c) = F(α_c − η), no one mean
+            pass
+        elif model.family:  # a GLMM: fitted is on the link scale
             mu = inverse_link_sql(model.link, "fitted")
             output += f", {mu} AS fitted_response"
             cbind = "cbind(" in model.formula.split("~", 1)[0]

@@ -300,3 +300,37 @@ def test_diagnostics_in_words(tmp_path):
     assert any("separation" in m for m in sep.optimizer.messages)
     assert not sep.converged
     assert sep.fixed_effects["estimate"][3] < -10  # period4: towards -inf
+
+
+def test_wald_intervals_and_ordinal_predictions(tmp_path):
+    """--ci wald for a GLMM: β ± z·SE (normal quantile at the level); an ordinal model's
+    predictions give the linear predictor η only (P(Y ≤ c) = F(α_c − η): no single mean, no
+    residual)."""
+    import polars as pl
+    from scipy.stats import norm
+
+    from mlpipe.predict import predict
+
+    res = mlpipe.fit(DATA / "cbpp.parquet", "cbind(incidence, failures) ~ period + (1 | herd)",
+                     family="binomial", ci="wald", level=0.9)
+    ci = res.confidence_intervals
+    z = norm.ppf(0.95)
+    np.testing.assert_allclose(ci["lower"].to_numpy(), res.fixed_effects["estimate"].to_numpy()
+                               - z * res.fixed_effects["std_error"].to_numpy(), rtol=1e-12)
+    assert res.ci_level == 0.9
+    with pytest.raises(InputError, match="use --ci wald"):
+        mlpipe.fit(DATA / "cbpp.parquet", "cbind(incidence, failures) ~ period + (1 | herd)",
+                   family="binomial", ci="profile")
+    ordinal = mlpipe.fit(DATA / "wine.parquet", "rating ~ temp + contact + (1 | judge)",
+                         family="ordinal")
+    ordinal.write(tmp_path / "o")
+    predict(tmp_path / "o", DATA / "wine.parquet", tmp_path / "p.parquet")
+    pred = pl.read_parquet(tmp_path / "p.parquet")
+    assert "fitted" in pred.columns
+    assert "fitted_response" not in pred.columns and "residual" not in pred.columns
+    beta = dict(zip(ordinal.fixed_effects["term"], ordinal.fixed_effects["estimate"]))
+    row = pred.row(0, named=True)
+    judge = ordinal.ranef.filter(pl.col("level") == str(row["judge"]))["estimate"][0]
+    eta = beta["tempwarm"] * (row["temp"] == "warm") + \
+        beta["contactyes"] * (row["contact"] == "yes") + judge
+    assert row["fitted"] == pytest.approx(eta, rel=1e-10, abs=1e-12)
