@@ -356,6 +356,34 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
 
 # ---------------------------------------------------------------------- the Laplace fit
 
+def split_parameters(pat: Patterns, k: int, x) -> tuple[np.ndarray, np.ndarray, object]:
+    """The optimizer's vector → (θ, β, the family's own parameter): for the negative
+    binomial and the gamma the last entry is log θ_NB / log ν (returned as θ_NB / ν), for
+    ordinal models the last K−1 are the thresholds (α_1, log(α_2 − α_1), …) → α; else None."""
+    x = np.asarray(x, float)
+    if pat.family in EXTRA:
+        return x[:k], x[k:-1], float(np.exp(np.clip(x[-1], -30, 30)))
+    if pat.family == "ordinal":
+        K1 = len(pat.categories) - 1
+        t = x[len(x) - K1:]
+        alpha = np.cumsum(np.concatenate([t[:1], np.exp(np.clip(t[1:], -30, 30))]))
+        return x[:k], x[k:len(x) - K1], alpha
+    return x[:k], x[k:], None
+
+
+def _level_hessians(level: np.ndarray, w: np.ndarray, ZL: np.ndarray, m: int) -> np.ndarray:
+    """Per level Λ'Z_i'W_iZ_iΛ + I, (m, q, q), from the patterns' rows of ZΛ and weights."""
+    q = ZL.shape[1]
+    H = np.zeros((m, q, q))
+    for a in range(q):
+        for b in range(a + 1):
+            h = np.bincount(level, w * ZL[:, a] * ZL[:, b], minlength=m)
+            H[:, a, b] = h
+            H[:, b, a] = h
+    H[:, range(q), range(q)] += 1.0
+    return H
+
+
 class Laplace:
     """−2 × the Laplace log-likelihood as a function of (θ, β), with û kept warm; with
     `nagq` > 1 (one scalar random effect only) the adaptive Gauss–Hermite quadrature of
@@ -376,17 +404,9 @@ class Laplace:
         self.nb = None
 
     def split(self, x):
-        """(θ, β); for the negative binomial the last entry is log θ_NB (set on `nb`)."""
-        x = np.asarray(x, float)
-        if self.pat.family in EXTRA:
-            self.nb = float(np.exp(np.clip(x[-1], -30, 30)))
-            return x[:self.k], x[self.k:-1]
-        if self.pat.family == "ordinal":
-            K1 = len(self.pat.categories) - 1
-            t = x[len(x) - K1:]
-            self.nb = np.cumsum(np.concatenate([t[:1], np.exp(np.clip(t[1:], -30, 30))]))
-            return x[:self.k], x[self.k:len(x) - K1]
-        return x[:self.k], x[self.k:]
+        """(θ, β), the family's own parameter set on `nb` (`split_parameters`)."""
+        theta, beta, self.nb = split_parameters(self.pat, self.k, x)
+        return theta, beta
 
     def modes(self, theta, beta, u0=None):
         """û per level (m, q), η̂, the working weights and the Cholesky factors of
@@ -409,13 +429,7 @@ class Laplace:
         for _ in range(PIRLS_MAXITER):
             g = np.stack([np.bincount(pat.level, ZL[:, a] * score, minlength=m)
                           for a in range(q)], axis=1) - u
-            H = np.zeros((m, q, q))
-            for a in range(q):
-                for b in range(a + 1):
-                    h = np.bincount(pat.level, w * ZL[:, a] * ZL[:, b], minlength=m)
-                    H[:, a, b] = h
-                    H[:, b, a] = h
-            H[:, range(q), range(q)] += 1.0
+            H = _level_hessians(pat.level, w, ZL, m)
             step = np.linalg.solve(H, g[:, :, None])[:, :, 0]
             t = np.ones(m)
             for _half in range(30):  # step halving, per level
@@ -430,14 +444,7 @@ class Laplace:
                 break
         else:
             return None
-        H = np.zeros((m, q, q))
-        for a in range(q):
-            for b in range(a + 1):
-                h = np.bincount(pat.level, w * ZL[:, a] * ZL[:, b], minlength=m)
-                H[:, a, b] = h
-                H[:, b, a] = h
-        H[:, range(q), range(q)] += 1.0
-        return u, eta, w, H, per
+        return u, eta, w, _level_hessians(pat.level, w, ZL, m), per
 
     def __call__(self, x) -> float:
         self.evaluations += 1
@@ -516,17 +523,9 @@ class SparseLaplace:
         self.nb = None
 
     def split(self, x):
-        """(θ, β); for the negative binomial the last entry is log θ_NB (set on `nb`)."""
-        x = np.asarray(x, float)
-        if self.pat.family in EXTRA:
-            self.nb = float(np.exp(np.clip(x[-1], -30, 30)))
-            return x[:self.k], x[self.k:-1]
-        if self.pat.family == "ordinal":
-            K1 = len(self.pat.categories) - 1
-            t = x[len(x) - K1:]
-            self.nb = np.cumsum(np.concatenate([t[:1], np.exp(np.clip(t[1:], -30, 30))]))
-            return x[:self.k], x[self.k:len(x) - K1]
-        return x[:self.k], x[self.k:]
+        """(θ, β), the family's own parameter set on `nb` (`split_parameters`)."""
+        theta, beta, self.nb = split_parameters(self.pat, self.k, x)
+        return theta, beta
 
     def T_blocks(self, theta):
         T = self.tm.T(theta)
@@ -714,7 +713,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     import nlopt
 
     from .optimize import SINGULAR_TOL, OptSummary
-    from .results import FitResult
+    from .results import FitResult, modes_table, variance_tables
 
     t0 = time.perf_counter()
     nagq = int(nagq)
@@ -814,29 +813,11 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
                          schema={"term": pl.Utf8, "estimate": pl.Float64,
                                  "std_error": pl.Float64, "t_value": pl.Float64,
                                  "df": pl.Float64, "p_value": pl.Float64})
-    rand_rows, corr_rows, parts = [], [], []
-    for name, labels, T, b, cond_sd, names, blocks in _random_effects(obj, pat, theta, beta):
-        cov = T @ T.T
-        for a, term in enumerate(names):
-            rand_rows.append((name, term, cov[a, a], math.sqrt(cov[a, a])))
-        for start, size in blocks:
-            for a in range(start, start + size):
-                for c in range(a + 1, start + size):
-                    den = math.sqrt(cov[a, a] * cov[c, c])
-                    corr_rows.append((name, names[a], names[c],
-                                      cov[a, c] / den if den > 0 else float("nan")))
-        levels = pl.Series("level", labels.astype(str), dtype=pl.Utf8)
-        parts += [pl.DataFrame({"level": levels, "estimate": b[:, a],
-                                "cond_sd": cond_sd[:, a]}).select(
-            pl.lit(name).alias("group"), "level", pl.lit(term).alias("term"), "estimate",
-            "cond_sd") for a, term in enumerate(names)]
-    rand = pl.DataFrame(rand_rows, schema={"group": pl.Utf8, "term": pl.Utf8,
-                                           "variance": pl.Float64, "std_dev": pl.Float64},
-                        orient="row")
-    corrs = pl.DataFrame(corr_rows, schema={"group": pl.Utf8, "term1": pl.Utf8,
-                                            "term2": pl.Utf8, "correlation": pl.Float64},
-                         orient="row")
-    ranef = pl.concat(parts)
+    effects = list(_random_effects(obj, pat, theta, beta))
+    rand, corrs = variance_tables([(name, names, T @ T.T, blocks)
+                                   for name, _lab, T, _b, _sd, names, blocks in effects])
+    ranef = pl.concat([modes_table(name, labels, names, b, cond_sd)
+                       for name, labels, _T, b, cond_sd, names, _bl in effects])
     npar = len(beta) + k + len(extra)
     diagnostics = _diagnostics(obj, pat, theta, beta, npar, singular=bool(
         np.any(theta[obj.tm.diagonal] < SINGULAR_TOL)))

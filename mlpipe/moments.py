@@ -339,7 +339,7 @@ def fit_moments(data, *, reason: str | None = None):
     instead of the exact one (the optimizer record's first message)."""
     from .model import rank_deficient_columns
     from .optimize import OptSummary
-    from .results import FitResult, _fixed_table
+    from .results import FitResult, _fixed_table, modes_table, variance_tables
 
     t0 = time.perf_counter()
     stats = None
@@ -368,14 +368,10 @@ def fit_moments(data, *, reason: str | None = None):
     sigma = math.sqrt(sigma2)
     rx = np.linalg.cholesky(sigma2 * np.linalg.inv(est["vcov"])).T  # R_X'R_X = σ² Var(β)⁻¹
     fixed, vcov = _fixed_table(ms.fixed_names, est["beta"], rx, sigma2)
-    rand = pl.DataFrame({"group": [f.name for f in ms.factors], "term": ["(Intercept)"] * K,
-                         "variance": s2[:K], "std_dev": np.sqrt(s2[:K])})
-    corrs = pl.DataFrame(schema={"group": pl.Utf8, "term1": pl.Utf8, "term2": pl.Utf8,
-                                 "correlation": pl.Float64})
-    ranef = pl.concat([pl.DataFrame({"group": f.name,
-                                     "level": pl.Series(f.labels.astype(str), dtype=pl.Utf8),
-                                     "term": "(Intercept)", "estimate": est["b"][k],
-                                     "cond_sd": est["cond_sd"][k]})
+    rand, corrs = variance_tables([(f.name, ["(Intercept)"], np.array([[s2[k]]]), [(0, 1)])
+                                   for k, f in enumerate(ms.factors)])
+    ranef = pl.concat([modes_table(f.name, f.labels, ["(Intercept)"], est["b"][k][:, None],
+                                   est["cond_sd"][k][:, None])
                        for k, f in enumerate(ms.factors)])
     theta = np.sqrt(s2[:K] / sigma2)
     messages = [f"variance components by the method of moments (U-statistics, Gao & Owen "

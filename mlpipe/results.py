@@ -120,19 +120,7 @@ class FitResult:
 
         T = dec.T
         cov = s2 * T @ T.T
-        names = stats.random_names
-        rand = pl.DataFrame({"group": [stats.group] * stats.q, "term": names,
-                             "variance": np.diag(cov), "std_dev": np.sqrt(np.diag(cov))})
-        corr_rows = []
-        for start, size in stats.blocks:
-            for a in range(start, start + size):
-                for b in range(a + 1, start + size):
-                    denom = math.sqrt(cov[a, a] * cov[b, b])
-                    corr = cov[a, b] / denom if denom > 0 else float("nan")
-                    corr_rows.append((stats.group, names[a], names[b], corr))
-        corrs = pl.DataFrame(corr_rows, schema={"group": pl.Utf8, "term1": pl.Utf8,
-                                                "term2": pl.Utf8, "correlation": pl.Float64},
-                             orient="row")
+        rand, corrs = variance_tables([(stats.group, stats.random_names, cov, stats.blocks)])
 
         dev = obj.deviance_of(dec)
         npar = p + len(dec.theta) + 1
@@ -158,37 +146,18 @@ class FitResult:
         s2 = sigma**2
         p = stats.p
         fixed, vcov = _fixed_table(stats.fixed_names, dec.beta, dec.rx, s2)
-        rand_rows, corr_rows, ranef_parts = [], [], []
         modes = obj.conditional_modes(dec, sigma)
-        for f, T, mode in zip(obj.factors, dec.T, modes):
-            cov = s2 * T @ T.T
-            for a, name in enumerate(f.names):
-                rand_rows.append((f.name, name, cov[a, a], math.sqrt(cov[a, a])))
-            for start, size in f.blocks:
-                for a in range(start, start + size):
-                    for b in range(a + 1, start + size):
-                        denom = math.sqrt(cov[a, a] * cov[b, b])
-                        corr = cov[a, b] / denom if denom > 0 else float("nan")
-                        corr_rows.append((f.name, f.names[a], f.names[b], corr))
-            levels = pl.Series("level", f.levels, dtype=pl.Utf8)
-            for a, name in enumerate(f.names):
-                ranef_parts.append(pl.DataFrame(
-                    {"level": levels, "estimate": mode["b"][:, a],
-                     "cond_sd": mode["cond_sd"][:, a]}).select(
-                    pl.lit(f.name).alias("group"), "level", pl.lit(name).alias("term"),
-                    "estimate", "cond_sd"))
-        rand = pl.DataFrame(rand_rows, schema={"group": pl.Utf8, "term": pl.Utf8,
-                                               "variance": pl.Float64, "std_dev": pl.Float64},
-                            orient="row")
-        corrs = pl.DataFrame(corr_rows, schema={"group": pl.Utf8, "term1": pl.Utf8,
-                                                "term2": pl.Utf8, "correlation": pl.Float64},
-                             orient="row")
+        rand, corrs = variance_tables([(f.name, f.names, s2 * T @ T.T, f.blocks)
+                                       for f, T in zip(obj.factors, dec.T)])
+        ranef_parts = [modes_table(f.name, f.levels, f.names, mode["b"], mode["cond_sd"])
+                       for f, mode in zip(obj.factors, modes)]
         dev = obj.deviance_of(dec)
         theta = np.asarray(dec.theta)
         npar = p + len(theta) + 1
         singular = bool(np.any(theta[obj.theta_map.diagonal] < SINGULAR_TOL))
         opt.structure = obj.structure()
         partition = None
+        rand_rows = rand.rows()
         if all(r[1] == "(Intercept)" for r in rand_rows):
             total = sum(r[2] for r in rand_rows) + s2
             partition = [{"group": g, "variance": v, "proportion": v / total}
@@ -451,6 +420,40 @@ class _Coef(Mapping):
 
     def __repr__(self) -> str:
         return "<coef: call result.coef() for per-level coefficients; result.fixef: fixed>"
+
+
+def variance_tables(factors) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """`random_effects` (group, term, variance, std_dev) and `random_correlations` (group,
+    term1, term2, correlation) from [(group, term names, covariance matrix, blocks)] — the
+    correlations within each correlated block."""
+    rand_rows, corr_rows = [], []
+    for group, names, cov, blocks in factors:
+        for a, name in enumerate(names):
+            rand_rows.append((group, name, float(cov[a, a]), math.sqrt(cov[a, a])))
+        for start, size in blocks:
+            for a in range(start, start + size):
+                for b in range(a + 1, start + size):
+                    denom = math.sqrt(cov[a, a] * cov[b, b])
+                    corr_rows.append((group, names[a], names[b],
+                                      cov[a, b] / denom if denom > 0 else float("nan")))
+    rand = pl.DataFrame(rand_rows, schema={"group": pl.Utf8, "term": pl.Utf8,
+                                           "variance": pl.Float64, "std_dev": pl.Float64},
+                        orient="row")
+    corrs = pl.DataFrame(corr_rows, schema={"group": pl.Utf8, "term1": pl.Utf8,
+                                            "term2": pl.Utf8, "correlation": pl.Float64},
+                         orient="row")
+    return rand, corrs
+
+
+def modes_table(group: str, levels, names: list[str], b: np.ndarray,
+                cond_sd: np.ndarray) -> pl.DataFrame:
+    """One factor's conditional modes in long form (group, level, term, estimate, cond_sd)
+    from (levels, terms) arrays."""
+    lv = pl.Series("level", np.asarray(levels).astype(str), dtype=pl.Utf8)
+    return pl.concat([pl.DataFrame({"level": lv, "estimate": b[:, a],
+                                    "cond_sd": cond_sd[:, a]}).select(
+        pl.lit(group).alias("group"), "level", pl.lit(name).alias("term"), "estimate",
+        "cond_sd") for a, name in enumerate(names)])
 
 
 def _named_matrix(names: list[str], m: np.ndarray) -> pl.DataFrame:
