@@ -500,6 +500,37 @@ def _level_label(level) -> str:
     return str(level)
 
 
+def design_from_data(con: duckdb.DuckDBPyConnection, source: Source, formula: Formula,
+                     schema: dict[str, str], *, weights: str | None = None,
+                     extra: tuple[str, ...] = (), coding: dict[str, list] | None = None
+                     ) -> Design:
+    """The model's `Design` over `source`: the categorical levels of its complete rows (or
+    `coding`, a fit's or a store's, which those levels must stay within) and the pre-pass
+    constants of scale() / poly(), then the compiled columns — the one preparation the
+    statistics, moment and GLMM passes share."""
+    levels = discover_levels(con, source, formula, schema, weights, extra)
+    if coding is not None:
+        _check_coding(levels, coding, source)
+        levels = dict(coding)
+    else:
+        levels.update(compute_prepass(con, source, formula, schema, weights, extra))
+    return build_design(formula, schema, levels, weights=weights, extra_columns=extra)
+
+
+def _check_coding(found: dict[str, list], coding: dict[str, list], source: Source) -> None:
+    """The categorical levels of new data must be among those of the coding given."""
+    for key, levels in found.items():
+        known = coding.get(key)
+        if known is None:
+            continue
+        new = [lv for lv in levels if lv not in known]
+        if new:
+            raise DataError(f"{source.location}: level {new[0]!r} of {key!r} is not in the "
+                            f"statistics' coding ({len(known)} levels: "
+                            f"{', '.join(map(repr, known[:6]))}{', ...' if len(known) > 6 else ''})"
+                            f"; rebuild the statistics over all inputs")
+
+
 def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, list], *,
                  weights: str | None = None, strict: bool = False,
                  extra_columns: tuple[str, ...] = ()) -> Design:

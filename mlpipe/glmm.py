@@ -185,7 +185,7 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
     import duckdb
 
     from ._sql import Source, connect, quote_ident, render
-    from .design import build_design, check_columns, compute_prepass, discover_levels
+    from .design import check_columns, design_from_data
     from .formula import parse_formula
 
     t0 = time.perf_counter()
@@ -227,9 +227,7 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
                                 f"categories as ordered numbers (e.g. 1 to 5); the order of "
                                 f"text labels (or of an Enum, which arrives as text) is not "
                                 f"known")
-        levels = discover_levels(con, source, design_formula, schema)
-        levels.update(compute_prepass(con, source, design_formula, schema))
-        design = build_design(design_formula, schema, levels, extra_columns=extra_cols)
+        design = design_from_data(con, source, design_formula, schema, extra=extra_cols)
         if ordinal:
             design.fixed = [c for c in design.fixed if c.sql is not None]  # no intercept
         if design.aggregates is not None and design.aggregates.tables:
@@ -243,8 +241,8 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
             trials, const = "1.0", "0.0"
         elif family == "gamma":  # Σ log y rides in the trials' column
             trials, const = f"ln(greatest({y}, 1e-300))", "0.0"
-        elif ordinal:  # the category, a pattern key
-            y = f"CAST(src.{quote_ident(extra_cols[0])} AS VARCHAR)"
+        elif ordinal:  # the category (a number: text is refused above), a pattern key
+            y = f"CAST(src.{quote_ident(extra_cols[0])} AS DOUBLE)"
             trials, const = "0.0", "0.0"
         else:  # poisson, negative binomial: −log y!
             trials, const = "1.0", f"(-lgamma({y} + 1))"
@@ -300,17 +298,16 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         raise DataError(f"binomial outcome {what}: values must be 0 or 1 (or give "
                         f"cbind(successes, failures))")
     categories: list = []
-    if ordinal:  # categories in order: numbers numerically, text in byte order
-        values = [str(v) for v in tab["y"].tolist()]
-        numeric = schema.get(extra_cols[0], "").upper().startswith(
-            ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "FLOAT", "DOUBLE",
-             "DECIMAL", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"))
-        categories = sorted(set(values), key=(lambda v: float(v)) if numeric else None)
-        if len(categories) < 3:
+    if ordinal:  # categories in numeric order; each pattern's category index in `st`
+        from .formula import r_number
+
+        values = np.asarray(tab["y"], dtype=float)
+        codes = np.unique(values)
+        if len(codes) < 3:
             raise DataError(f"an ordinal outcome needs at least 3 categories; "
-                            f"{extra_cols[0]!r} has {len(categories)} (use --family binomial)")
-        index = {c: i for i, c in enumerate(categories)}
-        st = np.array([index[v] for v in values], dtype=float)
+                            f"{extra_cols[0]!r} has {len(codes)} (use --family binomial)")
+        categories = [r_number(float(c)) for c in codes]
+        st = np.searchsorted(codes, values).astype(float)
     if family == "binomial" and sy.sum() in (0.0, st.sum()):
         raise DataError(f"binomial outcome {what} is constant (all "
                         f"{'failures' if sy.sum() == 0 else 'successes'}) in the rows used")

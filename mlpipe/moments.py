@@ -136,7 +136,7 @@ def compute_moment_statistics(data, formula: str, *, memory_limit: str | None = 
 
     from ._sql import Source, connect, quote_ident, render
     from .centering import materialize
-    from .design import build_design, check_columns, compute_prepass, discover_levels
+    from .design import check_columns, design_from_data
     from .formula import parse_formula
 
     t0 = time.perf_counter()
@@ -146,9 +146,7 @@ def compute_moment_statistics(data, formula: str, *, memory_limit: str | None = 
     try:
         schema = source.schema(con, parsed.value_columns())
         check_columns(parsed, schema)
-        levels = discover_levels(con, source, parsed, schema)
-        levels.update(compute_prepass(con, source, parsed, schema))
-        design = build_design(parsed, schema, levels)
+        design = design_from_data(con, source, parsed, schema)
         for f in design.factors:
             if f.names != ("(Intercept)",):
                 raise InputError(f"the method of moments fits random intercepts only; "

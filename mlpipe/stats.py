@@ -29,8 +29,7 @@ from . import runlog
 from ._sql import (Source, connect, first_line, quote_ident, render, staging_prefix,
                    sweep_stale)
 from .centering import materialize
-from .design import (Design, build_design, check_columns, check_weights, compute_prepass,
-                     discover_levels)
+from .design import Design, check_columns, check_weights, design_from_data
 from .errors import DataError
 from .formula import parse_formula
 from .residual import ResidualStatistics, Spec, check_spec, parse_spec, read_components, \
@@ -422,13 +421,8 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
         check_weights(weights, schema)
         if spec:
             check_spec(spec, schema, weights=weights)
-        levels = discover_levels(con, source, parsed, schema, weights, extra)
-        if coding is not None:
-            _check_coding(levels, coding, source)
-            levels = dict(coding)
-        else:
-            levels.update(compute_prepass(con, source, parsed, schema, weights, extra))
-        design = build_design(parsed, schema, levels, weights=weights, extra_columns=extra)
+        design = design_from_data(con, source, parsed, schema, weights=weights, extra=extra,
+                                  coding=coding)
         t1 = time.perf_counter()
         runlog.stage("prepare", t1 - t0)
         stats = _run_moments(con, source, design, spec)
@@ -437,20 +431,6 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
     finally:
         con.close()
     return stats
-
-
-def _check_coding(found: dict[str, list], coding: dict[str, list], source: Source) -> None:
-    """The categorical levels of new data must be among those of the coding given."""
-    for key, levels in found.items():
-        known = coding.get(key)
-        if known is None:
-            continue
-        new = [lv for lv in levels if lv not in known]
-        if new:
-            raise DataError(f"{source.location}: level {new[0]!r} of {key!r} is not in the "
-                            f"statistics' coding ({len(known)} levels: "
-                            f"{', '.join(map(repr, known[:6]))}{', ...' if len(known) > 6 else ''})"
-                            f"; rebuild the statistics over all inputs")
 
 
 # Reproducibility (issue 13).  Every floating-point sum of the scan is DuckDB's compensated
