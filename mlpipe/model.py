@@ -246,8 +246,7 @@ def _estimate_residual(stats: Statistics, ci: str | None, *, reml: bool,
 
     # θ and ψ together (Newton), from θ̂ at ψ's start; should that fail, ψ by a search
     # over the profiled criterion (each value an optimization of θ)
-    _crit, theta0 = inner(residual.at(stats, residual.start(stats.residual)), None)
-    psi, record = residual.estimate_joint(stats, make, optimize, theta0)
+    psi, record = residual.estimate_joint(stats, make, optimize)
     theta = np.asarray(record.pop("theta"))
     if psi is None:
         psi, fallback = residual.estimate(stats, inner)

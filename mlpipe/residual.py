@@ -635,13 +635,15 @@ class JointObjective:
         return None
 
 
-def estimate_joint(stats, make, optimize, theta0: np.ndarray) -> tuple[np.ndarray, dict]:
-    """ψ̂ by the projected Newton method over (θ, ψ) together (`JointObjective`), from θ₀
-    and ψ's start → (ψ̂, the record), or (None, record) when it did not converge."""
+def estimate_joint(stats, make, optimize) -> tuple[np.ndarray, dict]:
+    """ψ̂ by the projected Newton method over (θ, ψ) together (`JointObjective`), from ψ's
+    start and θ̂ there (a fit of the joint objective's own base, which sits at ψ₀: no second
+    objective is built) → (ψ̂, the record), or (None, record) when it did not converge."""
     rs = stats.residual
     psi0 = start(rs)
     joint = JointObjective(stats, make, psi0)
-    x0 = np.concatenate([np.asarray(theta0, dtype=float), psi0])
+    first = optimize(joint.base, method=joint.base.default_method, guard=False)
+    x0 = np.concatenate([np.asarray(first.final_theta, dtype=float), psi0])
     summary = optimize(joint, method="newton", theta0=x0, guard=False)
     x = np.asarray(summary.final_theta, dtype=float)
     psi = joint.clip(x[joint.kt:])
