@@ -168,6 +168,27 @@ def factor_entries(order: int, pattern: int) -> int:
     return min(pattern, full)
 
 
+def _distinct_terms(qs: list[int], ms: list[int], pairs: list[tuple], k: np.ndarray) -> int:
+    """Σ kᵢ(kᵢ + 1)/2 (the upper triangle of each level's update block) over the levels of factor 0 with distinct sets of rest levels: an upper bound of
+    the update's distinct positions in S, tight when the structure is nested (every child of
+    a school fills the same school block: 2M children give 8M update terms but 20k blocks).
+    Levels are told apart by a random 64-bit hash of their set of rest levels."""
+    off = np.cumsum([0] + [int(m) for m in ms[1:]])
+    salt = np.random.default_rng(0x5C4E).integers(1, 2**63, size=max(int(off[-1]), 1),
+                                                  dtype=np.uint64)
+    h = np.zeros(ms[0], np.uint64)
+    for j, kk, rows, cols, _b in pairs:
+        if kk == 0 and j != 0:
+            order = np.argsort(cols, kind="stable")
+            c, vals = np.asarray(cols)[order], salt[off[j - 1] + np.asarray(rows)[order]]
+            if len(c):
+                starts = np.flatnonzero(np.concatenate([[True], c[1:] != c[:-1]]))
+                h[c[starts]] += np.add.reduceat(vals, starts)  # uint64: wraps around
+    _, first = np.unique(h, return_index=True)
+    kd = k[first].astype(np.int64)
+    return int(np.sum(kd * kd + kd) // 2)
+
+
 def estimate(qs: list[int], ms: list[int], pairs: list[tuple]) -> dict:
     """The solver's size before anything is built: the order R of the Schur complement,
     the Σᵢ kᵢ² terms of its update, whether it is factored densely, and the bytes of the
@@ -178,6 +199,7 @@ def estimate(qs: list[int], ms: list[int], pairs: list[tuple]) -> dict:
         if kk == 0 and j != 0:
             k += qs[j] * np.bincount(cols, minlength=ms[0])
     triplets = int(np.sum(k.astype(np.int64) ** 2))
+    distinct = _distinct_terms(qs, ms, pairs, k)
     own = sum(b.size for j, kk, _r, _c, b in pairs if kk > 0)  # the rest's own blocks
     dense = use_dense(R, triplets + own)
     # per entry of B: its row, level and place in level order, B̃, H and Ω₂₁ (q₁ each)
@@ -187,7 +209,8 @@ def estimate(qs: list[int], ms: list[int], pairs: list[tuple]) -> dict:
     else:  # the pattern's keys (once, sorted by np.unique), the upper triangle of S (at
         # most each level's pairs of entries, the own blocks and the diagonal) and its factor
         half = (triplets + int(k.sum())) // 2
-        stage2 = 16 * half + 32 * factor_entries(R, half + own + R)
+        pattern = distinct + own + R
+        stage2 = 16 * half + 32 * factor_entries(R, pattern)
     return {"order": R, "update_terms": triplets, "dense": dense,
             "bytes": int(entries + stage2)}
 

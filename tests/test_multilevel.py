@@ -330,3 +330,32 @@ def test_sparse_factor_estimate_counts_the_fill_of_crossed_factors():
     assert factor_entries(R, 3 * R) == 3 * R  # nested: a few entries per row
     assert factor_entries(R, R + FILL_DEGREE * R // 2) == R + FILL_DEGREE * R // 2
     assert factor_entries(100, 10**6) == 100 * 101 // 2  # never more than the triangle
+
+
+def test_solver_estimate_of_a_nested_structure_counts_distinct_blocks():
+    """(t|school) + (t|school:child) with 200k children in 2,000 schools: 800k update terms,
+    all landing in the schools' own 2x2 blocks, so the sparse factor is small — the estimate
+    must not take the update terms (with their repeats) for its pattern (it did, and refused
+    a 20M-row nested fit as needing 26 GB).  Crossed levels keep their many distinct terms."""
+    from mlpipe._schur import estimate
+
+    rng = np.random.default_rng(3)
+    children, schools = 200_000, 2_000
+    school_of = np.arange(children) % schools
+    blocks = np.ones((2, 2, children))
+    nested = [(0, 0, np.arange(children), np.arange(children), blocks),
+              (1, 0, school_of, np.arange(children), blocks),
+              (1, 1, np.arange(schools), np.arange(schools), np.ones((2, 2, schools)))]
+    est = estimate([2, 2], [children, schools], nested)
+    assert est["update_terms"] == 4 * children
+    assert not est["dense"]
+    assert est["bytes"] < 100e6  # 39 MB; with the repeats taken for the pattern, 294 MB
+    # crossed: every level of factor 0 meets 20 random levels of a 2,000-level factor
+    k = 20
+    rows = rng.integers(0, schools, size=(children, k)).ravel()
+    cols = np.repeat(np.arange(children), k)
+    crossed = [(0, 0, np.arange(children), np.arange(children), np.ones((1, 1, children))),
+               (1, 0, rows, cols, np.ones((1, 1, len(rows)))),
+               (1, 1, np.arange(schools), np.arange(schools), np.ones((1, 1, schools)))]
+    est = estimate([1, 1], [children, schools], crossed)
+    assert est["dense"]  # 2,000 levels linked 80M times: S fills
