@@ -142,34 +142,52 @@ class Statistics:
     # ------------------------------------------------------------------ merging
     def merge(self, other: Statistics) -> Statistics:
         """The statistics of the union of two disjoint sets of rows of the same model (e.g.
-        two partitions, or yesterday's data and today's): per-group (per-cell) sums add up,
-        groups (cells) present in both are combined, levels re-sorted as the grouping
-        columns sort.  Raises InputError when the two were built for different models."""
+        two partitions, or yesterday's data and today's): `Statistics.combine([self, other])`."""
+        return Statistics.combine([self, other])
+
+    @staticmethod
+    def combine(parts: list[Statistics], source: str | None = None) -> Statistics:
+        """The statistics of the union of disjoint sets of rows of the same model (partitions
+        of the data, a store and new files, the partials of the Dask engine): per-group
+        (per-cell) sums add up, groups (cells) present in several parts are combined, levels
+        sorted as the grouping columns sort.  All parts at once (one sort of the keys, one
+        bincount per statistic).  Raises InputError when they were built for different
+        models.  `source`: the merged source's name (default: the parts' joined by " + ")."""
         from .errors import InputError
 
-        if self.residual is not None or other.residual is not None:
+        if not parts:
+            raise InputError("no statistics to combine")
+        first_part = parts[0]
+        if len(parts) == 1:
+            return first_part
+        if any(st.residual is not None for st in parts):
             raise InputError("statistics with a residual correlation or variance structure "
                              "cannot be merged (a series split between parts loses its "
                              "lags); build them over all the rows at once")
-        same = (self.formula == other.formula and self.fixed_names == other.fixed_names
-                and self.random_names == other.random_names and self.blocks == other.blocks
-                and self.factor_levels == other.factor_levels
-                and self.weights == other.weights
-                and [f.name for f in self.factors] == [f.name for f in other.factors])
-        if not same:
-            raise InputError("cannot merge statistics of different models (formula, columns "
-                             "or factor coding differ)")
+        for other in parts[1:]:
+            same = (first_part.formula == other.formula
+                    and first_part.fixed_names == other.fixed_names
+                    and first_part.random_names == other.random_names
+                    and first_part.blocks == other.blocks
+                    and first_part.factor_levels == other.factor_levels
+                    and first_part.weights == other.weights
+                    and [f.name for f in first_part.factors] == [f.name for f in other.factors])
+            if not same:
+                raise InputError("cannot merge statistics of different models (formula, "
+                                 "columns or factor coding differ)")
+        self = first_part
         types = self.group_types or {self.group: self.group_type}
         if self.factors:
-            keys = [_cell_keys(st) for st in (self, other)]
+            keys = [_cell_keys(st) for st in parts]
         else:
-            keys = [np.asarray(self.levels, dtype=object), np.asarray(other.levels, dtype=object)]
+            keys = [np.asarray(st.levels, dtype=object) for st in parts]
         allkeys = np.concatenate(keys)
         uniq, inv = np.unique(allkeys.astype(str), return_inverse=True)
+        inv = inv.reshape(-1)
         m = len(uniq)
 
-        def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-            stacked = np.concatenate([a, b], axis=-1)
+        def add(arrays: list[np.ndarray]) -> np.ndarray:
+            stacked = np.concatenate(arrays, axis=-1)
             out = np.zeros(stacked.shape[:-1] + (m,))
             flat = stacked.reshape(-1, stacked.shape[-1])
             res = out.reshape(-1, m)
@@ -177,42 +195,48 @@ class Statistics:
                 res[r] = np.bincount(inv, flat[r], minlength=m)
             return out
 
-        n_i = add(self.n_i, other.n_i)
-        ztz, ztx = add(self.ztz, other.ztz), add(self.ztx, other.ztx)
-        zty, yty_i = add(self.zty, other.zty), add(self.yty_i, other.yty_i)
+        n_i = add([st.n_i for st in parts])
+        ztz, ztx = add([st.ztz for st in parts]), add([st.ztx for st in parts])
+        zty, yty_i = add([st.zty for st in parts]), add([st.yty_i for st in parts])
         # the first occurrence of each merged key tells its labels
         first = np.full(m, -1)
         first[inv[::-1]] = np.arange(len(inv))[::-1]
         if self.factors:
             factors = []
             for k, f in enumerate(self.factors):
-                g = other.factors[k]
-                labels = np.concatenate([f.levels[f.index], g.levels[g.index]])[first]
-                cols = f.columns
-                lv = sorted(set(labels.tolist()), key=lambda x: _label_key(x, cols, types))
-                pos = {v: i for i, v in enumerate(lv)}
-                index = np.array([pos[v] for v in labels], dtype=np.int64)
+                labels = np.concatenate([st.factors[k].levels[st.factors[k].index]
+                                         for st in parts])[first]
+                lv_uniq, index = np.unique(labels.astype(str), return_inverse=True)
+                lv_order = sort_order(lv_uniq, f.columns, types)
+                rank = np.empty(len(lv_order), np.int64)
+                rank[lv_order] = np.arange(len(lv_order))
+                # the labels as the parts had them (their Python types), in sorted order
+                lv_first = np.full(len(lv_uniq), -1)
+                lv_first[index[::-1]] = np.arange(len(index))[::-1]
+                lv = labels[lv_first[lv_order]]
                 factors.append(Factor(f.name, f.columns, f.z, f.names, f.blocks,
-                                      np.asarray(lv, dtype=object), index))
+                                      np.asarray(lv, dtype=object),
+                                      rank[index.reshape(-1)].astype(np.int64)))
             order = np.lexsort([f.index for f in reversed(factors)])
             levels = np.arange(m).astype(str).astype(object)
         else:
             labels = allkeys[first]
-            order = np.array(sorted(range(m), key=lambda i: _label_key(
-                labels[i], [self.group], types)), dtype=np.int64)
+            order = sort_order(uniq, [self.group], types)
             levels = labels[order]
             factors = []
         for f in factors:
             f.index = f.index[order]
+        sum_of = lambda name: sum((getattr(st, name) for st in parts[1:]),  # noqa: E731
+                                  getattr(self, name))
         return Statistics(
             self.formula, self.response, self.fixed_names, self.random_names, self.blocks,
             self.group, levels, n_i[order], ztz[..., order], ztx[..., order], zty[..., order],
-            yty_i[order], self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty,
-            self.n + other.n, self.rows_read + other.rows_read,
-            self.rows_dropped + other.rows_dropped, f"{self.source} + {other.source}",
+            yty_i[order], sum_of("xtx"), sum_of("xty"), sum_of("yty"), sum_of("n"),
+            sum_of("rows_read"), sum_of("rows_dropped"),
+            " + ".join(st.source for st in parts) if source is None else source,
             self.factor_levels, self.group_type, factors=factors,
             centering=None, group_types=self.group_types, weights=self.weights,
-            log_weights=self.log_weights + other.log_weights)
+            log_weights=sum_of("log_weights"))
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -332,6 +356,28 @@ def _label_key(label, columns: list[str], types: dict[str, str]):
             continue
         key.append((1, 0.0, part.encode()))
     return tuple(key)
+
+
+def sort_order(labels: np.ndarray, columns: list[str], types: dict[str, str]) -> np.ndarray:
+    """The order that sorts distinct level labels (text) as the grouping columns sort:
+    numbers numerically, booleans false first, text by its bytes — vectorized for one
+    column, by `_label_key` for a combination of columns."""
+    from .design import is_numeric
+
+    labels = np.asarray(labels, dtype=str)
+    if len(columns) == 1:
+        dtype = types.get(columns[0], "").upper()
+        if is_numeric(dtype):
+            try:
+                return np.argsort(labels.astype(float), kind="stable")
+            except ValueError:
+                pass
+        elif dtype.startswith("BOOLEAN"):
+            return np.argsort(np.char.lower(labels) == "true", kind="stable")
+        else:  # np.unique's order: by code point, which is UTF-8 byte order
+            return np.argsort(labels, kind="stable")
+    return np.array(sorted(range(len(labels)), key=lambda i: _label_key(
+        labels[i], columns, types)), dtype=np.int64)
 
 
 def _load_factor(table: pa.Table, k: int, meta: dict) -> Factor:
