@@ -169,9 +169,10 @@ def factor_entries(order: int, pattern: int) -> int:
 
 
 def _distinct_terms(qs: list[int], ms: list[int], pairs: list[tuple], k: np.ndarray) -> int:
-    """Σ kᵢ(kᵢ + 1)/2 (the upper triangle of each level's update block) over the levels of factor 0 with distinct sets of rest levels: an upper bound of
-    the update's distinct positions in S, tight when the structure is nested (every child of
-    a school fills the same school block: 2M children give 8M update terms but 20k blocks).
+    """Σ kᵢ(kᵢ + 1)/2 (the upper triangle of each level's update block) over the levels of
+    factor 0 with distinct sets of rest levels: an upper bound of the update's distinct
+    positions in S, tight when the structure is nested (every child of a school fills the
+    same school block: 2M children give 8M update terms but 20k blocks).
     Levels are told apart by a random 64-bit hash of their set of rest levels."""
     off = np.cumsum([0] + [int(m) for m in ms[1:]])
     salt = np.random.default_rng(0x5C4E).integers(1, 2**63, size=max(int(off[-1]), 1),

@@ -365,14 +365,14 @@ def read_error(path: str, exc: BaseException, what: str = "cannot read") -> str:
     text = str(exc)
     line, conv = _CSV_LINE.search(text), _CSV_CONVERT.search(text)
     fields = _CSV_FIELDS.search(text)
+    named = _CSV_FILE.search(text)
+    if line and named and not os.path.isfile(path):  # a glob or directory: the file at fault
+        path = named.group(1)
     if line and fields:  # a row with more or fewer fields than the header
         found = int(fields.group(2))
         original, delim = _CSV_ORIGINAL.search(text), _CSV_DELIM.search(text)
         if original and delim:  # DuckDB stops counting at the first field too many
             found = len(next(csv.reader([original.group(1)], delimiter=delim.group(1)), []))
-        named = _CSV_FILE.search(text)
-        if named and not os.path.isfile(path):  # a glob or directory: the file at fault
-            path = named.group(1)
         return (f"{path}, line {line.group(1)}: {found} fields where the header has "
                 f"{fields.group(1)}")
     if line and conv:

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import (add_duckdb_options, add_log_option, add_residual_options,
+from .config import (add_duckdb_options, add_engine_options, add_log_option,
+                     add_residual_options,
                      add_weights_option)
 from . import runlog
 from .errors import InputError
@@ -107,6 +108,7 @@ def _add_fit(sub) -> None:
     f.add_argument("--quiet", "-q", action="store_true", help="do not print the summary")
     add_log_option(f)
     add_duckdb_options(f)
+    add_engine_options(f)
 
 
 def _add_stats(sub) -> None:
@@ -131,6 +133,7 @@ def _add_stats(sub) -> None:
     add_residual_options(s)
     add_log_option(s)
     add_duckdb_options(s)
+    add_engine_options(s)
 
 
 def _add_simulate(sub) -> None:
@@ -251,6 +254,14 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
             duck[key] = getattr(args, key)
     if duck:
         cfg["duckdb"] = duck
+    if args.engine:
+        cfg["engine"] = args.engine
+    dask = dict(cfg.get("dask", {}))
+    for key in ("workers", "scheduler"):
+        if getattr(args, key) is not None:
+            dask[key] = getattr(args, key)
+    if dask:
+        cfg["dask"] = dask
     cfg["method"] = str(cfg.get("method", "REML")).upper()
     if not cfg.get("stats") and not (cfg.get("data") and cfg.get("formula")):
         raise InputError("fit needs DATA and --formula, --stats, or a --config naming them")
@@ -299,13 +310,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
         for key in ("data", "formula", "weights", "correlation", "residual_variance_by"):
             if getattr(args, key) is None and cfg.get(key) is not None:
                 setattr(args, key, cfg[key])
-        for key, value in (cfg.get("duckdb") or {}).items():
+        for key, value in {**(cfg.get("duckdb") or {}), **(cfg.get("dask") or {}),
+                           "engine": cfg.get("engine")}.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
     if not args.data:
         raise InputError("mlpipe stats needs DATA (or a --config naming it)")
-    duck = dict(memory_limit=args.memory_limit, threads=args.threads,
-                temp_directory=args.temp_directory)
+    from .engines import EngineOptions, get_engine
+
+    engine = get_engine(args.engine, EngineOptions(
+        memory_limit=args.memory_limit, threads=args.threads,
+        temp_directory=args.temp_directory, workers=args.workers, scheduler=args.scheduler))
     if args.append_to:
         if args.out:
             raise InputError("give --out (a new store) or --append-to (an existing one), "
@@ -313,14 +328,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if args.weights or args.correlation or args.residual_variance_by:
             raise InputError("--append-to takes the store's model: no --weights, "
                              "--correlation or --residual-variance-by")
-        stats = store.append(args.data, args.append_to, formula=args.formula, **duck)
+        stats = store.append(args.data, args.append_to, formula=args.formula, engine=engine)
         target = args.append_to
     else:
         if not args.formula or not args.out:
             raise InputError("mlpipe stats needs --formula and --out (or --append-to STORE)")
         stats = store.create(args.data, args.formula, args.out, weights=args.weights,
                              correlation=args.correlation,
-                             residual_variance_by=args.residual_variance_by, **duck)
+                             residual_variance_by=args.residual_variance_by, engine=engine)
         target = args.out
     runlog.stage("write", None, out=os.path.abspath(target), inputs=len(stats.inputs))
     if stats.general:

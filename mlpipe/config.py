@@ -7,9 +7,15 @@ A config names the data, the formula and the options of one fit:
     method = "REML"
     out = "out/hsb_full"
 
+    engine = "duckdb"          # or "polars", "dask"
+
     [duckdb]
     memory_limit = "4GB"
     threads = 2
+
+    [dask]                     # --engine dask only
+    workers = 2                # a LocalCluster of 2 worker processes, or
+    # scheduler = "tcp://scheduler:8786"   a running cluster
 
 Relative paths are taken from the current directory, like paths given on the command line.
 Every run writes the resolved config (`config.toml`) next to its outputs.
@@ -24,12 +30,13 @@ from .errors import InputError
 
 KEYS = {"data", "formula", "method", "out", "stats", "name", "ddf", "ci", "level", "residuals",
         "weights", "correlation", "residual_variance_by", "family", "link", "nagq",
-        "duckdb"}
+        "duckdb", "engine", "dask"}
+DASK_KEYS = {"workers": int, "scheduler": str}
 DUCKDB_KEYS = {"memory_limit", "threads", "temp_directory"}
 TYPES = {"data": str, "formula": str, "method": str, "out": str, "stats": str, "name": str,
          "ddf": str, "ci": str, "level": (int, float), "residuals": bool, "weights": str,
          "correlation": str, "residual_variance_by": str, "family": str, "link": str,
-         "nagq": int}
+         "nagq": int, "engine": str}
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false",
               (int, float): "a number"}
 
@@ -61,6 +68,13 @@ def load_config(path: str | Path) -> dict:
             raise InputError(f"config {path}: [duckdb] {key} must be {TYPE_NAMES[want]}, "
                              f"not {value!r}")
     check_duckdb_options(duck, {k: f"config {path}: [duckdb] {k}" for k in DUCKDB_KEYS})
+    dask = cfg.get("dask", {})
+    if not isinstance(dask, dict) or set(dask) - set(DASK_KEYS):
+        raise InputError(f"config {path}: [dask] takes only {', '.join(sorted(DASK_KEYS))}")
+    for key, want in DASK_KEYS.items():
+        if key in dask and (not isinstance(dask[key], want) or isinstance(dask[key], bool)):
+            raise InputError(f"config {path}: [dask] {key} must be {TYPE_NAMES[want]}, "
+                             f"not {dask[key]!r}")
     cfg.setdefault("name", p.stem)
     return cfg
 
@@ -72,6 +86,19 @@ def add_duckdb_options(p) -> None:
     p.add_argument("--threads", type=int, help="DuckDB worker threads (default: all cores)")
     p.add_argument("--temp-directory", help="where DuckDB spills when over the memory limit "
                                             "(default: DuckDB's)")
+
+
+def add_engine_options(p) -> None:
+    """--engine and the Dask engine's --workers / --scheduler (mlpipe/engines)."""
+    p.add_argument("--engine", choices=["duckdb", "polars", "dask"],
+                   help="what builds the statistics: embedded DuckDB (default), Polars' "
+                        "lazy API, or DuckDB on every input file as a Dask task")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="--engine dask: worker processes of the LocalCluster started for "
+                        "the pass (default: one per CPU)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="--engine dask: use the running cluster at ADDRESS "
+                        "(tcp://host:8786) instead of a LocalCluster")
 
 
 def add_weights_option(p) -> None:

@@ -51,10 +51,16 @@ def is_categorical(dtype: str) -> bool:
 
 @dataclass(frozen=True)
 class Column:
-    """One column of X or Z: its R-style name and SQL (None is the constant 1)."""
+    """One column of X or Z: its R-style name and SQL (None is the constant 1), and the
+    same column as the term representation every engine compiles (`parts`: the product of
+    its pieces, () the constant 1).  A piece is ("expr", Expr) — a numeric expression —,
+    ("level", column, level, known) — the indicator of a categorical level (`known`: the
+    levels outside which it is null, in prediction) —, ("poly", Expr, j) — poly()'s j-th
+    column — or ("pw", Expr, j) — pw()'s j-th segment."""
 
     name: str
     sql: str | None
+    parts: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -206,20 +212,9 @@ def discover_levels(con: duckdb.DuckDBPyConnection, source: Source, formula: For
     """Sorted distinct levels of each categorical predictor, over the complete rows only:
     under the column's name for a bare categorical column, under the label for factor(x),
     relevel(x, r), C(x, ref = r) (numbers sort numerically; the reference level first)."""
-    keys: dict[str, str] = {}  # key -> column
-    calls: dict[str, Expr] = {}
-    for t in _all_terms(formula):
-        for v in t:
-            if v.factor_call:
-                keys.setdefault(v.label, v.expr.factor_column)
-                calls[v.label] = v.expr
-            elif v.column is not None and is_categorical(schema[v.column]):
-                keys.setdefault(v.column, v.column)
+    keys, calls = level_keys(formula, schema)
     if not keys:
         return {}
-    for key in calls:
-        if key in schema and key in keys.values():
-            raise FormulaError(f"column {key!r} has the name of the term {key}; rename it")
     cols = list(dict.fromkeys(keys.values()))
     lists = ", ".join(f"list_sort(list(DISTINCT {quote_ident(c)}))" for c in cols)
     complete = complete_condition(model_columns(formula, weights, extra), schema)
@@ -229,6 +224,34 @@ def discover_levels(con: duckdb.DuckDBPyConnection, source: Source, formula: For
     except duckdb.Error as exc:
         raise source.error(exc) from None
     found = {c: (list(v) if v is not None else []) for c, v in zip(cols, row)}
+    return coding_from_levels(keys, calls, found)
+
+
+def level_keys(formula: Formula, schema: dict[str, str]) -> tuple[dict[str, str],
+                                                                   dict[str, Expr]]:
+    """The model's categorical variables: coding key -> data column (a bare categorical
+    column is its own key, factor(x) / relevel() / C() are keyed by their label), and the
+    calls by label.  Every engine asks its data for the sorted distinct levels of those
+    columns over the complete rows and hands them to `coding_from_levels`."""
+    keys: dict[str, str] = {}  # key -> column
+    calls: dict[str, Expr] = {}
+    for t in _all_terms(formula):
+        for v in t:
+            if v.factor_call:
+                keys.setdefault(v.label, v.expr.factor_column)
+                calls[v.label] = v.expr
+            elif v.column is not None and is_categorical(schema[v.column]):
+                keys.setdefault(v.column, v.column)
+    for key in calls:
+        if key in schema and key in keys.values():
+            raise FormulaError(f"column {key!r} has the name of the term {key}; rename it")
+    return keys, calls
+
+
+def coding_from_levels(keys: dict[str, str], calls: dict[str, Expr],
+                       found: dict[str, list]) -> dict[str, list]:
+    """The coding (levels per key, reference level first) from each column's sorted
+    distinct levels `found`."""
     out = {}
     for key, col in keys.items():
         levels = found[col]
@@ -440,19 +463,21 @@ class _Coder:
                     f"WHEN {q} IN ({ins}) THEN 0.0 END")
         return f"CASE WHEN {q} = {self.param(col, level)} THEN 1.0 ELSE 0.0 END"
 
-    def variable_columns(self, var: Variable, full: bool) -> list[tuple[str, str]]:
+    def variable_columns(self, var: Variable, full: bool) -> list[tuple[str, str, tuple]]:
+        """(name, SQL, piece) of each column of one variable (see `Column.parts`)."""
         col = var.column
         if var.factor_call:
             col, key = var.expr.factor_column, var.label
         elif col is None or not is_categorical(self.schema[col]):
             if var.expr.kind == "call" and var.expr.value == "poly":
                 sqls = poly_columns(var.expr, self.levels)
-                return [(f"{var.label}{j + 1}", sql) for j, sql in enumerate(sqls)]
+                return [(f"{var.label}{j + 1}", sql, ("poly", var.expr, j))
+                        for j, sql in enumerate(sqls)]
             if var.expr.kind == "call" and var.expr.value == "pw":  # the two segments
                 t, knot = (a.sql(self.aggregates.refs) for a in var.expr.args)
-                return [(f"{var.label}1", f"least({t}, {knot})"),
-                        (f"{var.label}2", f"greatest({t} - {knot}, 0.0)")]
-            return [(var.label, var.expr.sql(self.aggregates.refs))]
+                return [(f"{var.label}1", f"least({t}, {knot})", ("pw", var.expr, 0)),
+                        (f"{var.label}2", f"greatest({t} - {knot}, 0.0)", ("pw", var.expr, 1))]
+            return [(var.label, var.expr.sql(self.aggregates.refs), ("expr", var.expr))]
         else:
             key = col
         levels = self.levels[key]
@@ -462,7 +487,8 @@ class _Coder:
                             f"in the complete rows")
         keep = levels if full else levels[1:]
         known = levels if self.strict and var.factor_call else None
-        return [(var.label + _level_label(lv), self.level_sql(col, lv, known)) for lv in keep]
+        return [(var.label + _level_label(lv), self.level_sql(col, lv, known),
+                 ("level", col, lv, None if known is None else tuple(known))) for lv in keep]
 
     def term_columns(self, term: Term, present: set[frozenset]) -> list[Column]:
         """Columns of one term; a factor gets full dummy coding when the term without it is
@@ -477,7 +503,7 @@ class _Coder:
             combo = combo[::-1]
             name = ":".join(c[0] for c in combo)
             sql = " * ".join(c[1] for c in combo) if len(combo) > 1 else combo[0][1]
-            cols.append(Column(name, sql))
+            cols.append(Column(name, sql, tuple(c[2] for c in combo)))
         return cols
 
     def columns(self, terms, intercept: bool) -> list[Column]:
@@ -546,7 +572,8 @@ def build_design(formula: Formula, schema: dict[str, str], levels: dict[str, lis
         if call.value == "scale":
             aggregates.refs[call] = _prepass_sql(call, levels)
     coder = _Coder(schema, levels, aggregates, strict)
-    response = Column(formula.response.deparse(), formula.response.sql(aggregates.refs))
+    response = Column(formula.response.deparse(), formula.response.sql(aggregates.refs),
+                      (("expr", formula.response),))
     offset = " + ".join(e.sql(aggregates.refs) for e in formula.offsets) or None
     extra = {"offset": offset, "weights": weights, "extra_columns": tuple(extra_columns),
              "weights_sql": f"CAST({quote_ident(weights)} AS DOUBLE)" if weights else None}

@@ -19,7 +19,7 @@ from .inference import (check_ddf, icc_or_none, kenward_roger, profile_intervals
 from .objective import Objective
 from .optimize import optimize
 from .results import FitResult
-from .stats import Statistics, compute_statistics
+from .stats import Statistics
 
 METHODS = ("REML", "ML")
 
@@ -30,7 +30,9 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         memory_limit: str | None = None, threads: int | None = None,
         temp_directory: str | None = None, weights: str | None = None,
         correlation: str | None = None, residual_variance_by: str | None = None,
-        family: str | None = None, link: str | None = None, nagq: int = 1) -> FitResult:
+        family: str | None = None, link: str | None = None, nagq: int = 1,
+        engine: str | None = None, workers: int | None = None,
+        scheduler: str | None = None) -> FitResult:
     """Fit a linear mixed model.
 
     Either `data` (Parquet file / directory / glob, or CSV; or data in memory: a polars
@@ -46,7 +48,20 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     `family` ("binomial", "poisson") and `link`: a generalized linear mixed model by the
     Laplace approximation (mlpipe/glmm.py; one grouping factor so far), or with `nagq` > 1
     adaptive Gauss-Hermite quadrature (one scalar random effect, as glmer's nAGQ).
+    `engine`: what builds the statistics, "duckdb" (default), "polars" or "dask" (with
+    `workers` processes of a LocalCluster, or the cluster at `scheduler`); see
+    mlpipe/engines.
     """
+    from .engines import EngineOptions, get_engine
+
+    eng = get_engine(engine, EngineOptions(threads=threads, memory_limit=memory_limit,
+                                           temp_directory=temp_directory, workers=workers,
+                                           scheduler=scheduler))
+    if eng.name != "duckdb" and (
+            (family is not None and str(family).lower() != "gaussian")
+            or str(method).upper() == "MOMENTS"):
+        raise InputError(f"the {eng.name} engine builds the statistics of linear mixed "
+                         f"models; GLMMs and the method of moments run on --engine duckdb")
     if family is not None and str(family).lower() != "gaussian":
         return _fit_glmm(data, formula, family, link, nagq, stats=stats, weights=weights,
                          correlation=correlation, residual_variance_by=residual_variance_by,
@@ -74,10 +89,8 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     if stats is None:
         if data is None or formula is None:
             raise InputError("fit needs DATA and a formula, or saved statistics")
-        stats = compute_statistics(data, formula, memory_limit=memory_limit, threads=threads,
-                                   temp_directory=temp_directory, weights=weights,
-                                   correlation=correlation,
-                                   residual_variance_by=residual_variance_by)
+        stats = eng.statistics(data, formula, weights=weights, correlation=correlation,
+                               residual_variance_by=residual_variance_by)
     elif not isinstance(stats, Statistics):
         stats = Statistics.load(stats)
     if formula is not None and " ".join(formula.split()) != " ".join(stats.formula.split()):
@@ -109,7 +122,8 @@ def fit_config(cfg: dict, **overrides) -> FitResult:
                correlation=cfg.get("correlation"),
                residual_variance_by=cfg.get("residual_variance_by"),
                family=cfg.get("family"), link=cfg.get("link"),
-               nagq=int(cfg.get("nagq", 1)), **duck)
+               nagq=int(cfg.get("nagq", 1)), engine=cfg.get("engine"),
+               **({} if cfg.get("stats") else dict(cfg.get("dask") or {})), **duck)
 
 
 def fit_statistics(stats: Statistics, *, method: str = "REML",

@@ -447,12 +447,48 @@ def _bounded_1d(obj: Objective, x0: np.ndarray, summary: OptSummary, maxeval: in
         upper *= 10.0
     res = minimize_scalar(lambda t: obj(np.array([t])), bounds=(0.0, upper), method="bounded",
                           options={"xatol": 1e-10, "maxiter": maxeval})
-    x = np.array([float(res.x)])
+    x = _polish_1d(obj, np.array([float(res.x)]))
     # the bounded search never evaluates exactly at the boundary: compare with it
     if obj(np.array([0.0])) <= obj(x):
         x = np.array([0.0])
     summary.return_code = "SUCCESS" if res.success else str(res.message)
     return _finish(obj, x, summary, start, converged=bool(res.success))
+
+
+def _polish_1d(obj: Objective, x: np.ndarray, steps: int = 6) -> np.ndarray:
+    """Secant steps on the analytic derivative from Brent's answer.  Function values pin a
+    minimum down only to ~sqrt(machine epsilon) relative (the criterion is flat there:
+    statistics equal to 1e-16 gave θ 2e-8 apart); the derivative's root is found to
+    rounding.  A step is kept when the derivative shrinks and the criterion does not rise
+    beyond rounding."""
+    if not x[0] > 0:
+        return x
+    try:
+        f0, g0 = obj.value_and_gradient(x)
+        h = 1e-6 * max(abs(x[0]), 1e-3)
+        x1 = x + h
+        f1, g1 = obj.value_and_gradient(x1)
+    except (AttributeError, NotImplementedError):
+        return x
+    # near the minimum the criterion is flat to rounding: a point is better when its
+    # derivative is smaller and its value no higher beyond rounding
+    slack = 1e-13 * max(1.0, abs(f0))
+    best, fbest, gbest = (x1, f1, abs(g1[0])) if abs(g1[0]) < abs(g0[0]) and f1 <= f0 + slack \
+        else (x, f0, abs(g0[0]))
+    for _ in range(steps):
+        dg = float(g1[0] - g0[0])
+        if not (np.isfinite(dg) and dg > 0):  # not convex along the step: stop
+            break
+        x2 = x1 - g1 * (x1 - x) / dg
+        if not x2[0] > 0 or abs(x2[0] - x1[0]) > 0.1 * max(abs(x1[0]), 1e-3):
+            break
+        f2, g2 = obj.value_and_gradient(x2)
+        if abs(g2[0]) < gbest and f2 <= fbest + slack:
+            best, fbest, gbest = x2, min(f2, fbest), abs(g2[0])
+        if abs(x2[0] - x1[0]) <= 1e-14 * max(abs(x2[0]), 1e-8):
+            break
+        x, g0, x1, g1 = x1, g1, x2, g2
+    return np.array(best, dtype=float)
 
 
 def _finish(obj: Objective, x: np.ndarray, summary: OptSummary, start: float, *,

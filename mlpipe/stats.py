@@ -445,13 +445,16 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
                        temp_directory: str | None = None,
                        weights: str | None = None, correlation: str | None = None,
                        residual_variance_by: str | None = None,
-                       coding: dict[str, list] | None = None) -> Statistics:
+                       coding: dict[str, list] | None = None,
+                       partial: bool = False) -> Statistics:
     """One streaming DuckDB pass over `data` → the model's `Statistics`.  `weights` names a
     column of case weights (lme4's prior weights: Var(e_i) = σ² / w_i); `correlation`
     ("ar1(TIME | GROUP)", "car1(TIME | GROUP)") and `residual_variance_by` (a column) a
     residual structure (mlpipe/residual.py), whose lag statistics the pass adds.  `coding`:
     the levels of the categorical predictors to use (a store's, mlpipe/store.py) instead of
-    those of `data`; a level `data` has beyond them is refused."""
+    those of `data`; a level `data` has beyond them is refused.  `partial`: `data` is one
+    part of the input (an engine's task): statistics of no cells (its rows counted as
+    dropped) when it has no complete rows, instead of the error the whole input gets."""
     import time
 
     t0 = time.perf_counter()
@@ -471,7 +474,7 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
                                   coding=coding)
         t1 = time.perf_counter()
         runlog.stage("prepare", t1 - t0)
-        stats = _run_moments(con, source, design, spec)
+        stats = _run_moments(con, source, design, spec, partial=partial)
         stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
         runlog.stage("scan", stats.timings["scan"], **runlog.statistics_fields(stats))
     finally:
@@ -492,7 +495,7 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
 # (0.38 -> 0.57 s), fsum 1.7-1.8x sum in a bare GROUP BY; exact alternatives (HUGEINT fixed
 # point 2.8-7x, a two-level exact float split +50-130%) were measured and not adopted.
 def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
-                 spec: Spec | None = None) -> Statistics:
+                 spec: Spec | None = None, partial: bool = False) -> Statistics:
     mom = _Moments(design)
     pairs = mom.pairs()
     columns = ",\n        ".join(f"{sql} AS c{k + 1}" for k, sql in enumerate(mom.exprs))
@@ -525,11 +528,12 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
             raise source.error(exc, "statistics pass failed over") from None
 
     z_cols = ", ".join(mom.name(i, j) for i, j in mom.group_pairs())
+    factor_labels: list = []
     if design.group is not None:
         per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
     else:
         gcols = _cell_columns(design)
-        factor_labels, joins = [], []  # per factor: its level labels, its join to the cells
+        joins = []  # per factor: its join to the cells (and its level labels)
         for k, f in enumerate(design.factors):
             cols = [f"g{gcols.index(c)}" for c in f.columns]
             con.execute(render("factor_levels", table=f"lv{k}", keys=", ".join(cols),
@@ -552,11 +556,53 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
     else:
         log_weights, wmin = 0.0, None
     totals = dict(zip(pairs, sums))
-    if not mom.weighted:
-        totals[(0, 0)] = count
+    residual = None
+    if spec is not None and len(per_group["n"]) and count:
+        residual = read_components(con, spec=spec, mom=mom,
+                                   group_cols=[g.strip() for g in group_by.split(",")],
+                                   cell_order=group_by, schema=design.schema,
+                                   m=len(per_group["n"]))
+    return assemble(design, mom, per_group, factor_labels, totals, count=count,
+                    rows_read=total_rows, log_weights=log_weights, wmin=wmin,
+                    location=source.location, centering=centering, residual=residual,
+                    partial=partial,
+                    non_finite=lambda bad: _non_finite(con, source, design, mom, bad))
 
+
+def assemble(design: Design, mom: _Moments, per_group: dict, factor_labels: list,
+             totals: dict, *, count, rows_read, log_weights, wmin, location: str,
+             centering=None, residual=None, partial: bool = False, non_finite=None
+             ) -> Statistics:
+    """The `Statistics` value from an engine's sums: `per_group` the per-group (per-cell)
+    sums named as `_Moments.name` gives them, in level (cell) order, with "n" and "level"
+    (one factor) or "f0", "f1", ... (every factor's level index of each cell);
+    `factor_labels` every factor's level labels; `totals` the sums over the complete rows
+    by pair (i, j); `count` their number; `non_finite(bad)` the error for model columns
+    whose sums are not finite."""
+    total_rows = rows_read
+    if not mom.weighted:
+        totals = {**totals, (0, 0): count}
     m = len(per_group["n"])
     n = int(count or 0)
+    if (m == 0 or n == 0) and partial:  # a part without complete rows: only its count
+        q, p = len(mom.z), len(mom.x)
+        empty = np.zeros(0)
+        return Statistics(
+            formula=design.formula.text, response=design.response.name,
+            fixed_names=[c.name for c in design.fixed],
+            random_names=[c.name for c in design.random],
+            blocks=[(b.start, b.size) for b in design.blocks], group=design.group or "",
+            levels=np.zeros(0, dtype=object), n_i=empty, ztz=np.zeros((q, q, 0)),
+            ztx=np.zeros((q, p, 0)), zty=np.zeros((q, 0)), yty_i=empty, xtx=np.zeros((p, p)),
+            xty=np.zeros(p), yty=0.0, n=0, rows_read=int(total_rows),
+            rows_dropped=int(total_rows), source=location, factor_levels=design.levels,
+            group_type=design.schema.get(design.group, "") if design.group else "",
+            factors=[Factor(f.name, list(f.columns), list(f.z), list(f.names),
+                            [(b.start, b.size) for b in f.blocks], np.zeros(0, dtype=object),
+                            np.zeros(0, np.int64)) for f in design.factors]
+            if design.group is None else [],
+            group_types={c: design.schema.get(c, "") for c in _cell_columns(design)},
+            weights=design.weights or "")
     if m == 0 or n == 0:
         raise DataError(f"no rows left after dropping rows with missing values "
                         f"({total_rows} rows read, all dropped)")
@@ -570,7 +616,8 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
     bad = [name for name, k in mom.labels.items()
            if not np.isfinite(float(totals[(k, k)]))]
     if bad:
-        raise _non_finite(con, source, design, mom, bad)
+        raise (non_finite(bad) if non_finite else DataError(
+            f"model column(s) {', '.join(bad)} take non-finite values in the rows used"))
 
     def group_col(i: int, j: int) -> np.ndarray:
         return np.asarray(per_group[mom.name(i, j)], dtype=float)
@@ -589,11 +636,6 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
     xtx = np.array([[tot(i, j) for j in mom.x] for i in mom.x])
     xty = np.array([tot(i, mom.y) for i in mom.x])
     n_i = np.asarray(per_group["n"], dtype=float)
-    residual = None
-    if spec is not None:
-        residual = read_components(con, spec=spec, mom=mom,
-                                   group_cols=[g.strip() for g in group_by.split(",")],
-                                   cell_order=group_by, schema=design.schema, m=m)
     factors = []
     if design.group is None:
         for k, f in enumerate(design.factors):
@@ -609,7 +651,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
                 else np.arange(len(n_i)).astype(str).astype(object)), n_i=n_i,
         ztz=ztz, ztx=ztx, zty=zty, yty_i=group_col(mom.y, mom.y), xtx=xtx, xty=xty,
         yty=tot(mom.y, mom.y), n=n, rows_read=int(total_rows), rows_dropped=int(total_rows) - n,
-        source=source.location, factor_levels=design.levels,
+        source=location, factor_levels=design.levels,
         group_type=design.schema.get(design.group, "") if design.group else "",
         factors=factors,
         centering=centering,

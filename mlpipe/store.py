@@ -68,25 +68,28 @@ def _check_appendable(formula_text: str, stats) -> None:
                          "the statistics over all inputs at once")
 
 
-def create(data, formula: str, out: str | os.PathLike[str], **options):
+def create(data, formula: str, out: str | os.PathLike[str], *, engine=None, **options):
     """Build the statistics of `data` for `formula`, record its files and save the store at
-    `out`.  `options`: compute_statistics' (weights, DuckDB options, residual structure)."""
-    from .stats import compute_statistics
+    `out`.  `engine`: what builds them (mlpipe/engines; default DuckDB); `options`: the
+    model's (weights, residual structure)."""
+    from .engines import get_engine
 
+    engine = engine or get_engine(None)
     records = input_records(data)
-    stats = compute_statistics(data, formula, **options)
+    stats = engine.statistics(data, formula, **options)
     stats.inputs = records
     stats.save(out)
     return stats
 
 
-def append(data, store: str | os.PathLike[str], *, formula: str | None = None,
-           memory_limit: str | None = None, threads: int | None = None,
-           temp_directory: str | None = None):
+def append(data, store: str | os.PathLike[str], *, formula: str | None = None, engine=None):
     """Merge the statistics of `data` into the store at `store` (see the module docstring);
-    returns the new statistics.  The store is rewritten only when everything succeeded."""
-    from .stats import Statistics, compute_statistics
+    returns the new statistics.  The store is rewritten only when everything succeeded.
+    `engine`: what builds them (mlpipe/engines; default DuckDB)."""
+    from .engines import get_engine
+    from .stats import Statistics
 
+    engine = engine or get_engine(None)
     old = Statistics.load(store)
     if formula is not None and " ".join(formula.split()) != " ".join(old.formula.split()):
         raise InputError(f"the store {store} holds statistics of {old.formula!r}, not "
@@ -101,9 +104,8 @@ def append(data, store: str | os.PathLike[str], *, formula: str | None = None,
                              f"as {same}); nothing was appended")
     if len({r["fingerprint"] for r in records}) < len(records):
         raise InputError(f"{data} holds two files with the same content; nothing was appended")
-    new = compute_statistics(data, old.formula, memory_limit=memory_limit, threads=threads,
-                             temp_directory=temp_directory, weights=old.weights or None,
-                             coding=old.factor_levels)
+    new = engine.statistics(data, old.formula, weights=old.weights or None,
+                            coding=old.factor_levels)
     merged = old.merge(new)
     merged.inputs = list(old.inputs) + records
     merged.save(store)

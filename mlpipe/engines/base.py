@@ -1,0 +1,75 @@
+"""What an engine is: the resource options it runs with, and the statistics pass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+ENGINE_NAMES = ("duckdb", "polars", "dask")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The resources of a pass, one typed value instead of loose arguments.
+
+    `threads` and `memory_limit` ("4GB") bound the pass (DuckDB's settings; Polars runs its
+    streaming engine under a memory limit; a Dask worker gets memory_limit / workers);
+    `temp_directory` is where DuckDB spills.  Dask only: `workers` (processes of the
+    LocalCluster started when no `scheduler` address is given; default: one per CPU) and
+    `scheduler` (the address of a running cluster, "tcp://host:8786")."""
+
+    threads: int | None = None
+    memory_limit: str | None = None
+    temp_directory: str | None = None
+    workers: int | None = None
+    scheduler: str | None = None
+
+    def duckdb(self) -> dict:
+        """The options as `mlpipe.stats.compute_statistics` / `_sql.connect` take them."""
+        return {"threads": self.threads, "memory_limit": self.memory_limit,
+                "temp_directory": self.temp_directory}
+
+
+class Engine:
+    """An engine builds the `Statistics` of a model over a data source."""
+
+    name = ""
+
+    def __init__(self, options: EngineOptions | None = None):
+        self.options = options or EngineOptions()
+
+    def statistics(self, data, formula: str, *, weights: str | None = None,
+                   correlation: str | None = None, residual_variance_by: str | None = None,
+                   coding: dict[str, list] | None = None):
+        """One pass over `data` → the model's `Statistics` (see mlpipe/stats.py)."""
+        raise NotImplementedError
+
+
+def get_engine(name: str | None, options: EngineOptions | None = None) -> Engine:
+    """The engine called `name` (None: DuckDB)."""
+    name = "duckdb" if name is None else str(name).lower()
+    options = options or EngineOptions()
+    if name != "dask" and (options.workers is not None or options.scheduler is not None):
+        raise InputError("--workers and --scheduler apply to the Dask engine only "
+                         "(--engine dask)")
+    if options.workers is not None and (int(options.workers) < 1):
+        raise InputError(f"--workers must be a positive integer, not {options.workers}")
+    if name == "duckdb":
+        from .duckdb_engine import DuckDBEngine
+
+        return DuckDBEngine(options)
+    if name == "polars":
+        from .polars_engine import PolarsEngine
+
+        return PolarsEngine(options)
+    if name == "dask":
+        from .dask_engine import DaskEngine
+
+        return DaskEngine(options)
+    raise InputError(f"unknown engine {name!r} (known: {', '.join(ENGINE_NAMES)})")
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,162 @@
+"""The Dask engine: the statistics pass distributed over the input files.
+
+    client                                   workers (processes)
+    ------                                   -------------------
+    schema, checks, categorical levels,      one task per input file:
+    scale()/poly() constants (one DuckDB       DuckDB's statistics pass (mlpipe/stats.py)
+    query over those columns only)             with the client's coding -> partial Statistics
+                                             tree reduction, FAN_IN partials per task:
+                                               Statistics.combine (cells added by key)
+    the merged Statistics  <-----------------  one value
+
+With no scheduler address a `LocalCluster` of `workers` processes (one thread each) is
+started for the pass and closed after it; with one, the running cluster is used.  A task
+whose worker dies is retried (RETRIES times, on another worker when there is one); when
+that fails too the pass stops with a one-line error.  The merged sums differ from the
+DuckDB engine's by rounding only (a different order of additions: ~1e-15 relative).
+
+Not distributed (refused, naming the option): center() / group_mean() (their means come
+from all rows; the DuckDB engine computes them in the same pass), residual structures (a
+series split between files would lose its lags) and data in memory (nothing to send).
+The merged per-group statistics come back to the client (O(groups) memory there).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..errors import DataError, InputError
+from .base import Engine, cpu_count
+
+#: partials merged by one reduction task
+FAN_IN = 8
+#: times a task is retried when its worker dies
+RETRIES = 2
+
+
+def partial_statistics(path: str, formula: str, weights: str | None, coding: dict,
+                       duck: dict):
+    """A worker's task: the statistics of one input file (of no cells when it has no
+    complete rows), with the client's coding of categorical predictors."""
+    from ..stats import compute_statistics
+
+    return compute_statistics(path, formula, weights=weights, coding=coding, partial=True,
+                              **duck)
+
+
+def combine(*parts):
+    """A reduction task: the partials' combined statistics."""
+    from ..stats import Statistics
+
+    return Statistics.combine(list(parts), source="")
+
+
+class DaskEngine(Engine):
+    name = "dask"
+
+    def statistics(self, data, formula, *, weights=None, correlation=None,
+                   residual_variance_by=None, coding=None):
+        from .._sql import Source, connect
+        from ..design import check_columns, check_weights, design_from_data
+        from ..formula import parse_formula
+        from .. import runlog
+
+        if correlation is not None or residual_variance_by is not None:
+            raise InputError("the Dask engine does not fit residual structures (a series "
+                             "split between files loses its lags): use --engine duckdb")
+        parsed = parse_formula(formula)
+        if parsed.aggregates():
+            raise InputError("the Dask engine does not compute center() / group_mean() "
+                             "(their means come from all rows): use --engine duckdb, or "
+                             "centre the data beforehand")
+        t0 = time.perf_counter()
+        source = Source(data)
+        if source.in_memory:
+            raise InputError("the Dask engine distributes input files: give a path (data in "
+                             "memory is read by --engine duckdb or polars)")
+        files = source.files()
+        opts = self.options
+        con = connect(**opts.duckdb())
+        try:
+            schema = source.schema(con, parsed.value_columns() + ([weights] if weights else []))
+            check_columns(parsed, schema)
+            check_weights(weights, schema)
+            design = design_from_data(con, source, parsed, schema, weights=weights,
+                                      coding=coding)
+        finally:
+            con.close()
+        t1 = time.perf_counter()
+        runlog.stage("prepare", t1 - t0)
+        workers = opts.workers or cpu_count()
+        duck = {"threads": opts.threads or 1, "temp_directory": opts.temp_directory,
+                "memory_limit": _per_worker(opts.memory_limit, workers)
+                if not opts.scheduler else opts.memory_limit}
+        client, cluster = _connect(opts.scheduler, workers, opts.memory_limit)
+        try:
+            stats = _run(client, files, formula, weights, design.levels, duck)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        if stats.n == 0:
+            raise DataError(f"no rows left after dropping rows with missing values "
+                            f"({stats.rows_read} rows read, all dropped)")
+        stats.source = source.location
+        stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
+        runlog.stage("scan", stats.timings["scan"], **runlog.statistics_fields(stats))
+        return stats
+
+
+def _run(client, files: list[str], formula: str, weights, coding: dict, duck: dict):
+    from distributed import KilledWorker
+
+    futures = client.map(partial_statistics, files, formula=formula, weights=weights,
+                         coding=coding, duck=duck, retries=RETRIES, pure=False)
+    names = {f.key: path for f, path in zip(futures, files)}
+    while len(futures) > 1:
+        futures = [client.submit(combine, *futures[i:i + FAN_IN], retries=RETRIES, pure=False)
+                   for i in range(0, len(futures), FAN_IN)]
+    try:
+        return futures[0].result()
+    except KilledWorker as exc:
+        key = getattr(exc, "task", None) or (exc.args[0] if exc.args else "")
+        what = names.get(key, "a reduction of partial statistics")
+        raise DataError(f"a Dask worker died {RETRIES + 1} times while computing {what}; "
+                        f"see the workers' logs (out of memory?)") from None
+
+
+def _per_worker(limit: str | None, workers: int) -> str | None:
+    if not limit:
+        return None
+    from ..blocked import parse_bytes
+
+    return f"{max(1, parse_bytes(limit) // workers // 10**6)}MB"
+
+
+def _connect(address: str | None, workers: int, memory_limit: str | None):
+    """A client of the cluster at `address`, or of a new LocalCluster of `workers`
+    processes (returned too, to close)."""
+    from distributed import Client, LocalCluster
+
+    if address:
+        try:
+            return Client(address, timeout="10s"), None
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"cannot reach the Dask scheduler at {address}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                             ) from None
+    from ..blocked import parse_bytes
+
+    try:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               memory_limit=(parse_bytes(memory_limit) // workers
+                                             if memory_limit else "auto"),
+                               dashboard_address=None, worker_dashboard_address=None,
+                               silence_logs=logging.ERROR)
+    except (RuntimeError, OSError) as exc:  # e.g. a script read from stdin cannot spawn
+        raise InputError(f"could not start a Dask LocalCluster of {workers} worker "
+                         f"processes ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                         f"run from a script or module with an `if __name__ == "
+                         f"\"__main__\":` guard, or give --scheduler") from None
+    return Client(cluster), cluster
