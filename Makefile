@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-nested bench-crossed bench-ar1 bench-moments install clean browser lint fit
+.PHONY: demo test test-slow bench bench-nested bench-crossed bench-ar1 bench-moments bench-scale install clean browser lint fit
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,12 @@ bench-ar1: $(STAMP)
 ## (Zipf item popularity), 32M rows (also 4M, for the curve) against bare DuckDB aggregates
 bench-moments: $(STAMP)
 	$(BIN)/python benchmarks/bench_moments.py --rows 4000000 32000000
+
+## the engines at scale: 1M / 10M / 100M rows (10k / 100k / 1M groups, up to 64 Parquet
+## files) through DuckDB, Polars and Dask (2-worker LocalCluster) against a bare DuckDB
+## aggregation (see benchmarks/bench_scale.py)
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/bench_scale.py
 
 ## Makefile-driven runs: `make fit CONFIG=configs/X.toml [RUNS=out/runs]` keeps
 ## RUNS/X/stats.parquet, RUNS/X/fit/result.json and RUNS/X/report.html as file targets, each

@@ -73,11 +73,12 @@ def child(data: str, formula: str) -> None:
     print("BENCH_RESULT " + json.dumps(out))
 
 
-def run_fit(data: Path, formula: str, script: Path | None = None) -> dict:
-    """Run `script --child DATA FORMULA` (this file by default) in a fresh interpreter and
-    return the JSON of its BENCH_RESULT line, plus `subprocess_seconds`."""
+def run_fit(data: Path, formula: str, script: Path | None = None,
+            extra: list[str] | tuple[str, ...] = ()) -> dict:
+    """Run `script --child DATA FORMULA [EXTRA...]` (this file by default) in a fresh
+    interpreter and return the JSON of its BENCH_RESULT line, plus `subprocess_seconds`."""
     script = Path(__file__) if script is None else script
-    cmd = [sys.executable, str(script.resolve()), "--child", str(data), formula]
+    cmd = [sys.executable, str(script.resolve()), "--child", str(data), formula, *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0

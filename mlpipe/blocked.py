@@ -166,6 +166,7 @@ class BlockedObjective:
         self.stats = stats
         self.reml = reml
         self.evaluations = 0
+        self.last_value: float | None = None  # the latest criterion (progress)
         self.gradient_evaluations = 0
         self.factors: list[Factor] = lme4_order(stats.factors)
         qs = [f.q for f in self.factors]
@@ -306,7 +307,9 @@ class BlockedObjective:
         self.evaluations += 1
         try:
             with np.errstate(invalid="raise", divide="raise"), self._lock:
-                return float(self._deviance(*self._evaluate(np.asarray(theta, dtype=float))))
+                self.last_value = float(self._deviance(*self._evaluate(
+                    np.asarray(theta, dtype=float))))
+                return self.last_value
         except (linalg.LinAlgError, FloatingPointError, ValueError):
             return np.inf
 
@@ -347,9 +350,11 @@ class BlockedObjective:
         self.gradient_evaluations += 1
         try:
             with np.errstate(invalid="raise", divide="raise"), self._lock:
-                return self._value_and_gradient(x)
+                f, g = self._value_and_gradient(x)
         except (linalg.LinAlgError, FloatingPointError, ValueError, ZeroDivisionError):
             return np.inf, np.full(len(x), np.nan)
+        self.last_value = float(f) if np.isfinite(f) else self.last_value
+        return f, g
 
     def pair_omegas(self, fac) -> list[np.ndarray]:
         """Ω = (Λ'Z'ZΛ + I)⁻¹ on every pair's blocks, "pair last" (q_j, q_k, n) — the

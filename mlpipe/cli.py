@@ -399,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser(_command_of(argv)).parse_args(argv)
         _check_duckdb_args(args)
+        from . import progress
+
+        progress.enable()  # progress lines on a terminal only (mlpipe/progress.py)
         log = getattr(args, "log_json", None)
         if log is None:
             return COMMANDS[args.command](args)

@@ -103,6 +103,19 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
                           memory_limit=memory_limit)
 
 
+def optimizer_progress(obj):
+    """A progress line for the optimizer on a terminal: evaluations, current criterion."""
+    from . import progress
+
+    def poll():
+        value = getattr(obj, "last_value", None)
+        crit = "REML criterion" if getattr(obj, "reml", False) else "deviance"
+        shown = f", {crit} {value:.6f}" if value is not None and np.isfinite(value) else ""
+        return None, f"{obj.evaluations} evaluations{shown}"
+
+    return progress.stage("optimizing", poll=poll)
+
+
 def fit_config(cfg: dict, **overrides) -> FitResult:
     """Fit what a config names (data and formula, or saved statistics) with its options;
     `overrides` replace config keys (e.g. method="ML", ddf=None, ci=None)."""
@@ -152,7 +165,8 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
         return _fit_moments(stats, ci=ci, level=level,
                             reason=f"{method} not attempted: {exc}".split("; simplify")[0]
                             + "; fitted by the method of moments instead")
-    summary = optimize(obj, method=obj.default_method, theta0=theta0)
+    with optimizer_progress(obj):
+        summary = optimize(obj, method=obj.default_method, theta0=theta0)
     dec = obj.decompose(np.asarray(summary.final_theta))
     build = FitResult.build_general if stats.general else FitResult.build
     result = build(stats, obj, dec, summary)
@@ -265,6 +279,11 @@ def _estimate_residual(stats: Statistics, ci: str | None, *, reml: bool,
     if psi is None:
         psi, fallback = residual.estimate(stats, inner)
         record, theta = {**fallback, "joint": record}, None
+    else:  # polished by the search over the profiled criterion, close to the joint answer
+        polished, more = residual.estimate(stats, inner, around=psi, theta0=theta)
+        record["polish"] = {"evaluations": more["evaluations"], "criterion": more["criterion"]}
+        if more["criterion"] <= record["criterion"]:
+            psi, theta = polished, None
     whitened = residual.at(stats, psi)
     return whitened, {**whitened.residual.describe(psi), "optimizer": record}, theta
 

@@ -177,6 +177,7 @@ class Objective:
         self.reml = reml
         self.theta_map = ThetaMap(stats.blocks, stats.q)
         self.evaluations = 0
+        self.last_value: float | None = None  # the latest criterion (progress)
         self.gradient_evaluations = 0
         self._S, self._G, self._M0 = self.linear_parts_of(stats)
         # the reusable work space of the evaluations (its arrays allocated on first use);
@@ -293,7 +294,8 @@ class Objective:
             with np.errstate(invalid="raise", divide="raise"), self._lock:
                 M, logdet_l = self._core(theta, self._ws)[-2:]
                 _xtx, _rx, _beta, r2, logdet_rx = self._profile(M)
-                return float(self._deviance(r2, logdet_l, logdet_rx))
+                self.last_value = float(self._deviance(r2, logdet_l, logdet_rx))
+                return self.last_value
         except (linalg.LinAlgError, FloatingPointError, ValueError):
             return np.inf
 
@@ -313,6 +315,7 @@ class Objective:
         f = float(self._deviance(parts.r2, parts.logdet_l, parts.logdet_rx))
         if not np.isfinite(f):
             return np.inf, np.full(k, np.nan)
+        self.last_value = f
         n, p = self.stats.n, self.stats.p
         if self.reml:
             return f, parts.d_logdet_l + parts.d_logdet_rx + (n - p) / parts.r2 * parts.d_r2

@@ -523,7 +523,8 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
                      columns=columns or "1 AS c_unused",
                      source=centred, complete=design.complete_sql)
         try:
-            con.execute(sql, params)
+            with scan_progress(con, source):
+                con.execute(sql, params)
         except duckdb.Error as exc:
             raise source.error(exc, "statistics pass failed over") from None
 
@@ -658,6 +659,19 @@ def assemble(design: Design, mom: _Moments, per_group: dict, factor_labels: list
         group_types={c: design.schema.get(c, "") for c in _cell_columns(design)},
         weights=design.weights or "", log_weights=float(log_weights or 0.0),
         residual=residual)
+
+
+def scan_progress(con: duckdb.DuckDBPyConnection, source: Source):
+    """A progress line for a DuckDB pass over `source` on a terminal (mlpipe/progress.py):
+    DuckDB's own estimate of the query's progress, read from a second thread."""
+    from . import progress
+
+    if progress.active():  # tracked only while the progress bar is on; never printed
+        con.execute("SET enable_progress_bar = true")
+        con.execute("SET enable_progress_bar_print = false")
+    name = source.path if source.location else "the data"
+    return progress.stage(f"statistics pass over {name}", total=100.0,
+                          poll=lambda: (max(con.query_progress(), 0.0), ""))
 
 
 _SQRT_MAX = float(np.sqrt(np.finfo(float).max))  # ~1.34e154: larger values square to inf

@@ -176,6 +176,22 @@ def test_polars_weights_csv_and_data_in_memory(tmp_path):
         assert got.source == ""
 
 
+def test_polars_hive_partitions_and_other_files_in_the_directory(tmp_path):
+    """A key=value directory layout gives its key as a column (as DuckDB reads it), and a
+    file that is not Parquet beside the data is left out, as DuckDB's **/*.parquet does."""
+    df = pl.read_parquet(DATA / "hsb82.parquet")
+    for sector in ("Public", "Catholic"):
+        folder = tmp_path / "hive" / f"part={sector}"
+        folder.mkdir(parents=True)
+        df.filter(pl.col("sector") == sector).drop("sector").write_parquet(
+            folder / "data.parquet")
+    (tmp_path / "hive" / "truth.json").write_text("{}")
+    formula = "mAch ~ ses * part + (ses | school)"
+    duck = get_engine("duckdb").statistics(tmp_path / "hive", formula)
+    assert_same_statistics(duck, get_engine("polars").statistics(tmp_path / "hive", formula),
+                           1e-12)
+
+
 def test_polars_engine_refusals_and_bad_input(tmp_path):
     eng = get_engine("polars")
     data = DATA / "hsb82.parquet"

@@ -109,15 +109,23 @@ class DaskEngine(Engine):
 
 
 def _run(client, files: list[str], formula: str, weights, coding: dict, duck: dict):
-    from distributed import KilledWorker
+    from distributed import KilledWorker, as_completed
+
+    from .. import progress
 
     futures = client.map(partial_statistics, files, formula=formula, weights=weights,
                          coding=coding, duck=duck, retries=RETRIES, pure=False)
     names = {f.key: path for f, path in zip(futures, files)}
+    parts = list(futures)
     while len(futures) > 1:
         futures = [client.submit(combine, *futures[i:i + FAN_IN], retries=RETRIES, pure=False)
                    for i in range(0, len(futures), FAN_IN)]
     try:
+        if progress.active():
+            with progress.stage(f"{len(files)} files on Dask", total=len(files)) as bar:
+                for _ in as_completed(parts):
+                    bar.advance()
+        del parts
         return futures[0].result()
     except KilledWorker as exc:
         key = getattr(exc, "task", None) or (exc.args[0] if exc.args else "")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 from ..errors import DataError, FormulaError, InputError
 from .base import Engine
@@ -108,7 +109,10 @@ class PolarsEngine(Engine):
         if weights:
             aggs += [pl.col("cw").clip(lower_bound=1e-300).log().sum().alias("slogw"),
                      pl.col("cw").min().alias("wmin")]
-        per = _collect(frame.group_by(group_cols).agg(aggs).sort(group_cols), location)
+        from .. import progress
+
+        with progress.stage(f"statistics pass over {location or 'the data'} (Polars)"):
+            per = _collect(frame.group_by(group_cols).agg(aggs).sort(group_cols), location)
         rows_read = int(_collect(lf.select(pl.len()), location).item())
 
         names = [mom.name(i, j) for i, j in mom.pairs()]
@@ -194,9 +198,13 @@ def _frame(data):
     files = source.files()
     if source.csv:
         return pl.scan_csv(files, infer_schema_length=None), source.location
-    if os.path.isdir(source.path):
-        return pl.scan_parquet(source.path, hive_partitioning=None), source.location
-    return pl.scan_parquet(files), source.location
+    # the glob DuckDB reads (a directory: its **/*.parquet, other files left out), with
+    # hive partitions (key=value folders) as columns when the paths have them, as DuckDB
+    hive = any("=" in part for f in files
+               for part in Path(os.path.relpath(f, source.path)).parts[:-1]) \
+        if os.path.isdir(source.path) else any("=" in Path(f).parent.name for f in files)
+    return (pl.scan_parquet(str(source.params["source"]), hive_partitioning=hive),
+            source.location)
 
 
 def _complete(columns: list[str], schema: dict[str, str]):
