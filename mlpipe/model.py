@@ -279,11 +279,6 @@ def _estimate_residual(stats: Statistics, ci: str | None, *, reml: bool,
     if psi is None:
         psi, fallback = residual.estimate(stats, inner)
         record, theta = {**fallback, "joint": record}, None
-    else:  # polished by the search over the profiled criterion, close to the joint answer
-        polished, more = residual.estimate(stats, inner, around=psi, theta0=theta)
-        record["polish"] = {"evaluations": more["evaluations"], "criterion": more["criterion"]}
-        if more["criterion"] <= record["criterion"]:
-            psi, theta = polished, None
     whitened = residual.at(stats, psi)
     return whitened, {**whitened.residual.describe(psi), "optimizer": record}, theta
 

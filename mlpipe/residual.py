@@ -266,16 +266,11 @@ def start(rs: ResidualStatistics) -> np.ndarray:
     return x
 
 
-def estimate(stats, inner, *, xtol: float = 1e-9, around: np.ndarray | None = None,
-             theta0: np.ndarray | None = None, width: float = 0.02
-             ) -> tuple[np.ndarray, dict]:
+def estimate(stats, inner, *, xtol: float = 1e-9) -> tuple[np.ndarray, dict]:
     """ψ̂ minimizing `inner(stats_at_ψ, θ₀) → (criterion, θ̂)` (the profiled criterion over
-    θ; `at` puts log|R| in it) → (ψ̂, the record: evaluations, method, criterion).
-    `around`: a polish of a nearby answer (the joint Newton's, whose ψ-derivative is a finite
-    difference: its criterion was measured 2–4e-9 above this search's) — the search runs
-    within ±`width` of it, from θ₀ = `theta0`."""
+    θ; `at` puts log|R| in it) → (ψ̂, the record: evaluations, method, criterion)."""
     rs = stats.residual
-    best = {"f": np.inf, "theta": theta0, "psi": None}
+    best = {"f": np.inf, "theta": None, "psi": None}
     evals = [0]
 
     def f(psi) -> float:
@@ -290,9 +285,6 @@ def estimate(stats, inner, *, xtol: float = 1e-9, around: np.ndarray | None = No
 
     bounds = rs.bounds()
     x0 = start(rs)
-    if around is not None:
-        x0 = np.asarray(around, dtype=float)
-        bounds = [(max(lo, c - width), min(hi, c + width)) for (lo, hi), c in zip(bounds, x0)]
     if len(bounds) == 1:
         from scipy.optimize import minimize_scalar
 
@@ -314,7 +306,7 @@ def estimate(stats, inner, *, xtol: float = 1e-9, around: np.ndarray | None = No
         opt.set_ftol_rel(1e-14)
         opt.set_xtol_abs(xtol)
         opt.set_maxeval(2000)
-        opt.set_initial_step(0.5 if around is None else width / 4)
+        opt.set_initial_step(0.5)
         x = x0
         for _ in range(3):  # BOBYQA restarted from its answer until it stops moving
             before = best["f"]
