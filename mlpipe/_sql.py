@@ -71,6 +71,12 @@ def connect(*, memory_limit: str | None = None, threads: int | None = None,
     return con
 
 
+def used_params(sql: str, params: dict) -> dict:
+    """The parameters the SQL refers to (DuckDB refuses unused ones: e.g. the level
+    parameters of Z's columns at population level)."""
+    return {k: v for k, v in params.items() if re.search(rf"\${re.escape(k)}\b", sql)}
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -81,7 +81,8 @@ def _add_fit(sub) -> None:
                    help="the link of --family (default: logit for binomial, log for poisson)")
     f.add_argument("--nagq", type=int,
                    help="with --family: adaptive Gauss-Hermite quadrature points for a "
-                        "single scalar random effect, as glmer's nAGQ (default: 1, Laplace)")
+                        "single scalar random effect, as glmer's nAGQ (default: 1, Laplace; "
+                        "0: the fast mode, theta by Laplace with beta inside PIRLS)")
     method = f.add_mutually_exclusive_group()
     method.add_argument("--reml", dest="method", action="store_const", const="REML",
                         help="restricted maximum likelihood (the default, as lme4's lmer)")
@@ -237,7 +238,7 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
     if args.residual_variance_by:
         cfg["residual_variance_by"] = args.residual_variance_by
     for key in ("family", "link", "nagq"):
-        if getattr(args, key):
+        if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.method:
         cfg["method"] = args.method

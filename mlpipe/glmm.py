@@ -133,6 +133,15 @@ def _loglik_parts(family: str, link: str, eta, sy, st, n, nb: float | None = Non
 
 # ---------------------------------------------------------------------- the patterns
 
+class TooManyPatterns(InputError):
+    """The compressed data would be too large for memory: fit by iterated passes instead
+    (mlpipe/glmm_passes.py)."""
+
+    def __init__(self, message: str, patterns: int):
+        super().__init__(message)
+        self.patterns = patterns
+
+
 @dataclasses.dataclass
 class Patterns:
     """The compressed data: per pattern its level index, X row, Z row, offset, row count,
@@ -272,10 +281,10 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
             count = con.execute(render("glmm_count", sql=sql), {**source.params,
                                                                 **design.params}).fetchone()
             if count[0] > MAX_PATTERNS:
-                raise InputError(f"{count[0]:,} distinct (level, covariate pattern) "
-                                 f"combinations: more than the {MAX_PATTERNS:,} the in-memory "
-                                 f"GLMM path takes (continuous predictors make every row a "
-                                 f"pattern); the pass-per-iteration path is not done yet")
+                raise TooManyPatterns(
+                    f"{count[0]:,} distinct (level, covariate pattern) combinations: more than "
+                    f"the {MAX_PATTERNS:,} the in-memory GLMM path takes (continuous "
+                    f"predictors make every row a pattern)", int(count[0]))
             tab = con.execute(sql, {**source.params, **design.params}).fetchnumpy()
             tot = con.execute(render("glmm_rows", source=source.relation, complete=complete),
                               source.params).fetchone()
@@ -715,7 +724,7 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     t0 = time.perf_counter()
     nagq = int(nagq)
     if nagq < 1:
-        raise InputError("nAGQ must be a whole number >= 1")
+        raise InputError("nAGQ must be a whole number >= 0 (0: mlpipe.glmm_passes)")
     several = len(pat.factors) > 1
     if nagq > 1 and (several or len(pat.random_names) != 1):
         raise InputError("adaptive Gauss-Hermite quadrature (--nagq > 1) needs a single "

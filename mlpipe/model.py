@@ -200,13 +200,59 @@ def _fit_glmm(data, formula, family, link, nagq, *, stats, weights, correlation,
         raise InputError(f"method {method!r}: GLMMs are fitted by maximum likelihood")
     if ci == "profile":
         raise InputError("profile intervals for GLMMs are not done yet: use --ci wald")
-    pat = compress(data, formula, family, link=link, memory_limit=memory_limit,
-                   threads=threads, temp_directory=temp_directory)
+    from .glmm import TooManyPatterns
+
+    nagq = int(nagq)
+    if nagq < 0:
+        raise InputError(f"--nagq must be a whole number >= 0, not {nagq}")
+    duck = dict(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
+    try:
+        pat = compress(data, formula, family, link=link, **duck)
+    except TooManyPatterns as exc:  # continuous predictors at scale: PIRLS by passes
+        return _fit_glmm_passes(data, formula, family, link, nagq, duck, ci, level,
+                                reason=str(exc))
     runlog.stage("scan", pat.timings["scan"], rows=pat.nobs + pat.rows_dropped,
                  rows_used=pat.nobs, cells=len(pat.n),
                  groups={f[0]: len(f[1]) for f in pat.factors})
-    result = fit_glmm(pat, nagq=nagq)
+    if nagq == 0:
+        from .glmm_passes import PatternPasses, fit_passes
+
+        t0 = time.perf_counter()
+        result = fit_passes(PatternPasses(pat), messages=[
+            f"{len(pat.n):,} covariate patterns of {pat.nobs:,} rows (the data compressed "
+            f"once: exact); the passes run over them in memory"])
+        result.rows_dropped = pat.rows_dropped
+        result.timings = {**pat.timings, "solve": time.perf_counter() - t0, "inference": 0.0}
+    else:
+        result = fit_glmm(pat, nagq=nagq)
     runlog.stage("solve", result.timings["solve"], family=result.family,
+                 evaluations=result.optimizer.evaluations)
+    if ci == "wald":
+        _wald_intervals(result, level)
+    return result
+
+
+def _fit_glmm_passes(data, formula, family, link, nagq, duck, ci, level, *, reason: str):
+    """A GLMM too large to compress: nAGQ = 0 by iterated DuckDB passes (mlpipe/glmm_passes.py)."""
+    from .glmm_passes import SqlPasses, fit_passes
+
+    if nagq > 1:
+        raise InputError(f"{reason}; adaptive quadrature (--nagq {nagq}) needs the in-memory "
+                         f"path: round continuous predictors or use --nagq 0")
+    t0 = time.perf_counter()
+    src = SqlPasses(data, formula, family, link, **duck)
+    try:
+        t1 = time.perf_counter()
+        runlog.stage("prepare", t1 - t0)
+        why = (f"{reason}: fitted by iterated passes over the data"
+               + ("; the Laplace fit of (theta, beta) jointly (nAGQ = 1) is not done on this "
+                  "path, so nAGQ = 0" if nagq == 1 else ""))
+        result = fit_passes(src, messages=[why])
+    finally:
+        src.close()
+    result.timings = {"prepare": t1 - t0, "scan": 0.0, "solve": time.perf_counter() - t1,
+                      "inference": 0.0}
+    runlog.stage("solve", result.timings["solve"], family=result.family, passes=src.passes,
                  evaluations=result.optimizer.evaluations)
     if ci == "wald":
         _wald_intervals(result, level)

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from . import centering
 from ._sql import (Source, connect, first_line, quote_ident, read_error, render,
                    staging_prefix, sweep_stale)
+from ._sql import used_params as _used
 from .design import (Design, FactorDesign, build_design, coding_keys, complete_condition,
                      discover_levels, factor_columns, is_categorical, is_numeric, present_sql)
 from .predict_cli import add_cli  # noqa: F401  (the CLI registration, kept light)
@@ -635,12 +636,6 @@ def _exclude(select: str, columns: list[str]) -> str:
         return select
     names = [select[len("* EXCLUDE ("):-1]] if select != "*" else []
     return f"* EXCLUDE ({', '.join(names + columns)})"
-
-
-def _used(sql: str, params: dict) -> dict:
-    """The parameters the SQL refers to (DuckDB refuses unused ones: e.g. the level
-    parameters of Z's columns at population level)."""
-    return {k: v for k, v in params.items() if re.search(rf"\${re.escape(k)}\b", sql)}
 
 
 def _fetch(con, sql: str, params: dict, path: str) -> pl.DataFrame:

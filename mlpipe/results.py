@@ -744,9 +744,14 @@ def render_summary(r: FitResult, correlation: bool = False) -> str:
     how = {"REML": "REML", "ML": "maximum likelihood",
            "moments": "the method of moments (fixed effects by GLS)"}[r.method]
     if r.family is not None:
-        lines = ["Generalized linear mixed model fit by maximum likelihood (Laplace "
-                 "Approximation) (mlpipe)", f" Family: {_family_text(r)}  ( {r.link} )",
+        approx = ("Laplace Approximation" if r.nagq in (None, 1) else
+                  "Laplace Approximation, nAGQ = 0" if r.nagq == 0 else
+                  f"Adaptive Gauss-Hermite Quadrature, nAGQ = {r.nagq}")
+        lines = [f"Generalized linear mixed model fit by maximum likelihood ({approx}) "
+                 f"(mlpipe)", f" Family: {_family_text(r)}  ( {r.link} )",
                  f"Formula: {r.formula}", ""]
+        if r.nagq == 0:  # how it was fitted: in memory or by passes, and why
+            lines[-1:-1] = [f"  {msg}" for msg in r.optimizer.messages[:2]]
     else:
         lines = [f"Linear mixed model fit by {how} (mlpipe)", f"Formula: {r.formula}", ""]
     if r.method == "moments":

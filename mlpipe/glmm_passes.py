@@ -1,0 +1,505 @@
+"""GLMMs by iterated passes: PIRLS over weighted working statistics (glmer's nAGQ = 0).
+
+A GLMM has no fixed sufficient statistics, but one PIRLS iteration needs only the weighted
+cross-products of [X Z z̃] per level at the current linear predictor η = Xβ + Zb + offset
+(W the working weights, z̃ = η − offset + (y − μ)/(dμ/dη) the working response) and Σ log
+p(y | η).  One pass computes them — as a DuckDB query over the data with β bound and the
+conditional modes b joined per level (`SqlPasses`, sql/glmm_pass.sql), or over the
+compressed patterns in memory (`PatternPasses`) — and returns them as an ordinary weighted
+`Statistics` value: the penalized weighted least squares step at θ is the linear mixed
+model's (`Objective(stats).decompose(θ)`: β̂, û, log|Λ'Z'WZΛ + I|).
+
+    start     β, b = 0, θ = 1
+    PQL       per pass: θ ← argmin r²(θ) + log|L_θ|² of the working model (in memory,
+              L-BFGS-B on the exact gradient), then (β, b) at θ; until θ and β settle
+    Laplace   θ ← argmin D(θ) by BOBYQA from PQL's answer, each D(θ) a PIRLS run (passes
+              warm-started from the last (β, b)) to its fixed point (β̂(θ), û(θ)):
+                  D(θ) = −2 Σ log p(y | η̂) + |û|² + log|Λ'Z'ŴZΛ + I|
+              (β inside PIRLS: lme4's nAGQ = 0, its "fast mode")
+
+Var(β̂) = (R_X'R_X)⁻¹ of the final working model (σ = 1), conditional SDs from L.  One
+grouping factor; binomial (logit, cloglog; 0/1 or cbind) and Poisson (log, offset()).  The
+rows never enter memory on the SQL path: each pass holds O(levels).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .errors import DataError, InputError
+
+PASS_FAMILIES = {"binomial": ("logit", "cloglog"), "poisson": ("log",)}
+PIRLS_TOL = 1e-9  # relative change of the penalized deviance between PIRLS passes
+PIRLS_MAXITER = 50
+PQL_MAXITER = 30
+PQL_TOL = 1e-4  # largest change of θ and β between PQL passes that ends PQL
+
+
+class _Passes:
+    """What a pass provider shares: the model's names, counts and the pass counter."""
+
+    family: str
+    link: str
+    passes: int = 0
+    _last = None
+
+    def working(self, beta: np.ndarray, b: np.ndarray):
+        """(weighted working `Statistics` at η(β, b), Σ log p(y | η) with its constants);
+        the last pass again when (β, b) did not change (no pass counted)."""
+        last = self._last
+        if last is not None and np.array_equal(last[0], beta) and np.array_equal(last[1], b):
+            return last[2]
+        self.passes += 1
+        out = self._pass(beta, b)
+        self._last = (np.array(beta, copy=True), np.array(b, copy=True), out)
+        return out
+
+    def _pass(self, beta: np.ndarray, b: np.ndarray):
+        raise NotImplementedError
+
+
+def _statistics(per: dict, m: int, p: int, q: int, base: dict):
+    """A weighted `Statistics` from per-level sums `per[(i, j)]` of w·c_i·c_j over the
+    columns c = [x_0..x_{p-1}, z_0..z_{q-1}, z̃] (each (m,))."""
+    from .stats import Statistics
+
+    X = list(range(p))
+    Z = list(range(p, p + q))
+    y = p + q
+
+    def s(i, j):
+        return per[(min(i, j), max(i, j))]
+
+    ztz = np.empty((q, q, m))
+    ztx = np.empty((q, p, m))
+    zty = np.empty((q, m))
+    for a, za in enumerate(Z):
+        zty[a] = s(za, y)
+        for c, zc in enumerate(Z):
+            ztz[a, c] = s(za, zc)
+        for j, xj in enumerate(X):
+            ztx[a, j] = s(za, xj)
+    xtx = np.array([[float(np.sum(s(i, j))) for j in X] for i in X])
+    xty = np.array([float(np.sum(s(i, y))) for i in X])
+    return Statistics(ztz=ztz, ztx=ztx, zty=zty, yty_i=s(y, y), xtx=xtx, xty=xty,
+                      yty=float(np.sum(s(y, y))), weights="(working weights)", **base)
+
+
+class PatternPasses(_Passes):
+    """Passes over compressed patterns (mlpipe/glmm.py's `Patterns`), in memory."""
+
+    def __init__(self, pat):
+        from .glmm import _loglik_parts
+
+        if len(pat.factors) > 1:
+            raise InputError("nAGQ = 0 takes one grouping factor so far")
+        self.pat, self.family, self.link = pat, pat.family, pat.link
+        self._parts = _loglik_parts
+        self.passes = 0
+        self.base = dict(formula=pat.formula, response="", fixed_names=list(pat.fixed_names),
+                         random_names=list(pat.random_names), blocks=list(pat.blocks),
+                         group=pat.group, levels=np.asarray(pat.levels, dtype=object),
+                         n_i=np.bincount(pat.level, pat.n, minlength=pat.m), n=pat.nobs)
+
+    def _pass(self, beta, b):
+        pat = self.pat
+        eta = pat.X @ beta + pat.offset + np.einsum("pq,pq->p", pat.Z, b[pat.level])
+        ll, score, w = self._parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n)
+        zt = eta - pat.offset + score / w
+        cols = [pat.X[:, j] for j in range(pat.X.shape[1])] + \
+            [pat.Z[:, a] for a in range(pat.Z.shape[1])] + [zt]
+        m = pat.m
+        per = {(i, j): np.bincount(pat.level, w * cols[i] * cols[j], minlength=m)
+               for i in range(len(cols)) for j in range(i, len(cols))}
+        p, q = pat.X.shape[1], pat.Z.shape[1]
+        return _statistics(per, m, p, q, self.base), float(np.sum(ll)) + pat.const
+
+
+class SqlPasses(_Passes):
+    """Passes over the data with DuckDB (sql/glmm_pass.sql): β bound as parameters, the
+    modes b joined per level; O(levels) memory."""
+
+    def __init__(self, data, formula: str, family: str, link: str | None = None, *,
+                 memory_limit=None, threads=None, temp_directory=None):
+        import dataclasses
+
+        from ._sql import Source, connect, quote_ident, render
+        from .design import check_columns, design_from_data
+        from .formula import parse_formula
+
+        family = family.lower()
+        if family not in PASS_FAMILIES:
+            raise InputError(f"GLMMs by iterated passes take the families "
+                             f"{', '.join(PASS_FAMILIES)} so far, not {family!r}")
+        link = (link or PASS_FAMILIES[family][0]).lower()
+        if link not in PASS_FAMILIES[family]:
+            raise InputError(f"GLMMs by iterated passes take the {family} links "
+                             f"{', '.join(PASS_FAMILIES[family])} so far, not {link!r}")
+        self.family, self.link, self.passes = family, link, 0
+        parsed = parse_formula(formula)
+        cbind = parsed.response.kind == "call" and parsed.response.value == "cbind"
+        if cbind and family != "binomial":
+            raise InputError("a cbind(successes, failures) response needs --family binomial")
+        design_formula = dataclasses.replace(parsed, response=parsed.response.args[0]) \
+            if cbind else parsed
+        self.source = source = Source(data)
+        self.con = con = connect(memory_limit=memory_limit, threads=threads,
+                                 temp_directory=temp_directory)
+        schema = source.schema(con, parsed.value_columns())
+        check_columns(design_formula, schema)
+        design = design_from_data(con, source, design_formula, schema)
+        if design.group is None:
+            raise InputError("GLMMs by iterated passes take one grouping factor (on one "
+                             "column) so far")
+        if design.aggregates is not None and design.aggregates.tables:
+            raise InputError("center()/group_mean() are not supported in GLMMs yet")
+        self.design = design
+        y = f"CAST({design.response.sql} AS DOUBLE)"
+        trials = f"({y} + CAST({parsed.response.args[1].sql()} AS DOUBLE))" if cbind \
+            else "1.0"
+        const = (f"(lgamma({trials} + 1) - lgamma({y} + 1) - lgamma({trials} - {y} + 1))"
+                 if cbind else "0.0" if family == "binomial" else f"(-lgamma({y} + 1))")
+        p, q = len(design.fixed), len(design.random)
+        self.p, self.q = p, q
+        cols = [f"CAST({c.sql or '1.0'} AS DOUBLE) AS c{j}"
+                for j, c in enumerate(design.fixed + design.random)]
+        eta = " + ".join([f"c{j} * $beta{j}" for j in range(p)]
+                         + [f"c{p + a} * coalesce(md.b{a}, 0.0)" for a in range(q)]
+                         + ["off"])
+        k = p + q  # the working response's column
+        sums = ", ".join(f"fsum(w * {self._col(i, k)} * {self._col(j, k)}) AS s_{i}_{j}"
+                         for i in range(k + 1) for j in range(i, k + 1))
+        group = quote_ident(design.group)
+        self.params = {**source.params, **design.params}
+        from ._sql import used_params
+
+        sql = render("glmm_levels", group=group, source=source.relation,
+                     complete=design.complete_sql)
+        con.execute(sql, used_params(sql, self.params))
+        lv = con.execute("SELECT CAST(grp AS VARCHAR) AS level FROM __mlpipe_glmm_levels "
+                         "ORDER BY idx").fetchnumpy()
+        self.levels = np.asarray(lv["level"], dtype=object)
+        self.m = len(self.levels)
+        if self.m < 2:
+            raise DataError(f"grouping factor {design.group} has fewer than 2 levels in the "
+                            f"rows used")
+        self.sql = render("glmm_pass", group=group, columns=", ".join(cols),
+                          offset=f"CAST({design.offset or '0.0'} AS DOUBLE)", y=y,
+                          trials=trials, const=const, source=source.relation,
+                          complete=design.complete_sql, eta=eta,
+                          family=_family_sql(family, link), sums=sums)
+        checks = (f"SELECT count(*), coalesce(fsum({y}), 0), coalesce(fsum({trials}), 0), "
+                  f"coalesce(min({y}), 0), coalesce(max(abs({y} - round({y}))), 0), "
+                  f"max({y}) FROM {source.relation} AS src WHERE {design.complete_sql}")
+        rows = con.execute(checks, used_params(checks, self.params)).fetchone()
+        total = con.execute(f"SELECT count(*) FROM {source.relation}", source.params).fetchone()
+        self.nobs, sy, st = int(rows[0]), float(rows[1]), float(rows[2])
+        ymin, yfrac = float(rows[3]), float(rows[4])
+        self.rows_dropped = int(total[0]) - self.nobs
+        what = parsed.response.deparse()
+        if yfrac > 1e-9 or ymin < 0:
+            hint = " (0/1, or cbind(successes, failures))" if family == "binomial" else ""
+            raise DataError(f"{family} outcome {what}: values must be whole numbers >= 0{hint}")
+        if family == "binomial" and not cbind and rows[5] is not None and float(rows[5]) > 1:
+            raise DataError(f"binomial outcome {what}: values must be 0 or 1 (or give "
+                            f"cbind(successes, failures))")
+        if family == "binomial" and sy in (0.0, st):
+            raise DataError(f"binomial outcome {what} is constant in the rows used")
+        if family == "poisson" and sy == 0:
+            raise DataError(f"poisson outcome {what} is 0 in every row used")
+        n_i = con.execute("SELECT n FROM __mlpipe_glmm_levels ORDER BY idx").fetchnumpy()["n"]
+        self.base = dict(formula=parsed.text, response="", fixed_names=[c.name for c in
+                                                                        design.fixed],
+                         random_names=[c.name for c in design.random],
+                         blocks=[(b.start, b.size) for b in design.blocks], group=design.group,
+                         levels=self.levels, n_i=np.asarray(n_i, float), n=self.nobs,
+                         factor_levels=dict(design.levels),
+                         group_type=schema.get(design.group, ""))
+        self.fixed_names = self.base["fixed_names"]
+        self.random_names = self.base["random_names"]
+        self.blocks = self.base["blocks"]
+        self.group = design.group
+        self.factor_levels = dict(design.levels)
+        self.group_types = {design.group: schema.get(design.group, "")}
+        self.location = source.location
+        self.formula = parsed.text
+
+    @staticmethod
+    def _col(i: int, k: int) -> str:
+        return "zt" if i == k else f"c{i}"
+
+    def _pass(self, beta, b):
+        import duckdb
+        import pyarrow as pa
+
+        modes = pa.table({"idx": np.arange(self.m, dtype=np.int64),
+                          **{f"b{a}": np.ascontiguousarray(b[:, a]) for a in range(self.q)}})
+        self.con.register("__mlpipe_glmm_modes", modes)
+        from ._sql import used_params
+
+        params = used_params(self.sql, {**self.params,
+                                        **{f"beta{j}": float(v) for j, v in enumerate(beta)}})
+        try:
+            tab = self.con.execute(self.sql, params).fetchnumpy()
+        except duckdb.Error as exc:
+            raise self.source.error(exc, "the GLMM pass failed over") from None
+        finally:
+            self.con.unregister("__mlpipe_glmm_modes")
+        idx = np.asarray(tab["idx"], np.int64)
+        k = self.p + self.q
+        per = {}
+        for i in range(k + 1):
+            for j in range(i, k + 1):
+                col = np.zeros(self.m)
+                col[idx] = np.asarray(tab[f"s_{i}_{j}"], float)
+                per[(i, j)] = col
+        ll = float(np.sum(tab["ll"]))
+        return _statistics(per, self.m, self.p, self.q, self.base), ll
+
+    def close(self):
+        self.con.close()
+
+
+def _family_sql(family: str, link: str) -> str:
+    """SQL of mu, the working weight w, the score and the log-likelihood ll (constants
+    apart) from eta, y and the trials t, as mlpipe.glmm._loglik_parts computes them."""
+    if family == "poisson":
+        return ("exp(eta) AS mu, exp(eta) AS w, y - exp(eta) AS score, "
+                "y * eta - exp(eta) + cst AS ll")
+    if link == "logit":  # softplus(η) = log(1 + e^η), stable
+        mu = "1.0 / (1.0 + exp(-eta))"
+        return (f"{mu} AS mu, t * {mu} * (1.0 - {mu}) AS w, y - t * {mu} AS score, "
+                f"y * eta - t * (greatest(eta, 0.0) + ln(1.0 + exp(-abs(eta)))) + cst AS ll")
+    # cloglog: μ = 1 − exp(−e^η), dμ/dη = e^η exp(−e^η); μ clipped as _loglik_parts does
+    mu = "least(greatest(1.0 - exp(-exp(eta)), 1e-300), 1.0 - 1e-16)"
+    dmu = "exp(eta - exp(eta))"
+    var = f"({mu}) * (1.0 - ({mu}))"
+    return (f"{mu} AS mu, t * ({dmu}) * ({dmu}) / ({var}) AS w, "
+            f"(y - t * ({mu})) * ({dmu}) / ({var}) AS score, "
+            f"y * ln({mu}) + (t - y) * ln(1.0 - ({mu})) + cst AS ll")
+
+
+# ---------------------------------------------------------------------- the fit
+
+class _State:
+    """The current (β, b, u) and the working statistics at them."""
+
+    def __init__(self, q: int, m: int, p: int):
+        self.beta = np.zeros(p)
+        self.b = np.zeros((m, q))
+        self.u2 = 0.0
+
+
+def _pwls(stats, theta):
+    """The penalized weighted least squares step of the working model at θ → (β̂, b̂ (m, q),
+    |û|², log|L|², the decomposition)."""
+    from ._levels import const_matmul, solve_lower_t
+    from .objective import Objective
+
+    obj = Objective(stats, reml=False)
+    dec = obj.decompose(theta)
+    r = dec.cu - np.tensordot(dec.beta, dec.rzx, axes=(0, 1))  # (q, m)
+    u = solve_lower_t(dec.L, r)
+    b = const_matmul(dec.T, u)
+    return dec.beta, b.T.copy(), float(np.sum(u * u)), float(dec.logdet_l), dec, obj
+
+
+def _pirls(src: _Passes, theta, st: _State):
+    """PIRLS at θ from st's (β, b) to the fixed point → D(θ) (−2 × the Laplace
+    log-likelihood, nAGQ = 0) and the last decomposition; st is updated in place."""
+    stats, ll = src.working(st.beta, st.b)
+    beta, b, u2, logdet, dec, obj = _pwls(stats, theta)
+    st.u2 = _u2(theta, st.b, stats)  # the same modes b are another u at this θ
+    pdev_old = -2 * ll + st.u2
+    for _ in range(PIRLS_MAXITER):
+        new_stats, new_ll = src.working(beta, b)
+        pdev = -2 * new_ll + u2
+        halvings = 0
+        while not pdev <= pdev_old + 1e-10 * abs(pdev_old) and halvings < 10:
+            beta, b = (beta + st.beta) / 2, (b + st.b) / 2  # step halving, as lme4's PIRLS
+            u2 = _u2(theta, b, stats)
+            new_stats, new_ll = src.working(beta, b)
+            pdev = -2 * new_ll + u2
+            halvings += 1
+        st.beta, st.b, st.u2 = beta, b, u2
+        stats, ll = new_stats, new_ll
+        beta, b, u2, logdet, dec, obj = _pwls(stats, theta)
+        if abs(pdev_old - pdev) <= PIRLS_TOL * abs(pdev):
+            return pdev + _logdet_at(theta, stats), stats, ll
+        pdev_old = pdev
+    return np.inf, stats, ll
+
+
+def _mean_eta(src: _Passes, stats) -> float:
+    """The link of the outcome's mean: a start for the intercept (from a pass at η = 0,
+    whose working response is (y − μ₀)/w₀ with μ₀, w₀ known)."""
+    n, szt, sw = stats.n, float(stats.xty[0]), float(stats.xtx[0, 0])
+    if src.family == "poisson":  # η = 0: μ = 1, w = 1, z̃ = y − 1 → ȳ = 1 + mean z̃
+        ybar = 1.0 + szt / max(sw, 1e-300)
+        return math.log(max(ybar, 1e-8))
+    # binomial, logit at η = 0: μ = 1/2, w = t/4, z̃ = 4(y/t − 1/2)·... → p̄ = 1/2 + Σwz̃/(4Σw)
+    pbar = min(max(0.5 + szt / max(4 * sw, 1e-300), 1e-6), 1 - 1e-6)
+    if src.link == "cloglog":
+        return math.log(-math.log1p(-pbar))
+    return math.log(pbar / (1 - pbar)) if n else 0.0
+
+
+def _logdet_at(theta, stats) -> float:
+    from .objective import Objective
+
+    return float(Objective(stats, reml=False).decompose(theta).logdet_l)
+
+
+def _u2(theta, b, stats) -> float:
+    """|u|² of modes b = Λu (per level), Λ = T at θ."""
+    from .objective import ThetaMap
+
+    T = ThetaMap(stats.blocks, stats.q).T(theta)
+    try:
+        u = np.linalg.solve(T, b.T)
+    except np.linalg.LinAlgError:
+        u = np.linalg.lstsq(T, b.T, rcond=None)[0]
+    return float(np.sum(u * u))
+
+
+def fit_passes(src: _Passes, *, messages: list[str] | None = None):
+    """The nAGQ = 0 fit over the passes of `src` (see the module docstring) → FitResult."""
+    import nlopt
+    import polars as pl
+    from scipy.optimize import minimize
+    from scipy.special import ndtr
+
+    from .objective import ThetaMap
+    from .optimize import SINGULAR_TOL, OptSummary
+    from .results import FitResult, modes_table, variance_tables
+
+    t0 = time.perf_counter()
+    base = src.base
+    p, q = len(base["fixed_names"]), len(base["random_names"])
+    m = len(base["levels"])
+    tm = ThetaMap(base["blocks"], q)
+    st = _State(q, m, p)
+    # the GLM: PIRLS at θ = 0 (no random effects) from β = 0, the intercept at the mean
+    if "(Intercept)" in base["fixed_names"]:
+        stats0, _ll0 = src.working(st.beta, st.b)
+        st.beta[base["fixed_names"].index("(Intercept)")] = _mean_eta(src, stats0)
+    glm = _pirls(src, np.zeros(len(tm.initial)), st)[0]
+    if not np.isfinite(glm):
+        raise DataError("the GLM start (no random effects) did not converge: check the "
+                        "outcome and the predictors' scales")
+    theta = tm.initial.copy()
+    # PQL: the working model's criterion with σ = 1 (r² + log|L|²) minimized in memory per pass
+    pql_passes = 0
+    for it in range(PQL_MAXITER):
+        stats, _ll = src.working(st.beta, st.b)
+        pql_passes += 1
+        from .objective import Objective
+
+        obj = Objective(stats, reml=False)
+
+        def f(th):
+            try:
+                parts = obj.parts(th)
+            except Exception:  # noqa: BLE001 - undefined at this θ
+                return np.inf, np.zeros(len(th))
+            return parts.r2 + parts.logdet_l, parts.d_r2 + parts.d_logdet_l
+
+        # a diagonal bound just above 0: at exactly 0 the objective drops the column and
+        # its derivative reads 0 (a false stationary point for a gradient method)
+        res = minimize(f, np.maximum(theta, np.where(tm.diagonal, 1e-6, -np.inf)), jac=True,
+                       method="L-BFGS-B",
+                       bounds=[(1e-6, None) if d else (None, None) for d in tm.diagonal])
+        new_theta = np.asarray(res.x, float)
+        beta, b, u2, _logdet, _dec, _obj = _pwls(stats, new_theta)
+        moved = max(np.max(np.abs(new_theta - theta)), np.max(np.abs(beta - st.beta)))
+        theta, st.beta, st.b, st.u2 = new_theta, beta, b, u2
+        if moved < PQL_TOL:  # close enough: the Laplace search finishes the job
+            break
+    theta_pql = theta.copy()
+    # Laplace over θ (nAGQ = 0): each value a PIRLS run warm-started from the last
+    evals = [0]
+    best = {"f": np.inf, "theta": theta.copy()}
+
+    def D(th):
+        th = np.asarray(th, float)
+        if np.any(th[tm.diagonal] < 0):
+            return np.inf
+        evals[0] += 1
+        keep = (st.beta.copy(), st.b.copy(), st.u2)
+        with np.errstate(all="ignore"):
+            try:
+                value, _s, _l = _pirls(src, th, st)
+            except (np.linalg.LinAlgError, FloatingPointError, ValueError):
+                value = np.inf
+        if not np.isfinite(value):
+            st.beta, st.b, st.u2 = keep
+            return np.inf
+        if value < best["f"]:
+            best.update(f=value, theta=th.copy())
+        return value
+
+    D(theta)
+    opt = nlopt.opt(nlopt.LN_BOBYQA, len(theta))
+    opt.set_lower_bounds(np.where(np.isfinite(tm.lower), tm.lower, -1e10))
+    opt.set_min_objective(lambda x, grad: D(x))
+    opt.set_ftol_rel(1e-10)
+    opt.set_xtol_abs(1e-7)
+    opt.set_maxeval(500)
+    opt.set_initial_step(np.maximum(0.05 * np.abs(theta), 0.02))
+    try:
+        opt.optimize(theta)
+    except (nlopt.RoundoffLimited, ValueError):
+        pass
+    theta = best["theta"]
+    dev, stats, ll = _pirls(src, theta, st)
+    if not np.isfinite(dev):
+        raise DataError("PIRLS did not converge at the estimates: check the outcome and "
+                        "the predictors' scales")
+    beta, b, u2, logdet, dec, obj = _pwls(stats, theta)
+    # Var(β̂) = (R_X'R_X)⁻¹ of the working model (σ = 1); Var(b | y) = T (L L')⁻¹ T'
+    vcov = np.linalg.inv(dec.xtx_adj)
+    se = np.sqrt(np.diag(vcov))
+    from ._levels import solve_lower
+
+    B = solve_lower(dec.L, dec.T.T[:, :, None])
+    cond_sd = np.sqrt(np.einsum("kjm,kjm->jm", B, B)).T  # (m, q)
+    z = beta / se
+    fixed = pl.DataFrame({"term": base["fixed_names"], "estimate": beta, "std_error": se,
+                          "t_value": z, "df": [None] * p, "p_value": 2 * ndtr(-np.abs(z))},
+                         schema={"term": pl.Utf8, "estimate": pl.Float64,
+                                 "std_error": pl.Float64, "t_value": pl.Float64,
+                                 "df": pl.Float64, "p_value": pl.Float64})
+    T = dec.T
+    group = base["group"]
+    rand, corrs = variance_tables([(group, base["random_names"], T @ T.T, base["blocks"])])
+    ranef = modes_table(group, base["levels"], base["random_names"], b, cond_sd)
+    k = len(theta)
+    npar = p + k
+    nobs = int(base["n"])
+    singular = bool(np.any(theta[tm.diagonal] < SINGULAR_TOL))
+    msgs = list(messages or [])
+    msgs.append(f"nAGQ = 0 (theta by the Laplace approximation, beta inside PIRLS) over "
+                f"{src.passes} passes ({pql_passes} of PQL, then {evals[0]} Laplace "
+                f"evaluations by BOBYQA from PQL's theta {np.round(theta_pql, 6).tolist()})")
+    if singular:
+        msgs.append("boundary (singular) fit: a random-effect variance is estimated as 0")
+    summary = OptSummary("PQL, then LN_BOBYQA on the nAGQ=0 Laplace deviance",
+                         theta_pql.tolist(), float("nan"), theta.tolist(), float(dev),
+                         evaluations=evals[0], return_code="SUCCESS", converged=True,
+                         reml=False, seconds=time.perf_counter() - t0, messages=msgs,
+                         start="pql")
+    result = FitResult(
+        formula=base["formula"], method="ML", nobs=nobs, groups={group: m},
+        fixed_effects=fixed, vcov_matrix=vcov, random_effects=rand, random_correlations=corrs,
+        residual_variance=float("nan"), sigma=1.0, loglik=-dev / 2, deviance=float(dev),
+        reml_criterion=None, aic=dev + 2 * npar, bic=dev + npar * math.log(nobs), npar=npar,
+        converged=True, singular=singular, optimizer=summary, ranef=ranef, theta=theta,
+        rows_dropped=int(getattr(src, "rows_dropped", 0)), stats=None)
+    result.family, result.link, result.nagq = src.family, src.link, 0
+    result.factor_levels = dict(base.get("factor_levels") or {})
+    result.group_types = getattr(src, "group_types", {group: base.get("group_type", "")})
+    result.passes = src.passes
+    return result
