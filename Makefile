@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-nested bench-crossed bench-ar1 bench-moments bench-scale install clean browser lint fit
+.PHONY: demo test test-slow bench bench-nested bench-crossed bench-ar1 bench-moments bench-scale bench-glmm install clean browser lint fit
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,11 @@ bench-ar1: $(STAMP)
 ## (Zipf item popularity), 32M rows (also 4M, for the curve) against bare DuckDB aggregates
 bench-moments: $(STAMP)
 	$(BIN)/python benchmarks/bench_moments.py --rows 4000000 32000000
+
+## GLMMs at scale: a 10M-row Bernoulli panel (100k groups), y ~ x + w + (x | g), fitted by
+## iterated DuckDB passes; glmer on a 1M-row slice when R is installed (benchmarks/bench_glmm.py)
+bench-glmm: $(STAMP)
+	$(BIN)/python benchmarks/bench_glmm.py
 
 ## the engines at scale: 1M / 10M / 100M rows (10k / 100k / 1M groups, up to 64 Parquet
 ## files) through DuckDB, Polars and Dask (2-worker LocalCluster) against a bare DuckDB

@@ -8,8 +8,9 @@ count, Σ successes / Σ trials (binomial) or Σ y (Poisson) and Σ of the log-l
 constant (the binomial coefficients, −log y!).  That is exact — every row of a pattern has
 the same linear predictor — and the fit iterates in memory over the patterns, never over
 rows.  It pays when the patterns are few (categorical predictors, a cbind table); with
-continuous predictors every row is its own pattern, and above `MAX_PATTERNS` the fit is
-refused (the pass-per-iteration path of the issue is not done).
+continuous predictors every row is its own pattern, and above `MAX_PATTERNS` (counted first,
+approximately, in constant memory) `TooManyPatterns` sends the fit to the iterated passes
+of mlpipe/glmm_passes.py.
 
 Laplace (per evaluation, at (θ, β)): for each level the conditional mode û of the spherical
 random effects u (b = Λu) maximizes Σ_p ℓ_p(x_p'β + z_p'Λu + offset_p) − ½|u|², found by
@@ -278,8 +279,10 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
                      complete=complete, keys=", ".join(gkeys + keys), label=label,
                      gkeys=", ".join(gkeys), pattern_keys=", ".join(keys))
         try:
-            count = con.execute(render("glmm_count", sql=sql), {**source.params,
-                                                                **design.params}).fetchone()
+            count = con.execute(render("glmm_count", keys=", ".join(gkeys + keys),
+                                       groups=", ".join(gcols), columns=", ".join(cols), y=y,
+                                       source=source.relation, complete=complete),
+                                {**source.params, **design.params}).fetchone()
             if count[0] > MAX_PATTERNS:
                 raise TooManyPatterns(
                     f"{count[0]:,} distinct (level, covariate pattern) combinations: more than "
