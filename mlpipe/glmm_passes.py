@@ -46,18 +46,23 @@ class _Passes:
     passes: int = 0
     _last = None
 
-    def working(self, beta: np.ndarray, b: np.ndarray):
+    def working(self, beta: np.ndarray, b: np.ndarray, M: np.ndarray | None = None):
         """(weighted working `Statistics` at η(β, b), Σ log p(y | η) with its constants);
-        the last pass again when (β, b) did not change (no pass counted)."""
+        with M (per level Λ H_i⁻¹ Λ', (m, q, q)) also the Laplace term's derivative sums
+        s1 = Σ a·w'·x (m, p) and s2 = Σ a·w'·z (m, q), a = z'M z, w' = dw/dη (else None).
+        The last pass again when its arguments did not change (no pass counted)."""
         last = self._last
-        if last is not None and np.array_equal(last[0], beta) and np.array_equal(last[1], b):
-            return last[2]
+        if last is not None and np.array_equal(last[0], beta) and np.array_equal(last[1], b) \
+                and ((M is None and last[2] is None) or (M is not None and last[2] is not None
+                                                         and np.array_equal(last[2], M))):
+            return last[3]
         self.passes += 1
-        out = self._pass(beta, b)
-        self._last = (np.array(beta, copy=True), np.array(b, copy=True), out)
+        out = self._pass(beta, b, M)
+        self._last = (np.array(beta, copy=True), np.array(b, copy=True),
+                      None if M is None else np.array(M, copy=True), out)
         return out
 
-    def _pass(self, beta: np.ndarray, b: np.ndarray):
+    def _pass(self, beta: np.ndarray, b: np.ndarray, M):
         raise NotImplementedError
 
 
@@ -104,7 +109,7 @@ class PatternPasses(_Passes):
                          group=pat.group, levels=np.asarray(pat.levels, dtype=object),
                          n_i=np.bincount(pat.level, pat.n, minlength=pat.m), n=pat.nobs)
 
-    def _pass(self, beta, b):
+    def _pass(self, beta, b, M):
         pat = self.pat
         eta = pat.X @ beta + pat.offset + np.einsum("pq,pq->p", pat.Z, b[pat.level])
         ll, score, w = self._parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n)
@@ -115,7 +120,16 @@ class PatternPasses(_Passes):
         per = {(i, j): np.bincount(pat.level, w * cols[i] * cols[j], minlength=m)
                for i in range(len(cols)) for j in range(i, len(cols))}
         p, q = pat.X.shape[1], pat.Z.shape[1]
-        return _statistics(per, m, p, q, self.base), float(np.sum(ll)) + pat.const
+        stats = _statistics(per, m, p, q, self.base)
+        s1 = s2 = None
+        if M is not None:
+            a = np.einsum("pa,pab,pb->p", pat.Z, M[pat.level], pat.Z)
+            aw = a * _dweight(self.family, self.link, eta, pat.st, pat.n)
+            s1 = np.stack([np.bincount(pat.level, aw * pat.X[:, j], minlength=m)
+                           for j in range(p)], axis=1)
+            s2 = np.stack([np.bincount(pat.level, aw * pat.Z[:, c], minlength=m)
+                           for c in range(q)], axis=1)
+        return stats, float(np.sum(ll)) + pat.const, s1, s2
 
 
 class SqlPasses(_Passes):
@@ -167,8 +181,7 @@ class SqlPasses(_Passes):
         cols = [f"CAST({c.sql or '1.0'} AS DOUBLE) AS c{j}"
                 for j, c in enumerate(design.fixed + design.random)]
         eta = " + ".join([f"c{j} * $beta{j}" for j in range(p)]
-                         + [f"c{p + a} * coalesce(md.b{a}, 0.0)" for a in range(q)]
-                         + ["off"])
+                         + [f"c{p + a} * md.b{a}" for a in range(q)] + ["off"])
         k = p + q  # the working response's column
         sums = ", ".join(f"fsum(w * {self._col(i, k)} * {self._col(j, k)}) AS s_{i}_{j}"
                          for i in range(k + 1) for j in range(i, k + 1))
@@ -179,18 +192,31 @@ class SqlPasses(_Passes):
         sql = render("glmm_levels", group=group, source=source.relation,
                      complete=design.complete_sql)
         con.execute(sql, used_params(sql, self.params))
-        lv = con.execute("SELECT CAST(grp AS VARCHAR) AS level FROM __mlpipe_glmm_levels "
-                         "ORDER BY idx").fetchnumpy()
-        self.levels = np.asarray(lv["level"], dtype=object)
+        lv = con.sql("SELECT grp, CAST(grp AS VARCHAR) AS level FROM "
+                     "__mlpipe_glmm_levels ORDER BY idx").to_arrow_table()
+        self.levels = np.asarray(lv.column("level").to_pylist(), dtype=object)
+        self._grp = lv.column("grp")  # the level keys as typed in the data, for the join
         self.m = len(self.levels)
         if self.m < 2:
             raise DataError(f"grouping factor {design.group} has fewer than 2 levels in the "
                             f"rows used")
-        self.sql = render("glmm_pass", group=group, columns=", ".join(cols),
-                          offset=f"CAST({design.offset or '0.0'} AS DOUBLE)", y=y,
-                          trials=trials, const=const, source=source.relation,
-                          complete=design.complete_sql, eta=eta,
-                          family=_family_sql(family, link), sums=sums)
+        pieces = dict(group=group, columns=", ".join(cols),
+                      offset=f"CAST({design.offset or '0.0'} AS DOUBLE)", y=y, trials=trials,
+                      const=const, source=source.relation, complete=design.complete_sql,
+                      eta=eta, family=_family_sql(family, link))
+        self.sql = render("glmm_pass", sums=sums, quad="", derivative="", **pieces)
+        # with the Laplace term's derivative sums: a = z'Mz (M per level, joined with the
+        # modes as m_a_b), w' = dw/dη (canonical links)
+        zc = [f"c{p + a}" for a in range(q)]
+        quad = " + ".join([f"{zc[a]} * {zc[a]} * md.m_{a}_{a}" for a in range(q)]
+                          + [f"2.0 * {zc[a]} * {zc[c]} * md.m_{a}_{c}" for a in range(q)
+                             for c in range(a + 1, q)])
+        dw = "exp(eta)" if family == "poisson" else \
+            "t * mu * (1.0 - mu) * (1.0 - 2.0 * mu)" if link == "logit" else "NULL"
+        deriv = ", ".join([f"fsum(aw * c{j}) AS d1_{j}" for j in range(p)]
+                          + [f"fsum(aw * {zc[a]}) AS d2_{a}" for a in range(q)])
+        self.sql_d = render("glmm_pass", sums=f"{sums}, {deriv}", quad=f", {quad} AS quad",
+                            derivative=f", quad * ({dw}) AS aw", **pieces)
         checks = (f"SELECT count(*), coalesce(fsum({y}), 0), coalesce(fsum({trials}), 0), "
                   f"coalesce(min({y}), 0), coalesce(max(abs({y} - round({y}))), 0), "
                   f"max({y}) FROM {source.relation} AS src WHERE {design.complete_sql}")
@@ -231,19 +257,23 @@ class SqlPasses(_Passes):
     def _col(i: int, k: int) -> str:
         return "zt" if i == k else f"c{i}"
 
-    def _pass(self, beta, b):
+    def _pass(self, beta, b, M):
         import duckdb
         import pyarrow as pa
 
-        modes = pa.table({"idx": np.arange(self.m, dtype=np.int64),
-                          **{f"b{a}": np.ascontiguousarray(b[:, a]) for a in range(self.q)}})
-        self.con.register("__mlpipe_glmm_modes", modes)
+        cols = {"grp": self._grp, "idx": np.arange(self.m, dtype=np.int64),
+                **{f"b{a}": np.ascontiguousarray(b[:, a]) for a in range(self.q)}}
+        if M is not None:
+            cols.update({f"m_{a}_{c}": np.ascontiguousarray(M[:, a, c])
+                         for a in range(self.q) for c in range(a, self.q)})
+        self.con.register("__mlpipe_glmm_modes", pa.table(cols))
         from ._sql import used_params
 
-        params = used_params(self.sql, {**self.params,
-                                        **{f"beta{j}": float(v) for j, v in enumerate(beta)}})
+        sql = self.sql if M is None else self.sql_d
+        params = used_params(sql, {**self.params,
+                                   **{f"beta{j}": float(v) for j, v in enumerate(beta)}})
         try:
-            tab = self.con.execute(self.sql, params).fetchnumpy()
+            tab = self.con.execute(sql, params).fetchnumpy()
         except duckdb.Error as exc:
             raise self.source.error(exc, "the GLMM pass failed over") from None
         finally:
@@ -257,10 +287,28 @@ class SqlPasses(_Passes):
                 col[idx] = np.asarray(tab[f"s_{i}_{j}"], float)
                 per[(i, j)] = col
         ll = float(np.sum(tab["ll"]))
-        return _statistics(per, self.m, self.p, self.q, self.base), ll
+        s1 = s2 = None
+        if M is not None:
+            s1, s2 = np.zeros((self.m, self.p)), np.zeros((self.m, self.q))
+            for j in range(self.p):
+                s1[idx, j] = np.asarray(tab[f"d1_{j}"], float)
+            for a in range(self.q):
+                s2[idx, a] = np.asarray(tab[f"d2_{a}"], float)
+        return _statistics(per, self.m, self.p, self.q, self.base), ll, s1, s2
 
     def close(self):
         self.con.close()
+
+
+def _dweight(family: str, link: str, eta, st, n):
+    """dw/dη of the working weight (canonical links: w = t μ(1 − μ), or μ), per pattern."""
+    if family == "poisson":
+        return n * np.exp(eta)
+    if link != "logit":
+        raise InputError("the Laplace fit by passes (nAGQ = 1) takes the canonical links "
+                         "(binomial logit, Poisson log) so far")
+    mu = 1.0 / (1.0 + np.exp(-eta))
+    return st * mu * (1.0 - mu) * (1.0 - 2.0 * mu)
 
 
 def _family_sql(family: str, link: str) -> str:
@@ -310,18 +358,18 @@ def _pwls(stats, theta):
 def _pirls(src: _Passes, theta, st: _State):
     """PIRLS at θ from st's (β, b) to the fixed point → D(θ) (−2 × the Laplace
     log-likelihood, nAGQ = 0) and the last decomposition; st is updated in place."""
-    stats, ll = src.working(st.beta, st.b)
+    stats, ll, _s1, _s2 = src.working(st.beta, st.b)
     beta, b, u2, logdet, dec, obj = _pwls(stats, theta)
     st.u2 = _u2(theta, st.b, stats)  # the same modes b are another u at this θ
     pdev_old = -2 * ll + st.u2
     for _ in range(PIRLS_MAXITER):
-        new_stats, new_ll = src.working(beta, b)
+        new_stats, new_ll, _s1, _s2 = src.working(beta, b)
         pdev = -2 * new_ll + u2
         halvings = 0
         while not pdev <= pdev_old + 1e-10 * abs(pdev_old) and halvings < 10:
             beta, b = (beta + st.beta) / 2, (b + st.b) / 2  # step halving, as lme4's PIRLS
             u2 = _u2(theta, b, stats)
-            new_stats, new_ll = src.working(beta, b)
+            new_stats, new_ll, _s1, _s2 = src.working(beta, b)
             pdev = -2 * new_ll + u2
             halvings += 1
         st.beta, st.b, st.u2 = beta, b, u2
@@ -365,16 +413,111 @@ def _u2(theta, b, stats) -> float:
     return float(np.sum(u * u))
 
 
-def fit_passes(src: _Passes, *, messages: list[str] | None = None):
-    """The nAGQ = 0 fit over the passes of `src` (see the module docstring) → FitResult."""
-    import nlopt
-    import polars as pl
+class Laplace1:
+    """The Laplace deviance of (θ, β) — glmer's nAGQ = 1 — and its exact gradient, each
+    evaluation a PIRLS run over u at fixed (θ, β) by passes (warm-started from the last
+    modes):
+
+        D(θ, β) = −2 Σ log p(y | η̂) + |û|² + Σ_i log|H_i|,  H_i = Λ'Z_i'W_iZ_iΛ + I
+
+    With F = −2Σℓ + |u|² stationary in u at û, a_r = z_r'ΛH_i⁻¹Λ'z_r and w' = dw/dη
+    (canonical links), the pass's s1_i = Σ a w' x and s2_i = Σ a w' z give
+
+        ∂D/∂β   = −2 X'score + Σ_i s1_i − Σ_i (Z_i'W_iX_i)' ΛH_i⁻¹Λ' s2_i
+        ∂D/∂θ_k = −2 Σ_i u_i'E_k'c_i + 2 Σ_i tr(H_i⁻¹Λ'A_iE_k) + Σ_i s2_i'E_k u_i
+                  + Σ_i s2_i'ΛH_i⁻¹(E_k'c_i − Λ'A_iE_k u_i)
+
+    (c_i = Z_i'score, A_i = Z_i'W_iZ_i, E_k = ∂Λ/∂θ_k; dû/dβ and dû/dθ from the
+    stationarity of F).  M = ΛH⁻¹Λ' is joined from the previous PIRLS iterate."""
+
+    def __init__(self, src: _Passes, tm, p: int, m: int, q: int):
+        self.src, self.tm, self.p, self.m, self.q = src, tm, p, m, q
+        self.u = np.zeros((m, q))
+        self.M = np.zeros((m, q, q))
+        self.evaluations = 0
+
+    def split(self, x):
+        k = len(self.tm)
+        return np.asarray(x[:k], float), np.asarray(x[k:], float)
+
+    def value_and_gradient(self, x):
+        theta, beta = self.split(x)
+        if np.any(theta[self.tm.diagonal] < 0):
+            return np.inf, np.zeros(len(x))
+        self.evaluations += 1
+        T = self.tm.T(theta)
+        u, u_prev, pdev_prev, halvings = self.u.copy(), None, np.inf, 0
+        for _ in range(PIRLS_MAXITER):
+            b = u @ T.T
+            stats, ll, s1, s2 = self.src.working(beta, b, self.M)
+            pdev = -2 * ll + float(np.sum(u * u))
+            if u_prev is not None and not pdev <= pdev_prev + 1e-10 * abs(pdev_prev) \
+                    and halvings < 10:
+                u, halvings = (u + u_prev) / 2, halvings + 1  # step halving, as lme4's
+                continue
+            halvings = 0
+            A = np.moveaxis(stats.ztz, -1, 0)
+            ZX = np.moveaxis(stats.ztx, -1, 0)
+            c = stats.zty.T - ZX @ beta - np.einsum("mab,mb->ma", A, b)  # Z_i'score
+            H = np.einsum("ba,mbc,cd->mad", T, A, T) + np.eye(self.q)
+            Hinv = np.linalg.inv(H)
+            self.M = np.einsum("ab,mbc,dc->mad", T, Hinv, T)
+            if u_prev is not None and abs(pdev_prev - pdev) <= PIRLS_TOL * abs(pdev):
+                break
+            u_prev, pdev_prev = u, pdev
+            u = u + np.einsum("mab,mb->ma", Hinv, c @ T - u)
+        else:
+            return np.inf, np.zeros(len(x))
+        self.u = u
+        sign, logdet = np.linalg.slogdet(H)
+        value = pdev + float(np.sum(logdet))
+        # the gradient
+        xscore = stats.xty - stats.xtx @ beta - np.einsum("maj,ma->j", ZX, b)
+        g_beta = -2 * xscore + s1.sum(axis=0) - np.einsum("maj,mab,mb->j", ZX, self.M, s2)
+        TA = np.einsum("ba,mbc->mac", T, A)  # T'A_i
+        PTA = Hinv @ TA  # H⁻¹T'A_i
+        Y = np.einsum("ma,ab,mbc->mc", s2, T, Hinv)  # s2_i'T H_i⁻¹
+        g_theta = np.empty(len(self.tm))
+        for k, (r, cc) in enumerate(zip(self.tm.rows, self.tm.cols)):
+            g_theta[k] = (-2 * np.sum(u[:, cc] * c[:, r]) + 2 * np.sum(PTA[:, cc, r])
+                          + np.sum(s2[:, r] * u[:, cc]) + np.sum(Y[:, cc] * c[:, r])
+                          - np.sum(np.einsum("ma,ma->m", Y, TA[:, :, r]) * u[:, cc]))
+        self._last = (stats, Hinv, b)
+        return value, np.concatenate([g_theta, g_beta])
+
+
+def fit_laplace(src: _Passes, theta0, beta0, b0):
+    """(θ̂, β̂) of the Laplace deviance by L-BFGS-B on its exact gradient from a start
+    (PQL's); returns the objective (its last evaluation at the answer) and the answer."""
     from scipy.optimize import minimize
-    from scipy.special import ndtr
 
     from .objective import ThetaMap
-    from .optimize import SINGULAR_TOL, OptSummary
-    from .results import FitResult, modes_table, variance_tables
+
+    base = src.base
+    p, q, m = len(base["fixed_names"]), len(base["random_names"]), len(base["levels"])
+    tm = ThetaMap(base["blocks"], q)
+    obj = Laplace1(src, tm, p, m, q)
+    T0 = tm.T(theta0)
+    try:
+        obj.u = np.linalg.solve(T0, b0.T).T
+    except np.linalg.LinAlgError:
+        obj.u = np.zeros((m, q))
+    x0 = np.concatenate([theta0, beta0])
+    bounds = [(0.0, None) if d else (None, None) for d in tm.diagonal] + [(None, None)] * p
+    res = minimize(obj.value_and_gradient, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"ftol": 1e-13, "gtol": 1e-6, "maxiter": 200})
+    x = np.asarray(res.x, float)
+    value, grad = obj.value_and_gradient(x)
+    return obj, x, value, grad, res
+
+
+def fit_passes(src: _Passes, *, nagq: int = 0, messages: list[str] | None = None):
+    """The nAGQ = 0 or 1 (Laplace) fit over the passes of `src` (see the module docstring)
+    → FitResult."""
+    import nlopt
+    from scipy.optimize import minimize
+
+    from .objective import ThetaMap
 
     t0 = time.perf_counter()
     base = src.base
@@ -384,7 +527,7 @@ def fit_passes(src: _Passes, *, messages: list[str] | None = None):
     st = _State(q, m, p)
     # the GLM: PIRLS at θ = 0 (no random effects) from β = 0, the intercept at the mean
     if "(Intercept)" in base["fixed_names"]:
-        stats0, _ll0 = src.working(st.beta, st.b)
+        stats0 = src.working(st.beta, st.b)[0]
         st.beta[base["fixed_names"].index("(Intercept)")] = _mean_eta(src, stats0)
     glm = _pirls(src, np.zeros(len(tm.initial)), st)[0]
     if not np.isfinite(glm):
@@ -394,7 +537,7 @@ def fit_passes(src: _Passes, *, messages: list[str] | None = None):
     # PQL: the working model's criterion with σ = 1 (r² + log|L|²) minimized in memory per pass
     pql_passes = 0
     for it in range(PQL_MAXITER):
-        stats, _ll = src.working(st.beta, st.b)
+        stats = src.working(st.beta, st.b)[0]
         pql_passes += 1
         from .objective import Objective
 
@@ -419,6 +562,8 @@ def fit_passes(src: _Passes, *, messages: list[str] | None = None):
         if moved < PQL_TOL:  # close enough: the Laplace search finishes the job
             break
     theta_pql = theta.copy()
+    if nagq == 1:
+        return _laplace_result(src, theta, st, tm, messages, pql_passes, t0)
     # Laplace over θ (nAGQ = 0): each value a PIRLS run warm-started from the last
     evals = [0]
     best = {"f": np.inf, "theta": theta.copy()}
@@ -461,18 +606,78 @@ def fit_passes(src: _Passes, *, messages: list[str] | None = None):
     beta, b, u2, logdet, dec, obj = _pwls(stats, theta)
     # Var(β̂) = (R_X'R_X)⁻¹ of the working model (σ = 1); Var(b | y) = T (L L')⁻¹ T'
     vcov = np.linalg.inv(dec.xtx_adj)
-    se = np.sqrt(np.diag(vcov))
     from ._levels import solve_lower
 
     B = solve_lower(dec.L, dec.T.T[:, :, None])
     cond_sd = np.sqrt(np.einsum("kjm,kjm->jm", B, B)).T  # (m, q)
+    how = (f"nAGQ = 0 (theta by the Laplace approximation, beta inside PIRLS) over "
+           f"{src.passes} passes ({pql_passes} of PQL, then {evals[0]} Laplace evaluations by "
+           f"BOBYQA from PQL's theta {np.round(theta_pql, 6).tolist()})")
+    return _result(src, theta, beta, b, cond_sd, vcov, dev, 0, how, theta_pql, evals[0],
+                   messages, t0)
+
+
+def _laplace_result(src, theta, st, tm, messages, pql_passes, t0):
+    """nAGQ = 1 from PQL's answer: `fit_laplace`, SEs from the Hessian of D in (θ, β) by
+    central differences of the exact gradient (glmer's default, use.hessian, takes them of
+    the deviance)."""
+    before = src.passes
+    obj, x, dev, _grad, res = fit_laplace(src, theta, st.beta, st.b)
+    if not np.isfinite(dev):
+        raise DataError("PIRLS did not converge at the estimates: check the outcome and "
+                        "the predictors' scales")
+    k = len(theta)
+    n = len(x)
+    Hs = np.empty((n, n))
+    for i in range(n):  # central differences (forward ones were 1% off in the SEs)
+        h = 1e-5 * max(1.0, abs(x[i]))
+        e = np.zeros(n)
+        e[i] = h
+        lo = x - e
+        if i < k and tm.diagonal[i] and lo[i] < 0:  # at the boundary: a forward step
+            Hs[i] = (obj.value_and_gradient(x + e)[1] - _grad) / h
+        else:
+            Hs[i] = (obj.value_and_gradient(x + e)[1] - obj.value_and_gradient(lo)[1]) / (2 * h)
+    Hs = (Hs + Hs.T) / 2
+    obj.value_and_gradient(x)  # the modes at the answer again
+    theta, beta = obj.split(x)
+    try:
+        vcov = 2 * np.linalg.inv(Hs)[k:, k:]
+        if not np.all(np.isfinite(vcov)) or np.any(np.diag(vcov) <= 0):
+            raise np.linalg.LinAlgError
+    except np.linalg.LinAlgError:
+        vcov = np.full((len(beta), len(beta)), np.nan)
+    T = tm.T(theta)
+    b = obj.u @ T.T
+    cond_sd = np.sqrt(np.clip(np.einsum("maa->ma", obj.M), 0, None))
+    how = (f"Laplace (nAGQ = 1) over {src.passes} passes ({pql_passes} of PQL from the GLM, "
+           f"then {obj.evaluations} evaluations of the deviance and its exact gradient by "
+           f"L-BFGS-B, {src.passes - before} passes with the Hessian's; {res.message})")
+    return _result(src, theta, beta, b, cond_sd, vcov, dev, 1, how, theta, obj.evaluations,
+                   messages, t0)
+
+
+def _result(src, theta, beta, b, cond_sd, vcov, dev, nagq, how, theta_start, evaluations,
+            messages, t0):
+    """The FitResult of a fit by passes."""
+    import polars as pl
+    from scipy.special import ndtr
+
+    from .objective import ThetaMap
+    from .optimize import SINGULAR_TOL, OptSummary
+    from .results import FitResult, modes_table, variance_tables
+
+    base = src.base
+    p, m = len(base["fixed_names"]), len(base["levels"])
+    tm = ThetaMap(base["blocks"], len(base["random_names"]))
+    se = np.sqrt(np.diag(vcov))
     z = beta / se
     fixed = pl.DataFrame({"term": base["fixed_names"], "estimate": beta, "std_error": se,
                           "t_value": z, "df": [None] * p, "p_value": 2 * ndtr(-np.abs(z))},
                          schema={"term": pl.Utf8, "estimate": pl.Float64,
                                  "std_error": pl.Float64, "t_value": pl.Float64,
                                  "df": pl.Float64, "p_value": pl.Float64})
-    T = dec.T
+    T = tm.T(theta)
     group = base["group"]
     rand, corrs = variance_tables([(group, base["random_names"], T @ T.T, base["blocks"])])
     ranef = modes_table(group, base["levels"], base["random_names"], b, cond_sd)
@@ -481,24 +686,26 @@ def fit_passes(src: _Passes, *, messages: list[str] | None = None):
     nobs = int(base["n"])
     singular = bool(np.any(theta[tm.diagonal] < SINGULAR_TOL))
     msgs = list(messages or [])
-    msgs.append(f"nAGQ = 0 (theta by the Laplace approximation, beta inside PIRLS) over "
-                f"{src.passes} passes ({pql_passes} of PQL, then {evals[0]} Laplace "
-                f"evaluations by BOBYQA from PQL's theta {np.round(theta_pql, 6).tolist()})")
+    msgs.append(how)
     if singular:
         msgs.append("boundary (singular) fit: a random-effect variance is estimated as 0")
-    summary = OptSummary("PQL, then LN_BOBYQA on the nAGQ=0 Laplace deviance",
-                         theta_pql.tolist(), float("nan"), theta.tolist(), float(dev),
-                         evaluations=evals[0], return_code="SUCCESS", converged=True,
-                         reml=False, seconds=time.perf_counter() - t0, messages=msgs,
-                         start="pql")
+    ok = bool(np.all(np.isfinite(se)))
+    if not ok:
+        msgs.append("the Hessian of the deviance is not positive definite: no SEs")
+    summary = OptSummary("PQL, then " + ("LN_BOBYQA on the nAGQ=0 Laplace deviance"
+                                         if nagq == 0 else "L-BFGS-B on the Laplace deviance"),
+                         list(np.asarray(theta_start, float)), float("nan"), theta.tolist(),
+                         float(dev), evaluations=evaluations, return_code="SUCCESS",
+                         converged=ok, reml=False, seconds=time.perf_counter() - t0,
+                         messages=msgs, start="pql")
     result = FitResult(
         formula=base["formula"], method="ML", nobs=nobs, groups={group: m},
         fixed_effects=fixed, vcov_matrix=vcov, random_effects=rand, random_correlations=corrs,
         residual_variance=float("nan"), sigma=1.0, loglik=-dev / 2, deviance=float(dev),
         reml_criterion=None, aic=dev + 2 * npar, bic=dev + npar * math.log(nobs), npar=npar,
-        converged=True, singular=singular, optimizer=summary, ranef=ranef, theta=theta,
+        converged=ok, singular=singular, optimizer=summary, ranef=ranef, theta=theta,
         rows_dropped=int(getattr(src, "rows_dropped", 0)), stats=None)
-    result.family, result.link, result.nagq = src.family, src.link, 0
+    result.family, result.link, result.nagq = src.family, src.link, nagq
     result.factor_levels = dict(base.get("factor_levels") or {})
     result.group_types = getattr(src, "group_types", {group: base.get("group_type", "")})
     result.passes = src.passes

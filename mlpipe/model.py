@@ -233,21 +233,23 @@ def _fit_glmm(data, formula, family, link, nagq, *, stats, weights, correlation,
 
 
 def _fit_glmm_passes(data, formula, family, link, nagq, duck, ci, level, *, reason: str):
-    """A GLMM too large to compress: nAGQ = 0 by iterated DuckDB passes (mlpipe/glmm_passes.py)."""
+    """A GLMM too large to compress: Laplace (nAGQ = 1) or nAGQ = 0 by iterated DuckDB passes
+    (mlpipe/glmm_passes.py)."""
     from .glmm_passes import SqlPasses, fit_passes
 
     if nagq > 1:
         raise InputError(f"{reason}; adaptive quadrature (--nagq {nagq}) needs the in-memory "
-                         f"path: round continuous predictors or use --nagq 0")
+                         f"path: round continuous predictors or use --nagq 0 or 1")
+    if nagq == 1 and (link or "").lower() not in ("", "logit", "log"):
+        raise InputError(f"{reason}; the Laplace fit by passes takes the canonical links "
+                         f"(logit, log) so far: use --nagq 0 with --link {link}")
     t0 = time.perf_counter()
     src = SqlPasses(data, formula, family, link, **duck)
     try:
         t1 = time.perf_counter()
         runlog.stage("prepare", t1 - t0)
-        why = (f"{reason}: fitted by iterated passes over the data"
-               + ("; the Laplace fit of (theta, beta) jointly (nAGQ = 1) is not done on this "
-                  "path, so nAGQ = 0" if nagq == 1 else ""))
-        result = fit_passes(src, messages=[why])
+        result = fit_passes(src, nagq=nagq,
+                            messages=[f"{reason}: fitted by iterated passes over the data"])
     finally:
         src.close()
     result.timings = {"prepare": t1 - t0, "scan": 0.0, "solve": time.perf_counter() - t1,
