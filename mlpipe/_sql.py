@@ -221,7 +221,7 @@ class Source:
         if self.csv and not self._checked:
             self._check_csv(con, schema)
             self._checked = True
-        if self.csv:
+        if self.csv and not getattr(self, "_typed", False):  # cast(): the types are given
             text = [c for c in dict.fromkeys(numeric) if schema.get(c) == "VARCHAR"]
             if text:
                 self._numeric_text_columns(con, text)
@@ -292,6 +292,8 @@ class Source:
             self._check_fields(con, head[0])
             raise DataError(f"{self.path}: no data rows could be read (DuckDB did not "
                             f"recognise the CSV dialect)")
+        if getattr(self, "allow_empty", False):  # one part of an input: may hold no rows
+            return
         raise DataError(f"{self.path}: no data rows (header only)")
 
     def _check_fields(self, con: duckdb.DuckDBPyConnection, header: str) -> None:
@@ -335,6 +337,17 @@ class Source:
             con.execute(f"SELECT {check} FROM {self.relation}", self.params).fetchall()[0]
         except duckdb.Error as exc:
             raise self.error(exc) from None
+
+    def cast(self, types: dict[str, str]) -> None:
+        """Read `types`' columns as those DuckDB types (one part of an input read with the
+        whole input's schema: a file whose own sniffed or stored types differ — a CSV column
+        empty there, ids that look numeric in one file — reads as the others)."""
+        if not types:
+            return
+        casts = ", ".join(f"CAST({quote_ident(c)} AS {t}) AS {quote_ident(c)}"
+                          for c, t in types.items())
+        self.relation = f"(SELECT * REPLACE ({casts}) FROM {self.relation})"
+        self._typed = True
 
     def error(self, exc: BaseException, what: str = "cannot read") -> DataError:
         """A one-line DataError for a DuckDB error raised while reading this source: a CSV

@@ -477,7 +477,8 @@ def _polish_1d(obj: Objective, x: np.ndarray, steps: int = 6) -> np.ndarray:
         else (x, f0, abs(g0[0]))
     for _ in range(steps):
         dg = float(g1[0] - g0[0])
-        if not (np.isfinite(dg) and dg > 0):  # not convex along the step: stop
+        dx = float(x1[0] - x[0])
+        if not (np.isfinite(dg) and dx != 0 and dg / dx > 0):  # not convex here: stop
             break
         x2 = x1 - g1 * (x1 - x) / dg
         if not x2[0] > 0 or abs(x2[0] - x1[0]) > 0.1 * max(abs(x1[0]), 1e-3):

@@ -14,6 +14,7 @@ small-matrix algebra runs elementwise over contiguous arrays of length m.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -177,11 +178,21 @@ class Statistics:
                                  "columns or factor coding differ)")
         self = first_part
         types = self.group_types or {self.group: self.group_type}
+        if all(st.m == 0 for st in parts):  # no part has a complete row: only the counts
+            return dataclasses.replace(
+                self, rows_read=sum(st.rows_read for st in parts),
+                rows_dropped=sum(st.rows_dropped for st in parts), n=0,
+                source=" + ".join(st.source for st in parts) if source is None else source)
+        parts = [st for st in parts if st.m > 0] + [st for st in parts if st.m == 0]
+        self = parts[0]
         if self.factors:
             keys = [_cell_keys(st) for st in parts]
         else:
             keys = [np.asarray(st.levels, dtype=object) for st in parts]
         allkeys = np.concatenate(keys)
+        if not self.factors and types.get(self.group, "").upper().startswith(
+                ("DOUBLE", "FLOAT", "REAL")):  # -0.0 and 0.0: one value, as DuckDB groups
+            allkeys = np.where(allkeys == "-0.0", "0.0", allkeys).astype(object)
         uniq, inv = np.unique(allkeys.astype(str), return_inverse=True)
         inv = inv.reshape(-1)
         m = len(uniq)
@@ -340,9 +351,9 @@ def _label_key(label, columns: list[str], types: dict[str, str]):
     """Sort key of a level label as the grouping columns sort (numbers numerically)."""
     from .design import is_numeric
 
-    parts = str(label).split(":") if len(columns) > 1 else [str(label)]
-    if len(parts) != len(columns):
-        return (str(label),)
+    parts = _split_label(str(label), columns, types)
+    if parts is None:  # ambiguous (':' inside several text columns): by the label's bytes
+        return tuple((1, 0.0, str(label).encode()) for _ in columns)
     key = []
     for part, col in zip(parts, columns):
         if is_numeric(types.get(col, "")):
@@ -358,6 +369,10 @@ def _label_key(label, columns: list[str], types: dict[str, str]):
     return tuple(key)
 
 
+INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT",
+                 "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT")
+
+
 def sort_order(labels: np.ndarray, columns: list[str], types: dict[str, str]) -> np.ndarray:
     """The order that sorts distinct level labels (text) as the grouping columns sort:
     numbers numerically, booleans false first, text by its bytes — vectorized for one
@@ -369,6 +384,9 @@ def sort_order(labels: np.ndarray, columns: list[str], types: dict[str, str]) ->
         dtype = types.get(columns[0], "").upper()
         if is_numeric(dtype):
             try:
+                if dtype.startswith(INTEGER_TYPES):  # exact beyond 2^53
+                    return np.array(sorted(range(len(labels)), key=lambda i: int(labels[i])),
+                                    dtype=np.int64)
                 return np.argsort(labels.astype(float), kind="stable")
             except ValueError:
                 pass
@@ -378,6 +396,32 @@ def sort_order(labels: np.ndarray, columns: list[str], types: dict[str, str]) ->
             return np.argsort(labels, kind="stable")
     return np.array(sorted(range(len(labels)), key=lambda i: _label_key(
         labels[i], columns, types)), dtype=np.int64)
+
+
+def _split_label(label: str, columns: list[str], types: dict[str, str]) -> list[str] | None:
+    """The column values of a level label joined by ':' (a value may hold ':' itself): the
+    columns before the first text column are split off from the left, those after the last
+    from the right (numbers and booleans hold no ':'); None when two text columns make it
+    ambiguous."""
+    from .design import is_numeric
+
+    k = len(columns)
+    if k == 1:
+        return [label]
+    plain = [is_numeric(types.get(c, "")) or types.get(c, "").upper().startswith("BOOLEAN")
+             for c in columns]
+    text = [i for i, p in enumerate(plain) if not p]
+    if len(text) > 1:
+        parts = label.split(":")
+        return parts if len(parts) == k else None
+    first = text[0] if text else k - 1
+    left = label.split(":", first)
+    head, rest = left[:first], left[first] if len(left) > first else None
+    if rest is None:
+        return None
+    tail = rest.rsplit(":", k - 1 - first) if k - 1 - first else [rest]
+    parts = head + tail
+    return parts if len(parts) == k else None
 
 
 def _load_factor(table: pa.Table, k: int, meta: dict) -> Factor:
@@ -446,7 +490,8 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
                        weights: str | None = None, correlation: str | None = None,
                        residual_variance_by: str | None = None,
                        coding: dict[str, list] | None = None,
-                       partial: bool = False) -> Statistics:
+                       partial: bool = False, types: dict[str, str] | None = None
+                       ) -> Statistics:
     """One streaming DuckDB pass over `data` → the model's `Statistics`.  `weights` names a
     column of case weights (lme4's prior weights: Var(e_i) = σ² / w_i); `correlation`
     ("ar1(TIME | GROUP)", "car1(TIME | GROUP)") and `residual_variance_by` (a column) a
@@ -454,7 +499,8 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
     the levels of the categorical predictors to use (a store's, mlpipe/store.py) instead of
     those of `data`; a level `data` has beyond them is refused.  `partial`: `data` is one
     part of the input (an engine's task): statistics of no cells (its rows counted as
-    dropped) when it has no complete rows, instead of the error the whole input gets."""
+    dropped) when it has no complete rows, instead of the error the whole input gets;
+    `types`: the whole input's DuckDB types of the model columns, to read this part with."""
     import time
 
     t0 = time.perf_counter()
@@ -462,8 +508,12 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
     spec = parse_spec(correlation, residual_variance_by)
     extra = tuple(spec.columns) if spec else ()
     source = Source(data)
+    source.allow_empty = partial
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
+        if types:
+            source.attach(con)
+            source.cast(types)
         schema = source.schema(con, parsed.value_columns() + ([weights] if weights else [])
                                + ([spec.time] if spec and spec.kind == "car1" else []))
         check_columns(parsed, schema)

@@ -357,3 +357,120 @@ def test_cli_engine_dask_with_its_own_local_cluster(tmp_path):
     proc = subprocess.run(cmd + ["--workers", "2"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Dask engine only" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------- reviewed edge cases
+
+def _two_files(tmp_path, a: pl.DataFrame, b: pl.DataFrame, csv: bool = False) -> Path:
+    d = tmp_path / "two"
+    d.mkdir()
+    for k, df in enumerate((a, b)):
+        if csv:
+            df.write_csv(d / f"p{k}.csv")
+        else:
+            df.write_parquet(d / f"p{k}.parquet")
+    return d
+
+
+def test_merge_of_labels_holding_colons_and_huge_integers(tmp_path):
+    """Levels of a two-column factor whose text column holds ':' merge and sort by their
+    column values (they raised a TypeError); BIGINT levels beyond 2^53 sort exactly."""
+    from mlpipe.stats import Statistics, compute_statistics
+
+    a = pl.DataFrame({"y": [1.0, 2, 3, 4], "g": ["a:b", "a:b", "c", "c"], "h": [9, 10, 9, 10]})
+    b = pl.DataFrame({"y": [5.0, 6, 7, 8], "g": ["a:b", "c", "c", "a:b"], "h": [9, 9, 10, 10]})
+    d = _two_files(tmp_path, a, b)
+    f = "y ~ 1 + (1 | g:h)"
+    whole = compute_statistics(d, f)
+    merged = Statistics.combine([compute_statistics(p, f) for p in sorted(d.glob("*.parquet"))])
+    assert list(merged.factors[0].levels) == list(whole.factors[0].levels) == \
+        ["a:b:9", "a:b:10", "c:9", "c:10"]
+    np.testing.assert_array_equal(merged.n_i, whole.n_i)
+    big = -(2**63)
+    c = pl.DataFrame({"y": [1.0, 2.0], "g": [big + 1, 5]}, schema={"y": pl.Float64,
+                                                                   "g": pl.Int64})
+    e = pl.DataFrame({"y": [3.0, 4.0], "g": [big, 5]}, schema={"y": pl.Float64, "g": pl.Int64})
+    d2 = tmp_path / "big"
+    d2.mkdir()
+    c.write_parquet(d2 / "p0.parquet")
+    e.write_parquet(d2 / "p1.parquet")
+    merged = Statistics.combine([compute_statistics(p, "y ~ 1 + (1 | g)")
+                                 for p in sorted(d2.glob("*.parquet"))])
+    assert list(merged.levels) == list(compute_statistics(d2, "y ~ 1 + (1 | g)").levels) == \
+        [str(big), str(big + 1), "5"]
+
+
+def test_polars_internal_names_never_collide_with_data_columns():
+    """Grouping columns named c1, n or idx (the engine's internal names before) group as
+    DuckDB groups them."""
+    r = np.random.default_rng(0)
+    d = pl.DataFrame({"y": r.normal(size=120), "x": r.normal(size=120),
+                      "c1": r.integers(0, 5, 120), "n": r.integers(0, 4, 120),
+                      "idx": r.integers(0, 3, 120), "h": r.integers(0, 2, 120)})
+    for formula in ("y ~ x + (1 | c1)", "y ~ x + (1 | n)", "y ~ x + (1 | idx) + (1 | h)"):
+        assert_same_statistics(get_engine("duckdb").statistics(d, formula),
+                               get_engine("polars").statistics(d, formula), 1e-12)
+
+
+def test_polars_reads_files_as_duckdb_types_them(tmp_path):
+    """CSV: a bad value in a numeric column is refused naming file, line and column (it
+    made the column a factor), a column empty in one file stays numeric, a header-only file
+    adds nothing; Parquet: files with int32/float32 beside int64/float64 are upcast; level
+    labels are DuckDB's (1e-07, not 1e-7)."""
+    r = np.random.default_rng(1)
+    base = pl.DataFrame({"y": r.normal(size=40), "x": r.normal(size=40),
+                         "g": r.integers(0, 4, 40)})
+    empty_x = base.head(10).with_columns(pl.lit(None, dtype=pl.Float64).alias("x"))
+    d = _two_files(tmp_path, base, empty_x, csv=True)
+    (d / "p2.csv").write_text("y,x,g\n")
+    f = "y ~ x + (1 | g)"
+    assert_same_statistics(get_engine("duckdb").statistics(d, f),
+                           get_engine("polars").statistics(d, f), 1e-12)
+    lines = (d / "p0.csv").read_text().splitlines()
+    lines[6] = lines[6].split(",")[0] + ",NA," + lines[6].split(",")[2]
+    (d / "p0.csv").write_text("\n".join(lines) + "\n")
+    for eng in ("duckdb", "polars"):
+        with pytest.raises(DataError, match=r"p0.csv, line 7, column 'x': value 'NA'"):
+            get_engine(eng).statistics(d, f)
+    narrow = base.with_columns(pl.col("g").cast(pl.Int32), pl.col("x").cast(pl.Float32))
+    d2 = tmp_path / "widths"
+    d2.mkdir()
+    base.write_parquet(d2 / "a.parquet")
+    narrow.write_parquet(d2 / "b.parquet")
+    assert_same_statistics(get_engine("duckdb").statistics(d2, f),
+                           get_engine("polars").statistics(d2, f), 1e-12)
+    tiny = pl.DataFrame({"y": [1.0, 2, 3, 4], "g": [1e-7, 1e-7, 2.0, 2.0]})
+    assert list(get_engine("polars").statistics(tiny, "y ~ 1 + (1 | g)").levels) == \
+        list(get_engine("duckdb").statistics(tiny, "y ~ 1 + (1 | g)").levels) == \
+        ["1e-07", "2.0"]
+
+
+def test_dask_reads_every_file_with_the_whole_inputs_types(cluster, tmp_path):
+    """CSV ids that look numeric in one file and are text in another: the workers read
+    every file as the client typed the whole input (they sniffed each file: BIGINT in one,
+    and the statistics could not be merged); all files without complete rows give the
+    one-line error; a bad scheduler address and too little memory per worker are refused."""
+    r = np.random.default_rng(3)
+    a = pl.DataFrame({"y": r.normal(size=60), "x": r.normal(size=60),
+                      "s": r.choice(["1", "2", "10"], 60), "g": r.integers(0, 5, 60)})
+    b = pl.DataFrame({"y": r.normal(size=200), "x": r.normal(size=200),
+                      "s": r.choice(["a", "b", "1"], 200), "g": r.integers(0, 5, 200)})
+    d = _two_files(tmp_path, a, b, csv=True)
+    opts = EngineOptions(scheduler=cluster.scheduler_address)
+    for f in ("y ~ x + (1 | s)", "y ~ x + s + (1 | g)"):
+        duck = get_engine("duckdb").statistics(d, f)
+        dask = get_engine("dask", opts).statistics(d, f)
+        assert duck.group_types == dask.group_types
+        assert_same_statistics(duck, dask, 1e-12)
+    e = tmp_path / "empty"
+    e.mkdir()
+    for k in range(2):
+        pl.DataFrame({"y": [1.0, 2.0], "x": [None, None], "g": [1, 2]},
+                     schema_overrides={"x": pl.Float64}).write_parquet(e / f"p{k}.parquet")
+    with pytest.raises(DataError, match="no rows left"):
+        get_engine("dask", opts).statistics(e, "y ~ x + (1 | g)")
+    with pytest.raises(InputError, match="cannot reach the Dask scheduler"):
+        get_engine("dask", EngineOptions(scheduler="nonsense")).statistics(d, "y ~ x + (1 | g)")
+    with pytest.raises(InputError, match="at least 512 MB"):
+        get_engine("dask", EngineOptions(workers=2, memory_limit="100MB")).statistics(
+            d, "y ~ x + (1 | g)")

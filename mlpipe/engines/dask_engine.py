@@ -33,16 +33,20 @@ from .base import Engine, cpu_count
 FAN_IN = 8
 #: times a task is retried when its worker dies
 RETRIES = 2
+#: the least memory a LocalCluster worker gets (below it the nannies restart workers that
+#: run out of memory over and over)
+MIN_WORKER_MEMORY = 512 * 10**6
 
 
 def partial_statistics(path: str, formula: str, weights: str | None, coding: dict,
-                       duck: dict):
+                       types: dict, duck: dict):
     """A worker's task: the statistics of one input file (of no cells when it has no
-    complete rows), with the client's coding of categorical predictors."""
+    complete rows), read with the client's types of the model columns and its coding of
+    categorical predictors."""
     from ..stats import compute_statistics
 
     return compute_statistics(path, formula, weights=weights, coding=coding, partial=True,
-                              **duck)
+                              types=types, **duck)
 
 
 def combine(*parts):
@@ -93,8 +97,11 @@ class DaskEngine(Engine):
                 "memory_limit": _per_worker(opts.memory_limit, workers)
                 if not opts.scheduler else opts.memory_limit}
         client, cluster = _connect(opts.scheduler, workers, opts.memory_limit)
+        from ..design import model_columns
+
+        types = {c: schema[c] for c in model_columns(parsed, weights) if c in schema}
         try:
-            stats = _run(client, files, formula, weights, design.levels, duck)
+            stats = _run(client, files, formula, weights, design.levels, types, duck)
         finally:
             client.close()
             if cluster is not None:
@@ -108,13 +115,14 @@ class DaskEngine(Engine):
         return stats
 
 
-def _run(client, files: list[str], formula: str, weights, coding: dict, duck: dict):
+def _run(client, files: list[str], formula: str, weights, coding: dict, types: dict,
+         duck: dict):
     from distributed import KilledWorker, as_completed
 
     from .. import progress
 
     futures = client.map(partial_statistics, files, formula=formula, weights=weights,
-                         coding=coding, duck=duck, retries=RETRIES, pure=False)
+                         coding=coding, types=types, duck=duck, retries=RETRIES, pure=False)
     names = {f.key: path for f, path in zip(futures, files)}
     parts = list(futures)
     while len(futures) > 1:
@@ -150,12 +158,17 @@ def _connect(address: str | None, workers: int, memory_limit: str | None):
     if address:
         try:
             return Client(address, timeout="10s"), None
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
             raise InputError(f"cannot reach the Dask scheduler at {address}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                              ) from None
     from ..blocked import parse_bytes
 
+    if memory_limit and parse_bytes(memory_limit) // workers < MIN_WORKER_MEMORY:
+        raise InputError(f"--memory-limit {memory_limit} leaves {workers} Dask workers "
+                         f"{parse_bytes(memory_limit) // workers // 10**6} MB each: a worker "
+                         f"needs at least {MIN_WORKER_MEMORY // 10**6} MB (raise the limit or "
+                         f"use fewer --workers)")
     try:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                memory_limit=(parse_bytes(memory_limit) // workers

@@ -21,6 +21,7 @@ POLARS_MAX_THREADS when it is first imported.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -34,7 +35,21 @@ _TYPES = {"Float64": "DOUBLE", "Float32": "FLOAT", "Int64": "BIGINT", "Int32": "
           "Int16": "SMALLINT", "Int8": "TINYINT", "UInt64": "UBIGINT", "UInt32": "UINTEGER",
           "UInt16": "USMALLINT", "UInt8": "UTINYINT", "String": "VARCHAR", "Utf8": "VARCHAR",
           "Boolean": "BOOLEAN", "Categorical": "VARCHAR", "Enum": "ENUM", "Date": "DATE",
-          "Datetime": "TIMESTAMP", "Decimal": "DECIMAL", "Int128": "HUGEINT"}
+          "Datetime": "TIMESTAMP", "Decimal": "DECIMAL", "Int128": "HUGEINT", "Time": "TIME_NS",
+          "Duration": "INTERVAL"}
+
+
+@functools.lru_cache(maxsize=1)
+def _polars_of() -> dict:
+    """DuckDB type name -> Polars dtype (CSV columns typed as DuckDB's sniffer types them)."""
+    import polars as pl
+
+    return {"DOUBLE": pl.Float64, "FLOAT": pl.Float32, "REAL": pl.Float32,
+            "BIGINT": pl.Int64, "INTEGER": pl.Int32, "SMALLINT": pl.Int16,
+            "TINYINT": pl.Int8, "UBIGINT": pl.UInt64, "UINTEGER": pl.UInt32,
+            "USMALLINT": pl.UInt16, "UTINYINT": pl.UInt8, "HUGEINT": pl.Int128,
+            "VARCHAR": pl.String, "BOOLEAN": pl.Boolean, "DATE": pl.Date,
+            "TIMESTAMP": pl.Datetime, "DECIMAL": pl.Float64}
 
 
 class PolarsEngine(Engine):
@@ -61,7 +76,7 @@ class PolarsEngine(Engine):
         if any(c.value == "poly" for c in parsed.prepass()):
             raise InputError("the polars engine does not compute poly(): use --engine duckdb")
         t0 = time.perf_counter()
-        lf, location = _frame(data)
+        lf, location = _frame(data, parsed.value_columns() + ([weights] if weights else []))
         try:
             schema = {k: _duck_type(v) for k, v in lf.collect_schema().items()}
         except pl.exceptions.PolarsError as exc:
@@ -92,23 +107,25 @@ class PolarsEngine(Engine):
         runlog.stage("prepare", t1 - t0)
 
         exprs = _model_exprs(design, mom)
+        pre = "__mlpipe_"  # internal names: never a data column's
         cw = pl.col(weights).cast(pl.Float64) if weights else None
-        frame = rows.with_columns([e.alias(f"c{k}") for k, e in exprs.items()]
-                                  + ([cw.alias("cw")] if weights else []))
+        frame = rows.with_columns([e.alias(f"{pre}c{k}") for k, e in exprs.items()]
+                                  + ([cw.alias(f"{pre}cw")] if weights else []))
         group_cols = [design.group] if design.group is not None else _cell_columns(design)
-        aggs = [pl.len().alias("n")]
+        aggs = [pl.len().alias(f"{pre}n")]
         for i, j in mom.pairs():
             name = mom.name(i, j)
             if name == "n":
                 continue
-            body = [pl.col(f"c{k}") for k in (i, j) if k != 0]
+            body = [pl.col(f"{pre}c{k}") for k in (i, j) if k != 0]
             prod = pl.lit(1.0) if not body else body[0] if len(body) == 1 else body[0] * body[1]
             if weights:
-                prod = pl.col("cw") if (i, j) == (0, 0) else pl.col("cw") * prod
-            aggs.append(prod.sum().alias(name))
+                w = pl.col(f"{pre}cw")
+                prod = w if (i, j) == (0, 0) else w * prod
+            aggs.append(prod.sum().alias(pre + name))
         if weights:
-            aggs += [pl.col("cw").clip(lower_bound=1e-300).log().sum().alias("slogw"),
-                     pl.col("cw").min().alias("wmin")]
+            aggs += [pl.col(f"{pre}cw").clip(lower_bound=1e-300).log().sum()
+                     .alias(f"{pre}slogw"), pl.col(f"{pre}cw").min().alias(f"{pre}wmin")]
         from .. import progress
 
         with progress.stage(f"statistics pass over {location or 'the data'} (Polars)"):
@@ -116,29 +133,46 @@ class PolarsEngine(Engine):
         rows_read = int(_collect(lf.select(pl.len()), location).item())
 
         names = [mom.name(i, j) for i, j in mom.pairs()]
-        count = int(per["n"].sum()) if per.height else 0
-        totals = {(i, j): float(np.sum(per[nm].to_numpy())) if per.height else None
+        count = int(per[f"{pre}n"].sum()) if per.height else 0
+        totals = {(i, j): float(np.sum(per[pre + nm].to_numpy())) if per.height else None
                   for (i, j), nm in zip(mom.pairs(), names)}
-        per_group = {nm: per[nm].to_numpy() for nm in dict.fromkeys(names + ["n"])}
+        per_group = {nm: per[pre + nm].to_numpy() for nm in dict.fromkeys(names + ["n"])}
         factor_labels = []
         if design.group is not None:
-            per_group["level"] = per[design.group].cast(pl.String).to_numpy().astype(object)
+            per_group["level"] = _labels(per.select(design.group))
         else:
             for k, f in enumerate(design.factors):
                 cols = list(f.columns)
-                lv = per.select(cols).unique().sort(cols).with_row_index("idx")
-                label = pl.concat_str([pl.col(c).cast(pl.String) for c in cols],
-                                      separator=":")
-                factor_labels.append(lv.select(label).to_series().to_numpy().astype(object))
-                per_group[f"f{k}"] = per.join(lv, on=cols, how="left",
-                                              maintain_order="left")["idx"].to_numpy()
-        log_w = float(per["slogw"].sum()) if weights and per.height else 0.0
-        wmin = per["wmin"].min() if weights and per.height else None
+                lv = per.select(cols).unique().sort(cols).with_row_index(f"{pre}idx")
+                factor_labels.append(_labels(lv.select(cols)))
+                per_group[f"f{k}"] = per.join(lv, on=cols, how="left", nulls_equal=True,
+                                              maintain_order="left")[f"{pre}idx"].to_numpy()
+        log_w = float(per[f"{pre}slogw"].sum()) if weights and per.height else 0.0
+        wmin = per[f"{pre}wmin"].min() if weights and per.height else None
         stats = assemble(design, mom, per_group, factor_labels, totals, count=count,
                          rows_read=rows_read, log_weights=log_w, wmin=wmin, location=location)
         stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
         runlog.stage("scan", stats.timings["scan"], **runlog.statistics_fields(stats))
         return stats
+
+
+def _labels(keys):
+    """Level labels of key columns (a polars DataFrame of a level per row) as DuckDB writes
+    them — its CAST(... AS VARCHAR), joined by ':' — so that statistics built by either
+    engine name their levels alike (Polars' own casts differ for floats and timestamps)."""
+    import duckdb
+    import numpy as np
+
+    cols = keys.columns
+    con = duckdb.connect()
+    try:
+        con.register("__mlpipe_keys", keys.to_arrow())
+        label = " || ':' || ".join(f'CAST("{c.replace(chr(34), chr(34) * 2)}" AS VARCHAR)'
+                                   for c in cols)
+        out = con.execute(f"SELECT {label} AS label FROM __mlpipe_keys").fetchnumpy()["label"]
+    finally:
+        con.close()
+    return np.asarray(out, dtype=object)
 
 
 class _Named:
@@ -164,31 +198,38 @@ def _collect(lf, location: str):
 
 def _duck_type(dtype) -> str:
     name = type(dtype).__name__ if not isinstance(dtype, type) else dtype.__name__
+    if name == "Decimal" and getattr(dtype, "precision", None) is not None:
+        return f"DECIMAL({dtype.precision},{dtype.scale})"
     return _TYPES.get(name, name.upper())
 
 
-def _frame(data):
-    """The data as a LazyFrame, and its location ("" in memory)."""
+def _frame(data, numeric: list[str] = ()):
+    """The data as a LazyFrame, and its location ("" in memory).  CSV files are typed as
+    DuckDB's sniffer types them (`Source.schema`: a numeric column with a bad value is
+    refused naming its file, line and column, a column empty in one file stays numeric) and
+    scanned with the delimiter it found; Parquet files whose integer or float widths differ
+    are upcast, as DuckDB reads them.  Categorical and Enum columns are read as text (DuckDB
+    reads a Polars Enum as text too, so levels sort alike)."""
     import polars as pl
 
-    from .._sql import IN_MEMORY_TYPES, Source, describe_type
+    from .._sql import IN_MEMORY_TYPES, Source, connect, describe_type
 
     if isinstance(data, pl.LazyFrame):
-        return data, ""
+        return _as_text(data), ""
     if isinstance(data, pl.DataFrame):
-        return data.lazy(), ""
+        return _as_text(data.lazy()), ""
     if not isinstance(data, (str, os.PathLike)):
         mod = type(data).__module__.split(".")[0]
         try:
             if mod == "pandas":
-                return pl.from_pandas(data).lazy(), ""
+                return _as_text(pl.from_pandas(data).lazy()), ""
             if mod == "pyarrow":
                 if hasattr(data, "to_batches") and hasattr(data, "schema") \
                         and not hasattr(data, "num_rows"):
-                    return pl.scan_pyarrow_dataset(data), ""
-                return pl.from_arrow(data).lazy(), ""
+                    return _as_text(pl.scan_pyarrow_dataset(data)), ""
+                return _as_text(pl.from_arrow(data).lazy()), ""
             if mod == "duckdb":
-                return data.pl().lazy(), ""
+                return _as_text(data.pl().lazy()), ""
         except Exception as exc:  # a conversion Polars cannot make
             raise InputError(f"cannot read data of type {describe_type(data)} with the "
                              f"polars engine: {_first(exc)}") from None
@@ -197,14 +238,36 @@ def _frame(data):
     source = Source(data)  # checks that the path exists and finds its files
     files = source.files()
     if source.csv:
-        return pl.scan_csv(files, infer_schema_length=None), source.location
+        con = connect()
+        try:
+            schema = source.schema(con, list(numeric))  # DuckDB's checks and types
+            delim = con.execute("SELECT Delimiter FROM sniff_csv(?)", [files[0]]).fetchone()[0]
+        finally:
+            con.close()
+        overrides = {c: _polars_of().get(t.split("(")[0].upper(), pl.String)
+                     for c, t in schema.items()}
+        return (pl.scan_csv(files, separator=delim or ",", schema_overrides=overrides,
+                            infer_schema_length=None), source.location)
     # the glob DuckDB reads (a directory: its **/*.parquet, other files left out), with
     # hive partitions (key=value folders) as columns when the paths have them, as DuckDB
     hive = any("=" in part for f in files
                for part in Path(os.path.relpath(f, source.path)).parts[:-1]) \
         if os.path.isdir(source.path) else any("=" in Path(f).parent.name for f in files)
-    return (pl.scan_parquet(str(source.params["source"]), hive_partitioning=hive),
-            source.location)
+    cast = pl.ScanCastOptions(integer_cast="upcast", float_cast="upcast")
+    return (_as_text(pl.scan_parquet(str(source.params["source"]), hive_partitioning=hive,
+                                     cast_options=cast)), source.location)
+
+
+def _as_text(lf):
+    """Categorical and Enum columns as text."""
+    import polars as pl
+
+    try:
+        schema = lf.collect_schema()
+    except pl.exceptions.PolarsError:
+        return lf  # reported by the caller
+    cats = [c for c, t in schema.items() if isinstance(t, (pl.Categorical, pl.Enum))]
+    return lf.with_columns([pl.col(c).cast(pl.String) for c in cats]) if cats else lf
 
 
 def _complete(columns: list[str], schema: dict[str, str]):

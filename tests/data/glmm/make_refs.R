@@ -105,11 +105,11 @@ nb_one <- function(case, data, formula) {
 nb_one("nb_grouseticks", "grouseticks", "TICKS ~ YEAR + cHEIGHT + (1 | LOCATION)")
 # the gamma with a log link and its dispersion by maximum likelihood: glmmTMB (glmer's gamma
 # scale is not maximum likelihood); sleepstudy's reaction times (copied as sleepstudy.parquet)
-gamma_one <- function(case, data, formula) {
+gamma_one <- function(case, data, formula, link = "log") {
   d <- read_parquet(data)
-  m <- glmmTMB(as.formula(formula), d, family = Gamma(link = "log"))
+  m <- glmmTMB(as.formula(formula), d, family = Gamma(link = link))
   vcs <- VarCorr(m)$cond
-  res <- list(case = case, data = data, formula = formula, family = "gamma", link = "log",
+  res <- list(case = case, data = data, formula = formula, family = "gamma", link = link,
               engine = "glmmTMB", loglik = as.numeric(logLik(m)),
               dispersion = sigma(m)^2,  # glmmTMB's sigma for Gamma: sqrt(dispersion), the CV
               fixed = list(term = names(fixef(m)$cond), estimate = unname(fixef(m)$cond),
@@ -120,6 +120,9 @@ gamma_one <- function(case, data, formula) {
 }
 gamma_one("gamma_sleep_rs", "sleepstudy", "Reaction ~ Days + (Days | Subject)")
 gamma_one("gamma_sleep_ri", "sleepstudy", "Reaction ~ Days + (1 | Subject)")
+# the inverse link (the gamma's canonical one): 1/Reaction linear in Days
+gamma_one("gamma_sleep_inverse_ri", "sleepstudy", "I(Reaction/100) ~ Days + (1 | Subject)", "inverse")
+gamma_one("gamma_sleep_inverse_rs", "sleepstudy", "I(Reaction/100) ~ Days + (Days | Subject)", "inverse")
 # ordinal outcomes: ordinal::clmm (cumulative link, the Laplace approximation) on its wine
 # data (72 bitterness ratings 1-5 of wines by 9 judges; copied as wine.parquet)
 data(wine)
