@@ -77,8 +77,9 @@ def _add_fit(sub) -> None:
                         "estimated, as glmer.nb), gamma (log link, dispersion by ML) or "
                         "ordinal (cumulative logit/probit, ordinal::clmm) "
                         "(default: gaussian, an LMM)")
-    f.add_argument("--link", choices=["logit", "probit", "cloglog", "log"],
-                   help="the link of --family (default: logit for binomial, log for poisson)")
+    f.add_argument("--link", choices=["logit", "probit", "cloglog", "log", "inverse"],
+                   help="the link of --family (default: logit for binomial and ordinal, log "
+                        "for poisson, negative_binomial and gamma; inverse: gamma only)")
     f.add_argument("--nagq", type=int,
                    help="with --family: adaptive Gauss-Hermite quadrature points for a "
                         "single scalar random effect, as glmer's nAGQ (default: 1, Laplace; "

@@ -36,7 +36,7 @@ import polars as pl
 from .errors import DataError, InputError
 
 FAMILIES = {"binomial": ("logit", "probit", "cloglog"), "poisson": ("log",),
-            "negative_binomial": ("log",), "gamma": ("log",),
+            "negative_binomial": ("log",), "gamma": ("log", "inverse"),
             "ordinal": ("logit", "probit")}
 #: families with one more parameter, estimated with (θ, β) on the log scale: the negative
 #: binomial's θ, the gamma's shape ν (dispersion 1/ν)
@@ -104,11 +104,18 @@ def _loglik_parts(family: str, link: str, eta, sy, st, n, nb: float | None = Non
     grouped by y too, so y = sy / n."""
     if family == "ordinal":  # cumulative link: P(Y ≤ c) = F(α_c − η); st = the category c
         return _ordinal_parts(link, eta, st.astype(np.int64), n, nb)
-    if family == "gamma":  # log link; st = Σ log y; the observed weights, as glmmTMB's
+    if family == "gamma":  # st = Σ log y; the observed weights, as glmmTMB's
         from scipy.special import gammaln
 
+        const = n * (nb * math.log(nb) - gammaln(nb)) + (nb - 1.0) * st
+        if link == "inverse":  # μ = 1/η, defined for η > 0 only (elsewhere ℓ = −inf)
+            ok = eta > 0
+            pos = np.where(ok, eta, 1.0)
+            ll = np.where(ok, const - nb * sy * pos + n * nb * np.log(pos), -np.inf)
+            return ll, np.where(ok, nb * (n / pos - sy), 0.0), np.where(ok, n * nb / pos**2,
+                                                                         1.0)
         e = sy * np.exp(-eta)
-        ll = n * (nb * math.log(nb) - gammaln(nb)) + (nb - 1.0) * st - nb * e - n * nb * eta
+        ll = const - nb * e - n * nb * eta
         return ll, nb * (e - n), nb * e
     mu, dmu = _inverse_link(link, eta)
     if family == "negative_binomial":
@@ -680,9 +687,10 @@ def _glm_start(pat: Patterns) -> np.ndarray:
     """β of the GLM without random effects (IRLS on the patterns); 0 for ordinal."""
     if pat.family == "ordinal":
         return np.zeros(pat.X.shape[1])
-    if pat.family == "gamma":  # least squares of the patterns' mean log y, weighted by n
-        w = pat.n
-        return np.linalg.lstsq(pat.X * np.sqrt(w)[:, None], (pat.st / pat.n) * np.sqrt(w),
+    if pat.family == "gamma":  # least squares of the patterns' mean log y (log link) or
+        w = pat.n  # of their 1 / mean y (inverse link), weighted by n
+        target = pat.n / pat.sy if pat.link == "inverse" else pat.st / pat.n
+        return np.linalg.lstsq(pat.X * np.sqrt(w)[:, None], target * np.sqrt(w),
                                rcond=None)[0]
     beta = np.zeros(pat.X.shape[1])
     family = "poisson" if pat.family == "negative_binomial" else pat.family
@@ -749,10 +757,17 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
         extra = np.concatenate([alpha0[:1], np.log(np.maximum(np.diff(alpha0), 1e-3))])
     elif nb:
         extra = np.array([0.0])
-    elif pat.family == "gamma":
-        resid = pat.st / pat.n - pat.X @ beta0
+    elif pat.family == "gamma":  # log y about log μ at the start
+        eta0 = pat.X @ beta0
+        log_mu = -np.log(np.maximum(eta0, 1e-12)) if pat.link == "inverse" else eta0
+        resid = pat.st / pat.n - log_mu
         extra = np.array([-math.log(max(float(np.average(resid ** 2, weights=pat.n)), 1e-3))])
-    x0 = np.concatenate([obj.tm.initial, beta0, extra])
+    theta0, scale = obj.tm.initial, 1.0
+    if pat.link == "inverse":  # θ = 1 is an SD of 1 on the η scale; 1/μ may be ~0.01:
+        # start (and step) at a tenth of the typical |η| (else η < 0: μ = 1/η undefined)
+        scale = 0.1 * float(np.average(np.abs(pat.X @ beta0), weights=pat.n))
+        theta0 = theta0 * scale
+    x0 = np.concatenate([theta0, beta0, extra])
     opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
     lower = np.concatenate([obj.tm.lower, np.full(len(beta0) + len(extra), -np.inf)])
     opt.set_lower_bounds(lower)
@@ -760,8 +775,8 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     opt.set_ftol_rel(1e-12)
     opt.set_xtol_abs(1e-8)
     opt.set_maxeval(20000)
-    opt.set_initial_step(np.concatenate([np.where(obj.tm.diagonal, 0.25, 0.1),
-                                         np.maximum(0.1, 0.1 * np.abs(beta0)),
+    opt.set_initial_step(np.concatenate([np.where(obj.tm.diagonal, 0.25, 0.1) * scale,
+                                         np.maximum(0.1 * scale, 0.1 * np.abs(beta0)),
                                          np.full(len(extra), 0.5)]))
     x = x0
     best = obj(x0)

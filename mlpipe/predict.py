@@ -618,6 +618,8 @@ def inverse_link_sql(link: str, eta: str) -> str:
         return f"(1.0 - exp(-exp({eta})))"
     if link == "log":
         return f"exp({eta})"
+    if link == "inverse":  # the gamma's canonical link
+        return f"(1.0 / ({eta}))"
     if link == "probit":
         z = f"(abs({eta}) / sqrt(2.0))"
         t = f"(1.0 / (1.0 + 0.5 * {z}))"
