@@ -651,11 +651,8 @@ OVERDISPERSION = 1.5
 def _diagnostics(obj, pat: Patterns, theta, beta, npar: int, *, singular: bool) -> list[str]:
     """What a user must hear about a GLMM fit, in words: fitted probabilities 0 or 1
     (separation), Poisson overdispersion (Pearson χ²/df), a singular fit."""
-    out = []
-    if singular:
-        out.append("boundary (singular) fit: a random-effect variance is estimated as 0")
     if pat.family not in ("binomial", "poisson"):
-        return out
+        return diagnostic_messages(pat.family, singular=singular)
     if isinstance(obj, Laplace):
         u = obj.modes(theta, beta)
         eta = None if u is None else u[1]
@@ -663,21 +660,31 @@ def _diagnostics(obj, pat: Patterns, theta, beta, npar: int, *, singular: bool) 
         res = obj.modes(theta, beta)
         eta = None if res is None else res[1]
     if eta is None:
-        return out + ["PIRLS did not converge at the estimates"]
+        return diagnostic_messages(pat.family, singular=singular) + [
+            "PIRLS did not converge at the estimates"]
     mu, _d = _inverse_link(pat.link, eta)
-    if pat.family == "binomial":
-        extreme = (mu < 1e-8) | (mu > 1 - 1e-8)
-        if extreme.any():
-            out.append(f"fitted probabilities numerically 0 or 1 for "
-                       f"{int(pat.n[extreme].sum()):,} rows: complete or quasi-complete "
-                       f"separation (a predictor or level with only 0s or only 1s); some "
-                       f"estimates may be infinite")
-        return out
+    extreme = (mu < 1e-8) | (mu > 1 - 1e-8)
     # Pearson χ² = Σ (y − μ)² / μ over the rows, from Σy, Σy², n per pattern
-    chi2 = float(np.sum((pat.syy - 2 * mu * pat.sy + pat.n * mu * mu) / mu))
-    df = pat.nobs - npar
-    if df > 0 and chi2 / df > OVERDISPERSION:
-        out.append(f"overdispersion: Pearson chi-squared / residual df = {chi2 / df:.2f} "
+    chi2 = float(np.sum((pat.syy - 2 * mu * pat.sy + pat.n * mu * mu) / mu)) \
+        if pat.family == "poisson" else None
+    return diagnostic_messages(pat.family, extreme_rows=int(pat.n[extreme].sum()),
+                               pearson=chi2, df=pat.nobs - npar, singular=singular)
+
+
+def diagnostic_messages(family: str, *, extreme_rows: int = 0, pearson: float | None = None,
+                        df: int = 0, singular: bool = False) -> list[str]:
+    """The diagnostics in words (shared by the in-memory fit and the fit by passes):
+    a singular fit, fitted probabilities 0 or 1 for `extreme_rows` rows (binomial), the
+    Pearson χ² over its residual df above OVERDISPERSION (Poisson)."""
+    out = []
+    if singular:
+        out.append("boundary (singular) fit: a random-effect variance is estimated as 0")
+    if family == "binomial" and extreme_rows:
+        out.append(f"fitted probabilities numerically 0 or 1 for {extreme_rows:,} rows: "
+                   f"complete or quasi-complete separation (a predictor or level with only 0s "
+                   f"or only 1s); some estimates may be infinite")
+    if family == "poisson" and pearson is not None and df > 0 and pearson / df > OVERDISPERSION:
+        out.append(f"overdispersion: Pearson chi-squared / residual df = {pearson / df:.2f} "
                    f"(> {OVERDISPERSION}); consider --family negative_binomial or an "
                    f"observation-level random effect")
     return out

@@ -132,6 +132,21 @@ class PatternPasses(_Passes):
         return stats, float(np.sum(ll)) + pat.const, s1, s2
 
 
+    def diagnostics(self, beta, b) -> tuple[int, float | None]:
+        """(rows with a fitted probability of 0 or 1, the Pearson statistic of a Poisson
+        fit) at (β, b)."""
+        from .glmm import _inverse_link
+
+        self.passes += 1  # as the DuckDB passes count theirs
+        pat = self.pat
+        eta = pat.X @ beta + pat.offset + np.einsum("pq,pq->p", pat.Z, b[pat.level])
+        mu, _d = _inverse_link(pat.link, eta)
+        extreme = int(pat.n[(mu < 1e-8) | (mu > 1 - 1e-8)].sum())
+        if pat.family == "poisson":  # Σ (y − μ)² / μ from Σy, Σy², n per pattern
+            return extreme, float(np.sum((pat.syy - 2 * mu * pat.sy + pat.n * mu * mu) / mu))
+        return extreme, None  # binomial: only separation is reported
+
+
 class SqlPasses(_Passes):
     """Passes over the data with DuckDB (sql/glmm_pass.sql): β bound as parameters, the
     modes b joined per level; O(levels) memory."""
@@ -205,6 +220,8 @@ class SqlPasses(_Passes):
                       const=const, source=source.relation, complete=design.complete_sql,
                       eta=eta, family=_family_sql(family, link))
         self.sql = render("glmm_pass", sums=sums, quad="", derivative="", **pieces)
+        self.sql_diag = render("glmm_diagnostics", **pieces, variance=(
+            "mu" if family == "poisson" else "t * mu * (1.0 - mu)"))
         # with the Laplace term's derivative sums: a = z'Mz (M per level, joined with the
         # modes as m_a_b), w' = dw/dη (canonical links)
         zc = [f"c{p + a}" for a in range(q)]
@@ -295,6 +312,25 @@ class SqlPasses(_Passes):
             for a in range(self.q):
                 s2[idx, a] = np.asarray(tab[f"d2_{a}"], float)
         return _statistics(per, self.m, self.p, self.q, self.base), ll, s1, s2
+
+    def diagnostics(self, beta, b) -> tuple[int, float]:
+        """(rows with a fitted probability of 0 or 1, the Pearson statistic) at (β, b): one
+        more pass."""
+        import pyarrow as pa
+
+        from ._sql import used_params
+
+        self.passes += 1
+        cols = {"grp": self._grp, "idx": np.arange(self.m, dtype=np.int64),
+                **{f"b{a}": np.ascontiguousarray(b[:, a]) for a in range(self.q)}}
+        self.con.register("__mlpipe_glmm_modes", pa.table(cols))
+        try:
+            params = used_params(self.sql_diag, {**self.params, **{
+                f"beta{j}": float(v) for j, v in enumerate(beta)}})
+            extreme, pearson = self.con.execute(self.sql_diag, params).fetchall()[0]
+        finally:
+            self.con.unregister("__mlpipe_glmm_modes")
+        return int(extreme or 0), float(pearson or 0.0)
 
     def close(self):
         self.con.close()
@@ -503,10 +539,21 @@ def fit_laplace(src: _Passes, theta0, beta0, b0):
     except np.linalg.LinAlgError:
         obj.u = np.zeros((m, q))
     x0 = np.concatenate([theta0, beta0])
+    # scaled parameters z = s·x, s² ~ the curvature: O(levels) for θ, the working model's
+    # X'WX diagonal for β (a predictor in centimetres otherwise stalls L-BFGS far from the
+    # optimum: grouseticks' cHEIGHT stopped it with a gradient of 118)
+    stats = src.working(beta0, b0)[0]
+    s = np.concatenate([np.full(len(theta0), math.sqrt(max(m, 1))),
+                        np.sqrt(np.maximum(np.diag(stats.xtx), 1e-12))])
+
+    def scaled(z):
+        value, grad = obj.value_and_gradient(z / s)
+        return value, grad / s
+
     bounds = [(0.0, None) if d else (None, None) for d in tm.diagonal] + [(None, None)] * p
-    res = minimize(obj.value_and_gradient, x0, jac=True, method="L-BFGS-B", bounds=bounds,
-                   options={"ftol": 1e-13, "gtol": 1e-6, "maxiter": 200})
-    x = np.asarray(res.x, float)
+    res = minimize(scaled, x0 * s, jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"ftol": 1e-14, "gtol": 1e-9, "maxiter": 500})
+    x = np.asarray(res.x, float) / s
     value, grad = obj.value_and_gradient(x)
     return obj, x, value, grad, res
 
@@ -617,6 +664,23 @@ def fit_passes(src: _Passes, *, nagq: int = 0, messages: list[str] | None = None
                    messages, t0)
 
 
+def _hessian_of(obj, x, grad, tm, k: int) -> np.ndarray:
+    """The Hessian of the Laplace deviance at x by central differences of its gradient
+    (forward ones were 1% off in the SEs; forward at a zero variance)."""
+    n = len(x)
+    H = np.empty((n, n))
+    for i in range(n):
+        h = 1e-5 * max(1.0, abs(x[i]))
+        e = np.zeros(n)
+        e[i] = h
+        lo = x - e
+        if i < k and tm.diagonal[i] and lo[i] < 0:
+            H[i] = (obj.value_and_gradient(x + e)[1] - grad) / h
+        else:
+            H[i] = (obj.value_and_gradient(x + e)[1] - obj.value_and_gradient(lo)[1]) / (2 * h)
+    return (H + H.T) / 2
+
+
 def _laplace_result(src, theta, st, tm, messages, pql_passes, t0):
     """nAGQ = 1 from PQL's answer: `fit_laplace`, SEs from the Hessian of D in (θ, β) by
     central differences of the exact gradient (glmer's default, use.hessian, takes them of
@@ -627,18 +691,23 @@ def _laplace_result(src, theta, st, tm, messages, pql_passes, t0):
         raise DataError("PIRLS did not converge at the estimates: check the outcome and "
                         "the predictors' scales")
     k = len(theta)
-    n = len(x)
-    Hs = np.empty((n, n))
-    for i in range(n):  # central differences (forward ones were 1% off in the SEs)
-        h = 1e-5 * max(1.0, abs(x[i]))
-        e = np.zeros(n)
-        e[i] = h
-        lo = x - e
-        if i < k and tm.diagonal[i] and lo[i] < 0:  # at the boundary: a forward step
-            Hs[i] = (obj.value_and_gradient(x + e)[1] - _grad) / h
-        else:
-            Hs[i] = (obj.value_and_gradient(x + e)[1] - obj.value_and_gradient(lo)[1]) / (2 * h)
-    Hs = (Hs + Hs.T) / 2
+    Hs = _hessian_of(obj, x, _grad, tm, k)
+    # a Newton step on that Hessian when L-BFGS-B left a gradient (then the Hessian again)
+    for _ in range(3):
+        try:
+            step = -np.linalg.solve(Hs, _grad)
+        except np.linalg.LinAlgError:
+            break
+        if not np.all(np.isfinite(step)) or float(-_grad @ step) <= 1e-10 * max(1.0, abs(dev)):
+            break
+        xn = x + step
+        if np.any(xn[:k][tm.diagonal] < 0):
+            break
+        dn, gn = obj.value_and_gradient(xn)
+        if not dn < dev:
+            break
+        x, dev, _grad = xn, dn, gn
+        Hs = _hessian_of(obj, x, _grad, tm, k)
     obj.value_and_gradient(x)  # the modes at the answer again
     theta, beta = obj.split(x)
     try:
@@ -687,8 +756,11 @@ def _result(src, theta, beta, b, cond_sd, vcov, dev, nagq, how, theta_start, eva
     singular = bool(np.any(theta[tm.diagonal] < SINGULAR_TOL))
     msgs = list(messages or [])
     msgs.append(how)
-    if singular:
-        msgs.append("boundary (singular) fit: a random-effect variance is estimated as 0")
+    from .glmm import diagnostic_messages
+
+    extreme, pearson = src.diagnostics(beta, b)
+    msgs += diagnostic_messages(src.family, extreme_rows=extreme, pearson=pearson,
+                                df=nobs - npar, singular=singular)
     ok = bool(np.all(np.isfinite(se)))
     if not ok:
         msgs.append("the Hessian of the deviance is not positive definite: no SEs")

@@ -172,3 +172,30 @@ def test_cli_nagq0(tmp_path):
     res = json.loads((out / "result.json").read_text())
     assert res["nagq"] == 0
     assert res["loglik"] == pytest.approx(ref_of("nagq0_contraception")["loglik"], rel=1e-5)
+
+
+def test_diagnostics_on_the_pass_path(tmp_path):
+    """The fit by passes says what the in-memory fit says, from one more pass: Poisson
+    overdispersion (grouseticks, Pearson chi-squared / df 2.72) and complete separation
+    (cbpp with a period without a case); on grouseticks it reaches the in-memory optimum."""
+    import polars as pl
+
+    over = fit_passes(SqlPasses(DATA / "grouseticks.parquet",
+                                "TICKS ~ YEAR + cHEIGHT + (1 | LOCATION)", "poisson"), nagq=1)
+    note = [m for m in over.optimizer.messages if m.startswith("overdispersion")]
+    assert note
+    memory = mlpipe.fit(DATA / "grouseticks.parquet", "TICKS ~ YEAR + cHEIGHT + (1 | LOCATION)",
+                        family="poisson")
+    # the Laplace optimum itself (L-BFGS-B once stalled here, 0.18 below it: cHEIGHT's scale)
+    assert over.loglik > memory.loglik - 1e-9 * abs(memory.loglik)
+    ratio = float(note[0].split("= ")[1].split(" ")[0])
+    want = [m for m in memory.optimizer.messages if m.startswith("overdispersion")][0]
+    assert ratio == pytest.approx(float(want.split("= ")[1].split(" ")[0]), abs=0.011)
+    frame = pl.read_parquet(DATA / "cbpp.parquet").with_columns(
+        incidence=pl.when(pl.col("period") == "4").then(0).otherwise(pl.col("incidence")))
+    frame = frame.with_columns(failures=pl.col("size") - pl.col("incidence"))
+    frame.write_parquet(tmp_path / "sep.parquet")
+    sep = fit_passes(SqlPasses(tmp_path / "sep.parquet",
+                               "cbind(incidence, failures) ~ period + (1 | herd)", "binomial"),
+                     nagq=0)
+    assert any("separation" in m for m in sep.optimizer.messages)
