@@ -774,6 +774,21 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
         # start (and step) at a tenth of the typical |η| (else η < 0: μ = 1/η undefined)
         scale = 0.1 * float(np.average(np.abs(pat.X @ beta0), weights=pat.n))
         theta0 = theta0 * scale
+    start = "glm"
+    if not several and pat.family in ("binomial", "poisson"):
+        # the fast mode's answer (nAGQ = 0: θ by Laplace with β inside PIRLS, over the
+        # patterns in memory) as the start, as glmer's first stage; the GLM's if it fails
+        from .glmm_passes import PatternPasses, fit_passes
+
+        try:
+            with np.errstate(all="ignore"):
+                fast = fit_passes(PatternPasses(pat), nagq=0)
+            if np.all(np.isfinite(fast.theta)) and np.isfinite(fast.deviance):
+                theta0 = np.asarray(fast.theta, float)
+                beta0 = fast.fixed_effects["estimate"].to_numpy()
+                start = "nAGQ=0"
+        except (InputError, np.linalg.LinAlgError, FloatingPointError, ValueError):
+            pass
     x0 = np.concatenate([theta0, beta0, extra])
     opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
     lower = np.concatenate([obj.tm.lower, np.full(len(beta0) + len(extra), -np.inf)])
@@ -856,14 +871,15 @@ def fit_glmm(pat: Patterns, nagq: int = 1):
     how = "Laplace approximation (nAGQ = 1)" if nagq == 1 else \
         f"adaptive Gauss-Hermite quadrature (nAGQ = {nagq})"
     messages = [f"{how}; {len(pat.n):,} covariate patterns of {pat.nobs:,} rows (the data "
-                f"compressed once: exact)"]
+                f"compressed once: exact); started from "
+                + ("the fast mode's fit (nAGQ = 0)" if start == "nAGQ=0" else "a GLM fit")]
     if not hessian_ok:
         messages.append("the Hessian of the deviance is not positive definite: no SEs")
     messages += diagnostics
     summary = OptSummary("LN_BOBYQA", x0.tolist(), float(obj(x0)), x.tolist(), dev,
                          evaluations=obj.evaluations, return_code="SUCCESS",
                          converged=hessian_ok, reml=False, seconds=time.perf_counter() - t0,
-                         messages=messages, start="glm")
+                         messages=messages, start=start)
     singular = bool(np.any(theta[obj.tm.diagonal] < SINGULAR_TOL))
     res = FitResult(
         formula=pat.formula, method="ML", nobs=pat.nobs,

@@ -552,7 +552,7 @@ def fit_laplace(src: _Passes, theta0, beta0, b0):
 
     bounds = [(0.0, None) if d else (None, None) for d in tm.diagonal] + [(None, None)] * p
     res = minimize(scaled, x0 * s, jac=True, method="L-BFGS-B", bounds=bounds,
-                   options={"ftol": 1e-14, "gtol": 1e-9, "maxiter": 500})
+                   options={"ftol": 1e-12, "gtol": 1e-6, "maxiter": 500})
     x = np.asarray(res.x, float) / s
     value, grad = obj.value_and_gradient(x)
     return obj, x, value, grad, res
@@ -692,7 +692,8 @@ def _laplace_result(src, theta, st, tm, messages, pql_passes, t0):
                         "the predictors' scales")
     k = len(theta)
     Hs = _hessian_of(obj, x, _grad, tm, k)
-    # a Newton step on that Hessian when L-BFGS-B left a gradient (then the Hessian again)
+    # Newton steps on that Hessian where L-BFGS-B left a gradient (the Hessian is kept: the
+    # steps are small against the SEs)
     for _ in range(3):
         try:
             step = -np.linalg.solve(Hs, _grad)
@@ -707,7 +708,6 @@ def _laplace_result(src, theta, st, tm, messages, pql_passes, t0):
         if not dn < dev:
             break
         x, dev, _grad = xn, dn, gn
-        Hs = _hessian_of(obj, x, _grad, tm, k)
     obj.value_and_gradient(x)  # the modes at the answer again
     theta, beta = obj.split(x)
     try:
