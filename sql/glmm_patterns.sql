@@ -12,3 +12,6 @@ FROM (
     WHERE {complete}
 ) AS frame
 GROUP BY {gkeys}, {pattern_keys}
+-- a fixed order: the hash aggregate hands the groups out in an order that varies between
+-- runs, and the fit's sums over the patterns would differ in their last bits
+ORDER BY {gkeys}, {pattern_keys}
