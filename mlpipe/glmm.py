@@ -292,7 +292,8 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
                                 {**source.params, **design.params}).fetchone()
             if count[0] > MAX_PATTERNS:
                 raise TooManyPatterns(
-                    f"{count[0]:,} distinct (level, covariate pattern) combinations: more than "
+                    f"about {count[0]:,} distinct (level, covariate pattern) combinations "
+                    f"(a HyperLogLog estimate): more than "
                     f"the {MAX_PATTERNS:,} the in-memory GLMM path takes (continuous "
                     f"predictors make every row a pattern)", int(count[0]))
             tab = con.execute(sql, {**source.params, **design.params}).fetchnumpy()

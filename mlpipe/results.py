@@ -750,7 +750,8 @@ def render_summary(r: FitResult, correlation: bool = False) -> str:
         lines = [f"Generalized linear mixed model fit by maximum likelihood ({approx}) "
                  f"(mlpipe)", f" Family: {_family_text(r)}  ( {r.link} )",
                  f"Formula: {r.formula}", ""]
-        if r.nagq == 0:  # how it was fitted: in memory or by passes, and why
+        if r.nagq == 0 or getattr(r, "passes", None):  # how it was fitted: in memory or
+            # by passes over the data, why, and how many passes
             lines[-1:-1] = [f"  {msg}" for msg in r.optimizer.messages[:2]]
     else:
         lines = [f"Linear mixed model fit by {how} (mlpipe)", f"Formula: {r.formula}", ""]
