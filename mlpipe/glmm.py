@@ -663,13 +663,20 @@ def _diagnostics(obj, pat: Patterns, theta, beta, npar: int, *, singular: bool) 
     if eta is None:
         return diagnostic_messages(pat.family, singular=singular) + [
             "PIRLS did not converge at the estimates"]
+    extreme, chi2 = pattern_diagnostics(pat, eta)
+    return diagnostic_messages(pat.family, extreme_rows=extreme, pearson=chi2,
+                               df=pat.nobs - npar, singular=singular)
+
+
+def pattern_diagnostics(pat: Patterns, eta: np.ndarray) -> tuple[int, float | None]:
+    """At the patterns' linear predictor: the rows whose fitted probability is numerically
+    0 or 1, and (Poisson) the Pearson χ² = Σ (y − μ)² / μ over the rows, from Σy, Σy², n per
+    pattern."""
     mu, _d = _inverse_link(pat.link, eta)
-    extreme = (mu < 1e-8) | (mu > 1 - 1e-8)
-    # Pearson χ² = Σ (y − μ)² / μ over the rows, from Σy, Σy², n per pattern
-    chi2 = float(np.sum((pat.syy - 2 * mu * pat.sy + pat.n * mu * mu) / mu)) \
-        if pat.family == "poisson" else None
-    return diagnostic_messages(pat.family, extreme_rows=int(pat.n[extreme].sum()),
-                               pearson=chi2, df=pat.nobs - npar, singular=singular)
+    extreme = int(pat.n[(mu < 1e-8) | (mu > 1 - 1e-8)].sum())
+    if pat.family != "poisson":
+        return extreme, None
+    return extreme, float(np.sum((pat.syy - 2 * mu * pat.sy + pat.n * mu * mu) / mu))
 
 
 def diagnostic_messages(family: str, *, extreme_rows: int = 0, pearson: float | None = None,

@@ -111,7 +111,7 @@ class PatternPasses(_Passes):
 
     def _pass(self, beta, b, M):
         pat = self.pat
-        eta = pat.X @ beta + pat.offset + np.einsum("pq,pq->p", pat.Z, b[pat.level])
+        eta = self._eta(beta, b)
         ll, score, w = self._parts(pat.family, pat.link, eta, pat.sy, pat.st, pat.n)
         zt = eta - pat.offset + score / w
         cols = [pat.X[:, j] for j in range(pat.X.shape[1])] + \
@@ -135,16 +135,15 @@ class PatternPasses(_Passes):
     def diagnostics(self, beta, b) -> tuple[int, float | None]:
         """(rows with a fitted probability of 0 or 1, the Pearson statistic of a Poisson
         fit) at (β, b)."""
-        from .glmm import _inverse_link
+        from .glmm import pattern_diagnostics
 
         self.passes += 1  # as the DuckDB passes count theirs
+        return pattern_diagnostics(self.pat, self._eta(beta, b))
+
+    def _eta(self, beta, b) -> np.ndarray:
+        """The patterns' linear predictor X β + offset + z'b of their level."""
         pat = self.pat
-        eta = pat.X @ beta + pat.offset + np.einsum("pq,pq->p", pat.Z, b[pat.level])
-        mu, _d = _inverse_link(pat.link, eta)
-        extreme = int(pat.n[(mu < 1e-8) | (mu > 1 - 1e-8)].sum())
-        if pat.family == "poisson":  # Σ (y − μ)² / μ from Σy, Σy², n per pattern
-            return extreme, float(np.sum((pat.syy - 2 * mu * pat.sy + pat.n * mu * mu) / mu))
-        return extreme, None  # binomial: only separation is reported
+        return pat.X @ beta + pat.offset + np.einsum("pq,pq->p", pat.Z, b[pat.level])
 
 
 class SqlPasses(_Passes):
@@ -219,8 +218,9 @@ class SqlPasses(_Passes):
                       offset=f"CAST({design.offset or '0.0'} AS DOUBLE)", y=y, trials=trials,
                       const=const, source=source.relation, complete=design.complete_sql,
                       eta=eta, family=_family_sql(family, link))
-        self.sql = render("glmm_pass", sums=sums, quad="", derivative="", **pieces)
-        self.sql_diag = render("glmm_diagnostics", **pieces, variance=(
+        frame = render("glmm_frame", quad="", **pieces)
+        self.sql = render("glmm_pass", sums=sums, derivative="", frame=frame)
+        self.sql_diag = render("glmm_diagnostics", frame=frame, variance=(
             "mu" if family == "poisson" else "t * mu * (1.0 - mu)"))
         # with the Laplace term's derivative sums: a = z'Mz (M per level, joined with the
         # modes as m_a_b), w' = dw/dη (canonical links)
@@ -232,8 +232,9 @@ class SqlPasses(_Passes):
             "t * mu * (1.0 - mu) * (1.0 - 2.0 * mu)" if link == "logit" else "NULL"
         deriv = ", ".join([f"fsum(aw * c{j}) AS d1_{j}" for j in range(p)]
                           + [f"fsum(aw * {zc[a]}) AS d2_{a}" for a in range(q)])
-        self.sql_d = render("glmm_pass", sums=f"{sums}, {deriv}", quad=f", {quad} AS quad",
-                            derivative=f", quad * ({dw}) AS aw", **pieces)
+        self.sql_d = render("glmm_pass", sums=f"{sums}, {deriv}",
+                            derivative=f", quad * ({dw}) AS aw",
+                            frame=render("glmm_frame", quad=f", {quad} AS quad", **pieces))
         checks = (f"SELECT count(*), coalesce(fsum({y}), 0), coalesce(fsum({trials}), 0), "
                   f"coalesce(min({y}), 0), coalesce(max(abs({y} - round({y}))), 0), "
                   f"max({y}) FROM {source.relation} AS src WHERE {design.complete_sql}")
@@ -274,9 +275,12 @@ class SqlPasses(_Passes):
     def _col(i: int, k: int) -> str:
         return "zt" if i == k else f"c{i}"
 
-    def _pass(self, beta, b, M):
+    def _run(self, sql: str, beta, b, M, fetch):
+        """`sql` over the data with β bound and the modes b (and M) joined per level."""
         import duckdb
         import pyarrow as pa
+
+        from ._sql import used_params
 
         cols = {"grp": self._grp, "idx": np.arange(self.m, dtype=np.int64),
                 **{f"b{a}": np.ascontiguousarray(b[:, a]) for a in range(self.q)}}
@@ -284,17 +288,18 @@ class SqlPasses(_Passes):
             cols.update({f"m_{a}_{c}": np.ascontiguousarray(M[:, a, c])
                          for a in range(self.q) for c in range(a, self.q)})
         self.con.register("__mlpipe_glmm_modes", pa.table(cols))
-        from ._sql import used_params
-
-        sql = self.sql if M is None else self.sql_d
         params = used_params(sql, {**self.params,
                                    **{f"beta{j}": float(v) for j, v in enumerate(beta)}})
         try:
-            tab = self.con.execute(sql, params).fetchnumpy()
+            return fetch(self.con.execute(sql, params))
         except duckdb.Error as exc:
             raise self.source.error(exc, "the GLMM pass failed over") from None
         finally:
             self.con.unregister("__mlpipe_glmm_modes")
+
+    def _pass(self, beta, b, M):
+        tab = self._run(self.sql if M is None else self.sql_d, beta, b, M,
+                        lambda res: res.fetchnumpy())
         idx = np.asarray(tab["idx"], np.int64)
         k = self.p + self.q
         per = {}
@@ -316,20 +321,9 @@ class SqlPasses(_Passes):
     def diagnostics(self, beta, b) -> tuple[int, float]:
         """(rows with a fitted probability of 0 or 1, the Pearson statistic) at (β, b): one
         more pass."""
-        import pyarrow as pa
-
-        from ._sql import used_params
-
         self.passes += 1
-        cols = {"grp": self._grp, "idx": np.arange(self.m, dtype=np.int64),
-                **{f"b{a}": np.ascontiguousarray(b[:, a]) for a in range(self.q)}}
-        self.con.register("__mlpipe_glmm_modes", pa.table(cols))
-        try:
-            params = used_params(self.sql_diag, {**self.params, **{
-                f"beta{j}": float(v) for j, v in enumerate(beta)}})
-            extreme, pearson = self.con.execute(self.sql_diag, params).fetchall()[0]
-        finally:
-            self.con.unregister("__mlpipe_glmm_modes")
+        extreme, pearson = self._run(self.sql_diag, beta, b, None,
+                                     lambda res: res.fetchall()[0])
         return int(extreme or 0), float(pearson or 0.0)
 
     def close(self):
@@ -395,7 +389,7 @@ def _pirls(src: _Passes, theta, st: _State):
     """PIRLS at θ from st's (β, b) to the fixed point → D(θ) (−2 × the Laplace
     log-likelihood, nAGQ = 0) and the last decomposition; st is updated in place."""
     stats, ll, _s1, _s2 = src.working(st.beta, st.b)
-    beta, b, u2, logdet, dec, obj = _pwls(stats, theta)
+    beta, b, u2, _logdet, _dec, _obj = _pwls(stats, theta)
     st.u2 = _u2(theta, st.b, stats)  # the same modes b are another u at this θ
     pdev_old = -2 * ll + st.u2
     for _ in range(PIRLS_MAXITER):
@@ -410,9 +404,9 @@ def _pirls(src: _Passes, theta, st: _State):
             halvings += 1
         st.beta, st.b, st.u2 = beta, b, u2
         stats, ll = new_stats, new_ll
-        beta, b, u2, logdet, dec, obj = _pwls(stats, theta)
-        if abs(pdev_old - pdev) <= PIRLS_TOL * abs(pdev):
-            return pdev + _logdet_at(theta, stats), stats, ll
+        beta, b, u2, logdet, _dec, _obj = _pwls(stats, theta)
+        if abs(pdev_old - pdev) <= PIRLS_TOL * abs(pdev):  # log|L|² at the last weights:
+            return pdev + logdet, stats, ll  # _pwls just decomposed them
         pdev_old = pdev
     return np.inf, stats, ll
 
@@ -429,12 +423,6 @@ def _mean_eta(src: _Passes, stats) -> float:
     if src.link == "cloglog":
         return math.log(-math.log1p(-pbar))
     return math.log(pbar / (1 - pbar)) if n else 0.0
-
-
-def _logdet_at(theta, stats) -> float:
-    from .objective import Objective
-
-    return float(Objective(stats, reml=False).decompose(theta).logdet_l)
 
 
 def _u2(theta, b, stats) -> float:

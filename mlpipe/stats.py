@@ -635,31 +635,15 @@ def assemble(design: Design, mom: _Moments, per_group: dict, factor_labels: list
         totals = {**totals, (0, 0): count}
     m = len(per_group["n"])
     n = int(count or 0)
-    if (m == 0 or n == 0) and partial:  # a part without complete rows: only its count
-        q, p = len(mom.z), len(mom.x)
-        empty = np.zeros(0)
-        return Statistics(
-            formula=design.formula.text, response=design.response.name,
-            fixed_names=[c.name for c in design.fixed],
-            random_names=[c.name for c in design.random],
-            blocks=[(b.start, b.size) for b in design.blocks], group=design.group or "",
-            levels=np.zeros(0, dtype=object), n_i=empty, ztz=np.zeros((q, q, 0)),
-            ztx=np.zeros((q, p, 0)), zty=np.zeros((q, 0)), yty_i=empty, xtx=np.zeros((p, p)),
-            xty=np.zeros(p), yty=0.0, n=0, rows_read=int(total_rows),
-            rows_dropped=int(total_rows), source=location, factor_levels=design.levels,
-            group_type=design.schema.get(design.group, "") if design.group else "",
-            factors=[Factor(f.name, list(f.columns), list(f.z), list(f.names),
-                            [(b.start, b.size) for b in f.blocks], np.zeros(0, dtype=object),
-                            np.zeros(0, np.int64)) for f in design.factors]
-            if design.group is None else [],
-            group_types={c: design.schema.get(c, "") for c in _cell_columns(design)},
-            weights=design.weights or "")
-    if m == 0 or n == 0:
+    empty_part = (m == 0 or n == 0) and partial  # no complete rows: only its count
+    if empty_part:
+        totals = {pair: 0.0 for pair in totals}
+    if (m == 0 or n == 0) and not empty_part:
         raise DataError(f"no rows left after dropping rows with missing values "
                         f"({total_rows} rows read, all dropped)")
     if any(v is None for v in totals.values()):
         raise DataError("a model column is entirely missing")
-    if mom.weighted and not (wmin is not None and float(wmin) > 0
+    if mom.weighted and not empty_part and not (wmin is not None and float(wmin) > 0
                              and np.isfinite(float(log_weights))
                              and np.isfinite(float(totals[(0, 0)]))):
         raise DataError(f"weights column {design.weights!r} must be positive and finite in "
