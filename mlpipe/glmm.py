@@ -190,6 +190,59 @@ class Patterns:
         return len(self.levels)
 
 
+def response_formula(parsed, family: str):
+    """(whether the response is lme4's cbind(successes, failures), the formula whose
+    response is the successes) — refused for another family than the binomial."""
+    cbind = parsed.response.kind == "call" and parsed.response.value == "cbind"
+    if cbind and family != "binomial":
+        raise InputError("a cbind(successes, failures) response needs --family binomial")
+    return cbind, (dataclasses.replace(parsed, response=parsed.response.args[0]) if cbind
+                   else parsed)
+
+
+def outcome_sql(parsed, design, family: str, cbind: bool,
+                ordinal_column: str | None = None) -> tuple[str, str, str]:
+    """SQL of the outcome y, the trials t (binomial; Σ log y for the gamma) and the row's
+    log-likelihood constant (log binomial coefficient, −log y!) — for the patterns' pass
+    and the iterated passes alike."""
+    from ._sql import quote_ident
+
+    y = f"CAST({design.response.sql} AS DOUBLE)"
+    if cbind:
+        fail = f"CAST({parsed.response.args[1].sql()} AS DOUBLE)"
+        trials = f"({y} + {fail})"
+        return y, trials, f"(lgamma({trials} + 1) - lgamma({y} + 1) - lgamma({fail} + 1))"
+    if family == "binomial":
+        return y, "1.0", "0.0"
+    if family == "gamma":  # Σ log y rides in the trials' column
+        return y, f"ln(greatest({y}, 1e-300))", "0.0"
+    if ordinal_column is not None:  # the category (a number), a pattern key
+        return f"CAST(src.{quote_ident(ordinal_column)} AS DOUBLE)", "0.0", "0.0"
+    return y, "1.0", f"(-lgamma({y} + 1))"  # poisson, negative binomial: −log y!
+
+
+def check_outcome(family: str, what: str, *, cbind: bool, y_min: float, y_frac: float,
+                  not_binary: bool, total_y: float, total_trials: float) -> None:
+    """Refuse an outcome the family cannot model (the patterns' pass and the iterated
+    passes alike): a gamma outcome ≤ 0, fractional counts, a 0/1 outcome with other values
+    (`not_binary`), a constant binomial outcome, counts all 0 or negative."""
+    if family == "gamma" and not y_min > 0:
+        raise DataError(f"gamma outcome {what}: values must be > 0 (smallest {y_min:g})")
+    if family in ("poisson", "negative_binomial", "binomial") and y_frac > 1e-9:
+        raise DataError(f"{family} outcome {what}: values must be whole numbers (counts"
+                        f"{', or 0/1' if family == 'binomial' else ''}); found a fraction")
+    if family == "binomial" and not cbind and (y_min < 0 or not_binary):
+        raise DataError(f"binomial outcome {what}: values must be 0 or 1 (or give "
+                        f"cbind(successes, failures))")
+    if family == "binomial" and total_y in (0.0, total_trials):
+        raise DataError(f"binomial outcome {what} is constant (all "
+                        f"{'failures' if total_y == 0 else 'successes'}) in the rows used")
+    if family in ("poisson", "negative_binomial") and total_y == 0:
+        raise DataError(f"{family} outcome {what} is 0 in every row used")
+    if family in ("poisson", "negative_binomial") and y_min < 0:
+        raise DataError(f"{family} outcome: counts must be non-negative")
+
+
 def pat_n(tab) -> np.ndarray:
     """The row count of every pattern of a fetched pattern table."""
     return np.asarray(tab["n"], float)
@@ -214,11 +267,7 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         raise InputError(f"the {family} family takes the link {' or '.join(FAMILIES[family])}, "
                          f"not {link!r}")
     parsed = parse_formula(formula)
-    cbind = parsed.response.kind == "call" and parsed.response.value == "cbind"
-    if cbind and family != "binomial":
-        raise InputError("a cbind(successes, failures) response needs --family binomial")
-    design_formula = dataclasses.replace(parsed, response=parsed.response.args[0]) if cbind \
-        else parsed
+    cbind, design_formula = response_formula(parsed, family)
     ordinal = family == "ordinal"
     extra_cols: tuple[str, ...] = ()
     if ordinal:  # the response is a column of ordered categories; X has no intercept
@@ -249,20 +298,8 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
             design.fixed = [c for c in design.fixed if c.sql is not None]  # no intercept
         if design.aggregates is not None and design.aggregates.tables:
             raise InputError("center()/group_mean() are not supported in GLMMs yet")
-        y = f"CAST({design.response.sql} AS DOUBLE)"
-        if cbind:
-            fail = f"CAST({parsed.response.args[1].sql()} AS DOUBLE)"
-            trials = f"({y} + {fail})"
-            const = f"(lgamma({trials} + 1) - lgamma({y} + 1) - lgamma({fail} + 1))"
-        elif family == "binomial":
-            trials, const = "1.0", "0.0"
-        elif family == "gamma":  # Σ log y rides in the trials' column
-            trials, const = f"ln(greatest({y}, 1e-300))", "0.0"
-        elif ordinal:  # the category (a number: text is refused above), a pattern key
-            y = f"CAST(src.{quote_ident(extra_cols[0])} AS DOUBLE)"
-            trials, const = "0.0", "0.0"
-        else:  # poisson, negative binomial: −log y!
-            trials, const = "1.0", f"(-lgamma({y} + 1))"
+        y, trials, const = outcome_sql(parsed, design, family, cbind,
+                                       extra_cols[0] if ordinal else None)
         cols = [f"CAST({c.sql or '1.0'} AS DOUBLE) AS x{j}" for j, c in enumerate(design.fixed)]
         cols += [f"CAST({c.sql or '1.0'} AS DOUBLE) AS z{j}" for j, c in enumerate(design.random)]
         cols.append(f"CAST({design.offset or '0.0'} AS DOUBLE) AS off")
@@ -309,14 +346,9 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
     y_min = float(np.min(tab["ymin"])) if len(tab["ymin"]) else 0.0
     y_frac = float(np.max(tab["yfrac"])) if len(tab["yfrac"]) else 0.0
     what = parsed.response.deparse()
-    if family == "gamma" and not y_min > 0:
-        raise DataError(f"gamma outcome {what}: values must be > 0 (smallest {y_min:g})")
-    if family in ("poisson", "negative_binomial", "binomial") and y_frac > 1e-9:
-        raise DataError(f"{family} outcome {what}: values must be whole numbers (counts"
-                        f"{', or 0/1' if family == 'binomial' else ''}); found a fraction")
-    if family == "binomial" and not cbind and (y_min < 0 or np.any(sy > pat_n(tab))):
-        raise DataError(f"binomial outcome {what}: values must be 0 or 1 (or give "
-                        f"cbind(successes, failures))")
+    check_outcome(family, what, cbind=cbind, y_min=y_min, y_frac=y_frac,
+                  not_binary=bool(np.any(sy > pat_n(tab))), total_y=float(sy.sum()),
+                  total_trials=float(st.sum()))
     categories: list = []
     if ordinal:  # categories in numeric order; each pattern's category index in `st`
         from .formula import r_number
@@ -328,16 +360,9 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
                             f"{extra_cols[0]!r} has {len(codes)} (use --family binomial)")
         categories = [r_number(float(c)) for c in codes]
         st = np.searchsorted(codes, values).astype(float)
-    if family == "binomial" and sy.sum() in (0.0, st.sum()):
-        raise DataError(f"binomial outcome {what} is constant (all "
-                        f"{'failures' if sy.sum() == 0 else 'successes'}) in the rows used")
-    if family in ("poisson", "negative_binomial") and sy.sum() == 0:
-        raise DataError(f"{family} outcome {what} is 0 in every row used")
     if family == "binomial" and (np.any(sy < 0) or np.any(sy > st)):
         raise DataError("binomial outcome: successes must lie between 0 and the trials "
                         "(a 0/1 outcome, or cbind(successes, failures) with failures >= 0)")
-    if family in ("poisson", "negative_binomial") and np.any(sy < 0):
-        raise DataError(f"{family} outcome: counts must be non-negative")
     p, q = len(design.fixed), len(design.random)
     X = np.column_stack([np.asarray(tab[f"x{j}"], float) for j in range(p)])
     Z = np.column_stack([np.asarray(tab[f"z{j}"], float) for j in range(q)])

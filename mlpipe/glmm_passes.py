@@ -152,11 +152,10 @@ class SqlPasses(_Passes):
 
     def __init__(self, data, formula: str, family: str, link: str | None = None, *,
                  memory_limit=None, threads=None, temp_directory=None):
-        import dataclasses
-
         from ._sql import Source, connect, quote_ident, render
         from .design import check_columns, design_from_data
         from .formula import parse_formula
+        from .glmm import check_outcome, outcome_sql, response_formula
 
         family = family.lower()
         if family not in PASS_FAMILIES:
@@ -168,11 +167,7 @@ class SqlPasses(_Passes):
                              f"{', '.join(PASS_FAMILIES[family])} so far, not {link!r}")
         self.family, self.link, self.passes = family, link, 0
         parsed = parse_formula(formula)
-        cbind = parsed.response.kind == "call" and parsed.response.value == "cbind"
-        if cbind and family != "binomial":
-            raise InputError("a cbind(successes, failures) response needs --family binomial")
-        design_formula = dataclasses.replace(parsed, response=parsed.response.args[0]) \
-            if cbind else parsed
+        cbind, design_formula = response_formula(parsed, family)
         self.source = source = Source(data)
         self.con = con = connect(memory_limit=memory_limit, threads=threads,
                                  temp_directory=temp_directory)
@@ -185,11 +180,7 @@ class SqlPasses(_Passes):
         if design.aggregates is not None and design.aggregates.tables:
             raise InputError("center()/group_mean() are not supported in GLMMs yet")
         self.design = design
-        y = f"CAST({design.response.sql} AS DOUBLE)"
-        trials = f"({y} + CAST({parsed.response.args[1].sql()} AS DOUBLE))" if cbind \
-            else "1.0"
-        const = (f"(lgamma({trials} + 1) - lgamma({y} + 1) - lgamma({trials} - {y} + 1))"
-                 if cbind else "0.0" if family == "binomial" else f"(-lgamma({y} + 1))")
+        y, trials, const = outcome_sql(parsed, design, family, cbind)
         p, q = len(design.fixed), len(design.random)
         self.p, self.q = p, q
         cols = [f"CAST({c.sql or '1.0'} AS DOUBLE) AS c{j}"
@@ -243,17 +234,9 @@ class SqlPasses(_Passes):
         self.nobs, sy, st = int(rows[0]), float(rows[1]), float(rows[2])
         ymin, yfrac = float(rows[3]), float(rows[4])
         self.rows_dropped = int(total[0]) - self.nobs
-        what = parsed.response.deparse()
-        if yfrac > 1e-9 or ymin < 0:
-            hint = " (0/1, or cbind(successes, failures))" if family == "binomial" else ""
-            raise DataError(f"{family} outcome {what}: values must be whole numbers >= 0{hint}")
-        if family == "binomial" and not cbind and rows[5] is not None and float(rows[5]) > 1:
-            raise DataError(f"binomial outcome {what}: values must be 0 or 1 (or give "
-                            f"cbind(successes, failures))")
-        if family == "binomial" and sy in (0.0, st):
-            raise DataError(f"binomial outcome {what} is constant in the rows used")
-        if family == "poisson" and sy == 0:
-            raise DataError(f"poisson outcome {what} is 0 in every row used")
+        check_outcome(family, parsed.response.deparse(), cbind=cbind, y_min=ymin,
+                      y_frac=yfrac, not_binary=rows[5] is not None and float(rows[5]) > 1,
+                      total_y=sy, total_trials=st)
         n_i = con.execute("SELECT n FROM __mlpipe_glmm_levels ORDER BY idx").fetchnumpy()["n"]
         self.base = dict(formula=parsed.text, response="", fixed_names=[c.name for c in
                                                                         design.fixed],
