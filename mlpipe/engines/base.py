@@ -46,6 +46,21 @@ class Engine:
         """One pass over `data` → the model's `Statistics` (see mlpipe/stats.py)."""
         raise NotImplementedError
 
+    def refuse(self, parsed, correlation, residual_variance_by, *, poly: bool = False,
+               why: str = "") -> None:
+        """What this engine does not compute, refused before any work, naming the engine
+        that does: residual structures, center() / group_mean() (`why`: the reason), and
+        with `poly`, poly()."""
+        if correlation is not None or residual_variance_by is not None:
+            raise InputError(f"the {self.name} engine does not fit residual structures{why}: "
+                             f"use --engine duckdb")
+        if parsed.aggregates():
+            raise InputError(f"the {self.name} engine does not compute center() / "
+                             f"group_mean(){why}: use --engine duckdb")
+        if poly and any(c.value == "poly" for c in parsed.prepass()):
+            raise InputError(f"the {self.name} engine does not compute poly(): use --engine "
+                             f"duckdb")
+
 
 def get_engine(name: str | None, options: EngineOptions | None = None) -> Engine:
     """The engine called `name` (None: DuckDB)."""

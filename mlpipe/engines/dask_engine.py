@@ -66,14 +66,9 @@ class DaskEngine(Engine):
         from ..formula import parse_formula
         from .. import runlog
 
-        if correlation is not None or residual_variance_by is not None:
-            raise InputError("the Dask engine does not fit residual structures (a series "
-                             "split between files loses its lags): use --engine duckdb")
         parsed = parse_formula(formula)
-        if parsed.aggregates():
-            raise InputError("the Dask engine does not compute center() / group_mean() "
-                             "(their means come from all rows): use --engine duckdb, or "
-                             "centre the data beforehand")
+        self.refuse(parsed, correlation, residual_variance_by,
+                    why=" (a series or a mean spans the files, and each file is a task)")
         t0 = time.perf_counter()
         source = Source(data)
         if source.in_memory:

@@ -66,15 +66,8 @@ class PolarsEngine(Engine):
         from ..formula import parse_formula
         from ..stats import _cell_columns, _Moments, assemble
 
-        if correlation is not None or residual_variance_by is not None:
-            raise InputError("the polars engine does not fit residual structures: use "
-                             "--engine duckdb")
         parsed = parse_formula(formula)
-        if parsed.aggregates():
-            raise InputError("the polars engine does not compute center() / group_mean(): "
-                             "use --engine duckdb")
-        if any(c.value == "poly" for c in parsed.prepass()):
-            raise InputError("the polars engine does not compute poly(): use --engine duckdb")
+        self.refuse(parsed, correlation, residual_variance_by, poly=True)
         t0 = time.perf_counter()
         lf, location = _frame(data, parsed.value_columns() + ([weights] if weights else []))
         try:

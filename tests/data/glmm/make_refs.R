@@ -8,17 +8,7 @@ suppressMessages({library(glmmTMB); library(lme4); library(mlmRev); library(json
 invisible(Sys.setlocale("LC_COLLATE", "C"))
 out <- "tests/data/glmm"
 py <- Sys.getenv("PYTHON", ".venv/bin/python")
-read_parquet <- function(name) {  # string columns stay factors (CSV would lose that)
-  f <- tempfile(fileext = ".csv")
-  system2(py, c("-c", shQuote(sprintf(paste0(
-    "import polars as pl; d = pl.read_parquet('%s/%s.parquet'); d.write_csv('%s'); ",
-    "open('%s.str', 'w').write(chr(10).join(c for c, t in d.schema.items() if t == pl.Utf8))"),
-    out, name, f, f))))
-  strs <- readLines(paste0(f, ".str"))
-  d <- read.csv(f, colClasses = setNames(rep("character", length(strs)), strs))
-  for (v in names(d)) if (is.character(d[[v]])) d[[v]] <- factor(d[[v]], levels = sort(unique(d[[v]])))
-  d
-}
+source(file.path(out, "read_parquet.R"))
 # mlmRev's Contraception (Bangladesh 1988): a 0/1 outcome, 1934 women in 60 districts
 data(Contraception)
 con <- data.frame(use = as.integer(Contraception$use == "Y"), age = Contraception$age,

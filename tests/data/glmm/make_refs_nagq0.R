@@ -5,17 +5,7 @@ suppressMessages({library(lme4); library(jsonlite)})
 invisible(Sys.setlocale("LC_COLLATE", "C"))
 out <- "tests/data/glmm"
 py <- Sys.getenv("PYTHON", ".venv/bin/python")
-read_parquet <- function(name) {  # string columns stay factors
-  f <- tempfile(fileext = ".csv")
-  system2(py, c("-c", shQuote(sprintf(paste0(
-    "import polars as pl; d = pl.read_parquet('%s/%s.parquet'); d.write_csv('%s'); ",
-    "open('%s.str', 'w').write(chr(10).join(c for c, t in d.schema.items() if t == pl.Utf8))"),
-    out, name, f, f))))
-  strs <- readLines(paste0(f, ".str"))
-  d <- read.csv(f, colClasses = setNames(rep("character", length(strs)), strs))
-  for (v in names(d)) if (is.character(d[[v]])) d[[v]] <- factor(d[[v]], levels = sort(unique(d[[v]])))
-  d
-}
+source(file.path(out, "read_parquet.R"))
 one <- function(case, data, formula, family, link) {
   d <- read_parquet(data)
   fam <- get(family)(link = link)
