@@ -384,9 +384,12 @@ def sort_order(labels: np.ndarray, columns: list[str], types: dict[str, str]) ->
         dtype = types.get(columns[0], "").upper()
         if is_numeric(dtype):
             try:
-                if dtype.startswith(INTEGER_TYPES):  # exact beyond 2^53
-                    return np.array(sorted(range(len(labels)), key=lambda i: int(labels[i])),
-                                    dtype=np.int64)
+                if dtype.startswith(INTEGER_TYPES):  # exact beyond 2^53 (not as floats)
+                    try:
+                        return np.argsort(labels.astype(np.int64), kind="stable")
+                    except OverflowError:  # UBIGINT / HUGEINT beyond int64: Python ints
+                        return np.array(sorted(range(len(labels)),
+                                               key=lambda i: int(labels[i])), dtype=np.int64)
                 return np.argsort(labels.astype(float), kind="stable")
             except ValueError:
                 pass
