@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench_data_moments"
 FORMULA = "rating ~ x + (1 | user) + (1 | item)"
 OPTION_SEP = " ;; method="
+REFINE_SEP = ";refine="
 USERS, ITEMS = 200_000, 84_000  # MovieLens 32M: 200,948 users, 84,432 rated movies
 ROWS_PER_USER, ROWS_PER_ITEM = 160, 380  # its proportions, for the scaled-down runs
 MIN_ROWS_PER_USER = 10  # the full counts from 2M rows on (see `levels`)
@@ -95,6 +96,7 @@ class RssSampler:
 def child(data: str, arg: str) -> None:
     """Runs in the fresh subprocess: fit by moments, report one JSON line."""
     formula, _, method = arg.partition(OPTION_SEP)
+    method, _, refine = method.partition(REFINE_SEP)
     t0 = time.perf_counter()
     import mlpipe
     import mlpipe.model  # noqa: F401  (mlpipe imports lazily: the import time is
@@ -105,7 +107,7 @@ def child(data: str, arg: str) -> None:
     t1 = time.perf_counter()
     sampler = RssSampler()
     try:
-        res = mlpipe.fit(data, formula, method=method or "moments")
+        res = mlpipe.fit(data, formula, method=method or "moments", refine=refine or None)
     except MlpipeError as exc:
         sampler.stop()
         print("BENCH_RESULT " + json.dumps({"refused": str(exc),
@@ -121,15 +123,17 @@ def child(data: str, arg: str) -> None:
            "residual_variance": res.residual_variance,
            "beta": {r["term"]: [r["estimate"], r["std_error"]]
                     for r in res.fixed_effects.iter_rows(named=True)},
-           "sd": {r["group"]: r["std_dev"] for r in res.random_effects.iter_rows(named=True)}}
+           "sd": {r["group"]: r["std_dev"] for r in res.random_effects.iter_rows(named=True)},
+           "moments": res.moments}
     print("BENCH_RESULT " + json.dumps(out, default=str))
 
 
-def run_child(data: Path) -> dict:
+def run_child(data: Path, refine: str = "") -> dict:
     """`child` in a fresh interpreter (bench.py's runner); `wall` is the whole process's."""
     from bench import run_fit
 
-    out = run_fit(data, FORMULA + OPTION_SEP + "moments", Path(__file__))
+    out = run_fit(data, FORMULA + OPTION_SEP + "moments" + (REFINE_SEP + refine if refine else ""),
+                  Path(__file__))
     out["wall"] = out.pop("subprocess_seconds")
     return out
 

@@ -95,6 +95,11 @@ def _add_fit(sub) -> None:
                              "(no likelihood); also taken automatically, with the reason "
                              "printed, when the exact solver's memory estimate exceeds the "
                              "limit")
+    f.add_argument("--refine", choices=["reml", "ml", "none"],
+                   help="a fit by the method of moments: refine its variance components to "
+                        "approximate REML / ML by stochastic EM (default: none with "
+                        "--moments; toward the requested method when the fit switched to "
+                        "moments because the exact solver does not fit)")
     f.add_argument("--out", "-o", help="write result.json, ranef.parquet, config.toml here")
     f.add_argument("--ddf", choices=["satterthwaite", "kenward-roger", "none"],
                    help="denominator df for the fixed-effect tests (default: satterthwaite)")
@@ -238,7 +243,7 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
         cfg["correlation"] = args.correlation
     if args.residual_variance_by:
         cfg["residual_variance_by"] = args.residual_variance_by
-    for key in ("family", "link", "nagq"):
+    for key in ("family", "link", "nagq", "refine"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.method:

@@ -30,13 +30,13 @@ from .errors import InputError
 
 KEYS = {"data", "formula", "method", "out", "stats", "name", "ddf", "ci", "level", "residuals",
         "weights", "correlation", "residual_variance_by", "family", "link", "nagq",
-        "duckdb", "engine", "dask"}
+        "duckdb", "engine", "dask", "refine"}
 DASK_KEYS = {"workers": int, "scheduler": str}
 DUCKDB_KEYS = {"memory_limit", "threads", "temp_directory"}
 TYPES = {"data": str, "formula": str, "method": str, "out": str, "stats": str, "name": str,
          "ddf": str, "ci": str, "level": (int, float), "residuals": bool, "weights": str,
          "correlation": str, "residual_variance_by": str, "family": str, "link": str,
-         "nagq": int, "engine": str}
+         "nagq": int, "engine": str, "refine": str}
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false",
               (int, float): "a number"}
 

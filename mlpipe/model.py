@@ -6,6 +6,7 @@ Each stage is callable alone (`compute_statistics`, `Objective`, `optimize`, `Fi
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -32,7 +33,7 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         correlation: str | None = None, residual_variance_by: str | None = None,
         family: str | None = None, link: str | None = None, nagq: int = 1,
         engine: str | None = None, workers: int | None = None,
-        scheduler: str | None = None) -> FitResult:
+        scheduler: str | None = None, refine: str | None = None) -> FitResult:
     """Fit a linear mixed model.
 
     Either `data` (Parquet file / directory / glob, or CSV; or data in memory: a polars
@@ -50,7 +51,10 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     adaptive Gauss-Hermite quadrature (one scalar random effect, as glmer's nAGQ).
     `engine`: what builds the statistics, "duckdb" (default), "polars" or "dask" (with
     `workers` processes of a LocalCluster, or the cluster at `scheduler`); see
-    mlpipe/engines.
+    mlpipe/engines.  `refine` ("reml", "ml" or "none"): whether a fit by the method of
+    moments refines its components to approximate REML / ML (mlpipe/moments.py `refine`);
+    by default `method="moments"` does not, and the automatic switch to moments (the exact
+    solver does not fit) refines toward `method`.
     """
     from .engines import EngineOptions, get_engine
 
@@ -68,6 +72,7 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
                          method=method, ci=check_ci(ci), memory_limit=memory_limit,
                          threads=threads, temp_directory=temp_directory, level=level)
     method, ddf, ci = check_options(method, ddf, ci, level)  # before any work
+    refine = check_refine(refine)
     if stats is not None and data is not None:
         raise InputError("give DATA or saved statistics, not both")
     if stats is None and str(method).upper() == "MOMENTS" and data is not None \
@@ -85,7 +90,7 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         runlog.stage("scan", ms.timings.get("scan"), rows=ms.n + ms.rows_dropped,
                      rows_used=ms.n, cells=sum(len(c) for _i, _j, c in ms.pairs.values()),
                      groups={f.name: f.m for f in ms.factors})
-        return _fit_moments(ms, ci=ci, level=level)
+        return _fit_moments(ms, ci=ci, level=level, refine=refine)
     if stats is None:
         if data is None or formula is None:
             raise InputError("fit needs DATA and a formula, or saved statistics")
@@ -100,7 +105,7 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         raise InputError(f"the statistics were built with {built}, not weights {weights!r}")
     _check_residual_matches(stats, correlation, residual_variance_by)
     return fit_statistics(stats, method=method, ddf=ddf, ci=ci, level=level,
-                          memory_limit=memory_limit)
+                          memory_limit=memory_limit, refine=refine)
 
 
 def optimizer_progress(obj):
@@ -136,19 +141,24 @@ def fit_config(cfg: dict, **overrides) -> FitResult:
                residual_variance_by=cfg.get("residual_variance_by"),
                family=cfg.get("family"), link=cfg.get("link"),
                nagq=int(cfg.get("nagq", 1)), engine=cfg.get("engine"),
+               refine=cfg.get("refine"),
                **({} if cfg.get("stats") else dict(cfg.get("dask") or {})), **duck)
 
 
 def fit_statistics(stats: Statistics, *, method: str = "REML",
                    ddf: str | None = "satterthwaite", ci: str | None = None,
-                   level: float = 0.95, memory_limit: str | None = None) -> FitResult:
+                   level: float = 0.95, memory_limit: str | None = None,
+                   refine: str | None = None) -> FitResult:
     """Fit from sufficient statistics alone.  `memory_limit` (as DuckDB spells it, e.g.
     "4GB") bounds the solver of models with several grouping factors: a structure whose
-    estimated solver memory exceeds it (or the machine's memory) is refused up front."""
+    estimated solver memory exceeds it (or the machine's memory) is refused up front, and
+    random-intercept models are then fitted by the method of moments (`refine`: see
+    `fit`)."""
     method, ddf, ci = check_options(method, ddf, ci, level)
+    refine = check_refine(refine)
     validate(stats)
     if method == "moments":
-        return _fit_moments(stats, ci=ci, level=level)
+        return _fit_moments(stats, ci=ci, level=level, refine=refine)
     check_general_options(stats, ddf, ci)
     reml = method == "REML"
     t0 = time.perf_counter()
@@ -163,6 +173,7 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
                 and _moments_apply(stats)):
             raise
         return _fit_moments(stats, ci=ci, level=level,
+                            refine=method.lower() if refine is None else refine,
                             reason=f"{method} not attempted: {exc}".split("; simplify")[0]
                             + "; fitted by the method of moments instead")
     with optimizer_progress(obj):
@@ -281,24 +292,56 @@ def _wald_intervals(result: FitResult, level: float) -> None:
     result.ci_level = level
 
 
-def _fit_moments(stats, *, ci: str | None, level: float,
+def check_refine(refine: str | None) -> str | None:
+    """None (the default: see `fit`), "reml", "ml" or "none"."""
+    if refine is None:
+        return None
+    r = str(refine).lower()
+    if r not in ("reml", "ml", "none"):
+        raise InputError(f"refine must be reml, ml or none, not {refine!r}")
+    return r
+
+
+def _fit_moments(stats, *, ci: str | None, level: float, refine: str | None = None,
                  reason: str | None = None) -> FitResult:
     """The method of moments with GLS fixed effects (mlpipe/moments.py): t statistics
-    without df (there is no likelihood for Satterthwaite), Wald intervals on request."""
+    without df (there is no likelihood for Satterthwaite), Wald intervals on request (of
+    the unrefined variance components too, `_moment_intervals`).  `refine`: "reml" / "ml" refines the components."""
     from .moments import fit_moments
 
     if ci == "profile":
         raise InputError("profile intervals need a likelihood: use --ci wald with the method "
                          "of moments")
     t0 = time.perf_counter()
-    result = fit_moments(stats, reason=reason)
+    result = fit_moments(stats, reason=reason,
+                         refine_with={"reml": "REML", "ml": "ML"}.get(refine or "none"))
     if ci == "wald":
         _wald_intervals(result, level)
+        _moment_intervals(result, level)
     result.timings = {**(stats.timings or {}), "solve": time.perf_counter() - t0,
                       "inference": 0.0}
     runlog.stage("solve", result.timings["solve"], method="moments",
                  evaluations=result.optimizer.evaluations)
     return result
+
+
+def _moment_intervals(result: FitResult, level: float) -> None:
+    """Wald intervals of the variance components of a fit by moments, without refinement
+    (the refined components have no sampling variance yet): σ̂²_k ± z·SE on the variance
+    scale (SE: the Gaussian-model sampling SE, mlpipe/moments.py `moment_covariance`),
+    the lower end cut at 0, as SDs with lme4's names (sd_(Intercept)|g, sigma)."""
+    rec = result.moments or {}
+    if "variance_se" not in rec or "refinement" in rec:
+        return
+    z = _dist.norm_ppf(0.5 + level / 2)
+    rows = []
+    for g, v in rec["estimates"].items():
+        se = rec["variance_se"][g]
+        rows.append({"parameter": "sigma" if g == "Residual" else f"sd_(Intercept)|{g}",
+                     "estimate": math.sqrt(v), "lower": math.sqrt(max(v - z * se, 0.0)),
+                     "upper": math.sqrt(v + z * se), "method": "Wald (moments)"})
+    result.confidence_intervals = pl.concat([pl.DataFrame(rows), result.confidence_intervals],
+                                            how="vertical_relaxed")
 
 
 def _estimate_residual(stats: Statistics, ci: str | None, *, reml: bool,

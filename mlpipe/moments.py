@@ -259,82 +259,383 @@ def moment_estimates(ms: MomentStatistics) -> dict:
     return {"raw": raw, "sigma2": np.maximum(raw, 0.0), "A": A, "u": u, "beta_ols": beta}
 
 
-def gls(ms: MomentStatistics, sigma2_k: np.ndarray, *, rtol: float = PCG_RTOL) -> dict:
-    """β̂, Var(β̂), b̂ and approximate conditional SDs at the variance components
-    (σ²_1..σ²_K, σ²), by PCG on Henderson's equations (see the module docstring)."""
-    import scipy.sparse as sp
-    from scipy.sparse.linalg import LinearOperator, cg
 
+#: the co-occurrence terms of the sampling variances are computed exactly while the sparse
+#: product they need has at most this many nonzeros (by its upper bound); beyond, they are
+#: estimated with COOCCURRENCE_PROBES Rademacher probes (seeded)
+EXACT_TERM_NNZ = 20_000_000
+COOCCURRENCE_PROBES = 64
+
+
+def _cooccurrence_term(c: np.ndarray, i: np.ndarray, j: np.ndarray, div: np.ndarray,
+                       rows: int, cols: int, Y: float, N: float) -> tuple[float, str]:
+    """E' = tr((P_a − P_0) G_b (P_a − P_0) G_b) = ‖N'D_a⁻¹N − m m'/N‖²_F for the pair
+    counts N (rows = levels of a, `div` their row counts; m = N'1, the other factor's
+    counts), the centred co-occurrence term of Var(U_a).  It is the one part of the
+    sampling variances left small by the cancellations between the U-statistics
+    (E' = E − 2Y/N + (m'm)²/N², E = ‖N'D_a⁻¹N‖²_F = ‖D_a^-½NN'D_a^-½‖²_F, Y = m'N'D_a⁻¹Nm),
+    so it is what must be computed accurately: "exact" from E through whichever product
+    is smaller while it has at most EXACT_TERM_NNZ nonzeros; else "estimated" by
+    Hutchinson's E‖M'z‖² = tr(M'²) for M' = N'D_a⁻¹N − m m'/N (z Rademacher, seeded; two
+    sparse products per probe), unbiased, and its relative error is E'’s, not E's."""
+    import scipy.sparse as sp
+
+    inv = 1.0 / np.where(div > 0, div, 1.0)
+    per_row = np.bincount(i, minlength=rows).astype(float)
+    per_col = np.bincount(j, minlength=cols).astype(float)
+    via_cols = min(float(per_row @ per_row), float(cols) * cols)
+    via_rows = min(float(per_col @ per_col), float(rows) * rows)
+    Nm = sp.csr_matrix((c, (i, j)), shape=(rows, cols))
+    m = np.bincount(j, c, minlength=cols)
+    centre = -2 * Y / N + float(m @ m) ** 2 / N ** 2
+    if min(via_cols, via_rows) <= EXACT_TERM_NNZ:
+        if via_cols <= via_rows:
+            prod = Nm.T @ sp.diags(inv) @ Nm  # cols × cols
+        else:
+            s = sp.diags(np.sqrt(inv))
+            prod = s @ Nm @ Nm.T @ s  # rows × rows
+        return max(float(np.sum(prod.data ** 2)) + centre, 0.0), "exact"
+    z = np.random.default_rng(20170).choice([-1.0, 1.0], size=(cols, COOCCURRENCE_PROBES))
+    mz = Nm.T.tocsr() @ (inv[:, None] * (Nm @ z)) - np.outer(m, m @ z) / N
+    return float(np.mean(np.sum(mz ** 2, axis=0))), "estimated"
+
+
+def moment_covariance(ms: MomentStatistics, mom: dict) -> dict | None:
+    """Cov(U) of the U-statistics (U_a, [U_b,] U_e) under the Gaussian model at the
+    components `sigma2_k`, and Cov(σ̂²) = A⁻¹ Cov(U) A⁻ᵀ — for one or two factors (crossed,
+    nested or partly both); None for more.
+
+    With Q_k = I − P_k (P_k the projection on factor k's level indicators, P_0 on the
+    intercept; U_k = y'Q_k y, U_e = N y'Q_0 y), V = σ²_a G_a + σ²_b G_b + σ² I
+    (G_k = Z_k Z_k'), Cov(y'Q_k y, y'Q_l y) = 2 tr(Q_k V Q_l V), which Q_k G_k = 0 and
+    P_k P_0 = P_0 reduce to sums over the levels and level pairs (O(combinations)):
+
+        tr(Q_a V Q_a V) = σ⁴_b (ΣN_•j² − 2 W_a + E_a) + 2σ²_b σ² (N − T_a) + σ⁴ (N − R)
+        tr(Q_a V Q_b V) = σ⁴ (N − R − C + Σ N_ij² / (N_i• N_•j))
+        tr(Q_a V Q_0 V) = σ⁴_b (ΣN_•j² − W_a − ΣN_•j³/N + Y_a/N) + 2σ²_b σ² (N − T_a)
+                          + σ⁴ (N − R)
+        tr(Q_0 V Q_0 V) = Σ_k σ⁴_k (ΣN_k² − 2ΣN_k³/N + (ΣN_k²)²/N²) + 2σ²_a σ²_b (ΣN_ij²
+                          − 2 Σ N_ij N_i• N_•j / N + ΣN_i•² ΣN_•j² / N²)
+                          + 2σ² Σ_k σ²_k (N − ΣN_k²/N) + σ⁴ (N − 1)
+
+    (and b's by symmetry) with T_a = Σ N_ij²/N_i•, W_a = Σ N_ij² N_•j / N_i•,
+    Y_a = Σ_i (Σ_j N_ij N_•j)² / N_i• and E_a = tr(P_a G_b P_a G_b) = ‖N' D_a⁻¹ N‖²_F.
+    E_a is the one term that needs the level co-occurrences (the fill-in that makes the
+    exact solver too large).  It is computed exactly while that product is small
+    (EXACT_TERM_NNZ), otherwise estimated stochastically — in its centred form, the part
+    the cancellations between U_a, U_b and U_e leave (`_cooccurrence_term`).  Bounding it
+    instead (0 ≤ tr(PGPG) ≤ tr(PG²) for a projection P and G ⪰ 0), as a conservative
+    formula would, is not conservative here: σ̂² is a difference of U-statistics, and the
+    bound on one of them overstates its variance many times over (2× on a small design).  Assumptions: Gaussian effects and errors (heavier
+    tails make the true variances larger), the plug-in components, and y − Xβ for the OLS
+    residuals (an O(p/N) difference)."""
+    K = len(ms.factors)
+    if K > 2:
+        return None
+    sigma2_k = mom["sigma2"]
+    N = float(ms.n)
+    s = [float(v) for v in sigma2_k[:K]] + [0.0] * (2 - K)
+    se = float(sigma2_k[K])
+    fa = ms.factors[0]
+    na = fa.n
+    sums = {}  # per factor k ∈ {0, 1}: L, ΣN², ΣN³ and, with a partner, T, W, Y, E
+    hows: list[str] = []
+    if K == 2:
+        i, j, c = ms.pairs[(0, 1)]
+        nb = ms.factors[1].n
+        F = float(np.sum(c ** 2))
+        H = float(np.sum(c * na[i] * nb[j]))
+        Tab = float(np.sum(c ** 2 / (na[i] * nb[j])))
+        for k, (own, other, oi, xi, m_own, m_other) in enumerate(
+                [(na, nb, i, j, len(na), len(nb)), (nb, na, j, i, len(nb), len(na))]):
+            W = float(np.sum(c ** 2 * other[xi] / own[oi]))
+            Y = float(np.sum(np.bincount(oi, c * other[xi], minlength=m_own) ** 2
+                             / np.where(own > 0, own, 1.0)))
+            Ec, how = _cooccurrence_term(c, oi, xi, own, m_own, m_other, Y, N)
+            hows.append(how)
+            sums[k] = dict(T=float(np.sum(c ** 2 / own[oi])), W=W, Y=Y, Ec=Ec)
+    for k in range(K):
+        n_k = ms.factors[k].n
+        sums.setdefault(k, {}).update(L=float(np.sum(n_k > 0)), S2=float(n_k @ n_k),
+                                      S3=float(np.sum(n_k ** 3)))
+    tr = np.zeros((K + 1, K + 1))  # tr(Q_k V Q_l V), k, l ∈ factors + (0: the intercept)
+    for k in range(K):
+        if K == 2:
+            o = 1 - k  # the other factor
+            so, S, P = s[o], sums[k], sums[o]
+            E = S["Ec"] + 2 * S["Y"] / N - P["S2"] ** 2 / N ** 2
+            tr[k, k] = (so ** 2 * (P["S2"] - 2 * S["W"] + E) + 2 * so * se * (N - S["T"])
+                        + se ** 2 * (N - S["L"]))
+            tr[k, K] = (so ** 2 * (P["S2"] - S["W"] - P["S3"] / N + S["Y"] / N)
+                        + 2 * so * se * (N - S["T"]) + se ** 2 * (N - S["L"]))
+        else:
+            tr[k, k] = tr[k, K] = se ** 2 * (N - sums[k]["L"])
+    if K == 2:
+        tr[0, 1] = se ** 2 * (N - sums[0]["L"] - sums[1]["L"] + Tab)
+    t00 = se ** 2 * (N - 1)
+    for k in range(K):
+        S = sums[k]
+        t00 += s[k] ** 2 * (S["S2"] - 2 * S["S3"] / N + S["S2"] ** 2 / N ** 2)
+        t00 += 2 * s[k] * se * (N - S["S2"] / N)
+    if K == 2:
+        t00 += 2 * s[0] * s[1] * (F - 2 * H / N + sums[0]["S2"] * sums[1]["S2"] / N ** 2)
+    tr[K, K] = t00
+    tr = np.triu(tr) + np.triu(tr, 1).T
+    scale = np.ones(K + 1)
+    scale[K] = N  # U_e = N y'Q_0 y
+    cov_u = 2 * tr * np.outer(scale, scale)
+    rs = np.abs(mom["A"]).max(axis=1)  # rows of A scaled alike (U_e is ~N times the others)
+    Ainv = np.linalg.inv(mom["A"] / rs[:, None])
+    cov = Ainv @ (cov_u / np.outer(rs, rs)) @ Ainv.T
+    return {"cov_u": cov_u, "cov": cov, "se": np.sqrt(np.maximum(np.diag(cov), 0.0)),
+            "terms": "estimated" if "estimated" in hows else "exact"}
+
+
+class Henderson:
+    """Henderson's u-block M = Z'Z + σ² D⁻¹ over the factors with a positive component,
+    as sparse products with the pairs' counts (O(combinations) per product), and its
+    solves by block PCG (`solve`): Jacobi-preconditioned conjugate gradients on every
+    right-hand side at once, so that each iteration reads the pair matrices once."""
+
+    def __init__(self, ms: MomentStatistics, active: list[int]):
+        import scipy.sparse as sp
+
+        self.ms, self.active = ms, active
+        self.offs = np.concatenate([[0], np.cumsum([ms.factors[k].m for k in active])]
+                                   ).astype(np.int64)
+        self.q = int(self.offs[-1])
+        self.counts = np.concatenate([ms.factors[k].n for k in active]) if active else \
+            np.zeros(0)
+        where = {k: j for j, k in enumerate(active)}
+        self.blocks = []  # (row slice, column slice, the pair's CSR, its transpose)
+        for (k, ll), (i, j, c) in ms.pairs.items():
+            if k in where and ll in where:
+                B = sp.csr_matrix((c, (i, j)), shape=(ms.factors[k].m, ms.factors[ll].m))
+                Bt = B.T.tocsr()
+                r0, c0 = int(self.offs[where[k]]), int(self.offs[where[ll]])
+                self.blocks.append(
+                    ((r0, B.indptr.astype(np.int64), B.indices.astype(np.int64), B.data, c0),
+                     (c0, Bt.indptr.astype(np.int64), Bt.indices.astype(np.int64), Bt.data,
+                      r0)))
+        self.ztxy = np.concatenate([np.column_stack([ms.factors[k].sx.T, ms.factors[k].sy])
+                                    for k in active]) if active else np.zeros((0, ms.p + 1))
+        self.products = 0  # block products so far
+
+    def diagonal(self, sigma2_k: np.ndarray) -> np.ndarray:
+        """diag(M) at the components (σ²_1..σ²_K, σ²)."""
+        sigma2 = float(sigma2_k[-1])
+        return np.concatenate([self.ms.factors[k].n + sigma2 / sigma2_k[k]
+                               for k in self.active]) if self.active else np.zeros(0)
+
+    def product(self, d: np.ndarray, V: np.ndarray) -> np.ndarray:
+        """M V for a (q, r) block V (`_pairs_jit.csr_add`: each pair matrix and its
+        transpose, output rows in parallel)."""
+        from ._pairs_jit import csr_add
+
+        self.products += 1
+        V = np.ascontiguousarray(V)
+        out = d[:, None] * V
+        for forward, backward in self.blocks:
+            csr_add(out, *forward[:4], forward[4], V)
+            csr_add(out, *backward[:4], backward[4], V)
+        return out
+
+    def solve(self, d: np.ndarray, B: np.ndarray, X0: np.ndarray | None = None, *,
+              rtol: float = PCG_RTOL) -> tuple[np.ndarray, int]:
+        """M X = B (columns of B) to ‖residual‖ ≤ rtol ‖b‖ each → (X, iterations)."""
+        X = (B / d[:, None]) if X0 is None else X0.copy()
+        R = B - self.product(d, X)
+        target = rtol * np.linalg.norm(B, axis=0)
+        live = np.flatnonzero(np.linalg.norm(R, axis=0) > target)
+        Zr = R[:, live] / d[:, None]
+        P = Zr.copy()
+        rz = np.sum(R[:, live] * Zr, axis=0)
+        it = 0
+        while live.size:
+            if it >= PCG_MAXITER:
+                raise InputError(f"the conjugate-gradient solve did not converge in "
+                                 f"{PCG_MAXITER} iterations (rtol {rtol:g})")
+            it += 1
+            AP = self.product(d, P)
+            alpha = rz / np.sum(P * AP, axis=0)
+            X[:, live] += alpha * P
+            Rl = R[:, live] - alpha * AP
+            R[:, live] = Rl
+            keep = np.linalg.norm(Rl, axis=0) > target[live]
+            live, Rl, P, rz = live[keep], Rl[:, keep], P[:, keep], rz[keep]
+            Zr = Rl / d[:, None]
+            rz_new = np.sum(Rl * Zr, axis=0)
+            P = Zr + (rz_new / rz) * P
+            rz = rz_new
+        return X, it
+
+
+def gls(ms: MomentStatistics, sigma2_k: np.ndarray, *, rtol: float = PCG_RTOL,
+        hend: Henderson | None = None, start: np.ndarray | None = None) -> dict:
+    """β̂, Var(β̂), b̂ and approximate conditional SDs at the variance components
+    (σ²_1..σ²_K, σ²), by block PCG on Henderson's equations (see the module docstring).
+    `hend`/`start`: the operator and the solutions W of an earlier call (warm start)."""
     K = len(ms.factors)
     sigma2 = float(sigma2_k[K])
     if not sigma2 > 0:
         raise InputError("the method of moments estimates the residual variance as 0")
     active = [k for k in range(K) if sigma2_k[k] > 0]
+    if hend is None or hend.active != active:
+        hend, start = Henderson(ms, active), None
     p = ms.p
-    offs = np.concatenate([[0], np.cumsum([ms.factors[k].m for k in active])]).astype(np.int64)
-    Q = int(offs[-1])
     out_b = {k: np.zeros(ms.factors[k].m) for k in range(K)}
     out_sd = {k: np.zeros(ms.factors[k].m) for k in range(K)}
-    iterations = 0
+    iterations, W = 0, None
     xtx = np.asarray(ms.xtx, dtype=float)
-    if Q == 0:  # every variance component at 0: OLS
+    if hend.q == 0:  # every variance component at 0: OLS
         xtx_adj, rhs = xtx, np.asarray(ms.xty, dtype=float)
     else:
-        d = np.concatenate([ms.factors[k].n + sigma2 / sigma2_k[k] for k in active])
-        where = {k: j for j, k in enumerate(active)}
-        blocks = []  # (row offset, column offset, the pair's CSR matrix)
-        for (k, ll), (i, j, c) in ms.pairs.items():
-            if k in where and ll in where:
-                B = sp.csr_matrix((c, (i, j)), shape=(ms.factors[k].m, ms.factors[ll].m))
-                blocks.append((offs[where[k]], offs[where[k] + 1], offs[where[ll]],
-                               offs[where[ll] + 1], B))
-
-        def matvec(v):
-            v = np.ravel(v)
-            out = d * v
-            for r0, r1, c0, c1, B in blocks:
-                out[r0:r1] += B @ v[c0:c1]
-                out[c0:c1] += B.T @ v[r0:r1]
-            return out
-
-        M = LinearOperator((Q, Q), matvec=matvec, dtype=float)
-        pre = LinearOperator((Q, Q), matvec=lambda v: np.ravel(v) / d, dtype=float)
-        ZtXy = np.concatenate([np.column_stack([ms.factors[k].sx.T, ms.factors[k].sy])
-                               for k in active])
-        W = np.empty_like(ZtXy)
-        for col in range(p + 1):
-            count = [0]
-
-            def tick(_x, count=count):
-                count[0] += 1
-            rhs_c = ZtXy[:, col]
-            sol, info = cg(M, rhs_c, x0=rhs_c / d, rtol=rtol, atol=0.0, maxiter=PCG_MAXITER,
-                           M=pre, callback=tick)
-            if info != 0:
-                raise InputError(f"the conjugate-gradient solve did not converge in "
-                                 f"{PCG_MAXITER} iterations (rtol {rtol:g})")
-            W[:, col] = sol
-            iterations += count[0]
-        ZtX, WX, Wy = ZtXy[:, :p], W[:, :p], W[:, p]
+        d = hend.diagonal(sigma2_k)
+        W, iterations = hend.solve(d, hend.ztxy, start, rtol=rtol)
+        ZtX, WX, Wy = hend.ztxy[:, :p], W[:, :p], W[:, p]
         xtx_adj = xtx - ZtX.T @ WX
         rhs = np.asarray(ms.xty, dtype=float) - ZtX.T @ Wy
     xtx_adj = (xtx_adj + xtx_adj.T) / 2
     beta = np.linalg.solve(xtx_adj, rhs)
     vcov = sigma2 * np.linalg.inv(xtx_adj)
-    if Q:
+    if hend.q:
         b = Wy - WX @ beta
         sd = np.sqrt(sigma2 / d)
         for jj, k in enumerate(active):
-            out_b[k] = b[offs[jj]:offs[jj + 1]]
-            out_sd[k] = sd[offs[jj]:offs[jj + 1]]
+            out_b[k] = b[hend.offs[jj]:hend.offs[jj + 1]]
+            out_sd[k] = sd[hend.offs[jj]:hend.offs[jj + 1]]
     return {"beta": beta, "vcov": vcov, "b": out_b, "cond_sd": out_sd,
-            "iterations": iterations, "sigma2": sigma2}
+            "iterations": iterations, "sigma2": sigma2, "W": W, "hend": hend,
+            "xtx_adj": xtx_adj}
 
 
-def fit_moments(data, *, reason: str | None = None):
+# ------------------------------------------------------------------ the REML refinement
+
+REFINE_PROBES = 16
+REFINE_TOL = 1e-6  # relative change of every component in one (accelerated) step
+REFINE_MAXITER = 100
+REFINE_EXACT_LEVELS = 64  # a factor with no more levels has its trace term exactly
+REFINE_FLOOR = 1e-3  # a component the moments set to 0 starts at this share of σ²
+
+
+def refine(ms: MomentStatistics, sigma2_k: np.ndarray, *, reml: bool = True,
+           probes: int = REFINE_PROBES, seed: int = 0, tol: float = REFINE_TOL,
+           maxiter: int = REFINE_MAXITER) -> dict:
+    """Approximate REML (or ML) variance components from the moment estimates, within
+    O(levels + combinations) memory: the fixed point of the EM-REML update
+
+        σ²_k ← (b̂_k'b̂_k + σ² tr(C^kk)) / L_k,    σ² ← y'(y − Xβ̂ − Zb̂) / (N − p)
+
+    (N for ML), whose fixed points are the stationary points of the REML criterion
+    (Harville 1977).  b̂, β̂ come from block-PCG solves with M = Z'Z + σ²D⁻¹ (`Henderson`);
+    tr(C^kk) — level block k of the inverse of Henderson's matrix with β absorbed,
+    M⁻¹ + W_X S⁻¹ W_X' (S = X'X − X'Z W_X) — is the exact diagonal of the second part
+    plus tr_k(M⁻¹): exact for a factor of at most REFINE_EXACT_LEVELS levels (its unit
+    vectors solved; few levels make a small, poorly probed trace), else Hutchinson's estimate from `probes` Rademacher probes on the other
+    factors' levels, solved with the same block PCG.  The probes are drawn once (seeded), so the update is a fixed,
+    smooth map: its fixed point is found by SQUAREM-accelerated iteration (Varadhan &
+    Roland 2008) with warm-started solves.  The Monte Carlo error of the result —
+    (I − J)⁻¹ δF, δF the probes' scatter of the update, J its Jacobian by differences —
+    is what the refinement claims (`mc_se`)."""
+    K = len(ms.factors)
+    N, p = float(ms.n), ms.p
+    s0 = np.asarray(sigma2_k, dtype=float).copy()
+    floor = REFINE_FLOOR * s0[K]
+    s0[:K] = np.maximum(s0[:K], floor)
+    hend = Henderson(ms, list(range(K)))
+    levels = np.array([ms.factors[k].m for k in range(K)], dtype=float)
+    # a factor of at most REFINE_EXACT_LEVELS levels has tr_k(M⁻¹) exactly, from its unit
+    # vectors; the probes cover the other factors' levels only
+    small = [k for k in range(K) if levels[k] <= REFINE_EXACT_LEVELS]
+    rng = np.random.default_rng(seed)
+    Zp = rng.choice([-1.0, 1.0], size=(hend.q, probes))
+    units = []
+    for k in small:
+        Zp[hend.offs[k]:hend.offs[k + 1]] = 0.0
+        e = np.zeros((hend.q, int(levels[k])))
+        e[np.arange(hend.offs[k], hend.offs[k + 1]), np.arange(int(levels[k]))] = 1.0
+        units.append(e)
+    rhs = np.column_stack([hend.ztxy, Zp] + units)
+    state = {"W": None, "evaluations": 0, "iterations": 0}
+    xtx, xty = np.asarray(ms.xtx, float), np.asarray(ms.xty, float)
+    zty = hend.ztxy[:, p]
+
+    def update(s: np.ndarray, keep: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(F(s), the probes' per-probe contributions to F's components)."""
+        d = hend.diagonal(s)
+        W, it = hend.solve(d, rhs, state["W"], rtol=1e-10)
+        state["evaluations"] += 1
+        state["iterations"] += it
+        if keep:
+            state["W"] = W
+        WX, Wy, Wz = W[:, :p], W[:, p], W[:, p + 1:p + 1 + probes]
+        ZtX = hend.ztxy[:, :p]
+        S = xtx - ZtX.T @ WX
+        S = (S + S.T) / 2
+        beta = np.linalg.solve(S, xty - ZtX.T @ Wy)
+        b = Wy - WX @ beta
+        ye = float(ms.yty - beta @ xty - b @ zty)
+        new = np.empty(K + 1)
+        new[K] = ye / (N - p if reml else N)
+        extra = np.sum(WX * np.linalg.solve(S, WX.T).T, axis=1) if reml else 0.0
+        per_probe = np.zeros((K, probes))
+        col = p + 1 + probes
+        for k in range(K):
+            sl = slice(hend.offs[k], hend.offs[k + 1])
+            if k in small:  # the diagonal of M⁻¹ over the level block, exactly
+                t_probe = np.full(probes, float(np.trace(W[sl, col:col + int(levels[k])])))
+                col += int(levels[k])
+            else:
+                t_probe = np.sum(Zp[sl] * Wz[sl], axis=0)
+            tr = float(t_probe.mean()) + (float(np.sum(extra[sl])) if reml else 0.0)
+            new[k] = (float(b[sl] @ b[sl]) + s[K] * tr) / levels[k]
+            per_probe[k] = s[K] * t_probe / levels[k]
+        return new, per_probe
+
+    x = s0
+    steps, converged = 0, False
+    fx, _ = update(x)
+    while steps < maxiter:
+        steps += 1
+        x1 = fx
+        x2, _ = update(x1)
+        r, v = x1 - x, x2 - 2 * x1 + x
+        nv = float(np.linalg.norm(v))
+        alpha = -float(np.linalg.norm(r)) / nv if nv > 0 else -1.0
+        alpha = min(alpha, -1.0)
+        xn = x - 2 * alpha * r + alpha ** 2 * v
+        if not np.all(xn > 0):
+            xn = x2
+        fn, _ = update(xn)
+        change = float(np.max(np.abs(fn - xn) / np.maximum(np.abs(xn), 1e-300)))
+        x, fx = xn, fn
+        if change < tol:
+            converged = True
+            break
+    x = fx  # one last update from the (converged) point
+    fx, per_probe = update(x)
+    # Monte Carlo error: J by forward differences of the fixed probes' map
+    J = np.empty((K + 1, K + 1))
+    for c in range(K + 1):
+        h = 1e-4 * x[c]
+        xp = x.copy()
+        xp[c] += h
+        J[:, c] = (update(xp, keep=False)[0] - fx) / h
+    dF = np.zeros((K + 1, K + 1))
+    dF[:K, :K] = np.cov(per_probe) / probes if K > 1 else np.var(per_probe, ddof=1) / probes
+    G = np.linalg.inv(np.eye(K + 1) - J)
+    mc = np.sqrt(np.maximum(np.diag(G @ dF @ G.T), 0.0))
+    return {"sigma2": fx, "start": s0, "mc_se": mc, "converged": converged, "steps": steps,
+            "evaluations": state["evaluations"], "iterations": state["iterations"],
+            "probes": probes, "reml": reml, "products": hend.products,
+            "at_floor": [ms.factors[k].name for k in range(K) if fx[k] <= floor * 1.0001]}
+
+
+def fit_moments(data, *, reason: str | None = None, refine_with: str | None = None):
     """A FitResult by the method of moments and GLS (no likelihood) from `data`: a
     `MomentStatistics` or cell statistics (`Statistics`).  `reason`: why this path was taken
-    instead of the exact one (the optimizer record's first message)."""
+    instead of the exact one (the optimizer record's first message).  `refine_with`:
+    "REML" or "ML" refines the components by `refine` before the GLS step."""
     from .model import rank_deficient_columns
     from .optimize import OptSummary
     from .results import FitResult, _fixed_table, modes_table, variance_tables
@@ -358,13 +659,51 @@ def fit_moments(data, *, reason: str | None = None):
     for f in ms.factors:
         if f.m < 2:
             raise DataError(f"grouping factor {f.name} has fewer than 2 levels")
-    mom = moment_estimates(ms)
-    s2 = mom["sigma2"]
-    est = gls(ms, s2)
     K = len(ms.factors)
+    names = [f.name for f in ms.factors] + ["Residual"]
+    mom = moment_estimates(ms)
+    cov = moment_covariance(ms, mom)
+    record = {"estimates": dict(zip(names, mom["sigma2"].tolist())),
+              "raw": dict(zip(names, mom["raw"].tolist()))}
+    if cov is not None:
+        record["variance_se"] = dict(zip(names, cov["se"].tolist()))
+        record["variance_cov"] = cov["cov"].tolist()
+        record["cooccurrence_terms"] = cov["terms"]
+    messages = [f"variance components by the method of moments (U-statistics, Gao & Owen "
+                f"2017)"]
+    clipped = [ms.factors[k].name for k in range(K) if mom["raw"][k] < 0]
+    if clipped:
+        messages.append(f"negative moment estimates set to 0: {', '.join(clipped)}")
+    s2 = mom["sigma2"]
+    method = "moments+PCG"
+    if refine_with is not None:
+        ref = refine(ms, s2, reml=refine_with == "REML")
+        moved = ", ".join(f"{nm} {math.sqrt(a):.4g} → {math.sqrt(b):.4g} (±{e / (2 * math.sqrt(b)):.2g})"
+                          for nm, a, b, e in zip(names, s2, ref["sigma2"], ref["mc_se"]))
+        messages.append(
+            f"refined to approximate {refine_with} by stochastic EM ({ref['probes']} probes, "
+            f"{ref['steps']} accelerated steps, {ref['evaluations']} updates, "
+            f"{ref['iterations']} PCG iterations"
+            + ("" if ref["converged"] else f"; NOT converged in {REFINE_MAXITER} steps")
+            + f"): SDs moved {moved} (± the Monte Carlo SE)")
+        if ref["at_floor"]:
+            messages.append(f"at the refinement's floor (its REML value is 0 or near it): "
+                            f"{', '.join(ref['at_floor'])}")
+        record["refinement"] = {
+            "criterion": refine_with, "sigma2": dict(zip(names, ref["sigma2"].tolist())),
+            "mc_se": dict(zip(names, ref["mc_se"].tolist())), "probes": ref["probes"],
+            "steps": ref["steps"], "updates": ref["evaluations"],
+            "pcg_iterations": ref["iterations"], "converged": ref["converged"]}
+        s2 = ref["sigma2"]
+        method = f"moments+EM-{refine_with}+PCG"
+    est = gls(ms, s2)
+    messages.append(f"fixed effects by GLS at them ({est['iterations']} block conjugate-"
+                    f"gradient iterations, rtol {PCG_RTOL:g})")
+    if reason:
+        messages.insert(0, reason)
     sigma2 = est["sigma2"]
     sigma = math.sqrt(sigma2)
-    rx = np.linalg.cholesky(sigma2 * np.linalg.inv(est["vcov"])).T  # R_X'R_X = σ² Var(β)⁻¹
+    rx = np.linalg.cholesky(est["xtx_adj"]).T  # R_X'R_X = σ² Var(β)⁻¹
     fixed, vcov = _fixed_table(ms.fixed_names, est["beta"], rx, sigma2)
     rand, corrs = variance_tables([(f.name, ["(Intercept)"], np.array([[s2[k]]]), [(0, 1)])
                                    for k, f in enumerate(ms.factors)])
@@ -372,23 +711,18 @@ def fit_moments(data, *, reason: str | None = None):
                                    est["cond_sd"][k][:, None])
                        for k, f in enumerate(ms.factors)])
     theta = np.sqrt(s2[:K] / sigma2)
-    messages = [f"variance components by the method of moments (U-statistics, Gao & Owen "
-                f"2017); fixed effects by GLS at them ({est['iterations']} conjugate-"
-                f"gradient iterations, rtol {PCG_RTOL:g})"]
-    clipped = [ms.factors[k].name for k in range(K) if mom["raw"][k] < 0]
-    if clipped:
-        messages.append(f"negative moment estimates set to 0: {', '.join(clipped)}")
-    if reason:
-        messages.insert(0, reason)
-    opt = OptSummary("moments+PCG", [], float("nan"), theta.tolist(), float("nan"),
+    opt = OptSummary(method, [], float("nan"), theta.tolist(), float("nan"),
                      evaluations=est["iterations"], return_code="SUCCESS", converged=True,
                      reml=False, seconds=time.perf_counter() - t0, messages=messages,
                      start="moments")
     nan = float("nan")
+    singular = bool(clipped) if refine_with is None else bool(record["refinement"] and
+                                                             ref["at_floor"])
     return FitResult(
         formula=ms.formula, method="moments", nobs=ms.n,
         groups={f.name: f.m for f in ms.factors}, fixed_effects=fixed, vcov_matrix=vcov,
         random_effects=rand, random_correlations=corrs, residual_variance=sigma2, sigma=sigma,
         loglik=nan, deviance=nan, reml_criterion=None, aic=nan, bic=nan,
-        npar=ms.p + K + 1, converged=True, singular=bool(clipped), optimizer=opt,
-        ranef=ranef, theta=theta, rows_dropped=ms.rows_dropped, stats=stats)
+        npar=ms.p + K + 1, converged=True, singular=singular, optimizer=opt,
+        ranef=ranef, theta=theta, rows_dropped=ms.rows_dropped, stats=stats,
+        moments=record)

@@ -107,6 +107,9 @@ class FitResult:
     #: `Statistics` (a GLMM); otherwise read from `stats`
     factor_levels: dict | None = None
     group_types: dict | None = None
+    #: a fit by the method of moments (mlpipe/moments.py): the moment estimates, their
+    #: sampling SEs and covariance (one or two factors), the refinement's record
+    moments: dict | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -284,6 +287,8 @@ class FitResult:
                                   for k, v in self.residual_structure.items()}
         if self.residuals is not None:
             out["scaled_residuals"] = dict(self.residuals.quantiles)
+        if self.moments is not None:
+            out["moments"] = self.moments
         if self.confidence_intervals is not None:
             out["confidence_intervals"] = {"level": self.ci_level,
                                            "intervals": rows(self.confidence_intervals)}
@@ -740,6 +745,24 @@ def _family_text(r: FitResult) -> str:
     return "Gamma" if r.family == "gamma" else r.family
 
 
+def moments_text(rec: dict) -> list[str]:
+    """The summary's lines on a fit by the method of moments: the sampling SEs of the
+    moment estimates (one or two factors), and of the refined ones their Monte Carlo SEs."""
+    lines = []
+    if "variance_se" in rec:
+        how = ("" if rec["cooccurrence_terms"] == "exact"
+               else "; the level co-occurrence terms estimated")
+        lines.append("Moment estimates' sampling SEs (Gaussian model" + how + "): " + ", ".join(
+            f"{g} {v:.4g} ± {rec['variance_se'][g]:.2g}" for g, v in rec["estimates"].items()))
+    else:
+        lines.append("Moment estimates' sampling SEs: not computed (one or two factors only)")
+    if "refinement" in rec:
+        ref = rec["refinement"]
+        lines.append(f"Approximate {ref['criterion']} variances (± Monte Carlo SE): " + ", ".join(
+            f"{g} {v:.4g} ± {ref['mc_se'][g]:.2g}" for g, v in ref["sigma2"].items()))
+    return lines
+
+
 def render_summary(r: FitResult, correlation: bool = False) -> str:
     how = {"REML": "REML", "ML": "maximum likelihood",
            "moments": "the method of moments (fixed effects by GLS)"}[r.method]
@@ -789,6 +812,8 @@ def render_summary(r: FitResult, correlation: bool = False) -> str:
     lines += _table(["Groups", "Name", "Variance", "Std.Dev.", "Corr"], rows, align_left=2)
     if r.residual_structure:
         lines += residual_structure_text(r.residual_structure)
+    if r.moments is not None:
+        lines += moments_text(r.moments)
     if r.icc is not None:
         lines.append(f"ICC: {r.icc['icc']:.4f} ({100 * r.icc['level']:g}% CI "
                      f"{r.icc['lower']:.4f} to {r.icc['upper']:.4f}, {r.icc['method']})")
