@@ -29,5 +29,5 @@ def csr_add(out, row_off, ptr, idx, val, col_off, V):
 def warm() -> None:
     """Compile (or load the cache) once, so a timing does not count it."""
     out = np.zeros((2, 1))
-    csr_add(out, 0, np.array([0, 1, 1], np.int64), np.array([0], np.int64),
+    csr_add(out, 0, np.array([0, 1, 1], np.int64), np.array([0], np.int32),
             np.array([1.0]), 0, np.ones((2, 1)))

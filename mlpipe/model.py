@@ -306,7 +306,8 @@ def _fit_moments(stats, *, ci: str | None, level: float, refine: str | None = No
                  reason: str | None = None) -> FitResult:
     """The method of moments with GLS fixed effects (mlpipe/moments.py): t statistics
     without df (there is no likelihood for Satterthwaite), Wald intervals on request (of
-    the unrefined variance components too, `_moment_intervals`).  `refine`: "reml" / "ml" refines the components."""
+    the unrefined variance components too, `_moment_intervals`).  `refine`: "reml" /
+    "ml" refines the components."""
     from .moments import fit_moments
 
     if ci == "profile":

@@ -295,9 +295,16 @@ def _cooccurrence_term(c: np.ndarray, i: np.ndarray, j: np.ndarray, div: np.ndar
             s = sp.diags(np.sqrt(inv))
             prod = s @ Nm @ Nm.T @ s  # rows × rows
         return max(float(np.sum(prod.data ** 2)) + centre, 0.0), "exact"
+    from ._pairs_jit import csr_add
+
     z = np.random.default_rng(20170).choice([-1.0, 1.0], size=(cols, COOCCURRENCE_PROBES))
-    mz = Nm.T.tocsr() @ (inv[:, None] * (Nm @ z)) - np.outer(m, m @ z) / N
-    return float(np.mean(np.sum(mz ** 2, axis=0))), "estimated"
+    t = np.zeros((rows, z.shape[1]))
+    csr_add(t, 0, Nm.indptr.astype(np.int64), Nm.indices.astype(np.int32), Nm.data, 0, z)
+    t *= inv[:, None]
+    Nt = Nm.T.tocsr()
+    mz = -np.outer(m, m @ z) / N
+    csr_add(mz, 0, Nt.indptr.astype(np.int64), Nt.indices.astype(np.int32), Nt.data, 0, t)
+    return float(np.mean(np.einsum("ij,ij->j", mz, mz))), "estimated"
 
 
 def moment_covariance(ms: MomentStatistics, mom: dict) -> dict | None:
@@ -326,9 +333,10 @@ def moment_covariance(ms: MomentStatistics, mom: dict) -> dict | None:
     the cancellations between U_a, U_b and U_e leave (`_cooccurrence_term`).  Bounding it
     instead (0 ≤ tr(PGPG) ≤ tr(PG²) for a projection P and G ⪰ 0), as a conservative
     formula would, is not conservative here: σ̂² is a difference of U-statistics, and the
-    bound on one of them overstates its variance many times over (2× on a small design).  Assumptions: Gaussian effects and errors (heavier
-    tails make the true variances larger), the plug-in components, and y − Xβ for the OLS
-    residuals (an O(p/N) difference)."""
+    bound on one of them overstates its variance many times over (2× on a small design).
+    Assumptions: Gaussian effects and errors (heavier tails make the true variances
+    larger), the plug-in components, and y − Xβ for the OLS residuals (an O(p/N)
+    difference)."""
     K = len(ms.factors)
     if K > 2:
         return None
@@ -394,8 +402,12 @@ def moment_covariance(ms: MomentStatistics, mom: dict) -> dict | None:
 class Henderson:
     """Henderson's u-block M = Z'Z + σ² D⁻¹ over the factors with a positive component,
     as sparse products with the pairs' counts (O(combinations) per product), and its
-    solves by block PCG (`solve`): Jacobi-preconditioned conjugate gradients on every
-    right-hand side at once, so that each iteration reads the pair matrices once."""
+    solves (`solve`).  M's block of the factor with the most levels is diagonal (its
+    levels share no rows with each other), so that factor is eliminated exactly and block
+    PCG — Jacobi-preconditioned conjugate gradients on every right-hand side at once, one
+    read of the pair matrices per iteration — runs on the Schur complement of the other
+    factors' levels, S = M_rr − M_re D_e⁻¹ M_er (for users × items: on the items).  With
+    one factor M is diagonal and solved directly."""
 
     def __init__(self, ms: MomentStatistics, active: list[int]):
         import scipy.sparse as sp
@@ -404,22 +416,30 @@ class Henderson:
         self.offs = np.concatenate([[0], np.cumsum([ms.factors[k].m for k in active])]
                                    ).astype(np.int64)
         self.q = int(self.offs[-1])
-        self.counts = np.concatenate([ms.factors[k].n for k in active]) if active else \
-            np.zeros(0)
         where = {k: j for j, k in enumerate(active)}
-        self.blocks = []  # (row slice, column slice, the pair's CSR, its transpose)
+        # the eliminated factor (most levels) and the others' offsets in the reduced space
+        self.elim = max(range(len(active)), key=lambda j: ms.factors[active[j]].m) \
+            if active else None
+        self.rest_off = {}
+        off = 0
+        for j in range(len(active)):
+            if j != self.elim:
+                self.rest_off[j] = off
+                off += ms.factors[active[j]].m
+        self.q_rest = off
+        # directed pair blocks: (row factor, column factor, CSR arrays rows × columns)
+        self.directed = []
+        self.pair_arrays = []  # (row factor, column factor, i, j, c) for diag(S)
         for (k, ll), (i, j, c) in ms.pairs.items():
             if k in where and ll in where:
                 B = sp.csr_matrix((c, (i, j)), shape=(ms.factors[k].m, ms.factors[ll].m))
-                Bt = B.T.tocsr()
-                r0, c0 = int(self.offs[where[k]]), int(self.offs[where[ll]])
-                self.blocks.append(
-                    ((r0, B.indptr.astype(np.int64), B.indices.astype(np.int64), B.data, c0),
-                     (c0, Bt.indptr.astype(np.int64), Bt.indices.astype(np.int64), Bt.data,
-                      r0)))
+                for a, b, mat in ((where[k], where[ll], B), (where[ll], where[k], B.T.tocsr())):
+                    self.directed.append((a, b, mat.indptr.astype(np.int64),
+                                          mat.indices.astype(np.int32), mat.data))
+                self.pair_arrays.append((where[k], where[ll], i, j, c))
         self.ztxy = np.concatenate([np.column_stack([ms.factors[k].sx.T, ms.factors[k].sy])
                                     for k in active]) if active else np.zeros((0, ms.p + 1))
-        self.products = 0  # block products so far
+        self.products = 0  # products with the pair matrices (each a read of them all)
 
     def diagonal(self, sigma2_k: np.ndarray) -> np.ndarray:
         """diag(M) at the components (σ²_1..σ²_K, σ²)."""
@@ -427,44 +447,103 @@ class Henderson:
         return np.concatenate([self.ms.factors[k].n + sigma2 / sigma2_k[k]
                                for k in self.active]) if self.active else np.zeros(0)
 
-    def product(self, d: np.ndarray, V: np.ndarray) -> np.ndarray:
-        """M V for a (q, r) block V (`_pairs_jit.csr_add`: each pair matrix and its
-        transpose, output rows in parallel)."""
+    # the full space: factors at self.offs; the reduced space: the non-eliminated factors
+    def _e(self, V: np.ndarray) -> np.ndarray:
+        return V[self.offs[self.elim]:self.offs[self.elim + 1]]
+
+    def _rest(self, V: np.ndarray) -> np.ndarray:
+        return np.concatenate([V[self.offs[j]:self.offs[j + 1]] for j in self.rest_off]) \
+            if self.rest_off else V[:0]
+
+    def _add(self, out, out_space: str, V, v_space: str, sign: float = 1.0) -> None:
+        """out += sign · (the pair blocks from V's space into out's space) V."""
         from ._pairs_jit import csr_add
 
+        src = V if sign == 1.0 else -V
+        for a, b, ptr, idx, val in self.directed:
+            a_e, b_e = a == self.elim, b == self.elim
+            if (out_space == "e") != a_e or (v_space == "e") != b_e:
+                continue
+            csr_add(out, 0 if a_e else self.rest_off[a], ptr, idx, val,
+                    0 if b_e else self.rest_off[b], src)
+
+    def _schur(self, d_e: np.ndarray, d_r: np.ndarray, V: np.ndarray) -> np.ndarray:
+        """S V = d_r V + M_rr,off V − M_re D_e⁻¹ M_er V for a (q_rest, r) block V."""
         self.products += 1
         V = np.ascontiguousarray(V)
-        out = d[:, None] * V
-        for forward, backward in self.blocks:
-            csr_add(out, *forward[:4], forward[4], V)
-            csr_add(out, *backward[:4], backward[4], V)
+        t = np.zeros((len(d_e), V.shape[1]))
+        self._add(t, "e", V, "r")
+        t /= d_e[:, None]
+        out = d_r[:, None] * V
+        self._add(out, "r", V, "r")
+        self._add(out, "r", t, "e", sign=-1.0)
+        return out
+
+    def _schur_diagonal(self, d_e: np.ndarray, d_r: np.ndarray) -> np.ndarray:
+        out = d_r.copy()
+        for a, b, i, j, c in self.pair_arrays:
+            if a == self.elim or b == self.elim:
+                e_idx, r_idx, rf = (i, j, b) if a == self.elim else (j, i, a)
+                out[self.rest_off[rf]:self.rest_off[rf] + self.ms.factors[
+                    self.active[rf]].m] -= np.bincount(r_idx, c ** 2 / d_e[e_idx],
+                                                       minlength=self.ms.factors[
+                                                           self.active[rf]].m)
         return out
 
     def solve(self, d: np.ndarray, B: np.ndarray, X0: np.ndarray | None = None, *,
               rtol: float = PCG_RTOL) -> tuple[np.ndarray, int]:
-        """M X = B (columns of B) to ‖residual‖ ≤ rtol ‖b‖ each → (X, iterations)."""
-        X = (B / d[:, None]) if X0 is None else X0.copy()
-        R = B - self.product(d, X)
-        target = rtol * np.linalg.norm(B, axis=0)
-        live = np.flatnonzero(np.linalg.norm(R, axis=0) > target)
-        Zr = R[:, live] / d[:, None]
-        P = Zr.copy()
-        rz = np.sum(R[:, live] * Zr, axis=0)
+        """M X = B (columns of B) → (X, PCG iterations): S X_r = B_r − M_re D_e⁻¹ B_e by
+        block PCG to ‖residual‖ ≤ rtol ‖that right-hand side‖ per column, then
+        X_e = D_e⁻¹ (B_e − M_er X_r).  `X0`: a start (full space)."""
+        if self.elim is None:
+            return np.zeros_like(B), 0
+        d_e, d_r = self._e(d), self._rest(d)
+        B_e = np.ascontiguousarray(self._e(B))
+        X_r, it = np.zeros((self.q_rest, B.shape[1])), 0
+        if self.q_rest:
+            Br = np.ascontiguousarray(self._rest(B))
+            self._add(Br, "r", B_e / d_e[:, None], "e", sign=-1.0)
+            x0 = (Br / self._schur_diagonal(d_e, d_r)[:, None]) if X0 is None else \
+                np.ascontiguousarray(self._rest(X0))
+            X_r, it = self._pcg(d_e, d_r, Br, x0, rtol)
+        X_e = B_e.copy()
+        self._add(X_e, "e", X_r, "r", sign=-1.0)
+        X_e /= d_e[:, None]
+        X = np.empty_like(B, dtype=float)
+        X[self.offs[self.elim]:self.offs[self.elim + 1]] = X_e
+        for j, off in self.rest_off.items():
+            X[self.offs[j]:self.offs[j + 1]] = X_r[off:off + self.offs[j + 1] - self.offs[j]]
+        return X, it
+
+    def _pcg(self, d_e, d_r, B, X, rtol):
+        """Block Jacobi-PCG on S: the columns still iterating kept compacted (contiguous),
+        a converged one written back as it drops out."""
+        pre = self._schur_diagonal(d_e, d_r)[:, None]
+        R = B - self._schur(d_e, d_r, X)
+        target = rtol ** 2 * np.einsum("ij,ij->j", B, B)
+        live = np.flatnonzero(np.einsum("ij,ij->j", R, R) > target)
+        Xl, Rl = X[:, live], R[:, live]
+        P = Rl / pre
+        rz = np.einsum("ij,ij->j", Rl, P)
         it = 0
         while live.size:
             if it >= PCG_MAXITER:
                 raise InputError(f"the conjugate-gradient solve did not converge in "
                                  f"{PCG_MAXITER} iterations (rtol {rtol:g})")
             it += 1
-            AP = self.product(d, P)
-            alpha = rz / np.sum(P * AP, axis=0)
-            X[:, live] += alpha * P
-            Rl = R[:, live] - alpha * AP
-            R[:, live] = Rl
-            keep = np.linalg.norm(Rl, axis=0) > target[live]
-            live, Rl, P, rz = live[keep], Rl[:, keep], P[:, keep], rz[keep]
-            Zr = Rl / d[:, None]
-            rz_new = np.sum(Rl * Zr, axis=0)
+            AP = self._schur(d_e, d_r, P)
+            alpha = rz / np.einsum("ij,ij->j", P, AP)
+            Xl += alpha * P
+            Rl -= alpha * AP
+            keep = np.einsum("ij,ij->j", Rl, Rl) > target[live]
+            if not keep.all():
+                X[:, live[~keep]] = Xl[:, ~keep]
+                live, Xl, Rl, P, rz = (live[keep], Xl[:, keep], Rl[:, keep], P[:, keep],
+                                       rz[keep])
+                if not live.size:
+                    break
+            Zr = Rl / pre
+            rz_new = np.einsum("ij,ij->j", Rl, Zr)
             P = Zr + (rz_new / rz) * P
             rz = rz_new
         return X, it
@@ -515,6 +594,7 @@ REFINE_PROBES = 16
 REFINE_TOL = 1e-6  # relative change of every component in one (accelerated) step
 REFINE_MAXITER = 100
 REFINE_EXACT_LEVELS = 64  # a factor with no more levels has its trace term exactly
+REFINE_RTOL = 1e-8  # the PCG solves of one update (its Monte Carlo error is far larger)
 REFINE_FLOOR = 1e-3  # a component the moments set to 0 starts at this share of σ²
 
 
@@ -531,10 +611,11 @@ def refine(ms: MomentStatistics, sigma2_k: np.ndarray, *, reml: bool = True,
     tr(C^kk) — level block k of the inverse of Henderson's matrix with β absorbed,
     M⁻¹ + W_X S⁻¹ W_X' (S = X'X − X'Z W_X) — is the exact diagonal of the second part
     plus tr_k(M⁻¹): exact for a factor of at most REFINE_EXACT_LEVELS levels (its unit
-    vectors solved; few levels make a small, poorly probed trace), else Hutchinson's estimate from `probes` Rademacher probes on the other
-    factors' levels, solved with the same block PCG.  The probes are drawn once (seeded), so the update is a fixed,
-    smooth map: its fixed point is found by SQUAREM-accelerated iteration (Varadhan &
-    Roland 2008) with warm-started solves.  The Monte Carlo error of the result —
+    vectors solved; few levels make a small, poorly probed trace), else Hutchinson's
+    estimate from `probes` Rademacher probes on the other factors' levels, solved with the
+    same block PCG.  The probes are drawn once (seeded), so the update is a fixed, smooth
+    map: its fixed point is found by SQUAREM-accelerated iteration (Varadhan & Roland
+    2008) with warm-started solves.  The Monte Carlo error of the result —
     (I − J)⁻¹ δF, δF the probes' scatter of the update, J its Jacobian by differences —
     is what the refinement claims (`mc_se`)."""
     K = len(ms.factors)
@@ -563,7 +644,7 @@ def refine(ms: MomentStatistics, sigma2_k: np.ndarray, *, reml: bool = True,
     def update(s: np.ndarray, keep: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(F(s), the probes' per-probe contributions to F's components)."""
         d = hend.diagonal(s)
-        W, it = hend.solve(d, rhs, state["W"], rtol=1e-10)
+        W, it = hend.solve(d, rhs, state["W"], rtol=REFINE_RTOL)
         state["evaluations"] += 1
         state["iterations"] += it
         if keep:
@@ -669,8 +750,8 @@ def fit_moments(data, *, reason: str | None = None, refine_with: str | None = No
         record["variance_se"] = dict(zip(names, cov["se"].tolist()))
         record["variance_cov"] = cov["cov"].tolist()
         record["cooccurrence_terms"] = cov["terms"]
-    messages = [f"variance components by the method of moments (U-statistics, Gao & Owen "
-                f"2017)"]
+    messages = ["variance components by the method of moments (U-statistics, Gao & Owen "
+                "2017)"]
     clipped = [ms.factors[k].name for k in range(K) if mom["raw"][k] < 0]
     if clipped:
         messages.append(f"negative moment estimates set to 0: {', '.join(clipped)}")
@@ -678,7 +759,8 @@ def fit_moments(data, *, reason: str | None = None, refine_with: str | None = No
     method = "moments+PCG"
     if refine_with is not None:
         ref = refine(ms, s2, reml=refine_with == "REML")
-        moved = ", ".join(f"{nm} {math.sqrt(a):.4g} → {math.sqrt(b):.4g} (±{e / (2 * math.sqrt(b)):.2g})"
+        moved = ", ".join(f"{nm} {math.sqrt(a):.4g} → {math.sqrt(b):.4g}"
+                          f" (±{e / (2 * math.sqrt(b)):.2g})"
                           for nm, a, b, e in zip(names, s2, ref["sigma2"], ref["mc_se"]))
         messages.append(
             f"refined to approximate {refine_with} by stochastic EM ({ref['probes']} probes, "
