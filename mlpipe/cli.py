@@ -95,6 +95,9 @@ def _add_fit(sub) -> None:
                              "(no likelihood); also taken automatically, with the reason "
                              "printed, when the exact solver's memory estimate exceeds the "
                              "limit")
+    method.add_argument("--method", dest="method", type=str.upper,
+                        choices=["REML", "ML", "MOMENTS"],
+                        help="the same choice spelt as one option: reml, ml or moments")
     f.add_argument("--refine", choices=["reml", "ml", "none"],
                    help="a fit by the method of moments: refine its variance components to "
                         "approximate REML / ML by stochastic EM (default: none with "

@@ -83,6 +83,7 @@ class MomentStatistics:
     factors: list[LevelSums]
     pairs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
     timings: dict[str, float] = field(default_factory=dict)
+    passes: int = 0  # DuckDB queries over the data that built it (0: from cell statistics)
 
     @property
     def p(self) -> int:
@@ -229,7 +230,8 @@ def compute_moment_statistics(data, formula: str, *, memory_limit: str | None = 
         con.close()
     return MomentStatistics(parsed.text, [c.name for c in design.fixed], n,
                             int(tot["rows_read"]) - n, xtx, xty, float(yty), factors, pairs,
-                            {"prepare": t1 - t0, "scan": time.perf_counter() - t1})
+                            {"prepare": t1 - t0, "scan": time.perf_counter() - t1},
+                            passes=1 + len(factors) + len(pairs))
 
 
 def moment_estimates(ms: MomentStatistics) -> dict:
@@ -750,8 +752,10 @@ def fit_moments(data, *, reason: str | None = None, refine_with: str | None = No
         record["variance_se"] = dict(zip(names, cov["se"].tolist()))
         record["variance_cov"] = cov["cov"].tolist()
         record["cooccurrence_terms"] = cov["terms"]
-    messages = ["variance components by the method of moments (U-statistics, Gao & Owen "
-                "2017)"]
+    source = (f"{ms.passes} passes over the data: totals, a GROUP BY per factor and per pair "
+              f"of factors" if ms.passes else "summed from the cell statistics")
+    messages = [f"variance components by the method of moments (U-statistics, Gao & Owen "
+                f"2017; {source})"]
     clipped = [ms.factors[k].name for k in range(K) if mom["raw"][k] < 0]
     if clipped:
         messages.append(f"negative moment estimates set to 0: {', '.join(clipped)}")
@@ -764,7 +768,8 @@ def fit_moments(data, *, reason: str | None = None, refine_with: str | None = No
                           for nm, a, b, e in zip(names, s2, ref["sigma2"], ref["mc_se"]))
         messages.append(
             f"refined to approximate {refine_with} by stochastic EM ({ref['probes']} probes, "
-            f"{ref['steps']} accelerated steps, {ref['evaluations']} updates, "
+            f"{ref['steps']} accelerated step{'s' * (ref['steps'] != 1)}, "
+            f"{ref['evaluations']} updates, "
             f"{ref['iterations']} PCG iterations"
             + ("" if ref["converged"] else f"; NOT converged in {REFINE_MAXITER} steps")
             + f"): SDs moved {moved} (± the Monte Carlo SE)")

@@ -766,6 +766,9 @@ def moments_text(rec: dict) -> list[str]:
 def render_summary(r: FitResult, correlation: bool = False) -> str:
     how = {"REML": "REML", "ML": "maximum likelihood",
            "moments": "the method of moments (fixed effects by GLS)"}[r.method]
+    if r.moments and "refinement" in r.moments:
+        how = (f"the method of moments, refined to approximate "
+               f"{r.moments['refinement']['criterion']} (fixed effects by GLS)")
     if r.family is not None:
         approx = ("Laplace Approximation" if r.nagq in (None, 1) else
                   "Laplace Approximation, nAGQ = 0" if r.nagq == 0 else

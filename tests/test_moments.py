@@ -289,9 +289,11 @@ def test_refine_on_the_command_line_and_in_result_json(tmp_path, capsys):
     path = tmp_path / "c.parquet"
     _crossed(4, False, n=4000, R=100, C=80).write_parquet(path)
     out = tmp_path / "o"
-    assert main(["fit", str(path), "-f", "y ~ x + (1 | u) + (1 | it)", "--moments",
+    assert main(["fit", str(path), "-f", "y ~ x + (1 | u) + (1 | it)", "--method", "moments",
                  "--refine", "reml", "--out", str(out)]) == 0
     text = capsys.readouterr().out
+    assert "fit by the method of moments, refined to approximate REML" in text
+    assert "4 passes over the data: totals, a GROUP BY per factor and per pair" in text
     assert "Moment estimates' sampling SEs (Gaussian model): u " in text
     assert "Approximate REML variances (± Monte Carlo SE): u " in text
     saved = json.loads((out / "result.json").read_text())
