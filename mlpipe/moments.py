@@ -310,9 +310,11 @@ def _cooccurrence_term(c: np.ndarray, i: np.ndarray, j: np.ndarray, div: np.ndar
 
 
 def moment_covariance(ms: MomentStatistics, mom: dict) -> dict | None:
-    """Cov(U) of the U-statistics (U_a, [U_b,] U_e) under the Gaussian model at the
-    components `sigma2_k`, and Cov(σ̂²) = A⁻¹ Cov(U) A⁻ᵀ — for one or two factors (crossed,
-    nested or partly both); None for more.
+    """Cov(U) of the U-statistics (U_1, …, U_K, U_e) under the Gaussian model at the
+    components `mom["sigma2"]` (`moment_estimates`), and Cov(σ̂²) = A⁻¹ Cov(U) A⁻ᵀ.  One
+    or two factors (crossed, nested or partly both): the closed form below; three or more:
+    exactly through the level Gram matrix while its products are small
+    (`_traces_by_gram`), else None (not computed).
 
     With Q_k = I − P_k (P_k the projection on factor k's level indicators, P_0 on the
     intercept; U_k = y'Q_k y, U_e = N y'Q_0 y), V = σ²_a G_a + σ²_b G_b + σ² I
@@ -341,7 +343,8 @@ def moment_covariance(ms: MomentStatistics, mom: dict) -> dict | None:
     difference)."""
     K = len(ms.factors)
     if K > 2:
-        return None
+        tr = _traces_by_gram(ms, mom["sigma2"])
+        return None if tr is None else _covariance(ms, mom, tr, "exact")
     sigma2_k = mom["sigma2"]
     N = float(ms.n)
     s = [float(v) for v in sigma2_k[:K]] + [0.0] * (2 - K)
@@ -391,6 +394,12 @@ def moment_covariance(ms: MomentStatistics, mom: dict) -> dict | None:
         t00 += 2 * s[0] * s[1] * (F - 2 * H / N + sums[0]["S2"] * sums[1]["S2"] / N ** 2)
     tr[K, K] = t00
     tr = np.triu(tr) + np.triu(tr, 1).T
+    return _covariance(ms, mom, tr, "estimated" if "estimated" in hows else "exact")
+
+
+def _covariance(ms: MomentStatistics, mom: dict, tr: np.ndarray, terms: str) -> dict:
+    """Cov(U) = 2 tr(Q_k V Q_l V) (U_e scaled by N) → Cov(σ̂²) = A⁻¹ Cov(U) A⁻ᵀ."""
+    K, N = len(ms.factors), float(ms.n)
     scale = np.ones(K + 1)
     scale[K] = N  # U_e = N y'Q_0 y
     cov_u = 2 * tr * np.outer(scale, scale)
@@ -398,7 +407,83 @@ def moment_covariance(ms: MomentStatistics, mom: dict) -> dict | None:
     Ainv = np.linalg.inv(mom["A"] / rs[:, None])
     cov = Ainv @ (cov_u / np.outer(rs, rs)) @ Ainv.T
     return {"cov_u": cov_u, "cov": cov, "se": np.sqrt(np.maximum(np.diag(cov), 0.0)),
-            "terms": "estimated" if "estimated" in hows else "exact"}
+            "terms": terms}
+
+
+def _traces_by_gram(ms: MomentStatistics, sigma2_k: np.ndarray) -> np.ndarray | None:
+    """tr(Q_k V Q_l V) for any number of factors (k, l over the factors and, last, the
+    intercept), exactly, through the Gram matrix G = Z'Z of the level indicators (q × q,
+    sparse) and H_k = Z'P_k Z = G_·k D_k⁻¹ G_k· — or None when some H_k would have more
+    than EXACT_TERM_NNZ nonzeros (its bound: Σ over k's levels of their rows' nonzeros², at
+    most q²).
+    With S = diag(σ²) over the levels, A_k = Z'Q_k Z = G − H_k and
+    B_lk = Z'Q_l Q_k Z = G − H_l − H_k + G_·l D_l⁻¹ N_lk D_k⁻¹ G_k·:
+
+        tr(Q_k V Q_l V) = σ⁴ tr(Q_k Q_l) + 2σ² tr(S B_lk) + tr(S A_k S A_l),
+
+    the intercept's H_0 = n n'/N kept as a rank-one term (P_0 P_k = P_0, so B_0k = A_k)."""
+    import scipy.sparse as sp
+
+    K, N = len(ms.factors), float(ms.n)
+    offs = np.concatenate([[0], np.cumsum([f.m for f in ms.factors])]).astype(np.int64)
+    q = int(offs[-1])
+    rows, cols, vals = [np.arange(q)], [np.arange(q)], [np.concatenate([f.n for f in
+                                                                       ms.factors])]
+    for (k, ll), (i, j, c) in ms.pairs.items():
+        rows += [offs[k] + i, offs[ll] + j]
+        cols += [offs[ll] + j, offs[k] + i]
+        vals += [c, c]
+    G = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(q, q))
+    row_nnz = np.diff(G.indptr).astype(float)
+    for k in range(K):
+        if min(float(np.sum(row_nnz[offs[k]:offs[k + 1]] ** 2)), float(q) ** 2) > \
+                EXACT_TERM_NNZ:
+            return None
+    n = np.concatenate([f.n for f in ms.factors])
+    S = np.concatenate([np.full(f.m, float(sigma2_k[k])) for k, f in enumerate(ms.factors)])
+    se = float(sigma2_k[K])
+    Gk = [G[:, offs[k]:offs[k + 1]].tocsr() for k in range(K)]
+    inv = [1.0 / np.where(f.n > 0, f.n, 1.0) for f in ms.factors]
+    H = [(Gk[k] @ sp.diags(inv[k]) @ Gk[k].T).tocsr() for k in range(K)]
+    A = [(G - H[k]).tocsr() for k in range(K)]
+    SAS = [sp.diags(S) @ A[k] @ sp.diags(S) for k in range(K)]
+    Sn = S * n
+    SGS = sp.diags(S) @ G @ sp.diags(S)
+    tr = np.zeros((K + 1, K + 1))
+    L = [float(np.sum(f.n > 0)) for f in ms.factors]
+    for k in range(K + 1):
+        for ll in range(k, K + 1):
+            # σ⁴ tr(Q_k Q_l)
+            if k == K and ll == K:
+                qq = N - 1
+            elif ll == K or k == ll:
+                qq = N - L[k]
+            else:
+                i, j, c = ms.pairs[(k, ll)]
+                qq = N - L[k] - L[ll] + float(np.sum(c ** 2 * inv[k][i] * inv[ll][j]))
+            # tr(S B_lk): diag of G − H_l − H_k + G_·l D_l⁻¹ N_lk D_k⁻¹ G_k·
+            if ll == K:
+                B_diag = (G.diagonal() - n * n / N) if k == K else (G.diagonal()
+                                                                   - H[k].diagonal())
+            elif k == ll:
+                B_diag = G.diagonal() - H[k].diagonal()
+            else:
+                Nlk = G[offs[ll]:offs[ll + 1], offs[k]:offs[k + 1]]
+                F = (Gk[ll] @ sp.diags(inv[ll]) @ Nlk @ sp.diags(inv[k])).tocsr()
+                B_diag = (G.diagonal() - H[ll].diagonal() - H[k].diagonal()
+                          + np.asarray(F.multiply(Gk[k]).sum(axis=1)).ravel())
+            sb = float(S @ B_diag)
+            # tr(S A_k S A_l), A_0 = G − n n'/N
+            if k == K:  # both the intercept
+                t = (float(SGS.multiply(G).sum()) - 2 / N * float(Sn @ (G @ Sn))
+                     + float(Sn @ n) ** 2 / N ** 2)
+            elif ll == K:
+                t = float(SAS[k].multiply(G).sum()) - float(Sn @ (A[k] @ Sn)) / N
+            else:
+                t = float(SAS[k].multiply(A[ll]).sum())
+            tr[k, ll] = tr[ll, k] = se ** 2 * qq + 2 * se * sb + t
+    return tr
 
 
 class Henderson:

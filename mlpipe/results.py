@@ -755,7 +755,8 @@ def moments_text(rec: dict) -> list[str]:
         lines.append("Moment estimates' sampling SEs (Gaussian model" + how + "): " + ", ".join(
             f"{g} {v:.4g} ± {rec['variance_se'][g]:.2g}" for g, v in rec["estimates"].items()))
     else:
-        lines.append("Moment estimates' sampling SEs: not computed (one or two factors only)")
+        lines.append("Moment estimates' sampling SEs: not computed (three or more factors "
+                     "with too many level co-occurrences for the exact products)")
     if "refinement" in rec:
         ref = rec["refinement"]
         lines.append(f"Approximate {ref['criterion']} variances (± Monte Carlo SE): " + ", ".join(
