@@ -233,6 +233,38 @@ def test_cli_engine_polars(tmp_path):
     assert refit.deviance == pytest.approx(out["duckdb"]["deviance"], rel=1e-10)
 
 
+@pytest.mark.parametrize("case", ["one_factor", "nested"])
+def test_dask_splits_one_big_file_by_row_groups(case, cluster, tmp_path):
+    """One Parquet file of many row groups becomes runs of row groups, one task each
+    (read by pyarrow on the workers, the model's columns only); the merged partials equal
+    DuckDB's one pass to 1e-12 and the fits to 1e-8."""
+    import pyarrow.parquet as pq
+
+    from mlpipe.engines.dask_engine import TASKS_PER_WORKER, split_parts
+
+    src, formula = CASES[case]
+    table = pl.read_parquet(DATA / src).to_arrow()
+    one = tmp_path / "one.parquet"
+    pq.write_table(table, one, row_group_size=max(1, table.num_rows // 37))
+    groups = pq.ParquetFile(one).metadata.num_row_groups
+    parts = split_parts([str(one)], 2)
+    assert len(parts) == 2 * TASKS_PER_WORKER or len(parts) == groups
+    assert sorted(g for _f, run in parts for g in run) == list(range(groups))
+    duck = get_engine("duckdb").statistics(one, formula)
+    from mlpipe import runlog
+
+    with runlog.logging_to(tmp_path / "log.jsonl"):
+        dask = get_engine("dask", EngineOptions(scheduler=cluster.scheduler_address)
+                          ).statistics(one, formula)
+    scan = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()
+            if json.loads(line)["stage"] == "scan"]
+    assert scan[0]["tasks"] == len(parts)
+    assert_same_statistics(duck, dask, 1e-12)
+    assert_same_fit(mlpipe.fit(stats=duck, ddf=None), mlpipe.fit(stats=dask, ddf=None), 1e-8)
+    # many files: one task per file, unsplit
+    assert split_parts([str(one)] * 8, 2) == [str(one)] * 8
+
+
 def test_dask_fit_through_the_api_and_an_empty_partition(cluster, tmp_path):
     """mlpipe.fit(..., engine="dask"): a file whose rows all lack the outcome adds nothing;
     Satterthwaite df as DuckDB's."""

@@ -2,9 +2,10 @@
 
     client                                   workers (processes)
     ------                                   -------------------
-    schema, checks, categorical levels,      one task per input file:
-    scale()/poly() constants (one DuckDB       DuckDB's statistics pass (mlpipe/stats.py)
-    query over those columns only)             with the client's coding -> partial Statistics
+    schema, checks, categorical levels,      one task per input file (or per run of a
+    scale()/poly() constants (one DuckDB     Parquet file's row groups, `split_parts`):
+    query over those columns only)             DuckDB's statistics pass (mlpipe/stats.py)
+                                               with the client's coding -> partial Statistics
                                              tree reduction, FAN_IN partials per task:
                                                Statistics.combine (cells added by key)
     the merged Statistics  <-----------------  one value
@@ -38,15 +39,61 @@ RETRIES = 2
 MIN_WORKER_MEMORY = 512 * 10**6
 
 
-def partial_statistics(path: str, formula: str, weights: str | None, coding: dict,
+#: a Parquet file is split into tasks of whole row groups when there are fewer files than
+#: TASKS_PER_WORKER tasks per worker
+TASKS_PER_WORKER = 4
+
+
+def partial_statistics(part, formula: str, weights: str | None, coding: dict,
                        types: dict, duck: dict):
-    """A worker's task: the statistics of one input file (of no cells when it has no
-    complete rows), read with the client's types of the model columns and its coding of
-    categorical predictors."""
+    """A worker's task: the statistics of one input file, or of some of a Parquet file's
+    row groups (`part` = (path, [row groups]): read by pyarrow, only the model's columns),
+    of no cells when it has no complete rows — read with the client's types of the model
+    columns and its coding of categorical predictors."""
+    from ..errors import MlpipeError
     from ..stats import compute_statistics
 
-    return compute_statistics(path, formula, weights=weights, coding=coding, partial=True,
-                              types=types, **duck)
+    if isinstance(part, str):
+        return compute_statistics(part, formula, weights=weights, coding=coding,
+                                  partial=True, types=types, **duck)
+    import pyarrow.parquet as pq
+
+    path, groups = part
+    table = pq.ParquetFile(path).read_row_groups(groups, columns=list(types))
+    try:
+        return compute_statistics(table, formula, weights=weights, coding=coding,
+                                  partial=True, types=types, **duck)
+    except MlpipeError as exc:  # name the file and its rows, not "data in memory"
+        raise type(exc)(f"{path} (row groups {groups[0]}-{groups[-1]}): {exc}") from None
+
+
+def split_parts(files: list[str], workers: int) -> list:
+    """The tasks of the pass: one per file, or, when there are fewer files than
+    TASKS_PER_WORKER × workers, each multi-row-group Parquet file cut into runs of whole
+    row groups (about as many tasks in all; the rows of a run are contiguous, so the
+    partials merge as the file's would)."""
+    want = TASKS_PER_WORKER * max(1, workers)
+    if len(files) >= want:
+        return list(files)
+    import pyarrow.parquet as pq
+
+    counts = {}
+    for f in files:
+        if f.lower().endswith((".parquet", ".pq", ".parq")):
+            try:
+                counts[f] = pq.ParquetFile(f).metadata.num_row_groups
+            except Exception:  # not readable as Parquet here: one task, DuckDB reports it
+                counts[f] = 1
+    total = sum(counts.values()) + sum(1 for f in files if f not in counts)
+    per_task = max(1, -(-total // want))
+    parts: list = []
+    for f in files:
+        n = counts.get(f, 1)
+        if n <= 1 or per_task >= n:
+            parts.append(f)
+        else:
+            parts += [(f, list(range(a, min(a + per_task, n)))) for a in range(0, n, per_task)]
+    return parts
 
 
 def combine(*parts):
@@ -96,7 +143,9 @@ class DaskEngine(Engine):
 
         types = {c: schema[c] for c in model_columns(parsed, weights) if c in schema}
         try:
-            stats = _run(client, files, formula, weights, design.levels, types, duck)
+            parts = split_parts(files, workers if not opts.scheduler else
+                                len(client.scheduler_info().get("workers", {})) or workers)
+            stats = _run(client, parts, formula, weights, design.levels, types, duck)
         finally:
             client.close()
             if cluster is not None:
@@ -106,11 +155,12 @@ class DaskEngine(Engine):
                             f"({stats.rows_read} rows read, all dropped)")
         stats.source = source.location
         stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
-        runlog.stage("scan", stats.timings["scan"], **runlog.statistics_fields(stats))
+        runlog.stage("scan", stats.timings["scan"], tasks=len(parts),
+                     **runlog.statistics_fields(stats))
         return stats
 
 
-def _run(client, files: list[str], formula: str, weights, coding: dict, types: dict,
+def _run(client, files: list, formula: str, weights, coding: dict, types: dict,
          duck: dict):
     from distributed import KilledWorker, as_completed
 
@@ -118,14 +168,16 @@ def _run(client, files: list[str], formula: str, weights, coding: dict, types: d
 
     futures = client.map(partial_statistics, files, formula=formula, weights=weights,
                          coding=coding, types=types, duck=duck, retries=RETRIES, pure=False)
-    names = {f.key: path for f, path in zip(futures, files)}
+    names = {f.key: (path if isinstance(path, str) else
+                     f"{path[0]} (row groups {path[1][0]}-{path[1][-1]})")
+             for f, path in zip(futures, files)}
     parts = list(futures)
     while len(futures) > 1:
         futures = [client.submit(combine, *futures[i:i + FAN_IN], retries=RETRIES, pure=False)
                    for i in range(0, len(futures), FAN_IN)]
     try:
         if progress.active():
-            with progress.stage(f"{len(files)} files on Dask", total=len(files)) as bar:
+            with progress.stage(f"{len(files)} tasks on Dask", total=len(files)) as bar:
                 for _ in as_completed(parts):
                     bar.advance()
         del parts
