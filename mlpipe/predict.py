@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
@@ -345,9 +346,12 @@ def _factor_order(model: FittedModel, factors: list[FactorDesign]) -> list[Facto
     return sorted(factors, key=lambda f: seen.index(f.name) if f.name in seen else len(seen))
 
 
-def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
-             levels: dict[str, list], level: str, path: str, *,
-             training: bool = False) -> LinearPredictor:
+def _prediction_design(model: FittedModel, formula: Formula, schema: dict[str, str],
+                       levels: dict[str, list], level: str, path: str, *,
+                       training: bool = False) -> Design:
+    """The checks of a prediction's data against the model (columns present, typed as at
+    fit time) and the design of the fit rebuilt over it with the fit's coding (strict: an
+    unknown level gives NULL indicators) — what every engine's predictor compiles."""
     if formula.aggregates() and not training and not model.centering:
         raise FormulaError(f"the means of center()/group_mean() the fit used are not stored "
                            f"with this model (fitted by an older mlpipe, or from merged "
@@ -391,6 +395,16 @@ def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
         raise DataError(f"the model's fixed effects ({', '.join(model.fixed)}) cannot be "
                         f"rebuilt from {path} (it gives {', '.join(names)}); check the column "
                         f"types")
+    return design
+
+
+def _compile(model: FittedModel, formula: Formula, schema: dict[str, str],
+             levels: dict[str, list], level: str, path: str, *,
+             training: bool = False) -> LinearPredictor:
+    design = _prediction_design(model, formula, schema, levels, level, path,
+                                training=training)
+    conditional = level == "conditional"
+    gcols = _grouping_columns(formula)
     params: dict[str, object] = dict(design.params)
 
     known: dict[str, str] = {}  # column -> "col IN ($kl0, ...)"
@@ -507,6 +521,18 @@ def _compile_random(pred: LinearPredictor, model: FittedModel, gcols: list[str],
     pred.zb = " + ".join(parts) or "0.0"
 
 
+def _prediction_formula(model: FittedModel) -> tuple[FittedModel, Formula]:
+    """The model and the formula its linear predictor is built from: a binomial GLMM's
+    cbind(successes, failures) response reduced to its first column (the predictor needs
+    neither), an ordinal model's intercept fixed at 0 (its thresholds take its place)."""
+    formula = parse_formula(model.formula)
+    if formula.response.kind == "call" and formula.response.value == "cbind":
+        formula = dataclasses.replace(formula, response=formula.response.args[0])
+    if model.family == "ordinal" and formula.intercept and "(Intercept)" not in model.fixed:
+        model = dataclasses.replace(model, fixed={"(Intercept)": 0.0, **model.fixed})
+    return model, formula
+
+
 def linear_predictor(model: FittedModel, frame: Frame, con: duckdb.DuckDBPyConnection, *,
                      level: str = "conditional", training: bool = False) -> LinearPredictor:
     """Compile `model`'s linear predictor over `frame` and register its conditional modes
@@ -514,13 +540,7 @@ def linear_predictor(model: FittedModel, frame: Frame, con: duckdb.DuckDBPyConne
     group_mean() means are recomputed from its rows: use `design.aggregates.source`)."""
     if level not in LEVELS:
         raise InputError(f"level must be 'conditional' or 'population', not {level!r}")
-    formula = parse_formula(model.formula)
-    if formula.response.kind == "call" and formula.response.value == "cbind":
-        # a binomial GLMM's cbind(successes, failures): the linear predictor needs neither
-        formula = dataclasses.replace(formula, response=formula.response.args[0])
-    if model.family == "ordinal" and formula.intercept and "(Intercept)" not in model.fixed:
-        # the thresholds take the intercept's place: η = Xβ + Zb with the intercept at 0
-        model = dataclasses.replace(model, fixed={"(Intercept)": 0.0, **model.fixed})
+    model, formula = _prediction_formula(model)
     schema = frame.schema(formula.value_columns())
     levels = _fit_levels(model, con, formula, schema)
     pred = _compile(model, formula, schema, levels, level, frame.path, training=training)
@@ -542,7 +562,8 @@ class PredictionFile:
 def predict(result, data, out: str | os.PathLike[str] | None = None, *,
             level: str = "conditional", memory_limit: str | None = None,
             threads: int | None = None, temp_directory: str | None = None,
-            keep_order: bool = True) -> pl.DataFrame | PredictionFile:
+            keep_order: bool = True, engine: str | None = None
+            ) -> pl.DataFrame | PredictionFile:
     """Predictions of a fitted model for the rows of `data`, by one DuckDB pass.
 
     `result` is a `FitResult`, a result directory (`mlpipe fit --out DIR`) or a
@@ -560,11 +581,21 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
     so with `keep_order` (default) rows are sorted back into input order, which for very
     large data costs a sort (DuckDB spills under `memory_limit`);
     `keep_order=False` skips it.
+
+    `engine="polars"`: the same predictions through Polars' lazy API (`_predict_polars`:
+    the design compiled to Polars expressions from the same term representation, the
+    modes joined in input order, the output sunk by the streaming engine); "duckdb" (or
+    None) is the default.
     """
     if level not in LEVELS:
         raise InputError(f"level must be 'conditional' or 'population', not {level!r}")
     fmt = output_format(out) if out is not None else None  # before any work
+    name = "duckdb" if engine is None else str(engine).lower()
+    if name not in ("duckdb", "polars"):
+        raise InputError(f"predict runs on --engine duckdb or polars, not {engine!r}")
     model = as_model(result)
+    if name == "polars":
+        return _predict_polars(model, data, out, fmt, level)
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
         frame = Frame(data, con)
@@ -818,6 +849,194 @@ def residual_summary(result, data=None, *, memory_limit: str | None = None,
                            list(pred.factors))
 
 
+# ---------------------------------------------------------------------- the Polars engine
+
+def _predict_polars(model: FittedModel, data, out, fmt: str | None,
+                    level: str) -> pl.DataFrame | PredictionFile:
+    """`predict` through Polars' lazy API: the checks and the design of `_prediction_design`,
+    each model column compiled from its term representation (`polars_engine.compile_column`,
+    as the Polars statistics pass), each factor's conditional modes LEFT JOINed on its keys
+    typed as at fit time (`maintain_order="left"`: input order, no sort), the result
+    collected (small data) or sunk to a staged file by the streaming engine.  Semantics as
+    DuckDB's (`LinearPredictor`): an unseen level or null key drops that factor's Z_k·b_k,
+    a missing predictor or unknown level gives a null prediction."""
+    from .engines.polars_engine import _duck_type, _frame, compile_column, compile_expr
+
+    model, formula = _prediction_formula(model)
+    if formula.aggregates():
+        raise InputError("the polars engine does not predict center() / group_mean() "
+                         "models (their stored means are joined by SQL): use --engine duckdb")
+    if any(c.value == "poly" for c in formula.prepass()):
+        raise InputError("the polars engine does not compute poly(): use --engine duckdb")
+    lf, location = _frame(data, formula.value_columns())
+    where = location or "the data"
+    try:
+        schema = {k: _duck_type(v) for k, v in lf.collect_schema().items()}
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"cannot read {where}: {first_line(str(exc))}") from None
+    if model.factor_levels:
+        levels = model.factor_levels
+    else:
+        con = connect()
+        try:
+            levels = _fit_levels(model, con, formula, schema)
+        finally:
+            con.close()
+    design = _prediction_design(model, formula, schema, levels, level, where)
+    coding = design.levels
+    pre = "__mlpipe_"
+
+    def ok(cols: list[str]):
+        cond = pl.lit(True)
+        for c in cols:
+            if c in levels:
+                cond = cond & (pl.col(c).is_in(list(levels[c])) if levels[c] else pl.lit(False))
+            else:
+                part = pl.col(c).is_not_null()
+                if schema.get(c, "").upper().startswith(("DOUBLE", "FLOAT", "REAL")):
+                    part = part & pl.col(c).is_not_nan()
+                cond = cond & part
+        return cond
+
+    xb = None
+    for col in design.fixed:
+        term = pl.lit(float(model.fixed[col.name])) * compile_column(col.parts, coding)
+        xb = term if xb is None else xb + term
+    for e in formula.offsets:  # offset(x): known coefficient 1
+        xb = xb + compile_expr(e, coding)
+    xb = pl.when(ok(_variable_columns(formula, False))).then(xb).otherwise(None)
+    frame = lf.with_columns(xb.alias(f"{pre}xb"))
+    fitted = pl.col(f"{pre}xb")
+    if level == "conditional":
+        gcols = _grouping_columns(formula)
+        several = len(design.factors) > 1
+        frame = frame.with_columns([_polars_key(pl.col(c), _key_type(model, c, gcols))
+                                    .alias(f"{pre}g{j}") for j, c in enumerate(gcols)])
+        for k, factor in enumerate(_factor_order(model, design.factors)):
+            wide = _factor_modes(model, factor, several)
+            if wide["level"].is_duplicated().any():
+                raise DataError(f"the conditional modes of {factor.name} list a level twice")
+            idx = [gcols.index(c) for c in factor.columns]
+            modes = wide.select(pl.col("level").alias(f"{pre}level{k}"),
+                                *[pl.col(n).alias(f"{pre}b{k}_{a}")
+                                  for a, n in enumerate(factor.names)])
+            split = modes[f"{pre}level{k}"].str.split(":") if len(idx) > 1 else None
+            if split is None or bool((split.list.len() == len(idx)).all()):
+                keys = [f"{pre}g{j}" for j in idx]
+                modes = modes.with_columns([
+                    _polars_key((pl.col(f"{pre}level{k}") if split is None else
+                                 pl.col(f"{pre}level{k}").str.split(":").list.get(n)),
+                                _key_type(model, gcols[j], gcols), text=True).alias(f"{pre}g{j}")
+                    for n, j in enumerate(idx)])
+                frame = frame.join(modes.lazy(), on=keys, how="left", maintain_order="left")
+            else:  # a value contains ':': match the label built from the row
+                label = pl.concat_str([pl.col(f"{pre}g{j}").cast(pl.String) for j in idx],
+                                      separator=":")
+                frame = frame.with_columns(label.alias(f"{pre}l{k}")).join(
+                    modes.with_columns(pl.col(f"{pre}level{k}").alias(f"{pre}l{k}")).lazy(),
+                    on=f"{pre}l{k}", how="left", maintain_order="left")
+            terms = None
+            for a, zi in enumerate(factor.z):
+                b = pl.col(f"{pre}b{k}_{a}")
+                col = design.random[zi]
+                t = b if col.sql is None else compile_column(col.parts, coding) * b
+                terms = t if terms is None else terms + t
+            random_cols = [c for rt in formula.random if rt.group == factor.name
+                           for v in rt.variables() for c in v.expr.columns()]
+            part = pl.when(pl.col(f"{pre}level{k}").is_null()).then(0.0) \
+                .when(ok(list(dict.fromkeys(random_cols)))).then(terms).otherwise(None)
+            fitted = fitted + part
+    has_response = all(c in schema and is_numeric(schema[c])
+                       for c in formula.response.columns())
+    produced = OUTPUT_COLUMNS if has_response else OUTPUT_COLUMNS[:2]
+    inputs = [c for c in schema if c not in produced and not c.startswith(pre)]
+    outputs = [pl.col(f"{pre}xb").alias("fitted_population"), fitted.alias("fitted")]
+    extra = []  # as predict's SQL: fitted_response of a GLMM, residual with a response
+    if model.family and model.family != "ordinal":  # ordinal: fitted is η, no one mean
+        mu = _inverse_link_polars(model.link, pl.col("fitted"))
+        extra.append(mu.alias("fitted_response"))
+        if has_response and "cbind(" not in model.formula.split("~", 1)[0]:
+            extra.append((pl.col(f"{pre}y") - mu).alias("residual"))
+    elif not model.family and has_response:
+        extra.append((pl.col(f"{pre}y") - pl.col("fitted")).alias("residual"))
+    y = compile_column(design.response.parts, coding) if has_response else pl.lit(None)
+    result = (frame.with_columns(y.alias(f"{pre}y"))
+              .select(*inputs, *outputs, f"{pre}y").with_columns(extra).drop(f"{pre}y"))
+    try:
+        if out is None:
+            df = result.head(IN_MEMORY_MAX_ROWS + 1).collect(engine="streaming")
+            if df.height > IN_MEMORY_MAX_ROWS:
+                raise InputError(f"{where} has more than {IN_MEMORY_MAX_ROWS} rows, too many "
+                                 f"to return as a DataFrame; pass out= (--out) to write "
+                                 f"Parquet")
+            return df
+        dest = Path(out)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(dest)
+        tmp = dest.with_name(f"{staging_prefix(dest)}{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            if fmt == "csv":
+                result.sink_csv(tmp)
+                con = connect()
+                try:
+                    rows, nulls = _csv_counts(con, tmp, "fitted")
+                finally:
+                    con.close()
+            else:
+                result.sink_parquet(tmp)
+                rows, nulls = _parquet_counts(tmp, "fitted")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return PredictionFile(dest, int(rows), int(nulls))
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"cannot predict for {where}: {first_line(str(exc))}") from None
+
+
+#: DuckDB type name (as the fit typed a grouping column) -> Polars dtype name
+_KEY_DTYPES = {"BIGINT": "Int64", "INTEGER": "Int32", "SMALLINT": "Int16", "TINYINT": "Int8",
+               "UBIGINT": "UInt64", "UINTEGER": "UInt32", "USMALLINT": "UInt16",
+               "UTINYINT": "UInt8", "HUGEINT": "Int128", "DOUBLE": "Float64",
+               "FLOAT": "Float32", "REAL": "Float32", "DATE": "Date", "BOOLEAN": "Boolean"}
+
+
+def _polars_key(expr, dtype: str | None, text: bool = False):
+    """A grouping key as the fit typed it (as `_key_sql`): the value cast to that type
+    (null when it does not cast), or its text when the type is text or not one of
+    _KEY_DTYPES.  `text`: `expr` is a level label (text) to parse."""
+    target = _KEY_DTYPES.get((dtype or "").split("(")[0])
+    if target is None:
+        return expr.cast(pl.String)
+    if target == "Boolean":
+        return (expr.cast(pl.String).str.to_lowercase() == "true") if text else \
+            expr.cast(pl.Boolean, strict=False)
+    if target == "Date" and text:
+        return expr.str.to_date(strict=False)
+    return expr.cast(getattr(pl, target), strict=False)
+
+
+def _inverse_link_polars(link: str, eta):
+    """`inverse_link_sql` in Polars (the probit by the same erfcc, for equal predictions)."""
+    if link == "logit":
+        return 1.0 / (1.0 + (-eta).exp())
+    if link == "cloglog":
+        return 1.0 - (-(eta.exp())).exp()
+    if link == "log":
+        return eta.exp()
+    if link == "inverse":
+        return 1.0 / eta
+    if link == "probit":
+        z = eta.abs() / math.sqrt(2.0)
+        t = 1.0 / (1.0 + 0.5 * z)
+        poly = pl.lit(0.17087277)
+        for c in (-0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
+                  0.09678418, 0.37409196, 1.00002368):
+            poly = c + t * poly
+        erfc = t * (-z * z - 1.26551223 + t * poly).exp()
+        return pl.when(eta >= 0).then(1.0 - 0.5 * erfc).otherwise(0.5 * erfc)
+    raise InputError(f"no inverse link for {link!r}")
+
+
 # ---------------------------------------------------------------------- command line
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -826,7 +1045,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     level = "population" if args.population else "conditional"
     written = predict(model, args.data, args.out, level=level,
                       memory_limit=args.memory_limit, threads=args.threads,
-                      temp_directory=args.temp_directory, keep_order=not args.any_order)
+                      temp_directory=args.temp_directory, keep_order=not args.any_order,
+                      engine=args.engine)
     nulls = (f" ({written.null_predictions} with a missing or unknown predictor: null)"
              if written.null_predictions else "")
     print(f"wrote {level} predictions for {written.rows} rows{nulls} to {written.path}")

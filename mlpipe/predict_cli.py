@@ -26,6 +26,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    help="population-level predictions X·β (ignore the random effects)")
     p.add_argument("--any-order", action="store_true",
                    help="do not restore input row order (saves a sort on large data)")
+    p.add_argument("--engine", choices=["duckdb", "polars"],
+                   help="what reads DATA and computes the predictions (default: duckdb)")
     add_duckdb_options(p)
     p.set_defaults(func=_run)
     return p
