@@ -52,8 +52,12 @@ def render(name: str, **parts: str) -> str:
 
 
 def connect(*, memory_limit: str | None = None, threads: int | None = None,
-            temp_directory: str | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with the resource options applied."""
+            temp_directory: str | None = None, options=None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the resource options applied: loose, or as an
+    `engines.EngineOptions` (`options`, which then supplies all three)."""
+    if options is not None:
+        memory_limit, threads, temp_directory = (options.memory_limit, options.threads,
+                                                 options.temp_directory)
     config: dict[str, object] = {}
     if memory_limit:
         config["memory_limit"] = memory_limit

@@ -292,8 +292,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
         t0 = time.perf_counter()
         # a new result with the residuals: a returned fit is never mutated
+        from .engines import EngineOptions
+
         result = dataclasses.replace(result, residuals=residual_summary(
-            result, **cfg.get("duckdb", {})))
+            result, options=EngineOptions.from_config(cfg)))
         runlog.stage("residuals", time.perf_counter() - t0)
     if not args.quiet:
         print(result.summary(correlation=args.correlation_of_fixed))

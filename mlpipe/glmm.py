@@ -249,9 +249,9 @@ def pat_n(tab) -> np.ndarray:
 
 
 def compress(data, formula: str, family: str, *, link: str | None = None,
-             memory_limit: str | None = None, threads: int | None = None,
-             temp_directory: str | None = None) -> Patterns:
-    """One pass: the model's rows grouped by level and covariate pattern."""
+             options=None) -> Patterns:
+    """One pass: the model's rows grouped by level and covariate pattern (`options`: the
+    pass's `engines.EngineOptions`)."""
     import duckdb
 
     from ._sql import Source, connect, quote_ident, render
@@ -278,7 +278,7 @@ def compress(data, formula: str, family: str, *, link: str | None = None,
         extra_cols = (parsed.response.value,)
         design_formula = dataclasses.replace(parsed, response=Expr("num", "0"))
     source = Source(data)
-    con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
+    con = connect(options=options)
     try:
         schema = source.schema(con, parsed.value_columns())
         check_columns(design_formula, schema)

@@ -151,7 +151,7 @@ class SqlPasses(_Passes):
     modes b joined per level; O(levels) memory."""
 
     def __init__(self, data, formula: str, family: str, link: str | None = None, *,
-                 memory_limit=None, threads=None, temp_directory=None):
+                 options=None):
         from ._sql import Source, connect, quote_ident, render
         from .design import check_columns, design_from_data
         from .formula import parse_formula
@@ -169,8 +169,7 @@ class SqlPasses(_Passes):
         parsed = parse_formula(formula)
         cbind, design_formula = response_formula(parsed, family)
         self.source = source = Source(data)
-        self.con = con = connect(memory_limit=memory_limit, threads=threads,
-                                 temp_directory=temp_directory)
+        self.con = con = connect(options=options)
         schema = source.schema(con, parsed.value_columns())
         check_columns(design_formula, schema)
         design = design_from_data(con, source, design_formula, schema)

@@ -69,8 +69,7 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     if family is not None and str(family).lower() != "gaussian":
         return _fit_glmm(data, formula, family, link, nagq, stats=stats, weights=weights,
                          correlation=correlation, residual_variance_by=residual_variance_by,
-                         method=method, ci=check_ci(ci), memory_limit=memory_limit,
-                         threads=threads, temp_directory=temp_directory, level=level)
+                         method=method, ci=check_ci(ci), options=eng.options, level=level)
     method, ddf, ci = check_options(method, ddf, ci, level)  # before any work
     refine = check_refine(refine)
     if stats is not None and data is not None:
@@ -85,8 +84,7 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         if ci == "profile":
             raise InputError("profile intervals need a likelihood: use --ci wald with the "
                              "method of moments")
-        ms = compute_moment_statistics(data, formula, memory_limit=memory_limit,
-                                       threads=threads, temp_directory=temp_directory)
+        ms = compute_moment_statistics(data, formula, options=eng.options)
         runlog.stage("scan", ms.timings.get("scan"), rows=ms.n + ms.rows_dropped,
                      rows_used=ms.n, cells=sum(len(c) for _i, _j, c in ms.pairs.values()),
                      groups={f.name: f.m for f in ms.factors})
@@ -198,8 +196,7 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
 
 
 def _fit_glmm(data, formula, family, link, nagq, *, stats, weights, correlation,
-              residual_variance_by, method, ci, memory_limit, threads,
-              temp_directory, level: float = 0.95) -> FitResult:
+              residual_variance_by, method, ci, options, level: float = 0.95) -> FitResult:
     """A GLMM (mlpipe/glmm.py): the data compressed to covariate patterns, the Laplace fit."""
     from .glmm import compress, fit_glmm
 
@@ -216,11 +213,10 @@ def _fit_glmm(data, formula, family, link, nagq, *, stats, weights, correlation,
     nagq = int(nagq)
     if nagq < 0:
         raise InputError(f"--nagq must be a whole number >= 0, not {nagq}")
-    duck = dict(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
-        pat = compress(data, formula, family, link=link, **duck)
+        pat = compress(data, formula, family, link=link, options=options)
     except TooManyPatterns as exc:  # continuous predictors at scale: PIRLS by passes
-        return _fit_glmm_passes(data, formula, family, link, nagq, duck, ci, level,
+        return _fit_glmm_passes(data, formula, family, link, nagq, options, ci, level,
                                 reason=str(exc))
     runlog.stage("scan", pat.timings["scan"], rows=pat.nobs + pat.rows_dropped,
                  rows_used=pat.nobs, cells=len(pat.n),
@@ -243,7 +239,8 @@ def _fit_glmm(data, formula, family, link, nagq, *, stats, weights, correlation,
     return result
 
 
-def _fit_glmm_passes(data, formula, family, link, nagq, duck, ci, level, *, reason: str):
+def _fit_glmm_passes(data, formula, family, link, nagq, options, ci, level, *,
+                     reason: str):
     """A GLMM too large to compress: Laplace (nAGQ = 1) or nAGQ = 0 by iterated DuckDB passes
     (mlpipe/glmm_passes.py)."""
     from .glmm_passes import SqlPasses, fit_passes
@@ -255,7 +252,7 @@ def _fit_glmm_passes(data, formula, family, link, nagq, duck, ci, level, *, reas
         raise InputError(f"{reason}; the Laplace fit by passes takes the canonical links "
                          f"(logit, log) so far: use --nagq 0 with --link {link}")
     t0 = time.perf_counter()
-    src = SqlPasses(data, formula, family, link, **duck)
+    src = SqlPasses(data, formula, family, link, options=options)
     try:
         t1 = time.perf_counter()
         runlog.stage("prepare", t1 - t0)

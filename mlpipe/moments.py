@@ -128,11 +128,10 @@ class MomentStatistics:
                    factors, pairs, dict(stats.timings))
 
 
-def compute_moment_statistics(data, formula: str, *, memory_limit: str | None = None,
-                              threads: int | None = None,
-                              temp_directory: str | None = None) -> MomentStatistics:
+def compute_moment_statistics(data, formula: str, *, options=None) -> MomentStatistics:
     """The statistics pass of the method of moments (`sql/moment_*.sql`): totals, one
-    GROUP BY per factor, one per pair of factors, over `data`'s complete rows."""
+    GROUP BY per factor, one per pair of factors, over `data`'s complete rows (`options`:
+    the pass's `engines.EngineOptions`)."""
     import duckdb
 
     from ._sql import Source, connect, quote_ident, render
@@ -143,7 +142,7 @@ def compute_moment_statistics(data, formula: str, *, memory_limit: str | None = 
     t0 = time.perf_counter()
     parsed = parse_formula(formula)
     source = Source(data)
-    con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
+    con = connect(options=options)
     try:
         schema = source.schema(con, parsed.value_columns())
         check_columns(parsed, schema)

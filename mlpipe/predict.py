@@ -596,7 +596,10 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
     model = as_model(result)
     if name == "polars":
         return _predict_polars(model, data, out, fmt, level)
-    con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
+    from .engines import EngineOptions
+
+    con = connect(options=EngineOptions(threads=threads, memory_limit=memory_limit,
+                                        temp_directory=temp_directory))
     try:
         frame = Frame(data, con)
         pred = linear_predictor(model, frame, con, level=level)
@@ -785,7 +788,7 @@ def _pearson_scale(model: FittedModel) -> tuple[str, dict]:
 
 def residual_summary(result, data=None, *, memory_limit: str | None = None,
                      threads: int | None = None, temp_directory: str | None = None,
-                     exact: bool | None = None) -> ResidualSummary:
+                     exact: bool | None = None, options=None) -> ResidualSummary:
     """One more pass over the training data: conditional residuals r = y − Xβ − Σ_k Z_k b_k
     of the rows the model used (no null in any model column), the quantiles of the scaled
     Pearson residuals (r·√w/σ under case weights, r/(σδ_k) under a variance per stratum,
@@ -794,7 +797,8 @@ def residual_summary(result, data=None, *, memory_limit: str | None = None,
 
     `data` defaults to the training data recorded with the fit.  Quartiles are exact
     (`quantile_cont`) unless `exact=False`, or by default for more than
-    EXACT_QUANTILE_MAX_ROWS rows (then DuckDB's t-digest `approx_quantile`).
+    EXACT_QUANTILE_MAX_ROWS rows (then DuckDB's t-digest `approx_quantile`).  `options`
+    (an `engines.EngineOptions`) replaces memory_limit / threads / temp_directory.
     """
     model = as_model(result)
     if data is None:
@@ -804,7 +808,10 @@ def residual_summary(result, data=None, *, memory_limit: str | None = None,
                              "with this result)")
     if exact is None:
         exact = model.nobs is None or model.nobs <= EXACT_QUANTILE_MAX_ROWS
-    con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
+    from .engines import EngineOptions
+
+    con = connect(options=options or EngineOptions(
+        threads=threads, memory_limit=memory_limit, temp_directory=temp_directory))
     try:
         frame = Frame(data, con)
         # the training data: center() / group_mean() means are recomputed from its rows

@@ -591,9 +591,9 @@ def _compile(run: ModelRun) -> _Model:
         raise _NoData("the conditional modes (ranef.parquet) are missing")
     data = resolve_data(run)
     model = dataclasses.replace(load_result_dir(run.path), ranef=run.ranef, source=data)
-    duck = run.config.get("duckdb") or {}
-    con = connect(memory_limit=duck.get("memory_limit"), threads=duck.get("threads"),
-                  temp_directory=duck.get("temp_directory"))
+    from .engines import EngineOptions
+
+    con = connect(options=EngineOptions.from_config(run.config))
     try:
         frame = Frame(data, con)
         pred = linear_predictor(model, frame, con, training=True)
@@ -1482,10 +1482,11 @@ def residual_html(run: ModelRun, *, data: bool, sample_rows: int) -> str:
                          "the sample, and the per-group residual variances are not shown."))
     else:
         try:
-            duck = run.config.get("duckdb") or {}
+            from .engines import EngineOptions
+
             summary = predict.residual_summary(
-                str(run.path), resolve_data(run), memory_limit=duck.get("memory_limit"),
-                threads=duck.get("threads"), temp_directory=duck.get("temp_directory"))
+                str(run.path), resolve_data(run),
+                options=EngineOptions.from_config(run.config))
         except Exception as exc:  # noqa: BLE001 - the sample below still gives the Q-Q plot
             out.append(_note(f"mlpipe.predict.residual_summary: {_first_line(exc)}"))
     resid, qq = None, ""

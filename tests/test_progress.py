@@ -72,6 +72,6 @@ def test_progress_of_the_other_engines_and_the_switch_off(tmp_path):
     rc, err = run(argv + ["--engine", "polars"], tty=True, cwd=tmp_path)
     assert rc == 0 and "(Polars)" in err, err
     rc, err = run(argv + ["--engine", "dask", "--workers", "2"], tty=True, cwd=tmp_path)
-    assert rc == 0 and "3 files on Dask" in err, err
+    assert rc == 0 and "3 tasks on Dask (3 files)" in err, err
     rc, err = run(argv, tty=True, cwd=tmp_path, MLPIPE_NO_PROGRESS="1")
     assert rc == 0 and err.strip() == "", err

@@ -31,6 +31,15 @@ class EngineOptions:
         return {"threads": self.threads, "memory_limit": self.memory_limit,
                 "temp_directory": self.temp_directory}
 
+    @classmethod
+    def from_config(cls, config: dict) -> EngineOptions:
+        """From a config's `[duckdb]` table (memory_limit, threads, temp_directory) and
+        `[dask]` table (workers, scheduler) — what a result directory's config.toml holds."""
+        duck, dask = config.get("duckdb") or {}, config.get("dask") or {}
+        return cls(threads=duck.get("threads"), memory_limit=duck.get("memory_limit"),
+                   temp_directory=duck.get("temp_directory"), workers=dask.get("workers"),
+                   scheduler=dask.get("scheduler"))
+
 
 class Engine:
     """An engine builds the `Statistics` of a model over a data source."""

@@ -177,7 +177,9 @@ def _run(client, files: list, formula: str, weights, coding: dict, types: dict,
                    for i in range(0, len(futures), FAN_IN)]
     try:
         if progress.active():
-            with progress.stage(f"{len(files)} tasks on Dask", total=len(files)) as bar:
+            n_files = len({f if isinstance(f, str) else f[0] for f in files})
+            with progress.stage(f"{len(files)} tasks on Dask ({n_files} files)",
+                                total=len(files)) as bar:
                 for _ in as_completed(parts):
                     bar.advance()
         del parts
