@@ -26,6 +26,11 @@ def csr_add(out, row_off, ptr, idx, val, col_off, V):
                 out[o, t] += c * V[src, t]
 
 
+def csr_arrays(mat) -> tuple:
+    """A scipy CSR matrix as `csr_add` takes it: (indptr int64, indices int32, data)."""
+    return mat.indptr.astype(np.int64), mat.indices.astype(np.int32), mat.data
+
+
 def warm() -> None:
     """Compile (or load the cache) once, so a timing does not count it."""
     out = np.zeros((2, 1))

@@ -28,10 +28,11 @@ ignored), and the estimates are unbiased but not efficient — they are not REML
 `tests/test_moments.py` measures how far they are from it.
 
 **Fixed effects** by GLS at those components, from Henderson's equations: with
-M = Z'Z + σ² D⁻¹ (D = diag(σ²_k) per level), p + 1 preconditioned conjugate-gradient solves
-M W = Z'[X y] (Jacobi preconditioner; sparse products with the pairs' counts, O(combinations) each)
-give β̂ = (X'X − X'Z W_X)⁻¹ (X'y − X'Z W_y), Var(β̂) = σ² (X'X − X'Z W_X)⁻¹ and the
-conditional modes b̂ = W_y − W_X β̂ — the exact GLS / BLUP at the given components, to the
+M = Z'Z + σ² D⁻¹ (D = diag(σ²_k) per level), the solves M W = Z'[X y] (`Henderson`: the
+factor with the most levels eliminated exactly, block Jacobi-PCG on the others' Schur
+complement, compiled products with the pairs' counts, O(combinations) each) give
+β̂ = (X'X − X'Z W_X)⁻¹ (X'y − X'Z W_y), Var(β̂) = σ² (X'X − X'Z W_X)⁻¹ and the conditional
+modes b̂ = W_y − W_X β̂ — the exact GLS / BLUP at the given components, to the
 solver's tolerance.  Conditional SDs are approximated by σ / sqrt(diag M) (a lower bound on
 the exact ones).  There is no likelihood: loglik, AIC and BIC are NaN, and fits by moments
 are not compared by likelihood ratio.
@@ -296,15 +297,14 @@ def _cooccurrence_term(c: np.ndarray, i: np.ndarray, j: np.ndarray, div: np.ndar
             s = sp.diags(np.sqrt(inv))
             prod = s @ Nm @ Nm.T @ s  # rows × rows
         return max(float(np.sum(prod.data ** 2)) + centre, 0.0), "exact"
-    from ._pairs_jit import csr_add
+    from ._pairs_jit import csr_add, csr_arrays
 
     z = np.random.default_rng(20170).choice([-1.0, 1.0], size=(cols, COOCCURRENCE_PROBES))
     t = np.zeros((rows, z.shape[1]))
-    csr_add(t, 0, Nm.indptr.astype(np.int64), Nm.indices.astype(np.int32), Nm.data, 0, z)
+    csr_add(t, 0, *csr_arrays(Nm), 0, z)
     t *= inv[:, None]
-    Nt = Nm.T.tocsr()
     mz = -np.outer(m, m @ z) / N
-    csr_add(mz, 0, Nt.indptr.astype(np.int64), Nt.indices.astype(np.int32), Nt.data, 0, t)
+    csr_add(mz, 0, *csr_arrays(Nm.T.tocsr()), 0, t)
     return float(np.mean(np.einsum("ij,ij->j", mz, mz))), "estimated"
 
 
@@ -498,6 +498,8 @@ class Henderson:
     def __init__(self, ms: MomentStatistics, active: list[int]):
         import scipy.sparse as sp
 
+        from ._pairs_jit import csr_arrays
+
         self.ms, self.active = ms, active
         self.offs = np.concatenate([[0], np.cumsum([ms.factors[k].m for k in active])]
                                    ).astype(np.int64)
@@ -520,12 +522,10 @@ class Henderson:
             if k in where and ll in where:
                 B = sp.csr_matrix((c, (i, j)), shape=(ms.factors[k].m, ms.factors[ll].m))
                 for a, b, mat in ((where[k], where[ll], B), (where[ll], where[k], B.T.tocsr())):
-                    self.directed.append((a, b, mat.indptr.astype(np.int64),
-                                          mat.indices.astype(np.int32), mat.data))
+                    self.directed.append((a, b, *csr_arrays(mat)))
                 self.pair_arrays.append((where[k], where[ll], i, j, c))
         self.ztxy = np.concatenate([np.column_stack([ms.factors[k].sx.T, ms.factors[k].sy])
                                     for k in active]) if active else np.zeros((0, ms.p + 1))
-        self.products = 0  # products with the pair matrices (each a read of them all)
 
     def diagonal(self, sigma2_k: np.ndarray) -> np.ndarray:
         """diag(M) at the components (σ²_1..σ²_K, σ²)."""
@@ -555,7 +555,6 @@ class Henderson:
 
     def _schur(self, d_e: np.ndarray, d_r: np.ndarray, V: np.ndarray) -> np.ndarray:
         """S V = d_r V + M_rr,off V − M_re D_e⁻¹ M_er V for a (q_rest, r) block V."""
-        self.products += 1
         V = np.ascontiguousarray(V)
         t = np.zeros((len(d_e), V.shape[1]))
         self._add(t, "e", V, "r")
@@ -589,9 +588,9 @@ class Henderson:
         if self.q_rest:
             Br = np.ascontiguousarray(self._rest(B))
             self._add(Br, "r", B_e / d_e[:, None], "e", sign=-1.0)
-            x0 = (Br / self._schur_diagonal(d_e, d_r)[:, None]) if X0 is None else \
-                np.ascontiguousarray(self._rest(X0))
-            X_r, it = self._pcg(d_e, d_r, Br, x0, rtol)
+            pre = self._schur_diagonal(d_e, d_r)[:, None]
+            x0 = Br / pre if X0 is None else np.ascontiguousarray(self._rest(X0))
+            X_r, it = self._pcg(d_e, d_r, pre, Br, x0, rtol)
         X_e = B_e.copy()
         self._add(X_e, "e", X_r, "r", sign=-1.0)
         X_e /= d_e[:, None]
@@ -601,10 +600,10 @@ class Henderson:
             X[self.offs[j]:self.offs[j + 1]] = X_r[off:off + self.offs[j + 1] - self.offs[j]]
         return X, it
 
-    def _pcg(self, d_e, d_r, B, X, rtol):
-        """Block Jacobi-PCG on S: the columns still iterating kept compacted (contiguous),
-        a converged one written back as it drops out."""
-        pre = self._schur_diagonal(d_e, d_r)[:, None]
+    def _pcg(self, d_e, d_r, pre, B, X, rtol):
+        """Block PCG on S with the Jacobi preconditioner `pre` (diag S): the columns still
+        iterating kept compacted (contiguous), a converged one written back as it drops
+        out."""
         R = B - self._schur(d_e, d_r, X)
         target = rtol ** 2 * np.einsum("ij,ij->j", B, B)
         live = np.flatnonzero(np.einsum("ij,ij->j", R, R) > target)
@@ -635,43 +634,40 @@ class Henderson:
         return X, it
 
 
-def gls(ms: MomentStatistics, sigma2_k: np.ndarray, *, rtol: float = PCG_RTOL,
-        hend: Henderson | None = None, start: np.ndarray | None = None) -> dict:
+def _gls_step(ms: MomentStatistics, hend: Henderson, W: np.ndarray):
+    """From the solves W = M⁻¹ Z'[X y]: R_X'R_X = X'X − X'Z W_X, β̂ and b̂ = W_y − W_X β̂
+    (`gls`, and each update of `refine`)."""
+    p = ms.p
+    ZtX, WX, Wy = hend.ztxy[:, :p], W[:, :p], W[:, p]
+    xtx_adj = np.asarray(ms.xtx, dtype=float) - ZtX.T @ WX
+    xtx_adj = (xtx_adj + xtx_adj.T) / 2
+    beta = np.linalg.solve(xtx_adj, np.asarray(ms.xty, dtype=float) - ZtX.T @ Wy)
+    return xtx_adj, beta, Wy - WX @ beta
+
+
+def gls(ms: MomentStatistics, sigma2_k: np.ndarray, *, rtol: float = PCG_RTOL) -> dict:
     """β̂, Var(β̂), b̂ and approximate conditional SDs at the variance components
-    (σ²_1..σ²_K, σ²), by block PCG on Henderson's equations (see the module docstring).
-    `hend`/`start`: the operator and the solutions W of an earlier call (warm start)."""
+    (σ²_1..σ²_K, σ²), by block PCG on Henderson's equations (see the module docstring)."""
     K = len(ms.factors)
     sigma2 = float(sigma2_k[K])
     if not sigma2 > 0:
         raise InputError("the method of moments estimates the residual variance as 0")
     active = [k for k in range(K) if sigma2_k[k] > 0]
-    if hend is None or hend.active != active:
-        hend, start = Henderson(ms, active), None
-    p = ms.p
+    hend = Henderson(ms, active)
     out_b = {k: np.zeros(ms.factors[k].m) for k in range(K)}
     out_sd = {k: np.zeros(ms.factors[k].m) for k in range(K)}
-    iterations, W = 0, None
-    xtx = np.asarray(ms.xtx, dtype=float)
-    if hend.q == 0:  # every variance component at 0: OLS
-        xtx_adj, rhs = xtx, np.asarray(ms.xty, dtype=float)
-    else:
-        d = hend.diagonal(sigma2_k)
-        W, iterations = hend.solve(d, hend.ztxy, start, rtol=rtol)
-        ZtX, WX, Wy = hend.ztxy[:, :p], W[:, :p], W[:, p]
-        xtx_adj = xtx - ZtX.T @ WX
-        rhs = np.asarray(ms.xty, dtype=float) - ZtX.T @ Wy
-    xtx_adj = (xtx_adj + xtx_adj.T) / 2
-    beta = np.linalg.solve(xtx_adj, rhs)
+    # every variance component at 0: W = 0, OLS
+    d = hend.diagonal(sigma2_k)
+    W, iterations = hend.solve(d, hend.ztxy, rtol=rtol) if hend.q else (hend.ztxy, 0)
+    xtx_adj, beta, b = _gls_step(ms, hend, W)
     vcov = sigma2 * np.linalg.inv(xtx_adj)
     if hend.q:
-        b = Wy - WX @ beta
         sd = np.sqrt(sigma2 / d)
         for jj, k in enumerate(active):
             out_b[k] = b[hend.offs[jj]:hend.offs[jj + 1]]
             out_sd[k] = sd[hend.offs[jj]:hend.offs[jj + 1]]
     return {"beta": beta, "vcov": vcov, "b": out_b, "cond_sd": out_sd,
-            "iterations": iterations, "sigma2": sigma2, "W": W, "hend": hend,
-            "xtx_adj": xtx_adj}
+            "iterations": iterations, "sigma2": sigma2, "xtx_adj": xtx_adj}
 
 
 # ------------------------------------------------------------------ the REML refinement
@@ -724,7 +720,7 @@ def refine(ms: MomentStatistics, sigma2_k: np.ndarray, *, reml: bool = True,
         units.append(e)
     rhs = np.column_stack([hend.ztxy, Zp] + units)
     state = {"W": None, "evaluations": 0, "iterations": 0}
-    xtx, xty = np.asarray(ms.xtx, float), np.asarray(ms.xty, float)
+    xty = np.asarray(ms.xty, float)
     zty = hend.ztxy[:, p]
 
     def update(s: np.ndarray, keep: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -735,12 +731,8 @@ def refine(ms: MomentStatistics, sigma2_k: np.ndarray, *, reml: bool = True,
         state["iterations"] += it
         if keep:
             state["W"] = W
-        WX, Wy, Wz = W[:, :p], W[:, p], W[:, p + 1:p + 1 + probes]
-        ZtX = hend.ztxy[:, :p]
-        S = xtx - ZtX.T @ WX
-        S = (S + S.T) / 2
-        beta = np.linalg.solve(S, xty - ZtX.T @ Wy)
-        b = Wy - WX @ beta
+        WX, Wz = W[:, :p], W[:, p + 1:p + 1 + probes]
+        S, beta, b = _gls_step(ms, hend, W)
         ye = float(ms.yty - beta @ xty - b @ zty)
         new = np.empty(K + 1)
         new[K] = ye / (N - p if reml else N)
@@ -792,9 +784,9 @@ def refine(ms: MomentStatistics, sigma2_k: np.ndarray, *, reml: bool = True,
     dF[:K, :K] = np.cov(per_probe) / probes if K > 1 else np.var(per_probe, ddof=1) / probes
     G = np.linalg.inv(np.eye(K + 1) - J)
     mc = np.sqrt(np.maximum(np.diag(G @ dF @ G.T), 0.0))
-    return {"sigma2": fx, "start": s0, "mc_se": mc, "converged": converged, "steps": steps,
+    return {"sigma2": fx, "mc_se": mc, "converged": converged, "steps": steps,
             "evaluations": state["evaluations"], "iterations": state["iterations"],
-            "probes": probes, "reml": reml, "products": hend.products,
+            "probes": probes,
             "at_floor": [ms.factors[k].name for k in range(K) if fx[k] <= floor * 1.0001]}
 
 

@@ -642,6 +642,12 @@ def predict(result, data, out: str | os.PathLike[str] | None = None, *,
         con.close()
 
 
+#: Numerical Recipes' erfcc: the polynomial's coefficients (highest first), then the
+#: constant of the exponent — the probit's normal CDF in SQL and in Polars
+_ERFCC = (0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
+          0.09678418, 0.37409196, 1.00002368, -1.26551223)
+
+
 def inverse_link_sql(link: str, eta: str) -> str:
     """SQL of a GLMM's inverse link at `eta`: the response-scale prediction (probability or
     mean count).  DuckDB has no normal CDF: the probit's is 1 − erfc(η/√2)/2 by Numerical
@@ -657,11 +663,10 @@ def inverse_link_sql(link: str, eta: str) -> str:
     if link == "probit":
         z = f"(abs({eta}) / sqrt(2.0))"
         t = f"(1.0 / (1.0 + 0.5 * {z}))"
-        poly = "0.17087277"
-        for c in ("-0.82215223", "1.48851587", "-1.13520398", "0.27886807", "-0.18628806",
-                  "0.09678418", "0.37409196", "1.00002368"):
-            poly = f"({c} + {t} * {poly})"
-        erfc = f"({t} * exp(-{z} * {z} - 1.26551223 + {t} * {poly}))"
+        poly = repr(_ERFCC[0])
+        for c in _ERFCC[1:-1]:
+            poly = f"({c!r} + {t} * {poly})"
+        erfc = f"({t} * exp(-{z} * {z} - {-_ERFCC[-1]!r} + {t} * {poly}))"
         return f"(CASE WHEN ({eta}) >= 0 THEN 1.0 - 0.5 * {erfc} ELSE 0.5 * {erfc} END)"
     raise InputError(f"no inverse link for {link!r}")
 
@@ -700,12 +705,7 @@ def output_format(out: str | os.PathLike[str]) -> str:
 
 def _write(con, sql: str, params: dict, path: str, out, fmt: str | None = None
            ) -> PredictionFile:
-    fmt = fmt or output_format(out)
-    dest = Path(out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(dest)  # staging files of killed runs
-    tmp = dest.with_name(f"{staging_prefix(dest)}{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    def write(tmp: Path, fmt: str) -> None:
         # DuckDB's COPY ... TO: streams, spills under memory_limit
         rel = con.sql(sql, params=_used(sql, params))
         try:
@@ -715,8 +715,25 @@ def _write(con, sql: str, params: dict, path: str, out, fmt: str | None = None
                 rel.to_parquet(str(tmp))
         except duckdb.Error as exc:
             raise DataError(read_error(path, exc, "cannot predict for")) from None
+
+    return _staged(out, fmt or output_format(out), write)
+
+
+def _staged(out, fmt: str, write) -> PredictionFile:
+    """`write(tmp, fmt)` into a staging file beside `out`, its rows and null `fitted`
+    counted, then moved into place (never a half-written `out`)."""
+    dest = Path(out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(dest)  # staging files of killed runs
+    tmp = dest.with_name(f"{staging_prefix(dest)}{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp, fmt)
         if fmt == "csv":
-            rows, nulls = _csv_counts(con, tmp, "fitted")
+            con = connect()
+            try:
+                rows, nulls = _csv_counts(con, tmp, "fitted")
+            finally:
+                con.close()
         else:
             rows, nulls = _parquet_counts(tmp, "fitted")
         os.replace(tmp, dest)
@@ -867,7 +884,8 @@ def _predict_polars(model: FittedModel, data, out, fmt: str | None,
     collected (small data) or sunk to a staged file by the streaming engine.  Semantics as
     DuckDB's (`LinearPredictor`): an unseen level or null key drops that factor's Z_k·b_k,
     a missing predictor or unknown level gives a null prediction."""
-    from .engines.polars_engine import _duck_type, _frame, compile_column, compile_expr
+    from .engines.polars_engine import (_complete, _duck_type, _frame, compile_column,
+                                        compile_expr)
 
     model, formula = _prediction_formula(model)
     if formula.aggregates():
@@ -894,15 +912,11 @@ def _predict_polars(model: FittedModel, data, out, fmt: str | None,
     pre = "__mlpipe_"
 
     def ok(cols: list[str]):
-        cond = pl.lit(True)
+        """As `_compile`'s ok_sql: a known level of a categorical, a value otherwise."""
+        cond = _complete([c for c in cols if c not in levels], schema)
         for c in cols:
             if c in levels:
                 cond = cond & (pl.col(c).is_in(list(levels[c])) if levels[c] else pl.lit(False))
-            else:
-                part = pl.col(c).is_not_null()
-                if schema.get(c, "").upper().startswith(("DOUBLE", "FLOAT", "REAL")):
-                    part = part & pl.col(c).is_not_nan()
-                cond = cond & part
         return cond
 
     xb = None
@@ -977,25 +991,8 @@ def _predict_polars(model: FittedModel, data, out, fmt: str | None,
                                  f"to return as a DataFrame; pass out= (--out) to write "
                                  f"Parquet")
             return df
-        dest = Path(out)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(dest)
-        tmp = dest.with_name(f"{staging_prefix(dest)}{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            if fmt == "csv":
-                result.sink_csv(tmp)
-                con = connect()
-                try:
-                    rows, nulls = _csv_counts(con, tmp, "fitted")
-                finally:
-                    con.close()
-            else:
-                result.sink_parquet(tmp)
-                rows, nulls = _parquet_counts(tmp, "fitted")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return PredictionFile(dest, int(rows), int(nulls))
+        return _staged(out, fmt, lambda tmp, fmt: result.sink_csv(tmp) if fmt == "csv"
+                       else result.sink_parquet(tmp))
     except pl.exceptions.PolarsError as exc:
         raise DataError(f"cannot predict for {where}: {first_line(str(exc))}") from None
 
@@ -1035,11 +1032,10 @@ def _inverse_link_polars(link: str, eta):
     if link == "probit":
         z = eta.abs() / math.sqrt(2.0)
         t = 1.0 / (1.0 + 0.5 * z)
-        poly = pl.lit(0.17087277)
-        for c in (-0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
-                  0.09678418, 0.37409196, 1.00002368):
+        poly = pl.lit(_ERFCC[0])
+        for c in _ERFCC[1:-1]:
             poly = c + t * poly
-        erfc = t * (-z * z - 1.26551223 + t * poly).exp()
+        erfc = t * (-z * z + _ERFCC[-1] + t * poly).exp()
         return pl.when(eta >= 0).then(1.0 - 0.5 * erfc).otherwise(0.5 * erfc)
     raise InputError(f"no inverse link for {link!r}")
 
