@@ -336,13 +336,22 @@ class Objective:
                 raise linalg.LinAlgError(str(exc)) from None
 
     def _parts(self, theta: np.ndarray, with_rx: bool) -> Parts:
-        s = self.stats
-        q, p, m = s.q, s.p, s.m
-        S, G, ws = self._S, self._G, self._ws
-        T, J, L, _R, M, logdet_l = self._core(theta, ws)
+        T, J, L, _R, M, logdet_l = self._core(theta, self._ws)
         _xtx, rx, beta, r2, logdet_rx = self._profile(M)
         if not np.isfinite(r2) or r2 <= 0:
             raise linalg.LinAlgError("the penalized residual sum of squares is not positive")
+        g_ld, g_r2, g_rx = self.gradient_sums(T, J, L, beta, rx, with_rx)
+        return Parts(logdet_l, logdet_rx, r2, g_ld, g_rx, g_r2)
+
+    def gradient_sums(self, T: np.ndarray, J: list[int], L: np.ndarray, beta: np.ndarray,
+                      rx: np.ndarray, with_rx: bool):
+        """The sums over groups of the gradient (∂log|L|², ∂r², ∂log|R_X|² — NaN without
+        `with_rx`) at the core's T, J, L and the profiled β̂, R_X.  Each is a sum of per-group
+        terms, so a subset of the groups (a Dask worker's, mlpipe/engines/dask_solve.py) gives
+        its share when β̂ and R_X are the whole data's."""
+        s = self.stats
+        q, p, m = s.q, s.p, s.m
+        S, G, ws = self._S, self._G, self._ws
         TJ, qa = T[:, J], len(J)
         t, tq = ws("t", (m,)), ws("tq", (q, m))
         # Q = A⁻¹T' per group: its rows on J, L⁻ᵀL⁻¹T_J' (|J|, q, m) — the others are zero —
@@ -369,7 +378,7 @@ class Objective:
                 g_ld[idx] = 2.0 * vdot(S[rr].reshape(-1), Q[i].reshape(-1))
                 g_r2[idx] = -2.0 * vdot(v[rr], u[i])
         if not with_rx:
-            return Parts(logdet_l, logdet_rx, r2, g_ld, np.full(k, np.nan), g_r2)
+            return g_ld, g_r2, np.full(k, np.nan)
         # C_i = Z_i'X_i (R_X'R_X)⁻¹ X_i'Z_i = Y_i Y_i',  Y[a] = R_X⁻ᵀ (Z'X)[a]: (q, p, m)
         rinv, info = linalg.lapack.dtrtri(rx, lower=0)
         if info != 0:
@@ -390,7 +399,7 @@ class Objective:
                 for b in range(q):
                     tot -= vdot(K[i, b], TN[b, rr])
                 g_rx[idx] = -2.0 * tot
-        return Parts(logdet_l, logdet_rx, r2, g_ld, g_rx, g_r2)
+        return g_ld, g_r2, g_rx
 
     # ------------------------------------------------------------------ helpers
     def sigma(self, dec: Decomposition) -> float:
@@ -403,36 +412,56 @@ class Objective:
         β from OLS; per group the least-squares random effects b̂_i = S_i⁻¹ r_i (groups whose
         S_i = Z_i'Z_i is numerically singular are left out); then Cov(b) ≈ mean(b̂ b̂') −
         σ̂² mean(S_i⁻¹) and θ from chol(Cov(b) / σ̂²), restricted to the block structure and
-        made positive definite.
+        made positive definite.  The sums over groups are `moment_sums` (a subset of the
+        groups gives its share), the rest `moment_theta`.
         """
         s = self.stats
-        q, p = s.q, s.p
         try:
             with np.errstate(all="ignore"):
                 beta = np.linalg.solve(s.xtx, s.xty)
-                gamma = np.append(-beta, 1.0)
-                r = np.einsum("j,ajm->am", gamma, self._G)
-                # Cholesky of S_i; ok where every pivot is well away from zero
-                L, ok = chol_masked(self._S, 1e-8)
-                k_ok = int(ok.sum())
-                if k_ok < max(q + 1, 2):
-                    return None
-                # S⁻¹ = L⁻ᵀ L⁻¹ (0 for the groups left out) and b̂ = S⁻¹ r
-                Sinv = np.where(ok, inv_from_chol(L), 0.0)
-                bh = matmul(Sinv, r)
-                rss_tot = s.yty - 2 * beta @ s.xty + beta @ s.xtx @ beta
-                within = vdot(r.reshape(-1), bh.reshape(-1))
-                dof = s.n - q * k_ok - p
-                if dof <= 0:
-                    return None
-                sigma2 = (rss_tot - within) / dof
-                if not np.isfinite(sigma2) or sigma2 <= 0:
-                    return None
-                cov = np.array([[(vdot(bh[a], bh[b]) - sigma2 * float(np.sum(Sinv[a, b])))
-                                 / k_ok for b in range(q)] for a in range(q)])
-                if not np.all(np.isfinite(cov)):
-                    return None
-                theta = self.theta_map.from_covariance(cov / sigma2)
         except np.linalg.LinAlgError:
             return None
-        return theta if np.all(np.isfinite(theta)) else None
+        return moment_theta(self.theta_map, s, beta, self.moment_sums(beta))
+
+    def moment_sums(self, beta: np.ndarray):
+        """(groups used, Σ r_i'b̂_i, Σ b̂_i b̂_i' (q×q), Σ S_i⁻¹ (q×q)) over this objective's
+        groups at the OLS β (see `moment_start`)."""
+        q = self.stats.q
+        with np.errstate(all="ignore"):
+            gamma = np.append(-beta, 1.0)
+            r = np.einsum("j,ajm->am", gamma, self._G)
+            # Cholesky of S_i; ok where every pivot is well away from zero
+            L, ok = chol_masked(self._S, 1e-8)
+            # S⁻¹ = L⁻ᵀ L⁻¹ (0 for the groups left out) and b̂ = S⁻¹ r
+            Sinv = np.where(ok, inv_from_chol(L), 0.0)
+            bh = matmul(Sinv, r)
+            within = vdot(r.reshape(-1), bh.reshape(-1))
+            bb = np.array([[vdot(bh[a], bh[b]) for b in range(q)] for a in range(q)])
+            ss = np.array([[float(np.sum(Sinv[a, b])) for b in range(q)] for a in range(q)])
+        return int(ok.sum()), float(within), bb, ss
+
+
+def moment_theta(theta_map: ThetaMap, stats: Statistics, beta: np.ndarray,
+                 sums) -> np.ndarray | None:
+    """`Objective.moment_start`'s θ from the totals of `stats`, the OLS β and the
+    `moment_sums` over all groups (None when they give no estimate)."""
+    k_ok, within, bb, ss = sums
+    q, p = stats.q, stats.p
+    if k_ok < max(q + 1, 2):
+        return None
+    try:
+        with np.errstate(all="ignore"):
+            rss_tot = stats.yty - 2 * beta @ stats.xty + beta @ stats.xtx @ beta
+            dof = stats.n - q * k_ok - p
+            if dof <= 0:
+                return None
+            sigma2 = (rss_tot - within) / dof
+            if not np.isfinite(sigma2) or sigma2 <= 0:
+                return None
+            cov = (bb - sigma2 * ss) / k_ok
+            if not np.all(np.isfinite(cov)):
+                return None
+            theta = theta_map.from_covariance(cov / sigma2)
+    except np.linalg.LinAlgError:
+        return None
+    return theta if np.all(np.isfinite(theta)) else None
