@@ -119,6 +119,10 @@ def _add_fit(sub) -> None:
     add_log_option(f)
     add_duckdb_options(f)
     add_engine_options(f)
+    f.add_argument("--keep-on-workers", action="store_true", default=None,
+                   help="--engine dask, one grouping factor: keep the per-group statistics "
+                        "on the workers; each evaluation of the criterion maps over them "
+                        "(the client holds no per-group arrays)")
 
 
 def _add_stats(sub) -> None:
@@ -267,8 +271,8 @@ def _resolve_fit(args: argparse.Namespace) -> dict:
     if args.engine:
         cfg["engine"] = args.engine
     dask = dict(cfg.get("dask", {}))
-    for key in ("workers", "scheduler"):
-        if getattr(args, key) is not None:
+    for key in ("workers", "scheduler", "keep_on_workers"):
+        if getattr(args, key, None) is not None:
             dask[key] = getattr(args, key)
     if dask:
         cfg["dask"] = dask
@@ -324,7 +328,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 setattr(args, key, cfg[key])
         for key, value in {**(cfg.get("duckdb") or {}), **(cfg.get("dask") or {}),
                            "engine": cfg.get("engine")}.items():
-            if getattr(args, key) is None:
+            if key != "keep_on_workers" and getattr(args, key) is None:  # a fit's option
                 setattr(args, key, value)
     if not args.data:
         raise InputError("mlpipe stats needs DATA (or a --config naming it)")

@@ -16,6 +16,7 @@ A config names the data, the formula and the options of one fit:
     [dask]                     # --engine dask only
     workers = 2                # a LocalCluster of 2 worker processes, or
     # scheduler = "tcp://scheduler:8786"   a running cluster
+    # keep_on_workers = true   one grouping factor: the groups stay on the workers
 
 Relative paths are taken from the current directory, like paths given on the command line.
 Every run writes the resolved config (`config.toml`) next to its outputs.
@@ -31,7 +32,7 @@ from .errors import InputError
 KEYS = {"data", "formula", "method", "out", "stats", "name", "ddf", "ci", "level", "residuals",
         "weights", "correlation", "residual_variance_by", "family", "link", "nagq",
         "duckdb", "engine", "dask", "refine"}
-DASK_KEYS = {"workers": int, "scheduler": str}
+DASK_KEYS = {"workers": int, "scheduler": str, "keep_on_workers": bool}
 DUCKDB_KEYS = {"memory_limit", "threads", "temp_directory"}
 TYPES = {"data": str, "formula": str, "method": str, "out": str, "stats": str, "name": str,
          "ddf": str, "ci": str, "level": (int, float), "residuals": bool, "weights": str,
@@ -72,7 +73,8 @@ def load_config(path: str | Path) -> dict:
     if not isinstance(dask, dict) or set(dask) - set(DASK_KEYS):
         raise InputError(f"config {path}: [dask] takes only {', '.join(sorted(DASK_KEYS))}")
     for key, want in DASK_KEYS.items():
-        if key in dask and (not isinstance(dask[key], want) or isinstance(dask[key], bool)):
+        if key in dask and (not isinstance(dask[key], want)
+                            or (want is not bool and isinstance(dask[key], bool))):
             raise InputError(f"config {path}: [dask] {key} must be {TYPE_NAMES[want]}, "
                              f"not {dask[key]!r}")
     cfg.setdefault("name", p.stem)

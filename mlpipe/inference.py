@@ -667,12 +667,14 @@ def _optimize(obj, theta0: np.ndarray | None = None):
 
 
 def wald_intervals(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.ndarray,
-                   se: np.ndarray, *, reml: bool, level: float = 0.95) -> pl.DataFrame:
+                   se: np.ndarray, *, reml: bool, level: float = 0.95,
+                   obj=None) -> pl.DataFrame:
     """β ± z·SE; variance parameters on the sd/cor/σ scale from the criterion's curvature
     (the fit's criterion, REML or ML; lme4's confint(method = "Wald") gives NA for them).
-    Any structure: one grouping factor or several (lme4's order and names)."""
+    Any structure: one grouping factor or several (lme4's order and names).  `obj`: the
+    fit's objective (default: one built from `stats`)."""
     z = _dist.norm_ppf(0.5 + level / 2)
-    obj = _objective(stats, reml)
+    obj = _objective(stats, reml) if obj is None else obj
     sv = theta_to_sdcor(obj, theta, sigma)
     names = parameter_names(stats, obj)
     hess = richardson_hessian(lambda v: _criterion_sv(obj, v), sv)

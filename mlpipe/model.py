@@ -33,7 +33,8 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
         correlation: str | None = None, residual_variance_by: str | None = None,
         family: str | None = None, link: str | None = None, nagq: int = 1,
         engine: str | None = None, workers: int | None = None,
-        scheduler: str | None = None, refine: str | None = None) -> FitResult:
+        scheduler: str | None = None, refine: str | None = None,
+        keep_on_workers: bool = False) -> FitResult:
     """Fit a linear mixed model.
 
     Either `data` (Parquet file / directory / glob, or CSV; or data in memory: a polars
@@ -51,7 +52,9 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     adaptive Gauss-Hermite quadrature (one scalar random effect, as glmer's nAGQ).
     `engine`: what builds the statistics, "duckdb" (default), "polars" or "dask" (with
     `workers` processes of a LocalCluster, or the cluster at `scheduler`); see
-    mlpipe/engines.  `refine` ("reml", "ml" or "none"): whether a fit by the method of
+    mlpipe/engines; `keep_on_workers` (Dask, one grouping factor): the per-group statistics
+    stay on the workers and every evaluation of the criterion maps over them
+    (mlpipe/engines/dask_solve.py).  `refine` ("reml", "ml" or "none"): whether a fit by the method of
     moments refines its components to approximate REML / ML (mlpipe/moments.py `refine`);
     by default `method="moments"` does not, and the automatic switch to moments (the exact
     solver does not fit) refines toward `method`.
@@ -72,6 +75,20 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
                          method=method, ci=check_ci(ci), options=eng.options, level=level)
     method, ddf, ci = check_options(method, ddf, ci, level)  # before any work
     refine = check_refine(refine)
+    if keep_on_workers:
+        if eng.name != "dask":
+            raise InputError("--keep-on-workers keeps the groups on Dask workers: use it "
+                             "with --engine dask")
+        if stats is not None or data is None or formula is None:
+            raise InputError("--keep-on-workers fits DATA and a formula (saved statistics "
+                             "are already on this machine: drop --keep-on-workers)")
+        if correlation is not None or residual_variance_by is not None:
+            raise InputError("--keep-on-workers does not fit residual structures: use "
+                             "--engine duckdb")
+        from .engines.dask_solve import fit_on_workers
+
+        return fit_on_workers(eng, data, formula, method=method, ddf=ddf, ci=ci, level=level,
+                              weights=weights)
     if stats is not None and data is not None:
         raise InputError("give DATA or saved statistics, not both")
     if stats is None and str(method).upper() == "MOMENTS" and data is not None \
@@ -478,12 +495,16 @@ def _check_method(method: str) -> str:
     return m
 
 
-def validate(stats: Statistics) -> None:
-    """lme4's checks on the model's dimensions and the fixed-effects design."""
-    _validate_factors(stats)
+def validate(stats: Statistics, *, groups: int | None = None,
+             within: float | None = None) -> None:
+    """lme4's checks on the model's dimensions and the fixed-effects design.  `groups` and
+    `within` for statistics whose groups are elsewhere (the Dask workers: `stats` holds the
+    totals): the number of groups and the response's sum of squares within them (None when
+    Z has no intercept)."""
+    _validate_factors(stats, groups)
     if stats.n <= stats.p:
         raise DataError(f"{stats.p} fixed effects for {stats.n} observations")
-    _check_response_varies(stats)
+    _check_response_varies(stats, within, groups is not None)
     dependent = rank_deficient_columns(stats.xtx)
     if dependent:
         names = ", ".join(stats.fixed_names[j] for j in dependent)
@@ -520,7 +541,8 @@ def _constant(ss_about_mean: float, raw_ss: float) -> bool:
     return ss_about_mean <= CONSTANT_RTOL * raw_ss
 
 
-def _check_response_varies(stats: Statistics) -> None:
+def _check_response_varies(stats: Statistics, within: float | None = None,
+                           elsewhere: bool = False) -> None:
     """lme4 refuses a constant response; a response constant within every level of a
     grouping factor (e.g. the factor is the outcome itself) leaves no residual variance to
     estimate.  Both read off n, Σy and y'y (in total, per level)."""
@@ -538,6 +560,10 @@ def _check_response_varies(stats: Statistics) -> None:
     if _constant(yty - total * total / n, yty):
         raise DataError(f"outcome {stats.response!r} is constant in the rows used (every "
                         f"value is {total / n:.6g}); a mixed model needs a varying outcome")
+    if elsewhere:  # the groups' sums are on the workers: their within-group total
+        if within is not None and _constant(within, yty):
+            _constant_within(stats, stats.group, [stats.group])
+        return
     sums = _response_sums(stats)
     if sums is None:
         return
@@ -551,18 +577,22 @@ def _check_response_varies(stats: Statistics) -> None:
         yty_l = np.bincount(index, yty_c, minlength=m)
         within = float(np.sum(yty_l - sy_l * sy_l / np.where(n_l > 0, n_l, 1)))
         if _constant(within, yty):
-            what = (f"the grouping factor {name!r} is the outcome"
-                    if stats.response in columns else f"grouping factor {name!r}")
-            raise DataError(f"{what}: outcome {stats.response!r} is constant within every "
-                            f"level of {name!r}, so the residual variance is not "
-                            f"identifiable; group by another column")
+            _constant_within(stats, name, columns)
 
 
-def _validate_factors(stats: Statistics) -> None:
+def _constant_within(stats: Statistics, name: str, columns: list[str]):
+    what = (f"the grouping factor {name!r} is the outcome"
+            if stats.response in columns else f"grouping factor {name!r}")
+    raise DataError(f"{what}: outcome {stats.response!r} is constant within every "
+                    f"level of {name!r}, so the residual variance is not "
+                    f"identifiable; group by another column")
+
+
+def _validate_factors(stats: Statistics, groups: int | None = None) -> None:
     """lme4's dimension checks: every factor has 2 or more levels and fewer levels than
     observations, and there are fewer random effects than observations."""
     factors = [(f.name, f.m, f.q) for f in stats.factors] if stats.general \
-        else [(stats.group, stats.m, stats.q)]
+        else [(stats.group, stats.m if groups is None else groups, stats.q)]
     for name, m, _q in factors:
         if m < 2:
             raise DataError(f"grouping factor {name!r} has {m} level; a random effect "

@@ -257,7 +257,9 @@ class Objective:
     def _profile(self, M: np.ndarray):
         return profile_fixed(M, self.stats.p)
 
-    def decompose(self, theta: np.ndarray) -> Decomposition:
+    def decompose(self, theta: np.ndarray, profiled=None) -> Decomposition:
+        """Everything at θ; `profiled`: (R_X'R_X, R_X, β̂, r², log|R_X|²) to use instead of
+        this objective's (a Dask worker's share of the groups, whose β̂ is the whole data's)."""
         s = self.stats
         q, p, m = s.q, s.p, s.m
         with self._lock:  # L and R are handed out: fresh arrays
@@ -268,7 +270,7 @@ class Objective:
             L[range(q), range(q)] = 1.0
             L[np.ix_(J, J)] = L_J
             R[:, J] = R_J
-        xtx_adj, rx, beta, r2, logdet_rx = self._profile(M)
+        xtx_adj, rx, beta, r2, logdet_rx = self._profile(M) if profiled is None else profiled
         # R is (p+1, q, m): hand out (q, p, m) and (q, m) views
         return Decomposition(np.asarray(theta, float), T, L, R[:p].transpose(1, 0, 2), R[p],
                              xtx_adj, rx, beta, r2, logdet_l, logdet_rx)

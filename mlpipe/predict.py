@@ -91,7 +91,7 @@ class FittedModel:
         if stats is None:  # a fit without Statistics (a GLMM) keeps its own coding
             levels = getattr(result, "factor_levels", None)
             types = getattr(result, "group_types", None)
-        return cls(result.formula, dict(result.fixef), float(result.sigma), result.ranef,
+        return cls(result.formula, dict(result.fixef), float(result.sigma), result.ranef_frame(),
                    dict(levels) if levels else None, source, int(result.nobs),
                    getattr(stats, "group_type", None) or None, dict(types) if types else None,
                    getattr(stats, "centering", None),

@@ -78,7 +78,7 @@ class FitResult:
     converged: bool
     singular: bool
     optimizer: OptSummary
-    ranef: pl.DataFrame  # group, level, term, estimate, cond_sd
+    ranef: pl.DataFrame  # group, level, term, estimate, cond_sd (see ranef_frame)
     theta: np.ndarray
     rows_dropped: int = 0
     stats: Statistics | None = field(default=None, repr=False)
@@ -114,7 +114,10 @@ class FitResult:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, stats: Statistics, obj: Objective, dec: Decomposition,
-              opt: OptSummary) -> FitResult:
+              opt: OptSummary, *, ranef=None, groups: dict | None = None) -> FitResult:
+        """The result of a one-factor model.  `ranef` and `groups` for statistics whose
+        groups are elsewhere (the Dask workers, mlpipe/engines/dask_solve.py): the modes
+        they wrote (a LazyFrame, or None) and the number of groups."""
         reml = obj.reml
         sigma = obj.sigma(dec)
         s2 = sigma**2
@@ -131,12 +134,13 @@ class FitResult:
         singular = bool(np.any(theta[obj.theta_map.diagonal] < SINGULAR_TOL))
         return cls(
             formula=stats.formula, method="REML" if reml else "ML", nobs=stats.n,
-            groups={stats.group: stats.m}, fixed_effects=fixed, vcov_matrix=vcov,
+            groups=groups or {stats.group: stats.m}, fixed_effects=fixed, vcov_matrix=vcov,
             random_effects=rand, random_correlations=corrs, residual_variance=s2, sigma=sigma,
             loglik=-dev / 2, deviance=dev, reml_criterion=dev if reml else None,
             aic=dev + 2 * npar, bic=dev + npar * math.log(stats.n), npar=npar,
             converged=opt.converged, singular=singular, optimizer=opt,
-            ranef=_conditional_modes(stats, dec, sigma), theta=theta,
+            ranef=_conditional_modes(stats, dec, sigma) if groups is None else ranef,
+            theta=theta,
             rows_dropped=stats.rows_dropped, stats=stats)
 
     @classmethod
@@ -189,13 +193,23 @@ class FitResult:
         before 0.2) still works but is deprecated: use `result.fixef`."""
         return _Coef(self)
 
+    def ranef_frame(self) -> pl.DataFrame:
+        """`ranef` as a DataFrame (the modes of a fit with `keep_on_workers` are a lazy scan
+        of the files the workers wrote: collected here, O(groups) memory)."""
+        if self.ranef is None:
+            return pl.DataFrame(schema={"group": pl.Utf8, "level": pl.Utf8, "term": pl.Utf8,
+                                        "estimate": pl.Float64, "cond_sd": pl.Float64})
+        if isinstance(self.ranef, pl.LazyFrame):
+            return self.ranef.collect()
+        return self.ranef
+
     def ranef_wide(self) -> dict[str, pl.DataFrame]:
         """lme4's `ranef()`: for each grouping factor, a table with one row per level
         (`level`, in the factor's order) and one column per random-effect term, the
         conditional modes (`ranef` is the same in long form, with the conditional SDs)."""
         out = {}
         for factor in self.groups:
-            part = self.ranef.filter(pl.col("group") == factor)
+            part = self.ranef_frame().filter(pl.col("group") == factor)
             terms = list(dict.fromkeys(part["term"].to_list()))
             levels = part.filter(pl.col("term") == terms[0])["level"]
             cols = {"level": levels}
@@ -213,7 +227,7 @@ class FitResult:
         fixed = self.fixef
         out = {}
         for factor in self.groups:
-            part = self.ranef.filter(pl.col("group") == factor)
+            part = self.ranef_frame().filter(pl.col("group") == factor)
             terms = list(dict.fromkeys(part["term"].to_list()))
             levels = part.filter(pl.col("term") == terms[0])["level"]
             names = [t for t in terms if t not in fixed] + list(fixed)
@@ -309,7 +323,10 @@ class FitResult:
         stage = Path(tempfile.mkdtemp(prefix=staging_prefix(out), dir=out.parent))
         try:
             (stage / "result.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-            self.ranef.write_parquet(stage / "ranef.parquet")
+            if isinstance(self.ranef, pl.LazyFrame):  # modes written by Dask workers
+                self.ranef.sink_parquet(stage / "ranef.parquet")
+            else:
+                self.ranef_frame().write_parquet(stage / "ranef.parquet")
             if self.stats is not None:  # O(groups): refits (ML, profiles) need no data reread
                 self.stats.save(stage / "stats.parquet")
             if self.residuals is not None:

@@ -108,6 +108,17 @@ class DaskEngine(Engine):
 
     def statistics(self, data, formula, *, weights=None, correlation=None,
                    residual_variance_by=None, coding=None):
+        return self._pass(data, formula, weights, correlation, residual_variance_by, coding)
+
+    def worker_statistics(self, data, formula, *, weights=None):
+        """The statistics pass with the per-group statistics left on the workers
+        (`--keep-on-workers`, mlpipe/engines/dask_solve.py): the partials split by a hash
+        of the group and merged per partition there.  Returns a `dask_solve.WorkerStatistics`
+        (the client, the partitions' futures and the totals); close it when done."""
+        return self._pass(data, formula, weights, None, None, None, keep=True)
+
+    def _pass(self, data, formula, weights, correlation, residual_variance_by, coding, *,
+              keep: bool = False):
         from .._sql import Source, connect
         from ..design import check_columns, check_weights, design_from_data
         from ..formula import parse_formula
@@ -132,6 +143,10 @@ class DaskEngine(Engine):
                                       coding=coding)
         finally:
             con.close()
+        if keep and design.group is None:
+            raise InputError("--keep-on-workers fits models with one grouping factor (its "
+                             "groups are split between the workers); nested and crossed "
+                             "models are fitted on the client: drop --keep-on-workers")
         t1 = time.perf_counter()
         runlog.stage("prepare", t1 - t0)
         workers = opts.workers or cpu_count()
@@ -143,11 +158,25 @@ class DaskEngine(Engine):
 
         types = {c: schema[c] for c in model_columns(parsed, weights) if c in schema}
         try:
-            parts = split_parts(files, workers if not opts.scheduler else
-                                len(client.scheduler_info().get("workers", {})) or workers)
+            n_workers = workers if not opts.scheduler else \
+                len(client.scheduler_info().get("workers", {})) or workers
+            parts = split_parts(files, n_workers)
+            if keep:
+                from .dask_solve import keep_statistics
+
+                kept = keep_statistics(client, cluster, parts, formula, weights,
+                                       design.levels, types, duck, n_workers)
+                kept.header.source = source.location
+                kept.header.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
+                runlog.stage("scan", kept.header.timings["scan"], tasks=len(parts),
+                             rows=kept.header.rows_read, rows_used=kept.header.n,
+                             groups={kept.header.group: kept.m}, partitions=len(kept.parts))
+                client = cluster = None  # the WorkerStatistics closes them
+                return kept
             stats = _run(client, parts, formula, weights, design.levels, types, duck)
         finally:
-            client.close()
+            if client is not None:
+                client.close()
             if cluster is not None:
                 cluster.close()
         if stats.n == 0:
@@ -162,31 +191,65 @@ class DaskEngine(Engine):
 
 def _run(client, files: list, formula: str, weights, coding: dict, types: dict,
          duck: dict):
-    from distributed import KilledWorker, as_completed
+    parts, names = map_partials(client, files, formula, weights, coding, types, duck)
+    futures = tree_reduce(client, combine, parts)
+    with killed_worker_reported(names):
+        wait_for_scan(parts, files)
+        del parts
+        return futures[0].result()
 
-    from .. import progress
 
+def map_partials(client, files: list, formula: str, weights, coding: dict, types: dict,
+                 duck: dict):
+    """The scan's tasks (futures of partial Statistics, one per input part) and the names of
+    their inputs by task key (for `killed_worker_reported`)."""
     futures = client.map(partial_statistics, files, formula=formula, weights=weights,
                          coding=coding, types=types, duck=duck, retries=RETRIES, pure=False)
     names = {f.key: (path if isinstance(path, str) else
                      f"{path[0]} (row groups {path[1][0]}-{path[1][-1]})")
              for f, path in zip(futures, files)}
-    parts = list(futures)
+    return list(futures), names
+
+
+def tree_reduce(client, fn, futures: list) -> list:
+    """`fn` over FAN_IN futures at a time until one is left (a list of one future)."""
     while len(futures) > 1:
-        futures = [client.submit(combine, *futures[i:i + FAN_IN], retries=RETRIES, pure=False)
+        futures = [client.submit(fn, *futures[i:i + FAN_IN], retries=RETRIES, pure=False)
                    for i in range(0, len(futures), FAN_IN)]
-    try:
-        if progress.active():
-            n_files = len({f if isinstance(f, str) else f[0] for f in files})
-            with progress.stage(f"{len(files)} tasks on Dask ({n_files} files)",
-                                total=len(files)) as bar:
-                for _ in as_completed(parts):
-                    bar.advance()
-        del parts
-        return futures[0].result()
-    except KilledWorker as exc:
+    return futures
+
+
+def wait_for_scan(parts: list, files: list) -> None:
+    """The progress bar of the scan's tasks on a terminal (nothing otherwise)."""
+    from distributed import as_completed
+
+    from .. import progress
+
+    if progress.active():
+        n_files = len({f if isinstance(f, str) else f[0] for f in files})
+        with progress.stage(f"{len(files)} tasks on Dask ({n_files} files)",
+                            total=len(files)) as bar:
+            for _ in as_completed(parts):
+                bar.advance()
+
+
+class killed_worker_reported:
+    """Context: a task that killed its worker RETRIES + 1 times becomes a one-line DataError
+    naming its input (`names`: task key → input) or `what`."""
+
+    def __init__(self, names: dict, what: str = "a reduction of partial statistics"):
+        self.names, self.what = names, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        from distributed import KilledWorker
+
+        if kind is None or not issubclass(kind, KilledWorker):
+            return False
         key = getattr(exc, "task", None) or (exc.args[0] if exc.args else "")
-        what = names.get(key, "a reduction of partial statistics")
+        what = self.names.get(key, self.what)
         raise DataError(f"a Dask worker died {RETRIES + 1} times while computing {what}; "
                         f"see the workers' logs (out of memory?)") from None
 
