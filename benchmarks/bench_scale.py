@@ -1,9 +1,11 @@
 """The engines at scale: `y ~ x * w + (x | g)` (w a level-2 covariate) on synthetic panels
 of 1M / 10M / 100M rows (groups = rows / 100: 10k / 100k / 1M) in many Parquet files,
-through the DuckDB, Polars and Dask engines, against a bare DuckDB aggregation.
+through the DuckDB, Polars and Dask engines (dask-keep: Dask with --keep-on-workers, the
+groups' statistics left on the workers), against a bare DuckDB aggregation.
 
     .venv/bin/python benchmarks/bench_scale.py [--rows 1000000 10000000 100000000]
-                                                [--engines duckdb polars dask]  (make bench-scale)
+                                                [--engines duckdb polars dask dask-keep]
+                                                (make bench-scale)
 
 Each fit runs in a fresh interpreter (`mlpipe.fit(DATA, FORMULA, engine=...)`; Dask on a
 LocalCluster of 2 worker processes started by that interpreter before the fit); the figures
@@ -41,7 +43,7 @@ def child(data: str, formula: str, engine: str) -> None:
 
     t1 = time.perf_counter()
     workers_mb = []
-    if engine == "dask":  # the cluster is started here, to read its workers' peaks after
+    if engine.startswith("dask"):  # the cluster is started here, to read its workers' peaks
         import logging
 
         from distributed import Client, LocalCluster
@@ -50,7 +52,8 @@ def child(data: str, formula: str, engine: str) -> None:
                           dashboard_address=None, worker_dashboard_address=None,
                           silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             t1 = time.perf_counter()
-            res = mlpipe.fit(data, formula, engine="dask", scheduler=cluster.scheduler_address)
+            res = mlpipe.fit(data, formula, engine="dask", scheduler=cluster.scheduler_address,
+                             keep_on_workers=engine == "dask-keep")
             t2 = time.perf_counter()
             workers_mb = list(client.run(peak_memory_mb).values())
     else:
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000])
-    ap.add_argument("--engines", nargs="+", default=["duckdb", "polars", "dask"])
+    ap.add_argument("--engines", nargs="+", default=["duckdb", "polars", "dask", "dask-keep"])
     ap.add_argument("--data", default="bench_data_scale")
     args = ap.parse_args(argv)
     import duckdb
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
           "process (best of 2)\n")
     head = (f"{'rows':>12} {'groups':>9} {'files':>5} {'engine':>7} {'whole s':>8} "
             f"{'fit() s':>8} {'pass s':>7} {'floor s':>7} {'whole/floor':>11} "
-            f"{'vs duckdb':>9} {'peak MB':>8}  deviance")
+            f"{'vs duckdb':>9} {'peak MB':>8} {'client MB':>9}  deviance")
     print(head)
     print("-" * len(head))
     summary = []
@@ -103,9 +106,10 @@ def main(argv=None) -> int:
             tm = r["timings"]
             stats_pass = tm.get("prepare", 0) + tm.get("scan", 0)
             vs = f"{whole / base:.2f}x" if base else "-"
-            print(f"{rows:>12,} {groups:>9,} {files:>5} {engine:>7} {whole:>8.2f} "
+            print(f"{rows:>12,} {groups:>9,} {files:>5} {engine:>9} {whole:>8.2f} "
                   f"{r['fit_seconds']:>8.2f} {stats_pass:>7.2f} {floor:>7.2f} "
-                  f"{whole / floor:>10.2f}x {vs:>9} {r['peak_rss_mb']:>8.0f}  "
+                  f"{whole / floor:>10.2f}x {vs:>9} {r['peak_rss_mb']:>8.0f} "
+                  f"{r['client_mb']:>9.0f}  "
                   f"{r['deviance']:.6f}", flush=True)
             summary.append((rows, engine, whole, floor, r["peak_rss_mb"]))
     print()

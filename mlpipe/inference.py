@@ -210,27 +210,37 @@ def satterthwaite(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.n
 
 
 def satterthwaite_parts(stats: Statistics, theta: np.ndarray, sigma: float, *,
-                        reml: bool = True) -> SatterthwaiteParts:
-    """One grouping factor: Var(β̂), its Jacobian in (θ, σ) in closed form, and A."""
-    obj = Objective(stats, reml=reml)
+                        reml: bool = True, obj=None, sums=None) -> SatterthwaiteParts:
+    """One grouping factor: Var(β̂), its Jacobian in (θ, σ) in closed form, and A.
+    `obj` and `sums`: the fit's objective and `satterthwaite_sums` over all groups, when
+    the groups are not in `stats` (the Dask workers', mlpipe/engines/dask_solve.py)."""
+    obj = Objective(stats, reml=reml) if obj is None else obj
     vp = np.r_[theta, sigma]
     hess = criterion_hessian(obj, vp)
     w, U = np.linalg.eigh(hess)
     pos = w > 1e-8
     avp = 2 * (U[:, pos] / w[pos]) @ U[:, pos].T
-    bl = _blocks(stats, obj, theta)
-    minv = np.linalg.inv(bl.M)
+    M, S = satterthwaite_sums(stats, obj, theta) if sums is None else sums
+    minv = np.linalg.inv(M)
     cov = sigma**2 * minv
+    jac = [sigma**2 * minv @ Sk @ minv for Sk in S]
+    jac.append(2 * sigma * minv)
+    return SatterthwaiteParts(cov, jac, avp)
+
+
+def satterthwaite_sums(stats: Statistics, obj: Objective, theta: np.ndarray):
+    """X'Ṽ⁻¹X = X'X − Σ_i B_i'H_iB_i and, per entry k of θ, Σ_i F_i' ∂D/∂θ_k F_i with
+    F_i = Z_i'Ṽ_i⁻¹X_i: sums over groups (a subset of them gives its share)."""
+    bl = _blocks(stats, obj, theta)
     F = bl.B - bl.A @ (bl.H @ bl.B)  # Z_i'Ṽ_i⁻¹X_i
     tm = obj.theta_map
-    jac = []
+    S = []
     for r, c in zip(tm.rows, tm.cols):
         E = np.zeros((stats.q, stats.q))
         E[r, c] = 1.0
         dD = E @ bl.T.T + bl.T @ E.T
-        jac.append(sigma**2 * minv @ _sum_bt_c(F, dD @ F) @ minv)
-    jac.append(2 * sigma * minv)
-    return SatterthwaiteParts(cov, jac, avp)
+        S.append(_sum_bt_c(F, dD @ F))
+    return bl.M, S
 
 
 def richardson_jacobian(f, x: np.ndarray, eps: float = 1e-4, d: float = 1e-4, r: int = 4,

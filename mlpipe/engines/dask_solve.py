@@ -13,7 +13,8 @@
     optimizer:  θ  --------------------------> Partition.core(θ): Σ R_aug'R_aug, Σ log|L_i|²
                 β̂, R_X, r² (profile_fixed) <- (p+1)×(p+1) and a scalar per partition
                 gradient: θ, β̂, R_X  -------> Partition.gradient: the gradient's sums
-    Satterthwaite: the same rounds at (θ, σ) near the optimum (numerical derivatives)
+    Satterthwaite: gradient rounds near the optimum (the Hessian) and one round of the
+                 sums of Var(β̂)'s Jacobian (mlpipe/inference.py satterthwaite_sums)
     modes: θ, β̂, σ  -----------------------> each partition writes its groups' conditional
                                                modes to a Parquet file
     result: the small values; ranef a lazy scan of those files (sunk into ranef.parquet)
@@ -126,6 +127,14 @@ class Partition:
         n_i, sy = st.ztz[a, a], st.zty[a]
         return float(np.sum(st.yty_i - sy * sy / np.where(n_i > 0, n_i, 1)))
 
+    def satterthwaite(self, theta):
+        """`inference.satterthwaite_sums` over the partition's groups (its X'X is zero)."""
+        from ..inference import satterthwaite_sums
+
+        if self.obj is None:
+            return None
+        return satterthwaite_sums(self.obj.stats, self.obj, np.asarray(theta, float))
+
     def moments(self, beta):
         return None if self.obj is None else self.obj.moment_sums(beta)
 
@@ -225,6 +234,7 @@ class DistributedObjective(Objective):
         super().__init__(kept.header, reml=reml)
         self.kept = kept
         self.rounds = 0
+        self._cache: dict = {}
         self._parts_f = kept.client.map(make_partition, kept.parts, reml=reml, pure=False)
 
     def __getstate__(self):  # never shipped: the partitions are
@@ -238,11 +248,17 @@ class DistributedObjective(Objective):
 
     # the one-machine Objective's evaluations, with the sums over groups from the workers
     def _core(self, theta, ws):
-        out = self._map("core", np.asarray(theta, float))
-        M = self._M0.copy()
-        for rr, _ld in out:
-            M -= rr
-        return None, None, None, None, M, float(sum(ld for _rr, ld in out))
+        theta = np.asarray(theta, float)
+        key = theta.tobytes()
+        hit = self._cache.get(key)
+        if hit is None:  # a round; Satterthwaite's steps in σ alone reuse the last θ's
+            out = self._map("core", theta)
+            M = self._M0.copy()
+            for rr, _ld in out:
+                M -= rr
+            hit = (M, float(sum(ld for _rr, ld in out)))
+            self._cache = {key: hit}
+        return None, None, None, None, hit[0].copy(), hit[1]
 
     def _parts(self, theta, with_rx: bool):
         from ..objective import Parts
@@ -266,6 +282,18 @@ class DistributedObjective(Objective):
         xtx_adj, rx, beta, r2, logdet_rx = self._profile(M)
         return Decomposition(np.asarray(theta, float), self.theta_map.T(theta), None, None,
                              None, xtx_adj, rx, beta, r2, logdet_l, logdet_rx)
+
+    def satterthwaite(self, theta, sigma: float, beta):
+        """lmerTest's Satterthwaite df as the one-machine fit computes them (the Hessian by
+        differences of the exact gradient, Var(β̂)'s Jacobian in closed form), the sums
+        over groups from the partitions."""
+        from ..inference import satterthwaite_parts
+
+        out = self._map("satterthwaite", np.asarray(theta, float))
+        M = np.asarray(self.stats.xtx, float) + sum(o[0] for o in out)
+        S = [sum(o[1][k] for o in out) for k in range(len(self.theta_map))]
+        return satterthwaite_parts(self.stats, theta, sigma, reml=self.reml, obj=self,
+                                   sums=(M, S)).result(beta)
 
     def moment_start(self):
         s = self.stats
@@ -321,7 +349,7 @@ def fit_on_workers(engine, data, formula: str, *, method: str, ddf: str | None,
 
     from .. import runlog
     from ..errors import InputError
-    from ..inference import satterthwaite_general, wald_intervals
+    from ..inference import wald_intervals
     from ..model import optimizer_progress
     from ..optimize import optimize
     from ..results import FitResult
@@ -357,7 +385,7 @@ def fit_on_workers(engine, data, formula: str, *, method: str, ddf: str | None,
                      rounds=obj.rounds)
         beta = dec.beta
         if ddf is not None:
-            res = satterthwaite_general(obj, dec.theta, sigma, beta)
+            res = obj.satterthwaite(dec.theta, sigma, beta)
             result.fixed_effects = result.fixed_effects.with_columns(
                 pl.Series("std_error", res.std_error), pl.Series("t_value", res.t_value),
                 pl.Series("df", res.df), pl.Series("p_value", res.p_value))
