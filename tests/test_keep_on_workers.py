@@ -147,3 +147,58 @@ def test_keep_on_workers_refusals(cluster, tmp_path):
 
     with pytest.raises(InputError, match=r"\[dask\] keep_on_workers must be true or false"):
         load_config(bad)
+
+
+def test_a_worker_killed_mid_optimization_is_survived(tmp_path):
+    """SIGKILL a worker while the optimizer's map rounds run: Dask recomputes the lost
+    partitions from the scan's tasks on the other worker (the nanny restarts the dead one)
+    and the fit equals the one-machine fit."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    rng = np.random.default_rng(7)
+    m, per = 4000, 25
+    g = np.repeat(np.arange(m), per)
+    x = rng.normal(size=m * per)
+    y = 1 + 0.5 * x + rng.normal(size=m)[g] + 0.3 * rng.normal(size=m)[g] * x \
+        + rng.normal(size=m * per)
+    df = pl.DataFrame({"g": g, "x": x, "y": y})
+    src = tmp_path / "all.parquet"
+    df.write_parquet(src)
+    data = split(src, tmp_path / "parts", 6)
+    formula = "y ~ x + (x | g)"
+    expected = mlpipe.fit(data, formula)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, worker_dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        out: dict = {}
+
+        def run():
+            try:
+                out["fit"] = mlpipe.fit(data, formula, engine="dask", keep_on_workers=True,
+                                        scheduler=cluster.scheduler_address)
+            except Exception as exc:  # reported below
+                out["error"] = exc
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.time() + 120
+        started = False
+        while time.time() < deadline and not started and t.is_alive():
+            started = any(str(k).startswith("('_call") or str(k).startswith("_call")
+                          for keys in client.processing().values() for k in keys)
+            time.sleep(0.002)
+        assert started, "no evaluation round seen"
+        os.kill(pids[0], signal.SIGKILL)
+        t.join(240)
+        assert not t.is_alive()
+    assert "error" not in out, out.get("error")
+    b = out["fit"]
+    assert abs(b.deviance - expected.deviance) <= 1e-10 * abs(expected.deviance)
+    np.testing.assert_allclose(b.fixed_effects["estimate"].to_numpy(),
+                               expected.fixed_effects["estimate"].to_numpy(), rtol=1e-7)
