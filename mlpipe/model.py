@@ -54,10 +54,10 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     `workers` processes of a LocalCluster, or the cluster at `scheduler`); see
     mlpipe/engines; `keep_on_workers` (Dask, one grouping factor): the per-group statistics
     stay on the workers and every evaluation of the criterion maps over them
-    (mlpipe/engines/dask_solve.py).  `refine` ("reml", "ml" or "none"): whether a fit by the method of
-    moments refines its components to approximate REML / ML (mlpipe/moments.py `refine`);
-    by default `method="moments"` does not, and the automatic switch to moments (the exact
-    solver does not fit) refines toward `method`.
+    (mlpipe/engines/dask_solve.py).  `refine` ("reml", "ml" or "none"): whether a fit by
+    the method of moments refines its components to approximate REML / ML
+    (mlpipe/moments.py `refine`); by default `method="moments"` does not, and the automatic
+    switch to moments (the exact solver does not fit) refines toward `method`.
     """
     from .engines import EngineOptions, get_engine
 

@@ -37,12 +37,11 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import threading
 
 import numpy as np
 from scipy import linalg
 
-from ..objective import Decomposition, Objective, moment_theta, profile_fixed
+from ..objective import Decomposition, Objective
 
 #: partitions of the groups per worker (a few, so a lost worker's share is recomputed in
 #: pieces and the rounds stay balanced)
@@ -295,19 +294,13 @@ class DistributedObjective(Objective):
         return satterthwaite_parts(self.stats, theta, sigma, reml=self.reml, obj=self,
                                    sums=(M, S)).result(beta)
 
-    def moment_start(self):
-        s = self.stats
-        try:
-            with np.errstate(all="ignore"):
-                beta = np.linalg.solve(s.xtx, s.xty)
-        except np.linalg.LinAlgError:
-            return None
+    def moment_sums(self, beta):
+        """`Objective.moment_sums` over all partitions (so `moment_start` is Objective's)."""
         out = self._map("moments", beta)
-        if not out:
-            return None
-        sums = (sum(o[0] for o in out), sum(o[1] for o in out), sum(o[2] for o in out),
-                sum(o[3] for o in out))
-        return moment_theta(self.theta_map, s, beta, sums)
+        q = self.stats.q
+        return (sum(o[0] for o in out), float(sum(o[1] for o in out)),
+                sum((o[2] for o in out), np.zeros((q, q))),
+                sum((o[3] for o in out), np.zeros((q, q))))
 
     def write_modes(self, dec: Decomposition, sigma: float, directory: str) -> list[str]:
         """Each partition writes its groups' conditional modes to a file in `directory`;
@@ -321,18 +314,13 @@ class DistributedObjective(Objective):
         return [path for path, n in zip(paths, rows) if n]
 
 
-_LOCK = threading.Lock()
-
-
 def modes_directory(temp_directory: str | None) -> str:
     """A fresh directory for the workers' conditional modes, removed at exit."""
     import atexit
 
-    with _LOCK:
-        base = temp_directory or None
-        if base:
-            os.makedirs(base, exist_ok=True)
-        path = tempfile.mkdtemp(prefix="mlpipe-modes-", dir=base)
+    if temp_directory:
+        os.makedirs(temp_directory, exist_ok=True)
+    path = tempfile.mkdtemp(prefix="mlpipe-modes-", dir=temp_directory or None)
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
