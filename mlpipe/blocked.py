@@ -426,8 +426,39 @@ class BlockedObjective:
         return out
 
     def _value_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        f, _ld, _lrx, r2, g_ld, g_r2, g_rx = self._gradient_parts(x, self.reml)[:7]
+        n, p = self.stats.n, self.stats.p
+        if self.reml:
+            return f, g_ld + g_rx + (n - p) / r2 * g_r2
+        return f, g_ld + n / r2 * g_r2
+
+    def parts(self, theta: np.ndarray):
+        """log|L|², log|R_X|², r² at θ and their exact gradients (as `Objective.parts`:
+        Satterthwaite's Hessian by differences of them).  Raises LinAlgError if undefined."""
+        from .objective import Parts
+
+        self.evaluations += 1
+        self.gradient_evaluations += 1
+        with np.errstate(invalid="raise", divide="raise"), self._lock:
+            try:
+                _f, ld, lrx, r2, g_ld, g_r2, g_rx = self._gradient_parts(
+                    np.asarray(theta, dtype=float), True)[:7]
+            except (FloatingPointError, ZeroDivisionError) as exc:
+                raise linalg.LinAlgError(str(exc)) from None
+        return Parts(ld, lrx, r2, g_ld, g_rx, g_r2)
+
+    def vcov_jacobian(self, theta: np.ndarray, sigma: float) -> list[np.ndarray]:
+        """∂Var(β̂)/∂v_k for v = (θ, σ), Var(β̂) = σ²(R_X'R_X)⁻¹: −σ² M⁻¹ ∂M/∂θ_k M⁻¹ with
+        the gradient's ∂R_X'R_X, and 2σ M⁻¹ (Satterthwaite's Jacobian in closed form)."""
+        with np.errstate(invalid="raise", divide="raise"), self._lock:
+            dms, minv = self._gradient_parts(np.asarray(theta, dtype=float), True)[7:]
+        return [-sigma**2 * minv @ dm @ minv for dm in dms] + [2 * sigma * minv]
+
+    def _gradient_parts(self, x: np.ndarray, with_rx: bool):
+        """(f, log|L|², log|R_X|², r², ∂log|L|², ∂r², ∂log|R_X|² (NaN without `with_rx`),
+        [∂R_X'R_X/∂θ_t] (empty without), (R_X'R_X)⁻¹) at θ = x."""
         s = self.stats
-        p, n = s.p, s.n
+        p = s.p
         Ts = self.T_blocks(x)
         fac, C, W = self._factorize(Ts)
         logdet_l = fac.logdet
@@ -457,24 +488,26 @@ class BlockedObjective:
             gld[pr.k] += np.einsum("sb,bcsr->cr", Tj, dd)
             if pr.j != pr.k:  # ∂/∂T_j: Σ_n (Ω_n T_k' S_n')[c, r] = Σ_bs T_k[s, b] dd[c, b, r, s]
                 gld[pr.j] += np.einsum("sb,cbrs->cr", Tk, dd)
-        g = np.empty(len(x))
+        k_all = len(x)
+        g_r2, g_ld = np.empty(k_all), np.empty(k_all)
+        g_rx = np.full(k_all, np.nan)
+        dms = []
         for t, (k, r, c) in enumerate(self.params):
             fk = self.factors[k]
             sl = slice(self.uoff[k], self.uoff[k + 1])
             uk_, vk = u[sl].reshape(fk.m, fk.q), v[sl].reshape(fk.m, fk.q)
-            g_r2 = -2.0 * float(uk_[:, c] @ vk[:, r])
-            g_ld = 2.0 * gld[k][c, r]
-            if self.reml:
+            g_r2[t] = -2.0 * float(uk_[:, c] @ vk[:, r])
+            g_ld[t] = 2.0 * gld[k][c, r]
+            if with_rx:
                 wx = WX[sl].reshape(fk.m, fk.q, p)
                 yk = Y[sl].reshape(fk.m, fk.q, p)
                 zx = self.G[k][:, :, :p]
                 F = zx[:, r, :].T @ wx[:, c, :]
                 Gm = wx[:, c, :].T @ yk[:, r, :]
                 dM = -(F + F.T - Gm - Gm.T)
-                g[t] = g_ld + float(np.sum(minv * dM)) + (n - p) / r2 * g_r2
-            else:
-                g[t] = g_ld + n / r2 * g_r2
-        return f, g
+                dms.append(dM)
+                g_rx[t] = float(np.sum(minv * dM))
+        return f, logdet_l, logdet_rx, r2, g_ld, g_r2, g_rx, dms, minv
 
     def moment_start(self) -> np.ndarray | None:
         """A cheap starting θ; `optimize` keeps it only when it beats lme4's default start.

@@ -271,7 +271,11 @@ def satterthwaite_general(obj, theta: np.ndarray, sigma: float,
 
 
 def satterthwaite_general_parts(obj, theta: np.ndarray, sigma: float) -> SatterthwaiteParts:
-    """`satterthwaite_general`'s pieces (Var(β̂), its Jacobian, A)."""
+    """`satterthwaite_general`'s pieces (Var(β̂), its Jacobian, A).  With the objective's
+    exact gradients (`BlockedObjective.parts`, `vcov_jacobian`) as the one-factor path
+    computes them: the Hessian by central differences of the exact gradient and the
+    Jacobian in closed form (2k+1 gradient evaluations where Richardson's schemes need
+    ~8(k+1)² + 8(k+1) evaluations); otherwise numDeriv's schemes on the criterion."""
 
     def crit(vp: np.ndarray) -> float:
         return _criterion_vp(obj, vp)
@@ -280,6 +284,15 @@ def satterthwaite_general_parts(obj, theta: np.ndarray, sigma: float) -> Sattert
         return vp[-1] ** 2 * np.linalg.inv(obj.xtx_adj_at(vp[:-1]))
 
     vp = np.r_[theta, sigma]
+    if hasattr(obj, "vcov_jacobian"):
+        try:
+            hess = criterion_hessian(obj, vp)
+            w, U = np.linalg.eigh(hess)
+            pos = w > 1e-8
+            return SatterthwaiteParts(vcov(vp), obj.vcov_jacobian(theta, sigma),
+                                      2 * (U[:, pos] / w[pos]) @ U[:, pos].T)
+        except np.linalg.LinAlgError:  # a step of the differences left the domain
+            pass
     hess = richardson_hessian(crit, vp)
     w, U = np.linalg.eigh(hess)
     pos = w > 1e-8
