@@ -433,8 +433,8 @@ def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
     """Fill df / p-values (and confidence intervals) of a fitted result.
 
     One factor: Satterthwaite and Kenward-Roger by per-group Woodbury algebra.  Several
-    factors (`obj`, the fit's `BlockedObjective`): Satterthwaite by numerical derivatives (as
-    lmerTest), Kenward-Roger by Q-dimensional Woodbury algebra, Wald intervals with lme4's
+    factors (`obj`, the fit's `BlockedObjective`): Satterthwaite from its exact gradients
+    (lmerTest's definition), Kenward-Roger by Q-dimensional Woodbury algebra, Wald intervals with lme4's
     unadjusted vcov (as confint(method = "Wald")).  Profile intervals as lme4's for both."""
     from .inference import kenward_roger_general
 
