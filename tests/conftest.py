@@ -168,3 +168,31 @@ def check_conditional_modes(res, ref) -> None:
         np.testing.assert_allclose(got[:, 1], cond_sd[:, k], rtol=1e-3,
                                    atol=1e-9 * ref["sigma"], err_msg=term)
 
+
+
+def split(src: Path, out: Path, parts: int, seed: int = 0, csv: bool = False) -> Path:
+    """`src`'s rows shuffled into `parts` Parquet (or CSV) files under `out`: groups and cells
+    span files, so partial statistics must be merged by key."""
+    import polars as pl
+
+    df = pl.read_parquet(src)
+    df = df[np.random.default_rng(seed).permutation(df.height)]
+    out.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, df.height, parts + 1).astype(int)
+    for k in range(parts):
+        part = df[bounds[k]:bounds[k + 1]]
+        if csv:
+            part.write_csv(out / f"part-{k:02d}.csv")
+        else:
+            part.write_parquet(out / f"part-{k:02d}.parquet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real `dask.distributed.LocalCluster` of two worker processes, one per test module."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, worker_dashboard_address=None) as c:
+        yield c

@@ -23,6 +23,8 @@ import mlpipe
 from mlpipe.engines import EngineOptions, get_engine
 from mlpipe.errors import DataError, InputError
 
+from conftest import split  # noqa: E402  (and the `cluster` fixture)
+
 DATA = Path(__file__).parent / "data"
 CASES = {  # data, formula: one factor with a categorical and scale(), nested, crossed
     "one_factor": ("hsb82.parquet",
@@ -32,30 +34,6 @@ CASES = {  # data, formula: one factor with a categorical and scale(), nested, c
                 "attain ~ verbal + sex + (1 | primary) + (1 | second)"),
     "three_level": ("multilevel/oxide.parquet", "Thickness ~ 1 + (1 | Source/Lot/Wafer)"),
 }
-
-
-def split(src: Path, out: Path, parts: int, seed: int = 0, csv: bool = False) -> Path:
-    """`src`'s rows shuffled into `parts` files under `out`."""
-    df = pl.read_parquet(src)
-    df = df[np.random.default_rng(seed).permutation(df.height)]
-    out.mkdir(parents=True, exist_ok=True)
-    bounds = np.linspace(0, df.height, parts + 1).astype(int)
-    for k in range(parts):
-        part = df[bounds[k]:bounds[k + 1]]
-        if csv:
-            part.write_csv(out / f"part-{k:02d}.csv")
-        else:
-            part.write_parquet(out / f"part-{k:02d}.parquet")
-    return out
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None, worker_dashboard_address=None) as c:
-        yield c
 
 
 def statistics_arrays(st) -> dict[str, np.ndarray]:

@@ -19,26 +19,9 @@ import pytest
 import mlpipe
 from mlpipe.errors import InputError
 
+from conftest import split  # noqa: E402  (and the `cluster` fixture)
+
 DATA = Path(__file__).parent / "data"
-
-
-def split(src: Path, out: Path, parts: int, seed: int = 0) -> Path:
-    df = pl.read_parquet(src)
-    df = df[np.random.default_rng(seed).permutation(df.height)]
-    out.mkdir(parents=True, exist_ok=True)
-    bounds = np.linspace(0, df.height, parts + 1).astype(int)
-    for k in range(parts):
-        df[bounds[k]:bounds[k + 1]].write_parquet(out / f"part-{k:02d}.parquet")
-    return out
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None, worker_dashboard_address=None) as c:
-        yield c
 
 
 def modes(result) -> pl.DataFrame:
