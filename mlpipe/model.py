@@ -434,8 +434,9 @@ def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
 
     One factor: Satterthwaite and Kenward-Roger by per-group Woodbury algebra.  Several
     factors (`obj`, the fit's `BlockedObjective`): Satterthwaite from its exact gradients
-    (lmerTest's definition), Kenward-Roger by Q-dimensional Woodbury algebra, Wald intervals with lme4's
-    unadjusted vcov (as confint(method = "Wald")).  Profile intervals as lme4's for both."""
+    (lmerTest's definition), Kenward-Roger by Q-dimensional Woodbury algebra, Wald
+    intervals with lme4's unadjusted vcov (as confint(method = "Wald")).  Profile intervals
+    as lme4's for both."""
     from .inference import kenward_roger_general
 
     stats, reml = result.stats, result.method == "REML"

@@ -75,11 +75,11 @@ def split_by_group(st, k: int) -> list:
     return out
 
 
-def totals(st) -> dict:
-    """The partial's totals (summed on the client)."""
-    return {"xtx": np.asarray(st.xtx, float), "xty": np.asarray(st.xty, float),
-            "yty": float(st.yty), "n": int(st.n), "rows_read": int(st.rows_read),
-            "rows_dropped": int(st.rows_dropped), "log_weights": float(st.log_weights)}
+def header(st):
+    """The partial without its groups: the model's names, coding and totals (small; the
+    client sums the partials' totals)."""
+    return dataclasses.replace(st, levels=st.levels[:0], n_i=st.n_i[:0], ztz=st.ztz[..., :0],
+                               ztx=st.ztx[..., :0], zty=st.zty[..., :0], yty_i=st.yty_i[:0])
 
 
 def piece(pieces: list, j: int):
@@ -190,7 +190,7 @@ def keep_statistics(client, cluster, files: list, formula: str, weights, coding:
     k = max(1, PARTITIONS_PER_WORKER * n_workers)
     try:
         partials, names = map_partials(client, files, formula, weights, coding, types, duck)
-        sums = client.map(totals, partials, retries=RETRIES, pure=False)
+        heads = client.map(header, partials, retries=RETRIES, pure=False)
         split = client.map(split_by_group, partials, k=k, retries=RETRIES, pure=False)
         buckets = []
         for j in range(k):
@@ -198,8 +198,7 @@ def keep_statistics(client, cluster, files: list, formula: str, weights, coding:
             buckets.append(tree_reduce(client, combine, pieces)[0])
         with killed_worker_reported(names):
             wait_for_scan(partials, files)
-            tot = client.gather(sums)
-            first = partials[0].result()
+            tot = client.gather(heads)
             sizes = client.gather(client.map(_size, buckets, pure=False))
         del partials, split
     except BaseException:
@@ -207,19 +206,18 @@ def keep_statistics(client, cluster, files: list, formula: str, weights, coding:
         if cluster is not None:
             cluster.close()
         raise
-    header = dataclasses.replace(
-        first, levels=first.levels[:0], n_i=first.n_i[:0], ztz=first.ztz[..., :0],
-        ztx=first.ztx[..., :0], zty=first.zty[..., :0], yty_i=first.yty_i[:0],
-        xtx=sum(t["xtx"] for t in tot), xty=sum(t["xty"] for t in tot),
-        yty=sum(t["yty"] for t in tot), n=sum(t["n"] for t in tot),
-        rows_read=sum(t["rows_read"] for t in tot),
-        rows_dropped=sum(t["rows_dropped"] for t in tot),
-        log_weights=sum(t["log_weights"] for t in tot))
-    kept = WorkerStatistics(client, cluster, buckets, header, int(sum(sizes)))
-    if header.n == 0:
+    def total(name: str):
+        return sum(getattr(t, name) for t in tot)
+
+    head = dataclasses.replace(
+        tot[0], xtx=total("xtx"), xty=total("xty"), yty=total("yty"), n=total("n"),
+        rows_read=total("rows_read"), rows_dropped=total("rows_dropped"),
+        log_weights=total("log_weights"))
+    kept = WorkerStatistics(client, cluster, buckets, head, int(sum(sizes)))
+    if head.n == 0:
         kept.close()
         raise DataError(f"no rows left after dropping rows with missing values "
-                        f"({header.rows_read} rows read, all dropped)")
+                        f"({head.rows_read} rows read, all dropped)")
     return kept
 
 
