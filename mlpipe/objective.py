@@ -403,6 +403,44 @@ class Objective:
                 g_rx[idx] = -2.0 * tot
         return g_ld, g_r2, g_rx
 
+    def linear_parts_adjoint(self, theta: np.ndarray) -> list[np.ndarray]:
+        """The derivative of the deviance at θ with respect to each array of `linear_parts`
+        (Z'Z, Z'[X y], [X y]'[X y]), as arrays of their shapes: the deviance changes by
+        Σ ⟨adjoint, δ part⟩ for a change δ of the statistics (symmetric in Z'Z).  A residual
+        structure's statistics are linear in its weights, so this gives the criterion's
+        exact derivative in ψ (mlpipe/residual.py, JointObjective).
+
+        With H_i = T A_i⁻¹ T', P_i = H_i G_i, γ = (−β̂, 1) and Φ = c γγ' (+ (R_X'R_X)⁻¹ on
+        the X block under REML), c = (n − p)/r² (REML) or n/r² (ML):
+        ∂d/∂S_i = H_i + P_i Φ P_i',  ∂d/∂G_i = −2 P_i Φ,  ∂d/∂M0 = Φ.
+        Raises LinAlgError where the deviance is undefined."""
+        s = self.stats
+        q, p, m = s.q, s.p, s.m
+        with np.errstate(invalid="raise", divide="raise"), self._lock:
+            try:
+                T, J, L, R, M, _ld = self._core(np.asarray(theta, float), self._ws)
+                _xtx, rx, beta, r2, _lrx = self._profile(M)
+                if not np.isfinite(r2) or r2 <= 0:
+                    raise linalg.LinAlgError("the penalized residual sum of squares is not "
+                                             "positive")
+                gamma = np.append(-beta, 1.0)
+                phi = ((s.n - p) if self.reml else s.n) / r2 * np.outer(gamma, gamma)
+                if self.reml:
+                    phi[:p, :p] += linalg.cho_solve((rx, False), np.eye(p))
+                TJ, qa = T[:, J], len(J)
+                dS, dG = np.zeros((q, q, m)), np.zeros((q, p + 1, m))
+                if qa:
+                    W = solve_lower_t(L, np.ascontiguousarray(R.transpose(1, 0, 2)))
+                    P = const_matmul(TJ, W)  # (q, p+1, m)
+                    B = solve_lower(L, TJ.T[:, :, None])  # L⁻¹T_J' (|J|, q, m)
+                    np.einsum("kam,kbm->abm", B, B, out=dS)  # H
+                    P_phi = np.einsum("ajm,jk->akm", P, phi)
+                    dS += np.einsum("akm,bkm->abm", P_phi, P)
+                    np.multiply(P_phi, -2.0, out=dG)
+            except FloatingPointError as exc:
+                raise linalg.LinAlgError(str(exc)) from None
+        return [dS, dG, phi]
+
     # ------------------------------------------------------------------ helpers
     def sigma(self, dec: Decomposition) -> float:
         dof = self.stats.n - (self.stats.p if self.reml else 0)

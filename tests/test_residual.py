@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -17,6 +19,8 @@ from mlpipe.cli import main
 from mlpipe.compare import compare
 from mlpipe.errors import DataError, FormulaError, InputError
 from mlpipe.residual import parse_spec
+
+DATA = Path(__file__).parent / "data"
 
 LOG2PI = math.log(2 * math.pi)
 
@@ -317,3 +321,41 @@ def test_scaled_residuals_divide_by_the_stratum_sd(tmp_path):
     want = np.percentile(r, [0, 25, 50, 75, 100])
     got = [q[k] for k in ("Min", "1Q", "Median", "3Q", "Max")]
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [
+    ("sleepstudy.parquet", "Reaction ~ Days + (Days | Subject)", "ar1(Days | Subject)", None),
+    ("sleepstudy.parquet", "Reaction ~ Days + (1 | Subject)", "car1(Days | Subject)", None),
+    ("orthodont.parquet", "distance ~ age * Sex + (1 | Subject)", "ar1(age | Subject)", "Sex"),
+    ("oxboys.parquet", "height ~ age + (0 + age | Subject)", None, "Occasion"),
+])
+@pytest.mark.parametrize("reml", [True, False])
+def test_the_exact_psi_gradient_equals_differences_of_the_criterion(case, reml):
+    """JointObjective's ∂d/∂ψ from the objective's adjoint of the statistics equals the
+    4-point difference of the criterion in ψ (the fallback), at random (θ, ψ)."""
+    from mlpipe.engines import get_engine
+    from mlpipe.model import make_objective
+    from mlpipe.objective import Objective
+    from mlpipe.residual import JointObjective, start
+
+    name, formula, cor, by = case
+    data = DATA / name if (DATA / name).exists() else DATA / "nlme" / name
+    st = get_engine("duckdb").statistics(data, formula, correlation=cor,
+                                         residual_variance_by=by)
+    joint = JointObjective(st, lambda s: make_objective(s, reml=reml), start(st.residual))
+    assert isinstance(joint.base, Objective)
+    rng = np.random.default_rng(3)
+    k = st.residual.n_params
+    for _ in range(3):
+        theta = joint.base.theta_map.initial * (0.5 + rng.random(len(joint.base.theta_map)))
+        x = np.concatenate([theta, 0.6 * rng.normal(size=k)])
+        f, g = joint.value_and_gradient(x)
+        psi = x[-k:]
+        diff = np.empty(k)
+        for j in range(k):  # central differences of the criterion itself
+            h = 1e-4 * max(1.0, abs(psi[j]))
+            e = np.zeros(len(x))
+            e[len(x) - k + j] = h
+            diff[j] = (joint(x + e) - joint(x - e)) / (2 * h)
+        assert np.isfinite(f)
+        np.testing.assert_allclose(g[-k:], diff, rtol=1e-6, atol=1e-6 * abs(f))
