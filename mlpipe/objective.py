@@ -406,7 +406,8 @@ class Objective:
     def linear_parts_adjoint(self, theta: np.ndarray) -> list[np.ndarray]:
         """The derivative of the deviance at θ with respect to each array of `linear_parts`
         (Z'Z, Z'[X y], [X y]'[X y]), as arrays of their shapes: the deviance changes by
-        Σ ⟨adjoint, δ part⟩ for a change δ of the statistics (symmetric in Z'Z).  A residual
+        Σ ⟨adjoint, δ part⟩ for a change δ of the statistics (symmetric in Z'Z); the arrays
+        are the work space's, valid until the next evaluation.  A residual
         structure's statistics are linear in its weights, so this gives the criterion's
         exact derivative in ψ (mlpipe/residual.py, JointObjective).
 
@@ -428,15 +429,22 @@ class Objective:
                 if self.reml:
                     phi[:p, :p] += linalg.cho_solve((rx, False), np.eye(p))
                 TJ, qa = T[:, J], len(J)
-                dS, dG = np.zeros((q, q, m)), np.zeros((q, p + 1, m))
+                ws = self._ws  # the adjoint is read before the next evaluation
+                dS, dG = ws("adj_S", (q, q, m)), ws("adj_G", (q, p + 1, m))
                 if qa:
-                    W = solve_lower_t(L, np.ascontiguousarray(R.transpose(1, 0, 2)))
-                    P = const_matmul(TJ, W)  # (q, p+1, m)
-                    B = solve_lower(L, TJ.T[:, :, None])  # L⁻¹T_J' (|J|, q, m)
+                    tG = ws("tG", (p + 1, m))
+                    W = solve_lower_t(L, R.transpose(1, 0, 2), out=ws("adj_W", (qa, p + 1, m)),
+                                      tmp=tG)
+                    P = const_matmul(TJ, W, out=ws("adj_P", (q, p + 1, m)), tmp=tG)
+                    B = solve_lower(L, TJ.T[:, :, None], out=ws("adj_B", (qa, q, m)),
+                                    tmp=ws("tq", (q, m)))  # L⁻¹T_J'
                     np.einsum("kam,kbm->abm", B, B, out=dS)  # H
-                    P_phi = np.einsum("ajm,jk->akm", P, phi)
-                    dS += np.einsum("akm,bkm->abm", P_phi, P)
-                    np.multiply(P_phi, -2.0, out=dG)
+                    np.einsum("ajm,jk->akm", P, phi, out=dG)  # P Φ
+                    dS += np.einsum("akm,bkm->abm", dG, P, out=ws("adj_H", (q, q, m)))
+                    dG *= -2.0
+                else:
+                    dS.fill(0.0)
+                    dG.fill(0.0)
             except FloatingPointError as exc:
                 raise linalg.LinAlgError(str(exc)) from None
         return [dS, dG, phi]
