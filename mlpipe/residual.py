@@ -553,9 +553,11 @@ class JointObjective:
     """The criterion as a function of (θ, ψ) together, for the optimizer of θ
     (mlpipe/optimize.py): one objective of the model whose statistics (`linear_parts`) are
     re-weighted in place at each ψ, from the same arrays computed once per component.  The
-    gradient is the objective's exact one in θ and a 4-point central difference in ψ
-    (h = 1e-3: an evaluation's rounding, ~1e-13 relative, would swamp a smaller step's
-    difference; the stencil's error is O(h⁴)).  Reweighting costs about one evaluation."""
+    gradient is the objective's exact one in θ and, in ψ, exact through the objective's
+    adjoint of its statistics (`_psi_gradient`; the one-factor Objective) or a 4-point
+    central difference of the criterion (the blocked objective: h = 1e-3, an evaluation's
+    rounding, ~1e-13 relative, would swamp a smaller step's difference; the stencil's error
+    is O(h⁴)).  Reweighting costs about one evaluation."""
 
     default_method = "newton"
 
