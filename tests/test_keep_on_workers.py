@@ -123,6 +123,14 @@ def test_keep_on_workers_refusals(cluster, tmp_path):
     with pytest.raises(InputError, match="residual structures"):
         mlpipe.fit(data, "Reaction ~ Days + (1 | Subject)",
                    correlation="ar1(Days | Subject)", **dask)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pl.DataFrame({"y": [None, None, None], "g": [1, 2, 3]},
+                 schema={"y": pl.Float64, "g": pl.Int64}).write_parquet(empty / "a.parquet")
+    from mlpipe.errors import DataError
+
+    with pytest.raises(DataError, match="no rows left"):
+        mlpipe.fit(empty, "y ~ 1 + (1 | g)", **dask)
     bad = tmp_path / "bad.toml"
     bad.write_text('data = "x.parquet"\nformula = "y ~ 1 + (1|g)"\n[dask]\n'
                    'keep_on_workers = "yes"\n')

@@ -19,7 +19,9 @@ DuckDB engine's by rounding only (a different order of additions: ~1e-15 relativ
 Not distributed (refused, naming the option): center() / group_mean() (their means come
 from all rows; the DuckDB engine computes them in the same pass), residual structures (a
 series split between files would lose its lags) and data in memory (nothing to send).
-The merged per-group statistics come back to the client (O(groups) memory there).
+The merged per-group statistics come back to the client (O(groups) memory there); with
+`--keep-on-workers` (`worker_statistics`, mlpipe/engines/dask_solve.py) they stay on the
+workers, split by group, and the fit maps over them.
 """
 
 from __future__ import annotations

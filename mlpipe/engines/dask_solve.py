@@ -182,30 +182,26 @@ class WorkerStatistics:
 
 def keep_statistics(client, cluster, files: list, formula: str, weights, coding: dict,
                     types: dict, duck: dict, n_workers: int) -> WorkerStatistics:
-    """The scan's partials, split by group and merged per partition on the workers."""
+    """The scan's partials, split by group and merged per partition on the workers.  On an
+    error the caller closes the client (and cluster); on success the WorkerStatistics owns
+    them."""
     from ..errors import DataError
     from .dask_engine import (RETRIES, combine, killed_worker_reported, map_partials,
                               tree_reduce, wait_for_scan)
 
     k = max(1, PARTITIONS_PER_WORKER * n_workers)
-    try:
-        partials, names = map_partials(client, files, formula, weights, coding, types, duck)
-        heads = client.map(header, partials, retries=RETRIES, pure=False)
-        split = client.map(split_by_group, partials, k=k, retries=RETRIES, pure=False)
-        buckets = []
-        for j in range(k):
-            pieces = [client.submit(piece, s, j, retries=RETRIES, pure=False) for s in split]
-            buckets.append(tree_reduce(client, combine, pieces)[0])
-        with killed_worker_reported(names):
-            wait_for_scan(partials, files)
-            tot = client.gather(heads)
-            sizes = client.gather(client.map(_size, buckets, pure=False))
-        del partials, split
-    except BaseException:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-        raise
+    partials, names = map_partials(client, files, formula, weights, coding, types, duck)
+    heads = client.map(header, partials, retries=RETRIES, pure=False)
+    split = client.map(split_by_group, partials, k=k, retries=RETRIES, pure=False)
+    buckets = []
+    for j in range(k):
+        pieces = [client.submit(piece, s, j, retries=RETRIES, pure=False) for s in split]
+        buckets.append(tree_reduce(client, combine, pieces)[0])
+    with killed_worker_reported(names):
+        wait_for_scan(partials, files)
+        tot = client.gather(heads)
+        sizes = client.gather(client.map(_size, buckets, pure=False))
+    del partials, split
     def total(name: str):
         return sum(getattr(t, name) for t in tot)
 
@@ -213,12 +209,10 @@ def keep_statistics(client, cluster, files: list, formula: str, weights, coding:
         tot[0], xtx=total("xtx"), xty=total("xty"), yty=total("yty"), n=total("n"),
         rows_read=total("rows_read"), rows_dropped=total("rows_dropped"),
         log_weights=total("log_weights"))
-    kept = WorkerStatistics(client, cluster, buckets, head, int(sum(sizes)))
     if head.n == 0:
-        kept.close()
         raise DataError(f"no rows left after dropping rows with missing values "
                         f"({head.rows_read} rows read, all dropped)")
-    return kept
+    return WorkerStatistics(client, cluster, buckets, head, int(sum(sizes)))
 
 
 class DistributedObjective(Objective):
