@@ -196,3 +196,42 @@ def cluster():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None, worker_dashboard_address=None) as c:
         yield c
+
+
+def run_killing_a_worker(work, busy, *, timeout: float = 120):
+    """Start a fresh `LocalCluster` of two worker processes, run `work(address)` in a
+    thread, SIGKILL one worker as soon as `busy(client)` is true (polled), and return what
+    `work` returned (its exception re-raised) — the worker-loss tests' harness."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, worker_dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        out: dict = {}
+
+        def run():
+            try:
+                out["value"] = work(cluster.scheduler_address)
+            except Exception as exc:  # re-raised below
+                out["error"] = exc
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.time() + timeout
+        seen = False
+        while time.time() < deadline and not seen and t.is_alive():
+            seen = busy(client)
+            time.sleep(0.002)
+        assert seen, "the work never reached the point where a worker is killed"
+        os.kill(pids[0], signal.SIGKILL)
+        t.join(2 * timeout)
+        assert not t.is_alive()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]

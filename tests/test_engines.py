@@ -11,8 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ import mlpipe
 from mlpipe.engines import EngineOptions, get_engine
 from mlpipe.errors import DataError, InputError
 
-from conftest import split  # noqa: E402  (and the `cluster` fixture)
+from conftest import run_killing_a_worker, split  # noqa: E402  (and `cluster`)
 
 DATA = Path(__file__).parent / "data"
 CASES = {  # data, formula: one factor with a categorical and scale(), nested, crossed
@@ -306,37 +304,14 @@ def test_dask_engine_refusals(tmp_path):
 def test_dask_survives_a_worker_killed_mid_run(tmp_path):
     """SIGKILL one of the two workers while its tasks run: Dask reruns them on the other
     (the nanny restarts the dead one) and the fit equals DuckDB's."""
-    import signal
-
-    from distributed import Client, LocalCluster
-
     data = split(DATA / "multilevel" / "egsingle.parquet", tmp_path / "parts", 40)
     formula = "math ~ year + (year | schoolid/childid)"
     expected = get_engine("duckdb").statistics(data, formula)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None, worker_dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        pids = list(client.run(os.getpid).values())
-        out: dict = {}
-
-        def run():
-            try:
-                out["stats"] = get_engine("dask", EngineOptions(
-                    scheduler=cluster.scheduler_address)).statistics(data, formula)
-            except Exception as exc:  # reported below
-                out["error"] = exc
-
-        t = threading.Thread(target=run)
-        t.start()
-        deadline = time.time() + 60
-        while time.time() < deadline and not any(client.processing().values()):
-            time.sleep(0.01)
-        assert any(client.processing().values()), "no task started"
-        os.kill(pids[0], signal.SIGKILL)
-        t.join(120)
-        assert not t.is_alive()
-    assert "error" not in out, out.get("error")
-    assert_same_statistics(expected, out["stats"], 1e-12)
+    stats = run_killing_a_worker(
+        lambda address: get_engine("dask", EngineOptions(scheduler=address)).statistics(
+            data, formula),
+        lambda client: any(client.processing().values()))
+    assert_same_statistics(expected, stats, 1e-12)
 
 
 def test_cli_engine_dask_with_its_own_local_cluster(tmp_path):

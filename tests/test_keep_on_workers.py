@@ -19,7 +19,7 @@ import pytest
 import mlpipe
 from mlpipe.errors import InputError
 
-from conftest import split  # noqa: E402  (and the `cluster` fixture)
+from conftest import run_killing_a_worker, split  # noqa: E402  (and `cluster`)
 
 DATA = Path(__file__).parent / "data"
 
@@ -144,13 +144,6 @@ def test_a_worker_killed_mid_optimization_is_survived(tmp_path):
     """SIGKILL a worker while the optimizer's map rounds run: Dask recomputes the lost
     partitions from the scan's tasks on the other worker (the nanny restarts the dead one)
     and the fit equals the one-machine fit."""
-    import os
-    import signal
-    import threading
-    import time
-
-    from distributed import Client, LocalCluster
-
     rng = np.random.default_rng(7)
     m, per = 4000, 25
     g = np.repeat(np.arange(m), per)
@@ -163,33 +156,14 @@ def test_a_worker_killed_mid_optimization_is_survived(tmp_path):
     data = split(src, tmp_path / "parts", 6)
     formula = "y ~ x + (x | g)"
     expected = mlpipe.fit(data, formula)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None, worker_dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        pids = list(client.run(os.getpid).values())
-        out: dict = {}
 
-        def run():
-            try:
-                out["fit"] = mlpipe.fit(data, formula, engine="dask", keep_on_workers=True,
-                                        scheduler=cluster.scheduler_address)
-            except Exception as exc:  # reported below
-                out["error"] = exc
+    def evaluating(client) -> bool:  # an evaluation round (Partition method calls) runs
+        return any(str(k).startswith(("('_call", "_call"))
+                   for keys in client.processing().values() for k in keys)
 
-        t = threading.Thread(target=run)
-        t.start()
-        deadline = time.time() + 120
-        started = False
-        while time.time() < deadline and not started and t.is_alive():
-            started = any(str(k).startswith("('_call") or str(k).startswith("_call")
-                          for keys in client.processing().values() for k in keys)
-            time.sleep(0.002)
-        assert started, "no evaluation round seen"
-        os.kill(pids[0], signal.SIGKILL)
-        t.join(240)
-        assert not t.is_alive()
-    assert "error" not in out, out.get("error")
-    b = out["fit"]
+    b = run_killing_a_worker(
+        lambda address: mlpipe.fit(data, formula, engine="dask", keep_on_workers=True,
+                                   scheduler=address), evaluating)
     assert abs(b.deviance - expected.deviance) <= 1e-10 * abs(expected.deviance)
     np.testing.assert_allclose(b.fixed_effects["estimate"].to_numpy(),
                                expected.fixed_effects["estimate"].to_numpy(), rtol=1e-7)
