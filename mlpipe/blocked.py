@@ -44,7 +44,7 @@ from ._levels import vdot
 from ._levels_jit import shared_matmul
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError, MlpipeError
-from .objective import ThetaMap, profile_fixed, profiled_deviance
+from .objective import Parts, ThetaMap, profile_fixed, profiled_deviance
 from .stats import Factor, Statistics
 
 sp = lazy_import("scipy.sparse")  # imported when first needed (a fast start)
@@ -426,37 +426,33 @@ class BlockedObjective:
         return out
 
     def _value_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        f, _ld, _lrx, r2, g_ld, g_r2, g_rx = self._gradient_parts(x, self.reml)[:7]
+        f, pt, _dms, _minv = self._gradient_parts(x, self.reml)
         n, p = self.stats.n, self.stats.p
         if self.reml:
-            return f, g_ld + g_rx + (n - p) / r2 * g_r2
-        return f, g_ld + n / r2 * g_r2
+            return f, pt.d_logdet_l + pt.d_logdet_rx + (n - p) / pt.r2 * pt.d_r2
+        return f, pt.d_logdet_l + n / pt.r2 * pt.d_r2
 
     def parts(self, theta: np.ndarray):
         """log|L|², log|R_X|², r² at θ and their exact gradients (as `Objective.parts`:
         Satterthwaite's Hessian by differences of them).  Raises LinAlgError if undefined."""
-        from .objective import Parts
-
         self.evaluations += 1
         self.gradient_evaluations += 1
         with np.errstate(invalid="raise", divide="raise"), self._lock:
             try:
-                _f, ld, lrx, r2, g_ld, g_r2, g_rx = self._gradient_parts(
-                    np.asarray(theta, dtype=float), True)[:7]
+                return self._gradient_parts(np.asarray(theta, dtype=float), True)[1]
             except (FloatingPointError, ZeroDivisionError) as exc:
                 raise linalg.LinAlgError(str(exc)) from None
-        return Parts(ld, lrx, r2, g_ld, g_rx, g_r2)
 
     def vcov_jacobian(self, theta: np.ndarray, sigma: float) -> list[np.ndarray]:
         """∂Var(β̂)/∂v_k for v = (θ, σ), Var(β̂) = σ²(R_X'R_X)⁻¹: −σ² M⁻¹ ∂M/∂θ_k M⁻¹ with
         the gradient's ∂R_X'R_X, and 2σ M⁻¹ (Satterthwaite's Jacobian in closed form)."""
         with np.errstate(invalid="raise", divide="raise"), self._lock:
-            dms, minv = self._gradient_parts(np.asarray(theta, dtype=float), True)[7:]
+            _f, _pt, dms, minv = self._gradient_parts(np.asarray(theta, dtype=float), True)
         return [-sigma**2 * minv @ dm @ minv for dm in dms] + [2 * sigma * minv]
 
     def _gradient_parts(self, x: np.ndarray, with_rx: bool):
-        """(f, log|L|², log|R_X|², r², ∂log|L|², ∂r², ∂log|R_X|² (NaN without `with_rx`),
-        [∂R_X'R_X/∂θ_t] (empty without), (R_X'R_X)⁻¹) at θ = x."""
+        """(f, the `Parts` at θ = x (∂log|R_X|² NaN without `with_rx`), [∂R_X'R_X/∂θ_t]
+        (empty without), (R_X'R_X)⁻¹)."""
         s = self.stats
         p = s.p
         Ts = self.T_blocks(x)
@@ -507,7 +503,7 @@ class BlockedObjective:
                 dM = -(F + F.T - Gm - Gm.T)
                 dms.append(dM)
                 g_rx[t] = float(np.sum(minv * dM))
-        return f, logdet_l, logdet_rx, r2, g_ld, g_r2, g_rx, dms, minv
+        return f, Parts(logdet_l, logdet_rx, r2, g_ld, g_rx, g_r2), dms, minv
 
     def moment_start(self) -> np.ndarray | None:
         """A cheap starting θ; `optimize` keeps it only when it beats lme4's default start.

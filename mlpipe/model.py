@@ -452,10 +452,7 @@ def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
             res = satterthwaite_general(obj, result.theta, result.sigma, beta)
         else:
             res = satterthwaite(stats, result.theta, result.sigma, beta, reml=reml)
-        result.fixed_effects = result.fixed_effects.with_columns(
-            pl.Series("std_error", res.std_error), pl.Series("t_value", res.t_value),
-            pl.Series("df", res.df), pl.Series("p_value", res.p_value))
-        result.df_method = res.method
+        set_ddf(result, res)
     if ci == "wald":
         se = np.sqrt(np.diag(result.vcov)) if general \
             else result.fixed_effects["std_error"].to_numpy()
@@ -466,6 +463,14 @@ def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
     result.ci_level = level if ci else None
     if not general and result.residual_structure is None:
         result.icc = icc_or_none(result, level)
+
+
+def set_ddf(result: FitResult, res) -> None:
+    """A `DdfResult`'s SEs, t values, df and p-values into the fixed-effects table."""
+    result.fixed_effects = result.fixed_effects.with_columns(
+        pl.Series("std_error", res.std_error), pl.Series("t_value", res.t_value),
+        pl.Series("df", res.df), pl.Series("p_value", res.p_value))
+    result.df_method = res.method
 
 
 def check_options(method: str, ddf: str | None, ci: str | None, level: float):
@@ -573,12 +578,23 @@ def _check_response_varies(stats: Statistics, within: float | None = None,
                if "(Intercept)" in [stats.random_names[z] for z in f.z]] if stats.general \
         else [(stats.group, np.arange(stats.m), [stats.group], stats.m)]
     for name, index, columns, m in factors:
-        n_l = np.bincount(index, n_c, minlength=m)
-        sy_l = np.bincount(index, sy_c, minlength=m)
-        yty_l = np.bincount(index, yty_c, minlength=m)
-        within = float(np.sum(yty_l - sy_l * sy_l / np.where(n_l > 0, n_l, 1)))
+        within = within_sum_of_squares(*(np.bincount(index, v, minlength=m)
+                                         for v in (n_c, sy_c, yty_c)))
         if _constant(within, yty):
             _constant_within(stats, name, columns)
+
+
+def within_sum_of_squares(n: np.ndarray, sy: np.ndarray, yty: np.ndarray) -> float:
+    """Σ_l (y'y_l − (Σy)_l² / n_l): the response's sum of squares within levels, from each
+    level's n (Σ w if weighted), Σy and y'y."""
+    return float(np.sum(yty - sy * sy / np.where(n > 0, n, 1)))
+
+
+def group_sum_of_squares(stats: Statistics) -> float | None:
+    """`within_sum_of_squares` over the groups of one-factor statistics (None when Z has no
+    intercept, so the statistics hold no per-group Σy)."""
+    sums = _response_sums(stats)
+    return None if sums is None else within_sum_of_squares(*sums)
 
 
 def _constant_within(stats: Statistics, name: str, columns: list[str]):

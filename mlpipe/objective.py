@@ -184,6 +184,7 @@ class Objective:
         # the lock keeps concurrent evaluations of one Objective from sharing it
         self._ws = _Workspace()
         self._lock = threading.Lock()
+        self._last_core = None  # (θ's bytes, `_core`'s value) in the work space
 
     def linear_parts_of(self, stats: Statistics) -> list[np.ndarray]:
         """The arrays the evaluations read, computed from `stats` (this model's structure):
@@ -211,11 +212,12 @@ class Objective:
         return [self._S, self._G, self._M0]
 
     def statistics_changed(self) -> None:
-        """Nothing is derived from the `linear_parts` here (see BlockedObjective's)."""
+        """The `linear_parts` were rewritten: the cached core (`_core`) is stale."""
+        self._last_core = None
 
     def __getstate__(self) -> dict:  # picklable: the work space and the lock are rebuilt
         state = dict(self.__dict__)
-        state.update(_ws=None, _lock=None)
+        state.update(_ws=None, _lock=None, _last_core=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -229,7 +231,24 @@ class Objective:
         effect: its rows of A = T'S T + I are the identity's, its rows of R_aug zero, so the
         algebra runs on J alone — a fit on the boundary costs less, not more); L, the
         Cholesky factors of A_JJ per group, (|J|, |J|, m); R_aug = L⁻¹T_J'[Z'X Z'y] as
-        (p+1, |J|, m); M = [X y]'[X y] − R_aug'R_aug; and log|L|²."""
+        (p+1, |J|, m); M = [X y]'[X y] − R_aug'R_aug; and log|L|².
+
+        In the objective's own work space the latest θ's core is kept: the gradient after
+        the criterion at the same θ (a Dask partition's two rounds), the statistics' adjoint
+        after the gradient (a residual structure's ψ derivative) and Satterthwaite's steps in
+        σ alone reuse it instead of factorizing again.  Only `_core` writes its arrays (L, R
+        in the work space), and `statistics_changed` drops it."""
+        theta = np.asarray(theta, dtype=float)
+        if ws is not self._ws:
+            return self._compute_core(theta, ws)
+        key = theta.tobytes()
+        last = self._last_core
+        if last is None or last[0] != key:
+            self._last_core = None  # a failed computation leaves the arrays half written
+            last = self._last_core = (key, self._compute_core(theta, ws))
+        return last[1]
+
+    def _compute_core(self, theta: np.ndarray, ws: _Workspace):
         s = self.stats
         p, m = s.p, s.m
         T = self.theta_map.T(np.asarray(theta, dtype=float))
@@ -257,9 +276,9 @@ class Objective:
     def _profile(self, M: np.ndarray):
         return profile_fixed(M, self.stats.p)
 
-    def decompose(self, theta: np.ndarray, profiled=None) -> Decomposition:
-        """Everything at θ; `profiled`: (R_X'R_X, R_X, β̂, r², log|R_X|²) to use instead of
-        this objective's (a Dask worker's share of the groups, whose β̂ is the whole data's)."""
+    def decompose(self, theta: np.ndarray, beta: np.ndarray | None = None) -> Decomposition:
+        """Everything at θ.  `beta`: β̂ given, not profiled (a Dask worker's share of the
+        groups, whose β̂ is the whole data's; R_X and r² are then None)."""
         s = self.stats
         q, p, m = s.q, s.p, s.m
         with self._lock:  # L and R are handed out: fresh arrays
@@ -270,7 +289,10 @@ class Objective:
             L[range(q), range(q)] = 1.0
             L[np.ix_(J, J)] = L_J
             R[:, J] = R_J
-        xtx_adj, rx, beta, r2, logdet_rx = self._profile(M) if profiled is None else profiled
+        if beta is None:
+            xtx_adj, rx, beta, r2, logdet_rx = self._profile(M)
+        else:
+            xtx_adj = rx = r2 = logdet_rx = None
         # R is (p+1, q, m): hand out (q, p, m) and (q, m) views
         return Decomposition(np.asarray(theta, float), T, L, R[:p].transpose(1, 0, 2), R[p],
                              xtx_adj, rx, beta, r2, logdet_l, logdet_rx)

@@ -619,19 +619,28 @@ class JointObjective:
             return np.inf, np.full(len(x), np.nan)
         gp = self._psi_gradient(theta, psi) if hasattr(self.base, "linear_parts_adjoint") \
             else None
-        if gp is None:
-            gp = np.empty(len(psi))
-            for j in range(len(psi)):  # the 4-point central difference (error O(h⁴))
-                step = self.h * max(1.0, abs(psi[j]))
-                f_at = []
-                for mult in (2, 1, -1, -2):
-                    e = np.zeros(len(psi))
-                    e[j] = mult * step
-                    self._set(psi + e)
-                    f_at.append(self.base(theta))
-                gp[j] = (-f_at[0] + 8 * f_at[1] - 8 * f_at[2] + f_at[3]) / (12 * step)
+        if gp is None:  # differences of the criterion itself
+
+            def at(ps: np.ndarray) -> float:
+                self._set(ps)
+                return self.base(theta)
+
+            gp = self._difference(at, psi)
             self._set(psi)
         return f, np.concatenate([g, gp])
+
+    def _difference(self, fn, psi: np.ndarray) -> np.ndarray:
+        """The 4-point central difference of fn in each entry of ψ (error O(h⁴))."""
+        gp = np.empty(len(psi))
+        for j in range(len(psi)):
+            step = self.h * max(1.0, abs(psi[j]))
+            at = []
+            for mult in (2, 1, -1, -2):
+                e = np.zeros(len(psi))
+                e[j] = mult * step
+                at.append(fn(psi + e))
+            gp[j] = (-at[0] + 8 * at[1] - 8 * at[2] + at[3]) / (12 * step)
+        return gp
 
     def _psi_gradient(self, theta: np.ndarray, psi: np.ndarray) -> np.ndarray | None:
         """∂d/∂ψ exactly: the statistics are Σ_c w_c(ψ) (component c), so ∂d/∂ψ_j =
@@ -644,17 +653,12 @@ class JointObjective:
         except (np.linalg.LinAlgError, ValueError):
             return None
         d = sum(stacked @ a.reshape(-1) for stacked, a in zip(self._stacked, adj))
-        gp = np.empty(len(psi))
-        for j in range(len(psi)):
-            step = self.h * max(1.0, abs(psi[j]))
-            at_ = []
-            for mult in (2, 1, -1, -2):
-                e = np.zeros(len(psi))
-                e[j] = mult * step
-                w, logdet = self.rs.weights(self.clip(psi + e))
-                at_.append(float(w @ d) + logdet)
-            gp[j] = (-at_[0] + 8 * at_[1] - 8 * at_[2] + at_[3]) / (12 * step)
-        return gp
+
+        def linear(ps: np.ndarray) -> float:  # the criterion's first order in the weights
+            w, logdet = self.rs.weights(self.clip(ps))
+            return float(w @ d) + logdet
+
+        return self._difference(linear, psi)
 
     def gradient(self, x: np.ndarray) -> np.ndarray:
         return self.value_and_gradient(x)[1]

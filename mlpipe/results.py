@@ -78,7 +78,9 @@ class FitResult:
     converged: bool
     singular: bool
     optimizer: OptSummary
-    ranef: pl.DataFrame  # group, level, term, estimate, cond_sd (see ranef_frame)
+    #: group, level, term, estimate, cond_sd; a LazyFrame of the workers' files with
+    #: keep_on_workers (see `ranef_frame`)
+    ranef: pl.DataFrame | pl.LazyFrame
     theta: np.ndarray
     rows_dropped: int = 0
     stats: Statistics | None = field(default=None, repr=False)
@@ -117,7 +119,7 @@ class FitResult:
               opt: OptSummary, *, ranef=None, groups: dict | None = None) -> FitResult:
         """The result of a one-factor model.  `ranef` and `groups` for statistics whose
         groups are elsewhere (the Dask workers, mlpipe/engines/dask_solve.py): the modes
-        they wrote (a LazyFrame, or None) and the number of groups."""
+        they wrote (a LazyFrame) and the number of groups."""
         reml = obj.reml
         sigma = obj.sigma(dec)
         s2 = sigma**2
@@ -139,7 +141,7 @@ class FitResult:
             loglik=-dev / 2, deviance=dev, reml_criterion=dev if reml else None,
             aic=dev + 2 * npar, bic=dev + npar * math.log(stats.n), npar=npar,
             converged=opt.converged, singular=singular, optimizer=opt,
-            ranef=_conditional_modes(stats, dec, sigma) if groups is None else ranef,
+            ranef=_conditional_modes(stats, dec, sigma) if ranef is None else ranef,
             theta=theta,
             rows_dropped=stats.rows_dropped, stats=stats)
 
@@ -196,9 +198,6 @@ class FitResult:
     def ranef_frame(self) -> pl.DataFrame:
         """`ranef` as a DataFrame (the modes of a fit with `keep_on_workers` are a lazy scan
         of the files the workers wrote: collected here, O(groups) memory)."""
-        if self.ranef is None:
-            return pl.DataFrame(schema={"group": pl.Utf8, "level": pl.Utf8, "term": pl.Utf8,
-                                        "estimate": pl.Float64, "cond_sd": pl.Float64})
         if isinstance(self.ranef, pl.LazyFrame):
             return self.ranef.collect()
         return self.ranef
@@ -207,9 +206,9 @@ class FitResult:
         """lme4's `ranef()`: for each grouping factor, a table with one row per level
         (`level`, in the factor's order) and one column per random-effect term, the
         conditional modes (`ranef` is the same in long form, with the conditional SDs)."""
-        out = {}
+        out, ranef = {}, self.ranef_frame()
         for factor in self.groups:
-            part = self.ranef_frame().filter(pl.col("group") == factor)
+            part = ranef.filter(pl.col("group") == factor)
             terms = list(dict.fromkeys(part["term"].to_list()))
             levels = part.filter(pl.col("term") == terms[0])["level"]
             cols = {"level": levels}
@@ -225,9 +224,9 @@ class FitResult:
         conditional mode where the factor has a random effect of that name; a random-effect
         term with no fixed effect of its name comes first, with the random effect alone."""
         fixed = self.fixef
-        out = {}
+        out, ranef = {}, self.ranef_frame()
         for factor in self.groups:
-            part = self.ranef_frame().filter(pl.col("group") == factor)
+            part = ranef.filter(pl.col("group") == factor)
             terms = list(dict.fromkeys(part["term"].to_list()))
             levels = part.filter(pl.col("term") == terms[0])["level"]
             names = [t for t in terms if t not in fixed] + list(fixed)
@@ -326,7 +325,7 @@ class FitResult:
             if isinstance(self.ranef, pl.LazyFrame):  # modes written by Dask workers
                 self.ranef.sink_parquet(stage / "ranef.parquet")
             else:
-                self.ranef_frame().write_parquet(stage / "ranef.parquet")
+                self.ranef.write_parquet(stage / "ranef.parquet")
             if self.stats is not None:  # O(groups): refits (ML, profiles) need no data reread
                 self.stats.save(stage / "stats.parquet")
             if self.residuals is not None:

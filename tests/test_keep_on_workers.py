@@ -86,9 +86,8 @@ def test_written_result_predicts_as_the_one_machine_fit(cluster, tmp_path):
     assert pl.read_parquet(tmp_path / "b" / "ranef.parquet").height == 36
     from mlpipe.predict import predict
 
-    pa = predict(tmp_path / "a", DATA / "sleepstudy.parquet", tmp_path / "pa.parquet")
-    pb = predict(tmp_path / "b", DATA / "sleepstudy.parquet", tmp_path / "pb.parquet")
-    del pa, pb
+    predict(tmp_path / "a", DATA / "sleepstudy.parquet", tmp_path / "pa.parquet")
+    predict(tmp_path / "b", DATA / "sleepstudy.parquet", tmp_path / "pb.parquet")
     ya = pl.read_parquet(tmp_path / "pa.parquet")["fitted"].to_numpy()
     yb = pl.read_parquet(tmp_path / "pb.parquet")["fitted"].to_numpy()
     np.testing.assert_allclose(yb, ya, rtol=1e-7)

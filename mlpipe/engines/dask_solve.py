@@ -52,7 +52,7 @@ PARTITIONS_PER_WORKER = 2
 
 def split_by_group(st, k: int) -> list:
     """A partial Statistics cut into `k` by a hash of its group labels (the same label lands
-    in the same piece in every partial), totals zeroed (the client sums them, `totals`)."""
+    in the same piece in every partial), totals zeroed (the client sums the `header`s')."""
     import polars as pl
 
     labels = np.asarray(st.levels).astype(str)
@@ -117,14 +117,10 @@ class Partition:
             return obj.gradient_sums(T, J, L, beta, rx, with_rx)
 
     def within(self):
-        """The response's sum of squares within the partition's groups (model.validate);
-        None without an intercept in Z."""
-        st = self.obj.stats if self.obj is not None else None
-        if st is None or "(Intercept)" not in st.random_names:
-            return None
-        a = st.random_names.index("(Intercept)")
-        n_i, sy = st.ztz[a, a], st.zty[a]
-        return float(np.sum(st.yty_i - sy * sy / np.where(n_i > 0, n_i, 1)))
+        """`model.group_sum_of_squares` over the partition's groups (model.validate)."""
+        from ..model import group_sum_of_squares
+
+        return None if self.obj is None else group_sum_of_squares(self.obj.stats)
 
     def satterthwaite(self, theta):
         """`inference.satterthwaite_sums` over the partition's groups (its X'X is zero)."""
@@ -144,8 +140,7 @@ class Partition:
 
         if self.obj is None:
             return 0
-        dec = self.obj.decompose(np.asarray(theta, float),
-                                 profiled=(None, None, np.asarray(beta, float), None, None))
+        dec = self.obj.decompose(np.asarray(theta, float), beta=np.asarray(beta, float))
         table = _conditional_modes(self.obj.stats, dec, sigma)
         table.write_parquet(path)
         return table.height
@@ -225,7 +220,6 @@ class DistributedObjective(Objective):
         super().__init__(kept.header, reml=reml)
         self.kept = kept
         self.rounds = 0
-        self._cache: dict = {}
         self._parts_f = kept.client.map(make_partition, kept.parts, reml=reml, pure=False)
 
     def __getstate__(self):  # never shipped: the partitions are
@@ -238,23 +232,19 @@ class DistributedObjective(Objective):
         return [r for r in client.gather(futures) if r is not None]
 
     # the one-machine Objective's evaluations, with the sums over groups from the workers
-    def _core(self, theta, ws):
-        theta = np.asarray(theta, float)
-        key = theta.tobytes()
-        hit = self._cache.get(key)
-        if hit is None:  # a round; Satterthwaite's steps in σ alone reuse the last θ's
-            out = self._map("core", theta)
-            M = self._M0.copy()
-            for rr, _ld in out:
-                M -= rr
-            hit = (M, float(sum(ld for _rr, ld in out)))
-            self._cache = {key: hit}
-        return None, None, None, None, hit[0].copy(), hit[1]
+    # (Objective._core keeps the latest θ's: the gradient's round and Satterthwaite's steps
+    # in σ alone reuse it)
+    def _compute_core(self, theta, ws):
+        out = self._map("core", theta)
+        M = self._M0.copy()
+        for rr, _ld in out:
+            M -= rr
+        return None, None, None, None, M, float(sum(ld for _rr, ld in out))
 
     def _parts(self, theta, with_rx: bool):
         from ..objective import Parts
 
-        M, logdet_l = self._core(theta, None)[-2:]
+        M, logdet_l = self._core(theta, self._ws)[-2:]
         _xtx, rx, beta, r2, logdet_rx = self._profile(M)
         if not np.isfinite(r2) or r2 <= 0:
             raise linalg.LinAlgError("the penalized residual sum of squares is not positive")
@@ -264,12 +254,12 @@ class DistributedObjective(Objective):
 
     def xtx_adj_at(self, theta) -> np.ndarray:
         """R_X'R_X at θ (Satterthwaite's Jacobian of Var(β̂))."""
-        return self._profile(self._core(theta, None)[-2])[0]
+        return self._profile(self._core(theta, self._ws)[-2])[0]
 
     def decompose(self, theta) -> Decomposition:
         """The small parts of the decomposition at θ (the per-group L, R_ZX, c_u stay on the
         workers: None here)."""
-        M, logdet_l = self._core(theta, None)[-2:]
+        M, logdet_l = self._core(theta, self._ws)[-2:]
         xtx_adj, rx, beta, r2, logdet_rx = self._profile(M)
         return Decomposition(np.asarray(theta, float), self.theta_map.T(theta), None, None,
                              None, xtx_adj, rx, beta, r2, logdet_l, logdet_rx)
@@ -330,7 +320,7 @@ def fit_on_workers(engine, data, formula: str, *, method: str, ddf: str | None,
     from .. import runlog
     from ..errors import InputError
     from ..inference import wald_intervals
-    from ..model import optimizer_progress
+    from ..model import optimizer_progress, set_ddf, validate
     from ..optimize import optimize
     from ..results import FitResult
 
@@ -342,8 +332,6 @@ def fit_on_workers(engine, data, formula: str, *, method: str, ddf: str | None,
                          "--ci wald with --keep-on-workers")
     kept = engine.worker_statistics(data, formula, weights=weights)
     try:
-        from ..model import validate
-
         reml = method == "REML"
         t0 = time.perf_counter()
         obj = DistributedObjective(kept, reml=reml)
@@ -355,8 +343,7 @@ def fit_on_workers(engine, data, formula: str, *, method: str, ddf: str | None,
         dec = obj.decompose(np.asarray(summary.final_theta))
         sigma = obj.sigma(dec)
         directory = modes_directory(engine.options.temp_directory)
-        paths = obj.write_modes(dec, sigma, directory)
-        ranef = pl.scan_parquet(paths) if paths else None
+        ranef = pl.scan_parquet(obj.write_modes(dec, sigma, directory))  # m ≥ 2: a file
         result = FitResult.build(kept.header, obj, dec, summary, ranef=ranef,
                                  groups={kept.header.group: kept.m})
         t1 = time.perf_counter()
@@ -365,13 +352,9 @@ def fit_on_workers(engine, data, formula: str, *, method: str, ddf: str | None,
                      rounds=obj.rounds)
         beta = dec.beta
         if ddf is not None:
-            res = obj.satterthwaite(dec.theta, sigma, beta)
-            result.fixed_effects = result.fixed_effects.with_columns(
-                pl.Series("std_error", res.std_error), pl.Series("t_value", res.t_value),
-                pl.Series("df", res.df), pl.Series("p_value", res.p_value))
-            result.df_method = res.method
+            set_ddf(result, obj.satterthwaite(dec.theta, sigma, beta))
         if ci == "wald":
-            se = np.sqrt(np.diag(result.vcov))
+            se = np.sqrt(np.diag(result.vcov_matrix))
             result.confidence_intervals = wald_intervals(
                 kept.header, dec.theta, sigma, beta, se, reml=reml, level=level, obj=obj)
         result.ci_level = level if ci else None
