@@ -42,3 +42,25 @@ def shared_matmul(T, B):
                     for c in range(r):
                         out[i, a, c] += w * B[i, b, c]
     return out
+
+
+@njit(cache=True)
+def pair_product(out, v, rows, cols, blocks_t, off_j, off_k, symmetric):
+    """out += A v for the blocks of one pair of factors (j, k) of Z'Z: block n (its summed
+    Z_j'Z_k, "pair last" blocks_t[:, :, n]) links rows off_j + rows[n]·q_j + a to columns
+    off_k + cols[n]·q_k + b; with `symmetric` (j ≠ k) its transpose is added too.  v and out
+    are (Q, r): Z'Z times r vectors without building Z'Z as a sparse matrix."""
+    qj, qk, n = blocks_t.shape
+    r = v.shape[1]
+    for t in range(n):
+        ri = off_j + rows[t] * qj
+        ci = off_k + cols[t] * qk
+        for a in range(qj):
+            for b in range(qk):
+                w = blocks_t[a, b, t]
+                if w != 0.0:
+                    for c in range(r):
+                        out[ri + a, c] += w * v[ci + b, c]
+                    if symmetric:
+                        for c in range(r):
+                            out[ci + b, c] += w * v[ri + a, c]

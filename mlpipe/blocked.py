@@ -41,7 +41,7 @@ from scipy import linalg
 
 from ._lazy import lazy_import
 from ._levels import vdot
-from ._levels_jit import shared_matmul
+from ._levels_jit import pair_product, shared_matmul
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError, MlpipeError
 from .objective import Parts, ThetaMap, profile_fixed, profiled_deviance
@@ -380,6 +380,15 @@ class BlockedObjective:
             start += size
         return out
 
+    def ztz_times(self, v: np.ndarray) -> np.ndarray:
+        """Z'Z v for v (Q, r), from the pairs' blocks (no sparse Z'Z is built)."""
+        v = np.ascontiguousarray(v, dtype=float)
+        out = np.zeros_like(v)
+        for pr in self.pairs:
+            pair_product(out, v, pr.rows, pr.cols, pr.blocks_t, int(self.uoff[pr.j]),
+                         int(self.uoff[pr.k]), pr.j != pr.k)
+        return out
+
     @property
     def ztz(self) -> sp.csr_matrix:
         """The full symmetric Z'Z (Q×Q, CSR, the random effects in this objective's order:
@@ -465,9 +474,9 @@ class BlockedObjective:
         gamma = np.append(-beta, 1.0)
         u = W @ gamma
         zr = np.concatenate([G.reshape(-1, G.shape[2]) @ gamma for G in self.G])
-        v = zr - self.ztz @ self._lam(Ts, u)
+        v = zr - self.ztz_times(self._lam(Ts, u[:, None]))[:, 0]
         WX = W[:, :p]
-        Y = self.ztz @ self._lam(Ts, WX)
+        Y = self.ztz_times(self._lam(Ts, WX))
         minv = linalg.cho_solve((rx, False), np.eye(p), check_finite=False)
         oms = self.pair_omegas(fac)
         gld = [np.zeros((f_.q, f_.q)) for f_ in self.factors]

@@ -1,0 +1,62 @@
+"""Keep freed memory for reuse while the solver evaluates its objective again and again.
+
+Each evaluation of a large objective (millions of levels) allocates and frees the same
+few hundred MB of temporaries.  glibc's malloc serves arrays above its mmap threshold (at
+most 32 MB by default) with fresh `mmap`s and unmaps them when freed, so every evaluation
+faults all of that memory in again — page by page, zeroed by the kernel: measured at about
+40% of an evaluation's wall time on 2M levels, almost all of it system time.
+
+`reuse_freed_memory()` raises the mmap and trim thresholds for the duration of a block, so
+freed arrays stay in the heap and the next evaluation reuses them (no page faults); on exit
+the thresholds go back to glibc's settled defaults and `malloc_trim` returns what is free to
+the system.  Peak resident memory is unchanged (the same arrays are live at the peak).  On
+other C libraries it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from contextlib import contextmanager
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP = 1 << 30  # during the block: arrays up to 1 GiB come from (and return to) the heap
+_DEFAULT_MMAP, _DEFAULT_TRIM = 32 << 20, 64 << 20  # glibc's dynamic thresholds, settled
+
+_libc = None
+_depth = 0
+
+
+def _glibc():
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc = lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    return _libc or None
+
+
+@contextmanager
+def reuse_freed_memory():
+    """Within the block, freed large arrays are kept for reuse (see the module docstring);
+    nested blocks are allowed (the outermost restores)."""
+    global _depth
+    lib = _glibc()
+    if lib is None:
+        yield
+        return
+    if _depth == 0:
+        lib.mallopt(_M_MMAP_THRESHOLD, _KEEP)
+        lib.mallopt(_M_TRIM_THRESHOLD, _KEEP)
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0:
+            lib.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP)
+            lib.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
+            lib.malloc_trim(0)
