@@ -22,6 +22,8 @@ from contextlib import contextmanager
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _KEEP = 1 << 30  # during the block: arrays up to 1 GiB come from (and return to) the heap
+_NO_TRIM = 2**31 - 1  # ... and the heap's free top is never given back (the largest value:
+# a lower one, 1 GiB, still trimmed — and refaulted — a 2M-level evaluation's temporaries)
 _DEFAULT_MMAP, _DEFAULT_TRIM = 32 << 20, 64 << 20  # glibc's dynamic thresholds, settled
 
 _libc = None
@@ -50,7 +52,7 @@ def reuse_freed_memory():
         return
     if _depth == 0:
         lib.mallopt(_M_MMAP_THRESHOLD, _KEEP)
-        lib.mallopt(_M_TRIM_THRESHOLD, _KEEP)
+        lib.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM)
     _depth += 1
     try:
         yield

@@ -68,6 +68,72 @@ def _dense_fill(S, r_row, r_col, r_off, ev, rows_lv, lv_starts, Bv_lv):
 
 
 @njit(cache=True)
+def _b_times(out, rows_lv, lv_starts, Bv_lv, y):
+    """out[row] −= B̃ y for y (m1, q1, r) level first: the rest rows' share of the leading
+    factor's solve (in place on out (R, r))."""
+    q1, r = y.shape[1], y.shape[2]
+    for i in range(len(lv_starts) - 1):
+        for a in range(lv_starts[i], lv_starts[i + 1]):
+            ra = rows_lv[a]
+            for c in range(q1):
+                w = Bv_lv[a, c]
+                for s in range(r):
+                    out[ra, s] -= w * y[i, c, s]
+
+
+@njit(cache=True)
+def _bt_times(out, rows_lv, lv_starts, Bv_lv, x):
+    """out −= B̃' x per level for x (R, r): out (m1, q1, r) in place."""
+    q1, r = out.shape[1], out.shape[2]
+    for i in range(len(lv_starts) - 1):
+        for a in range(lv_starts[i], lv_starts[i + 1]):
+            ra = rows_lv[a]
+            for c in range(q1):
+                w = Bv_lv[a, c]
+                for s in range(r):
+                    out[i, c, s] -= w * x[ra, s]
+
+
+@njit(cache=True)
+def _omega_levels(Li, lv_starts, Bv_lv, H_lv):
+    """Per level i of the leading factor: Ω₁₁,ᵢ = L⁻ᵀ (I + Σ_a B̃_a H_a') L⁻¹ (Li = L⁻¹
+    (q1, q1, m1), level last) and Ω₂₁ at its entries a, −H_a L⁻¹ → (Ω₁₁ (q1, q1, m1),
+    Ω₂₁ (entries, q1) in level order)."""
+    q1, _, m1 = Li.shape
+    om11 = np.zeros((q1, q1, m1))
+    om21 = np.zeros(H_lv.shape)
+    K = np.zeros((q1, q1))
+    LK = np.zeros((q1, q1))
+    for i in range(m1):
+        for a in range(q1):
+            for b in range(q1):
+                K[a, b] = 1.0 if a == b else 0.0
+        for e in range(lv_starts[i], lv_starts[i + 1]):
+            for a in range(q1):
+                w = Bv_lv[e, a]
+                for b in range(q1):
+                    K[a, b] += w * H_lv[e, b]
+            for d in range(q1):  # (−H L⁻¹)[d] = −Σ_c H[c] L⁻¹[c, d], L⁻¹ lower: c ≥ d
+                acc = 0.0
+                for c in range(d, q1):
+                    acc += H_lv[e, c] * Li[c, d, i]
+                om21[e, d] = -acc
+        for a in range(q1):  # LK = L⁻ᵀ K: (L⁻ᵀ)[a, b] = L⁻¹[b, a], nonzero for b ≥ a
+            for c in range(q1):
+                acc = 0.0
+                for b in range(a, q1):
+                    acc += Li[b, a, i] * K[b, c]
+                LK[a, c] = acc
+        for a in range(q1):  # (L⁻ᵀ K) L⁻¹: L⁻¹[c, d] nonzero for c ≥ d
+            for d in range(q1):
+                acc = 0.0
+                for c in range(d, q1):
+                    acc += LK[a, c] * Li[c, d, i]
+                om11[a, d, i] = acc
+    return om11, om21
+
+
+@njit(cache=True)
 def _symmetrize_lower(M):
     for i in range(M.shape[0]):
         for j in range(i):
@@ -381,42 +447,20 @@ class Factorization:
         return np.column_stack([self.solver.solve(np.ascontiguousarray(rhs[:, j]))
                                 for j in range(rhs.shape[1])])
 
-    def b_matrix(self) -> sp.csr_matrix:
-        """B̃ as a sparse (R, m1·q1) matrix: entry (e_row[e], q1·e_level[e] + c) = Bv[e, c]
-        (the pattern is built once per structure, the values per θ)."""
-        st = self.st
-        if getattr(st, "b_csr", None) is None:
-            q1 = st.q1
-            rows = np.repeat(st.e_row, q1)
-            cols = (st.e_level[:, None] * q1 + np.arange(q1)[None]).ravel()
-            slot = np.arange(1, len(rows) + 1, dtype=float)
-            mat = sp.csr_matrix((slot, (rows, cols)), shape=(st.R, st.m1 * q1))
-            mat.sort_indices()
-            st.b_order = mat.data.astype(np.int64) - 1
-            st.b_csr = mat
-        mat = st.b_csr.copy()
-        mat.data = self.Bv.ravel()[st.b_order]
-        return mat
-
     # ------------------------------------------------------------------ solves
     def solve(self, C1: np.ndarray, C2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A⁻¹ [C1; C2] for C1 (m1, q1, r) and C2 (R, r) → (W1 (m1, q1, r), W2 (R, r))."""
         st = self.st
-        q1, m1 = st.q1, st.m1
-        r = C1.shape[2]
         Li = self._l1inv_levels()
         y1 = level_matmul(Li, np.ascontiguousarray(C1), False)  # L1⁻¹ C1 per level
-        # C2 − B̃ y1, then W1 = L1⁻ᵀ (y1 − B̃' W2) per level: B̃ as a sparse (R, m1·q1) matrix
-        c2 = C2.copy()
-        z = y1.copy()
+        # C2 − B̃ y1, then W1 = L1⁻ᵀ (y1 − B̃' W2) per level (compiled loops over B̃'s entries)
+        c2 = np.array(C2, dtype=float, order="C")
         if len(st.e_row):
-            B = self.b_matrix()
-            c2 -= B @ y1.reshape(m1 * q1, r)
-            W2 = self._solve_S(c2)
-            z -= (B.T @ W2).reshape(m1, q1, r)
-        else:
-            W2 = self._solve_S(c2)
-        W1 = level_matmul(Li, z, True)  # L1⁻ᵀ z per level
+            _b_times(c2, st.rows_lv, st.lv_starts, self._bv_lv(), y1)
+        W2 = np.ascontiguousarray(self._solve_S(c2))
+        if len(st.e_row):
+            _bt_times(y1, st.rows_lv, st.lv_starts, self._bv_lv(), W2)
+        W1 = level_matmul(Li, y1, True)  # L1⁻ᵀ z per level
         return W1, W2
 
     def _l1inv_levels(self) -> np.ndarray:
@@ -429,29 +473,17 @@ class Factorization:
     def omega(self) -> tuple[np.ndarray, np.ndarray, object]:
         """→ (Ω₁₁ diagonal blocks (q1, q1, m1), Ω₂₁ at B's entries (e, q1), Ω₂₂ lookup)."""
         st = self.st
-        q1, m1 = st.q1, st.m1
+        q1 = st.q1
         om22 = self._omega22()
-        H = np.zeros((len(st.e_row), q1))
+        H_lv = np.zeros((len(st.e_row), q1))
         if len(st.e_row):
-            H_lv = np.zeros_like(H)
             if st.dense:
                 _dense_h(self._inv, st.rows_lv, st.lv_starts, self._bv_lv(), H_lv)
             else:
                 _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self._bv_lv(), H_lv)
-            H[st.lv_order] = H_lv
-        # Ω₁₁,ᵢ = L⁻ᵀ (I + B̃ᵢ'Ω₂₂B̃ᵢ) L⁻¹
-        K = np.zeros((q1, q1, m1))
-        for a in range(q1):
-            K[a, a] += 1.0
-            for b in range(q1):
-                if len(st.e_row):
-                    K[a, b] += np.bincount(st.e_level, self.Bv[:, a] * H[:, b], minlength=m1)
-        Li = self.L1inv
-        tmp = np.einsum("bam,bcm->acm", Li, K)  # L⁻ᵀ K
-        om11 = np.einsum("acm,cdm->adm", tmp, Li)  # (L⁻ᵀ K) L⁻¹
-        # Ω₂₁ rows at B's entries: −H L⁻¹
-        om21 = -np.einsum("ec,cde->ed", H, Li[:, :, st.e_level]) if len(st.e_row) \
-            else np.zeros((0, q1))
+        om11, om21_lv = _omega_levels(self.L1inv, st.lv_starts, self._bv_lv(), H_lv)
+        om21 = np.empty_like(om21_lv)  # back to B's entry order (pair by pair)
+        om21[st.lv_order] = om21_lv
         return om11, om21, om22
 
     def _omega22(self):
