@@ -31,7 +31,7 @@ from numba import njit
 from scipy import linalg
 
 from ._lazy import lazy_import
-from ._levels import chol_batched, scale_blocks, tri_inv_batched
+from ._levels import scale_blocks
 from ._levels_jit import level_matmul
 from ._selinv import _find, _z
 
@@ -68,6 +68,85 @@ def _dense_fill(S, r_row, r_col, r_off, ev, rows_lv, lv_starts, Bv_lv):
 
 
 @njit(cache=True)
+def _leading_factor(S_t, T):
+    """The leading factor's diagonal blocks at θ, level by level: L_i L_i' = T'S_iT + I
+    (S_t (q1, q1, m1) "pair last") → (L_i⁻¹ level first (m1, q1, q1), log|L_i|² per level,
+    ok); ok is False when a block is not positive definite (non-finite entries).  The
+    log-determinants are summed by the caller (numpy's pairwise sum: a running sum over
+    millions of levels loses ~1e-11 of the criterion)."""
+    q1, _, m1 = S_t.shape
+    Li = np.zeros((m1, q1, q1))
+    logdet = np.zeros(m1)
+    A = np.empty((q1, q1))
+    ST = np.empty((q1, q1))
+    for i in range(m1):
+        for a in range(q1):  # ST = S_i T
+            for b in range(q1):
+                acc = 0.0
+                for c in range(q1):
+                    acc += S_t[a, c, i] * T[c, b]
+                ST[a, b] = acc
+        for a in range(q1):  # A = T' (S_i T) + I, lower triangle
+            for b in range(a + 1):
+                acc = 0.0
+                for c in range(q1):
+                    acc += T[c, a] * ST[c, b]
+                A[a, b] = acc + (1.0 if a == b else 0.0)
+        for j in range(q1):  # Cholesky in place (lower)
+            d = A[j, j]
+            for k in range(j):
+                d -= A[j, k] * A[j, k]
+            if not d > 0.0:
+                return Li, logdet, False
+            logdet[i] += np.log(d)
+            d = np.sqrt(d)
+            A[j, j] = d
+            for r in range(j + 1, q1):
+                v = A[r, j]
+                for k in range(j):
+                    v -= A[r, k] * A[j, k]
+                A[r, j] = v / d
+        for a in range(q1):  # L⁻¹ (lower), forward substitution
+            Li[i, a, a] = 1.0 / A[a, a]
+            for b in range(a):
+                acc = 0.0
+                for k in range(b, a):
+                    acc += A[a, k] * Li[i, k, b]
+                Li[i, a, b] = -acc / A[a, a]
+    return Li, logdet, True
+
+
+@njit(cache=True)
+def _scaled_entries(out, blocks_t, cols, Tj, T0, Li, pos, base):
+    """B̃'s entries of one pair (factor j with the leading one): block n, row a →
+    out[pos[base + n·q_j + a]] = (T_j' B_n T_0 L⁻ᵀ_{cols[n]})[a] (level order)."""
+    qj, q1, n = blocks_t.shape
+    M = np.empty((qj, q1))
+    BT = np.empty((qj, q1))
+    for t in range(n):
+        i = cols[t]
+        for a in range(qj):  # B T0
+            for b in range(q1):
+                acc = 0.0
+                for c in range(q1):
+                    acc += blocks_t[a, c, t] * T0[c, b]
+                BT[a, b] = acc
+        for a in range(qj):  # T_j' (B T0)
+            for b in range(q1):
+                acc = 0.0
+                for c in range(qj):
+                    acc += Tj[c, a] * BT[c, b]
+                M[a, b] = acc
+        for a in range(qj):  # (·) L⁻ᵀ: (L⁻ᵀ)[d, c] = L⁻¹[c, d], d ≤ c
+            row = pos[base + t * qj + a]
+            for c in range(q1):
+                acc = 0.0
+                for d in range(c + 1):
+                    acc += M[a, d] * Li[i, c, d]
+                out[row, c] = acc
+
+
+@njit(cache=True)
 def _b_times(out, rows_lv, lv_starts, Bv_lv, y):
     """out[row] −= B̃ y for y (m1, q1, r) level first: the rest rows' share of the leading
     factor's solve (in place on out (R, r))."""
@@ -97,9 +176,9 @@ def _bt_times(out, rows_lv, lv_starts, Bv_lv, x):
 @njit(cache=True)
 def _omega_levels(Li, lv_starts, Bv_lv, H_lv):
     """Per level i of the leading factor: Ω₁₁,ᵢ = L⁻ᵀ (I + Σ_a B̃_a H_a') L⁻¹ (Li = L⁻¹
-    (q1, q1, m1), level last) and Ω₂₁ at its entries a, −H_a L⁻¹ → (Ω₁₁ (q1, q1, m1),
+    (m1, q1, q1), level first) and Ω₂₁ at its entries a, −H_a L⁻¹ → (Ω₁₁ (q1, q1, m1),
     Ω₂₁ (entries, q1) in level order)."""
-    q1, _, m1 = Li.shape
+    m1, q1, _ = Li.shape
     om11 = np.zeros((q1, q1, m1))
     om21 = np.zeros(H_lv.shape)
     K = np.zeros((q1, q1))
@@ -116,19 +195,19 @@ def _omega_levels(Li, lv_starts, Bv_lv, H_lv):
             for d in range(q1):  # (−H L⁻¹)[d] = −Σ_c H[c] L⁻¹[c, d], L⁻¹ lower: c ≥ d
                 acc = 0.0
                 for c in range(d, q1):
-                    acc += H_lv[e, c] * Li[c, d, i]
+                    acc += H_lv[e, c] * Li[i, c, d]
                 om21[e, d] = -acc
         for a in range(q1):  # LK = L⁻ᵀ K: (L⁻ᵀ)[a, b] = L⁻¹[b, a], nonzero for b ≥ a
             for c in range(q1):
                 acc = 0.0
                 for b in range(a, q1):
-                    acc += Li[b, a, i] * K[b, c]
+                    acc += Li[i, b, a] * K[b, c]
                 LK[a, c] = acc
         for a in range(q1):  # (L⁻ᵀ K) L⁻¹: L⁻¹[c, d] nonzero for c ≥ d
             for d in range(q1):
                 acc = 0.0
                 for c in range(d, q1):
-                    acc += LK[a, c] * Li[c, d, i]
+                    acc += LK[a, c] * Li[i, c, d]
                 om11[a, d, i] = acc
     return om11, om21
 
@@ -313,6 +392,8 @@ class Structure:
         counts = np.bincount(self.e_level, minlength=self.m1)
         self.lv_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.rows_lv = self.e_row[self.lv_order]
+        self.lv_pos = np.empty(len(self.lv_order), np.int64)  # entry → its place in level order
+        self.lv_pos[self.lv_order] = np.arange(len(self.lv_order))
         # the kernels visit each pair of a level's entries once, the lower one second: the
         # rows must ascend within every level (entries are made in row order, sorted stably)
         step = np.diff(self.rows_lv)
@@ -377,24 +458,19 @@ class Factorization:
         q1 = st.q1
         j0, k0, _r0, _c0, d1 = st.pairs[0]
         assert j0 == 0 and k0 == 0
-        A1 = scale_blocks(d1, Ts[0], Ts[0])
-        for a in range(q1):
-            A1[a, a] += 1.0
-        self.L1 = chol_batched(A1)
-        self.L1inv = tri_inv_batched(self.L1)  # (q1, q1, m1)
-        # B̃ entries: Bv[e, c] = (T_j' B_n T_1 L1⁻ᵀ)[a, c]
-        parts = []
+        T0 = np.ascontiguousarray(Ts[0], dtype=float)
+        self.Li, logdets, ok = _leading_factor(d1, T0)  # L₁⁻¹ per level (m1, q1, q1)
+        if not ok:
+            raise linalg.LinAlgError("a diagonal block is not positive definite")
+        self.logdet = float(np.sum(logdets))
+        # B̃'s entries in level order: Bv[e, c] = (T_j' B_n T_1 L1⁻ᵀ)[a, c]
+        self.Bv_lv = np.empty((len(st.e_row), q1))
+        base = 0
         for t in st.b_pairs:
             j, _k, _rows, cols, bt = st.pairs[t]
-            raw = scale_blocks(bt, Ts[j], Ts[0])  # (qj, q1, n)
-            li = self.L1inv[:, :, cols]  # (q1, q1, n)
-            out = np.zeros_like(raw)
-            for c in range(q1):
-                for d in range(c + 1):  # L⁻ᵀ[d, c] = L⁻¹[c, d]
-                    out[:, c] += raw[:, d] * li[c, d]
-            parts.append(out.transpose(2, 0, 1).reshape(-1, q1))  # (n·qj, q1), n-major
-        self.Bv = np.concatenate(parts) if parts else np.zeros((0, q1))
-        self.logdet = 2.0 * float(np.sum(np.log(self.L1[np.arange(q1), np.arange(q1)])))
+            _scaled_entries(self.Bv_lv, bt, cols, np.ascontiguousarray(Ts[j], dtype=float), T0,
+                            self.Li, st.lv_pos, base)
+            base += bt.shape[0] * bt.shape[2]
         self._stage2(Ts)
 
     # ------------------------------------------------------------------ stage 2
@@ -435,9 +511,7 @@ class Factorization:
 
     def _bv_lv(self) -> np.ndarray:
         """B̃'s entries in level order (computed once per θ)."""
-        if getattr(self, "_bvl", None) is None:
-            self._bvl = np.ascontiguousarray(self.Bv[self.st.lv_order])
-        return self._bvl
+        return self.Bv_lv
 
     def _solve_S(self, rhs: np.ndarray) -> np.ndarray:
         if self.st.R == 0:
@@ -464,10 +538,8 @@ class Factorization:
         return W1, W2
 
     def _l1inv_levels(self) -> np.ndarray:
-        """L1⁻¹ "level first" (m1, q1, q1), for batched products (once per θ)."""
-        if getattr(self, "_li_m", None) is None:
-            self._li_m = np.ascontiguousarray(np.moveaxis(self.L1inv, -1, 0))
-        return self._li_m
+        """L1⁻¹ "level first" (m1, q1, q1)."""
+        return self.Li
 
     # ------------------------------------------------------------------ Ω = A⁻¹ on the pattern
     def omega(self) -> tuple[np.ndarray, np.ndarray, object]:
@@ -481,9 +553,8 @@ class Factorization:
                 _dense_h(self._inv, st.rows_lv, st.lv_starts, self._bv_lv(), H_lv)
             else:
                 _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self._bv_lv(), H_lv)
-        om11, om21_lv = _omega_levels(self.L1inv, st.lv_starts, self._bv_lv(), H_lv)
-        om21 = np.empty_like(om21_lv)  # back to B's entry order (pair by pair)
-        om21[st.lv_order] = om21_lv
+        om11, om21_lv = _omega_levels(self.Li, st.lv_starts, self._bv_lv(), H_lv)
+        om21 = om21_lv[st.lv_pos]  # back to B's entry order (pair by pair)
         return om11, om21, om22
 
     def _omega22(self):
