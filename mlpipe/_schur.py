@@ -147,30 +147,20 @@ def _scaled_entries(out, blocks_t, cols, Tj, T0, Li, pos, base):
 
 
 @njit(cache=True)
-def _b_times(out, rows_lv, lv_starts, Bv_lv, y):
-    """out[row] −= B̃ y for y (m1, q1, r) level first: the rest rows' share of the leading
-    factor's solve (in place on out (R, r))."""
-    q1, r = y.shape[1], y.shape[2]
+def _b_apply(rest, lead, rows_lv, lv_starts, Bv_lv, transpose):
+    """The leading factor's solve through B̃, in place: rest (R, r) −= B̃ lead, or with
+    `transpose` lead (m1, q1, r, level first) −= B̃' rest."""
+    q1, r = lead.shape[1], lead.shape[2]
     for i in range(len(lv_starts) - 1):
         for a in range(lv_starts[i], lv_starts[i + 1]):
             ra = rows_lv[a]
             for c in range(q1):
                 w = Bv_lv[a, c]
                 for s in range(r):
-                    out[ra, s] -= w * y[i, c, s]
-
-
-@njit(cache=True)
-def _bt_times(out, rows_lv, lv_starts, Bv_lv, x):
-    """out −= B̃' x per level for x (R, r): out (m1, q1, r) in place."""
-    q1, r = out.shape[1], out.shape[2]
-    for i in range(len(lv_starts) - 1):
-        for a in range(lv_starts[i], lv_starts[i + 1]):
-            ra = rows_lv[a]
-            for c in range(q1):
-                w = Bv_lv[a, c]
-                for s in range(r):
-                    out[i, c, s] -= w * x[ra, s]
+                    if transpose:
+                        lead[i, c, s] -= w * rest[ra, s]
+                    else:
+                        rest[ra, s] -= w * lead[i, c, s]
 
 
 @njit(cache=True)
@@ -530,10 +520,10 @@ class Factorization:
         # C2 − B̃ y1, then W1 = L1⁻ᵀ (y1 − B̃' W2) per level (compiled loops over B̃'s entries)
         c2 = np.array(C2, dtype=float, order="C")
         if len(st.e_row):
-            _b_times(c2, st.rows_lv, st.lv_starts, self._bv_lv(), y1)
+            _b_apply(c2, y1, st.rows_lv, st.lv_starts, self._bv_lv(), False)
         W2 = np.ascontiguousarray(self._solve_S(c2))
         if len(st.e_row):
-            _bt_times(y1, st.rows_lv, st.lv_starts, self._bv_lv(), W2)
+            _b_apply(W2, y1, st.rows_lv, st.lv_starts, self._bv_lv(), True)
         W1 = level_matmul(Li, y1, True)  # L1⁻ᵀ z per level
         return W1, W2
 
