@@ -31,7 +31,7 @@ from numba import njit
 from scipy import linalg
 
 from ._lazy import lazy_import
-from ._levels import scale_blocks
+from ._levels import chol_scaled, scale_blocks, tri_inv_batched
 from ._levels_jit import level_matmul
 from ._selinv import _find, _z
 
@@ -65,55 +65,6 @@ def _dense_fill(S, r_row, r_col, r_off, ev, rows_lv, lv_starts, Bv_lv):
                 S[ra, rows_lv[b]] -= acc
     for r in range(S.shape[0]):
         S[r, r] += 1.0
-
-
-@njit(cache=True)
-def _leading_factor(S_t, T):
-    """The leading factor's diagonal blocks at θ, level by level: L_i L_i' = T'S_iT + I
-    (S_t (q1, q1, m1) "pair last") → (L_i⁻¹ level first (m1, q1, q1), log|L_i|² per level,
-    ok); ok is False when a block is not positive definite (non-finite entries).  The
-    log-determinants are summed by the caller (numpy's pairwise sum: a running sum over
-    millions of levels loses ~1e-11 of the criterion)."""
-    q1, _, m1 = S_t.shape
-    Li = np.zeros((m1, q1, q1))
-    logdet = np.zeros(m1)
-    A = np.empty((q1, q1))
-    ST = np.empty((q1, q1))
-    for i in range(m1):
-        for a in range(q1):  # ST = S_i T
-            for b in range(q1):
-                acc = 0.0
-                for c in range(q1):
-                    acc += S_t[a, c, i] * T[c, b]
-                ST[a, b] = acc
-        for a in range(q1):  # A = T' (S_i T) + I, lower triangle
-            for b in range(a + 1):
-                acc = 0.0
-                for c in range(q1):
-                    acc += T[c, a] * ST[c, b]
-                A[a, b] = acc + (1.0 if a == b else 0.0)
-        for j in range(q1):  # Cholesky in place (lower)
-            d = A[j, j]
-            for k in range(j):
-                d -= A[j, k] * A[j, k]
-            if not d > 0.0:
-                return Li, logdet, False
-            logdet[i] += np.log(d)
-            d = np.sqrt(d)
-            A[j, j] = d
-            for r in range(j + 1, q1):
-                v = A[r, j]
-                for k in range(j):
-                    v -= A[r, k] * A[j, k]
-                A[r, j] = v / d
-        for a in range(q1):  # L⁻¹ (lower), forward substitution
-            Li[i, a, a] = 1.0 / A[a, a]
-            for b in range(a):
-                acc = 0.0
-                for k in range(b, a):
-                    acc += A[a, k] * Li[i, k, b]
-                Li[i, a, b] = -acc / A[a, a]
-    return Li, logdet, True
 
 
 @njit(cache=True)
@@ -376,14 +327,14 @@ class Structure:
             e_pair.append(t)
         self.b_pairs = e_pair
         self.e_row = np.concatenate(e_row) if e_row else np.zeros(0, np.int64)
-        self.e_level = np.concatenate(e_level) if e_level else np.zeros(0, np.int64)
+        e_level = np.concatenate(e_level) if e_level else np.zeros(0, np.int64)
         # the entries grouped by level (the compiled kernels' loops); Σᵢ kᵢ² update terms
-        self.lv_order = np.argsort(self.e_level, kind="stable")
-        counts = np.bincount(self.e_level, minlength=self.m1)
+        lv_order = np.argsort(e_level, kind="stable")
+        counts = np.bincount(e_level, minlength=self.m1)
         self.lv_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.rows_lv = self.e_row[self.lv_order]
-        self.lv_pos = np.empty(len(self.lv_order), np.int64)  # entry → its place in level order
-        self.lv_pos[self.lv_order] = np.arange(len(self.lv_order))
+        self.rows_lv = self.e_row[lv_order]
+        self.lv_pos = np.empty(len(lv_order), np.int64)  # entry → its place in level order
+        self.lv_pos[lv_order] = np.arange(len(lv_order))
         # the kernels visit each pair of a level's entries once, the lower one second: the
         # rows must ascend within every level (entries are made in row order, sorted stably)
         step = np.diff(self.rows_lv)
@@ -449,10 +400,9 @@ class Factorization:
         j0, k0, _r0, _c0, d1 = st.pairs[0]
         assert j0 == 0 and k0 == 0
         T0 = np.ascontiguousarray(Ts[0], dtype=float)
-        self.Li, logdets, ok = _leading_factor(d1, T0)  # L₁⁻¹ per level (m1, q1, q1)
-        if not ok:
-            raise linalg.LinAlgError("a diagonal block is not positive definite")
-        self.logdet = float(np.sum(logdets))
+        L1 = chol_scaled(d1, T0)  # per level L L' = T'S T + I, batched (q1, q1, m1)
+        self.logdet = 2.0 * float(np.sum(np.log(L1[np.arange(q1), np.arange(q1)])))
+        self.Li = np.ascontiguousarray(np.moveaxis(tri_inv_batched(L1), -1, 0))  # level first
         # B̃'s entries in level order: Bv[e, c] = (T_j' B_n T_1 L1⁻ᵀ)[a, c]
         self.Bv_lv = np.empty((len(st.e_row), q1))
         base = 0
@@ -479,7 +429,7 @@ class Factorization:
         if st.dense:
             S = np.zeros((R, R))
             _dense_fill(S, st.r_row, st.r_col, st.r_off, ev, st.rows_lv, st.lv_starts,
-                        self._bv_lv())
+                        self.Bv_lv)
             self.S_chol = linalg.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
             self.logdet += 2.0 * float(np.sum(np.log(np.diag(self.S_chol))))
             return
@@ -487,7 +437,7 @@ class Factorization:
         vals += np.bincount(st.s_slot_d, np.ones(R), minlength=st.n_slots)
         data = vals[st.csc_order]
         _sparse_fill(data, st.csc_indptr, st.csc_indices, st.rows_lv, st.lv_starts,
-                     self._bv_lv())
+                     self.Bv_lv)
         # a factorization owns its factor: a decomposition kept by a caller (the result's
         # conditional variances, inference) must not change when the objective is evaluated
         # at another θ, so no solver is shared between θs (the symbolic analysis is redone:
@@ -498,10 +448,6 @@ class Factorization:
         if not np.all(D > 0):
             raise linalg.LinAlgError("the Schur complement is not positive definite")
         self.logdet += float(np.sum(np.log(D)))
-
-    def _bv_lv(self) -> np.ndarray:
-        """B̃'s entries in level order (computed once per θ)."""
-        return self.Bv_lv
 
     def _solve_S(self, rhs: np.ndarray) -> np.ndarray:
         if self.st.R == 0:
@@ -515,21 +461,17 @@ class Factorization:
     def solve(self, C1: np.ndarray, C2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A⁻¹ [C1; C2] for C1 (m1, q1, r) and C2 (R, r) → (W1 (m1, q1, r), W2 (R, r))."""
         st = self.st
-        Li = self._l1inv_levels()
+        Li = self.Li
         y1 = level_matmul(Li, np.ascontiguousarray(C1), False)  # L1⁻¹ C1 per level
         # C2 − B̃ y1, then W1 = L1⁻ᵀ (y1 − B̃' W2) per level (compiled loops over B̃'s entries)
         c2 = np.array(C2, dtype=float, order="C")
         if len(st.e_row):
-            _b_apply(c2, y1, st.rows_lv, st.lv_starts, self._bv_lv(), False)
+            _b_apply(c2, y1, st.rows_lv, st.lv_starts, self.Bv_lv, False)
         W2 = np.ascontiguousarray(self._solve_S(c2))
         if len(st.e_row):
-            _b_apply(W2, y1, st.rows_lv, st.lv_starts, self._bv_lv(), True)
+            _b_apply(W2, y1, st.rows_lv, st.lv_starts, self.Bv_lv, True)
         W1 = level_matmul(Li, y1, True)  # L1⁻ᵀ z per level
         return W1, W2
-
-    def _l1inv_levels(self) -> np.ndarray:
-        """L1⁻¹ "level first" (m1, q1, q1)."""
-        return self.Li
 
     # ------------------------------------------------------------------ Ω = A⁻¹ on the pattern
     def omega(self) -> tuple[np.ndarray, np.ndarray, object]:
@@ -540,10 +482,10 @@ class Factorization:
         H_lv = np.zeros((len(st.e_row), q1))
         if len(st.e_row):
             if st.dense:
-                _dense_h(self._inv, st.rows_lv, st.lv_starts, self._bv_lv(), H_lv)
+                _dense_h(self._inv, st.rows_lv, st.lv_starts, self.Bv_lv, H_lv)
             else:
-                _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self._bv_lv(), H_lv)
-        om11, om21_lv = _omega_levels(self.Li, st.lv_starts, self._bv_lv(), H_lv)
+                _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self.Bv_lv, H_lv)
+        om11, om21_lv = _omega_levels(self.Li, st.lv_starts, self.Bv_lv, H_lv)
         om21 = om21_lv[st.lv_pos]  # back to B's entry order (pair by pair)
         return om11, om21, om22
 
