@@ -462,21 +462,24 @@ def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: 
     xtx, xty, yty = np.zeros((K, p, p)), np.zeros((K, p)), np.zeros(K)
     t_n = np.asarray(tot["n"], dtype=float)
 
-    def value(src, n, prefix: str, i: int, j: int, mask) -> np.ndarray:
+    def value(src, n, prefix: str, i: int, j: int, rows) -> np.ndarray:
+        """The sum `prefix`(i, j) at the rows (a mask or positions) of `src`; NULL → 0."""
         a, b = min(i, j), max(i, j)
         if (a, b) == (0, 0):  # n: the count; the pair's Σ(1·1 + 1·1) = 2n
-            return n[mask] * (2.0 if prefix == "x" else 1.0)
+            return n[rows] * (2.0 if prefix == "x" else 1.0)
         name = mom.name(a, b) if prefix == "s" else f"{prefix}_{a}_{b}"
-        return np.nan_to_num(np.asarray(src[name], dtype=float)[mask])
+        return np.nan_to_num(np.asarray(src[name], dtype=float)[rows], copy=False)
 
     parts = (("F", "s"), ("A", "s"), ("B", "b"), ("C", "x"))
     # per cell only the sums with Z (and y'y), streamed in batches: the (cell, key) rows are
-    # 2-4 per cell, and each batch is scattered into the arrays by flat index
+    # 2-4 per cell.  Each part of a batch (first rows: F; the others: A, B, C) is split by
+    # its component — usually one — and each (component, target entry) is then one
+    # length-m vector of the arrays, filled by fancy indexing on the cells
     group = mom.group_pairs()
     cell_cols = [mom.name(i, j) for i, j in group if (i, j) != (0, 0)]
     cell_cols += [f"{t}_{i}_{j}" for i, j in group if (i, j) != (0, 0) for t in ("b", "x")]
     reader = con.sql(render(
-        "lag_statistics", columns=", ".join(f"lm.{c}" for c in cell_cols),
+        "lag_statistics", columns=", ".join(f"coalesce(lm.{c}, 0) AS {c}" for c in cell_cols),
         group_by=", ".join(group_cols), cell_order=cell_order)).to_arrow_reader(1 << 19)
     targets = [(zty, (a,), ia, mom.y) for a, ia in enumerate(mom.z)]
     targets += [(ztz, (a, b), ia, ib) for a, ia in enumerate(mom.z)
@@ -490,16 +493,16 @@ def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: 
         r_row = np.asarray(rows["r"], dtype=np.int64)
         n_row = np.asarray(rows["n"], dtype=float)
         first = key_first[r_row]
-        sel = {"F": first, "A": ~first, "B": ~first, "C": ~first}
-        cid = {"F": key_c[r_row[first], 0], "A": key_c[r_row[~first], 0],
-               "B": key_c[r_row[~first], 1], "C": key_c[r_row[~first], 2]}
-        for arr, slot, i, j in targets:
-            flat = arr.reshape(-1)
-            per_c = arr[0].size  # one component's values
-            off = int(np.ravel_multi_index(slot, arr.shape[1:-1])) * m if slot else 0
-            for kd, prefix in parts:
-                mask = sel[kd]
-                flat[cid[kd] * per_c + off + idx[mask]] = value(rows, n_row, prefix, i, j, mask)
+        at_rows = {"F": np.flatnonzero(first), "R": np.flatnonzero(~first)}
+        for col, (kd, prefix) in enumerate(parts):
+            pos = at_rows["F" if kd == "F" else "R"]
+            comp_of = key_c[r_row[pos], max(col - 1, 0)]
+            comps = np.unique(comp_of)
+            for c in comps:
+                sel = pos if len(comps) == 1 else pos[comp_of == c]
+                cells = idx[sel]
+                for arr, slot, i, j in targets:
+                    arr[c][slot][cells] = value(rows, n_row, prefix, i, j, sel)
     # totals per component, from lag_totals (one row per key)
     t_sel = {"F": key_first, "A": ~key_first}
     t_cid = {"F": key_c[key_first, 0], "A": key_c[~key_first, 0],
@@ -566,16 +569,19 @@ class JointObjective:
         self.rs, self.h = rs, h
         self._psi = np.asarray(psi0, dtype=float).copy()
         self.base = make(at(stats, self._psi))
-        comps = [dataclasses.replace(stats, ztz=rs.ztz[c], ztx=rs.ztx[c], zty=rs.zty[c],
-                                     yty_i=rs.yty_i[c], xtx=rs.xtx[c], xty=rs.xty[c],
-                                     yty=float(rs.yty[c]), residual=None)
-                 for c in range(len(rs.kind))]
         # per live array, the components' values stacked (K, size): one matrix-vector
-        # product re-weights it in place
-        parts = [self.base.linear_parts_of(s) for s in comps]
-        self._stacked = [np.stack([p[j].reshape(-1) for p in parts])
-                         for j in range(len(parts[0]))]
-        del parts
+        # product re-weights it in place.  Filled one component at a time (one component's
+        # arrays alive at once, not K of them and then their stack)
+        self._stacked = None
+        for c in range(len(rs.kind)):
+            parts = self.base.linear_parts_of(dataclasses.replace(
+                stats, ztz=rs.ztz[c], ztx=rs.ztx[c], zty=rs.zty[c], yty_i=rs.yty_i[c],
+                xtx=rs.xtx[c], xty=rs.xty[c], yty=float(rs.yty[c]), residual=None))
+            if self._stacked is None:
+                self._stacked = [np.empty((len(rs.kind), part.size)) for part in parts]
+            for stacked, part in zip(self._stacked, parts):
+                stacked[c] = part.reshape(-1)
+            del parts
         if not all(t.flags.c_contiguous for t in self.base.linear_parts()):
             raise ValueError("the objective's linear parts must be C-contiguous")
         self.kt = len(self.base.theta_map)
