@@ -255,7 +255,8 @@ class Objective:
         J = [c for c in range(s.q) if np.any(T[:, c])]
         TJ, qa = T[:, J], len(J)
         t = ws("t", (m,))
-        L = chol_scaled(self._S, TJ, out=ws("L", (qa, qa, m)), work=ws("A", (qa, qa, m)), tmp=t)
+        # T'S T + I is built in the gradient's scratch C (free until `gradient_sums`)
+        L = chol_scaled(self._S, TJ, out=ws("L", (qa, qa, m)), work=ws("C", (qa, qa, m)), tmp=t)
         # R_aug is (p+1, |J|, m) so that each row R_aug[j] is one contiguous (|J|·m) vector
         # for the sums below; the algebra writes it through its (|J|, p+1, m) view
         R = ws("R", (p + 1, qa, m))
@@ -451,18 +452,21 @@ class Objective:
                 if self.reml:
                     phi[:p, :p] += linalg.cho_solve((rx, False), np.eye(p))
                 TJ, qa = T[:, J], len(J)
-                ws = self._ws  # the adjoint is read before the next evaluation
-                dS, dG = ws("adj_S", (q, q, m)), ws("adj_G", (q, p + 1, m))
+                # the adjoint is read before the next evaluation; its (q, q, m) and
+                # (|J|, q, m) arrays are the gradient's scratch C, TN and Q (not read after
+                # `gradient_sums` returns): ~3 such arrays less memory at 1M groups
+                ws = self._ws
+                dS, dG = ws("C", (q, q, m)), ws("adj_G", (q, p + 1, m))
                 if qa:
                     tG = ws("tG", (p + 1, m))
                     W = solve_lower_t(L, R.transpose(1, 0, 2), out=ws("adj_W", (qa, p + 1, m)),
                                       tmp=tG)
                     P = const_matmul(TJ, W, out=ws("adj_P", (q, p + 1, m)), tmp=tG)
-                    B = solve_lower(L, TJ.T[:, :, None], out=ws("adj_B", (qa, q, m)),
+                    B = solve_lower(L, TJ.T[:, :, None], out=ws("Q", (qa, q, m)),
                                     tmp=ws("tq", (q, m)))  # L⁻¹T_J'
                     np.einsum("kam,kbm->abm", B, B, out=dS)  # H
                     np.einsum("ajm,jk->akm", P, phi, out=dG)  # P Φ
-                    dS += np.einsum("akm,bkm->abm", dG, P, out=ws("adj_H", (q, q, m)))
+                    dS += np.einsum("akm,bkm->abm", dG, P, out=ws("TN", (q, q, m)))
                     dG *= -2.0
                 else:
                     dS.fill(0.0)
