@@ -115,13 +115,20 @@ class _Blocks:
     M: np.ndarray  # X'Ṽ⁻¹X = R_X'R_X
 
 
-def _blocks(stats: Statistics, obj: Objective, theta: np.ndarray) -> _Blocks:
-    A = np.ascontiguousarray(np.moveaxis(stats.ztz, -1, 0))
-    B = np.ascontiguousarray(np.moveaxis(stats.ztx, -1, 0))
-    T = obj.theta_map.T(theta)
+def _group_pieces(ztz: np.ndarray, ztx: np.ndarray, T: np.ndarray):
+    """Group-first A_i = Z_i'Z_i (m, q, q), B_i = Z_i'X_i (m, q, p) and H_i (m, q, q) from
+    level-last statistics (or a slice of their levels)."""
+    A = np.ascontiguousarray(np.moveaxis(ztz, -1, 0))
+    B = np.ascontiguousarray(np.moveaxis(ztx, -1, 0))
     # H_i = T K_i⁻¹ T' = P_i'P_i with K_i = T'A_iT + I = L_iL_i' and P_i = L_i⁻¹T'
-    P = solve_lower(chol_scaled(stats.ztz, T), T.T[:, :, None])
+    P = solve_lower(chol_scaled(ztz, T), T.T[:, :, None])
     H = np.ascontiguousarray(np.moveaxis(matmul(P.transpose(1, 0, 2), P), -1, 0))
+    return A, B, H
+
+
+def _blocks(stats: Statistics, obj: Objective, theta: np.ndarray) -> _Blocks:
+    T = obj.theta_map.T(theta)
+    A, B, H = _group_pieces(stats.ztz, stats.ztx, T)
     M = stats.xtx - _sum_bt_c(B, H @ B)
     return _Blocks(A, B, H, T, M)
 
@@ -228,19 +235,33 @@ def satterthwaite_parts(stats: Statistics, theta: np.ndarray, sigma: float, *,
     return SatterthwaiteParts(cov, jac, avp)
 
 
+#: levels per chunk of `satterthwaite_sums`: its temporaries (a dozen (levels, q, p) arrays)
+#: stay a few tens of MB whatever the number of groups
+SUMS_CHUNK = 1 << 16
+
+
 def satterthwaite_sums(stats: Statistics, obj: Objective, theta: np.ndarray):
     """X'Ṽ⁻¹X = X'X − Σ_i B_i'H_iB_i and, per entry k of θ, Σ_i F_i' ∂D/∂θ_k F_i with
-    F_i = Z_i'Ṽ_i⁻¹X_i: sums over groups (a subset of them gives its share)."""
-    bl = _blocks(stats, obj, theta)
-    F = bl.B - bl.A @ (bl.H @ bl.B)  # Z_i'Ṽ_i⁻¹X_i
+    F_i = Z_i'Ṽ_i⁻¹X_i: sums over groups (a subset of them gives its share), accumulated
+    over chunks of SUMS_CHUNK levels in a fixed order."""
+    T = obj.theta_map.T(theta)
     tm = obj.theta_map
-    S = []
+    dDs = []
     for r, c in zip(tm.rows, tm.cols):
         E = np.zeros((stats.q, stats.q))
         E[r, c] = 1.0
-        dD = E @ bl.T.T + bl.T @ E.T
-        S.append(_sum_bt_c(F, dD @ F))
-    return bl.M, S
+        dDs.append(E @ T.T + T @ E.T)
+    bhb = np.zeros((stats.p, stats.p))
+    S = [np.zeros((stats.p, stats.p)) for _ in dDs]
+    for lo in range(0, stats.m, SUMS_CHUNK):
+        sl = slice(lo, lo + SUMS_CHUNK)
+        A, B, H = _group_pieces(stats.ztz[..., sl], stats.ztx[..., sl], T)
+        HB = H @ B
+        bhb += _sum_bt_c(B, HB)
+        F = B - A @ HB  # Z_i'Ṽ_i⁻¹X_i
+        for Sk, dD in zip(S, dDs):
+            Sk += _sum_bt_c(F, dD @ F)
+    return stats.xtx - bhb, S
 
 
 def richardson_jacobian(f, x: np.ndarray, eps: float = 1e-4, d: float = 1e-4, r: int = 4,

@@ -90,3 +90,25 @@ def test_kenward_roger_needs_reml():
     data, formula = CASES["sleepstudy_rs"]
     with pytest.raises(mlpipe.InputError, match="REML"):
         mlpipe.fit(DATA / data, formula, method="ML", ddf="kenward-roger")
+
+
+def test_satterthwaite_sums_chunked_equal_whole(monkeypatch):
+    """The sums over groups accumulated in chunks of levels (memory O(chunk)) equal the sums
+    in one piece: hsb82's 160 schools in chunks of 7 (the last one short) and of 1."""
+    from mlpipe import inference
+    from mlpipe.objective import Objective
+    from mlpipe.stats import compute_statistics
+
+    st = compute_statistics(DATA / "hsb82.parquet", CASES["hsb_full"][1])
+    obj = Objective(st, reml=True)
+    theta = np.array([0.5, 0.05, 0.1])
+    M0, S0 = inference.satterthwaite_sums(st, obj, theta)
+    assert st.m == 160 and inference.SUMS_CHUNK > st.m  # one piece
+    for chunk in (7, 1):
+        monkeypatch.setattr(inference, "SUMS_CHUNK", chunk)
+        M, S = inference.satterthwaite_sums(st, obj, theta)
+        np.testing.assert_allclose(M, M0, rtol=1e-12, atol=1e-12 * np.abs(M0).max())
+        assert len(S) == len(S0) == 3
+        for a, b in zip(S, S0):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12 * np.abs(b).max())
+            assert np.abs(b).max() > 0
