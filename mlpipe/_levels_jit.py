@@ -64,3 +64,35 @@ def pair_product(out, v, rows, cols, blocks_t, off_j, off_k, symmetric):
                     if symmetric:
                         for c in range(r):
                             out[ci + b, c] += w * v[ri + a, c]
+
+
+@njit(cache=True)
+def level_order(index, m):
+    """The stable order of `index` (values in 0..m-1) by value: a counting sort, O(n + m)
+    (np.argsort(index, kind="stable") sorts by comparison: ~0.6 s at 10M cells)."""
+    start = np.zeros(m + 1, np.int64)
+    for v in index:
+        start[v + 1] += 1
+    for i in range(m):
+        start[i + 1] += start[i]
+    out = np.empty(len(index), np.int64)
+    for t in range(len(index)):
+        v = index[t]
+        out[start[v]] = t
+        start[v] += 1
+    return out
+
+
+def pair_levels(ij: np.ndarray, ik: np.ndarray, mj: int, mk: int):
+    """The distinct pairs (ij, ik) of two level indices over the cells, sorted by ij then
+    ik, and each cell's pair: (rows, cols, inverse) — np.unique(ij·mk + ik,
+    return_inverse=True) by two counting sorts instead of a comparison sort."""
+    o = level_order(ik, mk)
+    o = o[level_order(ij[o], mj)]
+    a, b = ij[o], ik[o]
+    new = np.empty(len(o), bool)
+    new[:1] = True
+    new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    inv = np.empty(len(o), np.int64)
+    inv[o] = np.cumsum(new) - 1
+    return a[new], b[new], inv

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import numpy as np
 import qdldl
-from numba import njit
+from numba import njit, prange
 from scipy import linalg
 
 from ._lazy import lazy_import
 from ._levels import chol_scaled, scale_blocks, tri_inv_batched
-from ._levels_jit import level_matmul
+from ._levels_jit import level_matmul, level_order
 from ._selinv import _find, _z
 
 sp = lazy_import("scipy.sparse")  # imported when first needed (a fast start)
@@ -41,6 +41,9 @@ sp = lazy_import("scipy.sparse")  # imported when first needed (a fast start)
 #: it is filled enough; up to DENSE_SMALL always
 DENSE_MAX = 8000
 DENSE_SMALL = 500
+#: the dense Schur update and Ω₂₂'s products run tile by tile of S (256² doubles = 512 KB:
+#: one tile stays in a core's L2 cache)
+TILE = 256
 
 
 # ---------------------------------------------------------------------- compiled kernels
@@ -48,23 +51,46 @@ DENSE_SMALL = 500
 # level, over the pairs of its entries in B (Σᵢ kᵢ² of them): no (pair) index arrays.
 
 @njit(cache=True)
-def _dense_fill(S, r_row, r_col, r_off, ev, rows_lv, lv_starts, Bv_lv):
-    """The lower triangle of S = E − B̃B̃' + I, accumulated in place (S zero on entry);
-    `rows_lv`, `Bv_lv`: the entries' rows and B̃ in level order (contiguous per level)."""
+def _dense_fill(S, r_row, r_col, r_off, ev):
+    """The lower triangle of S's own part E + I, in place (S zero on entry)."""
     for t in range(len(ev)):
         if r_off[t] or r_row[t] >= r_col[t]:  # off pairs hold their lower blocks only
             S[r_row[t], r_col[t]] += ev[t]
-    q1 = Bv_lv.shape[1]
-    for i in range(len(lv_starts) - 1):
-        for a in range(lv_starts[i], lv_starts[i + 1]):
-            ra = rows_lv[a]
-            for b in range(lv_starts[i], a + 1):  # rows ascend within a level: b ≤ a
-                acc = 0.0
-                for c in range(q1):
-                    acc += Bv_lv[a, c] * Bv_lv[b, c]
-                S[ra, rows_lv[b]] -= acc
     for r in range(S.shape[0]):
         S[r, r] += 1.0
+
+
+@njit(parallel=True, cache=True)
+def _dense_update(S, rows_lv, cut, Bv_lv, tile_i, tile_j):
+    """S −= B̃B̃' on its lower triangle, tile by tile: tile pair (I, J) = (tile_i[p],
+    tile_j[p]), I ≥ J, takes every level's pairs of entries with rows in tile I and tile J
+    (`cut[i, I]` the first entry of level i with a row in tile I or later), so the S tile
+    stays in cache while the levels stream by; tiles are disjoint, one thread each.
+    (q1 = 1 and 2 spelled out: the generic loop keeps its sum in memory.)"""
+    q1 = Bv_lv.shape[1]
+    for p in prange(len(tile_i)):
+        ti, tj = tile_i[p], tile_j[p]
+        for i in range(cut.shape[0]):
+            b0, b1 = cut[i, tj], cut[i, tj + 1]
+            if b0 == b1:
+                continue
+            for a in range(cut[i, ti], cut[i, ti + 1]):
+                s_row = S[rows_lv[a]]
+                stop = a + 1 if ti == tj else b1  # rows ascend: b ≤ a within a tile
+                if q1 == 1:
+                    x0 = Bv_lv[a, 0]
+                    for b in range(b0, stop):
+                        s_row[rows_lv[b]] -= x0 * Bv_lv[b, 0]
+                elif q1 == 2:
+                    x0, x1 = Bv_lv[a, 0], Bv_lv[a, 1]
+                    for b in range(b0, stop):
+                        s_row[rows_lv[b]] -= x0 * Bv_lv[b, 0] + x1 * Bv_lv[b, 1]
+                else:
+                    for b in range(b0, stop):
+                        acc = 0.0
+                        for c in range(q1):
+                            acc += Bv_lv[a, c] * Bv_lv[b, c]
+                        s_row[rows_lv[b]] -= acc
 
 
 @njit(cache=True)
@@ -160,21 +186,47 @@ def _symmetrize_lower(M):
             M[j, i] = M[i, j]
 
 
-@njit(cache=True)
-def _dense_h(inv, rows_lv, lv_starts, Bv_lv, H_lv):
-    """H[a] = Σ_b Ω₂₂[row a, row b] B̃[b] over the entries b of a's level (level order)."""
+@njit(parallel=True, cache=True)
+def _dense_h(inv, rows_lv, cut, lv_starts, Bv_lv, H_lv):
+    """H[a] = Σ_b Ω₂₂[row a, row b] B̃[b] over the entries b of a's level (level order),
+    Ω₂₂ whole (symmetric): one thread per tile I of a's rows (the H rows in it written by
+    that thread only; Ω₂₂'s rows of the tile stay in cache while the levels stream by)."""
     q1 = Bv_lv.shape[1]
-    for i in range(len(lv_starts) - 1):
-        for a in range(lv_starts[i], lv_starts[i + 1]):
-            ra = rows_lv[a]
-            w = inv[ra, ra]
-            for c in range(q1):
-                H_lv[a, c] += w * Bv_lv[a, c]
-            for b in range(lv_starts[i], a):  # Ω₂₂ is symmetric: each pair once
-                w = inv[ra, rows_lv[b]]
-                for c in range(q1):
-                    H_lv[a, c] += w * Bv_lv[b, c]
-                    H_lv[b, c] += w * Bv_lv[a, c]
+    for ti in prange(cut.shape[1] - 1):
+        for i in range(cut.shape[0]):
+            b0, b1 = lv_starts[i], lv_starts[i + 1]
+            for a in range(cut[i, ti], cut[i, ti + 1]):
+                row = inv[rows_lv[a]]
+                if q1 == 1:
+                    h0 = 0.0
+                    for b in range(b0, b1):
+                        h0 += row[rows_lv[b]] * Bv_lv[b, 0]
+                    H_lv[a, 0] += h0
+                elif q1 == 2:
+                    h0, h1 = 0.0, 0.0
+                    for b in range(b0, b1):
+                        w = row[rows_lv[b]]
+                        h0 += w * Bv_lv[b, 0]
+                        h1 += w * Bv_lv[b, 1]
+                    H_lv[a, 0] += h0
+                    H_lv[a, 1] += h1
+                else:
+                    for b in range(b0, b1):
+                        w = row[rows_lv[b]]
+                        for c in range(q1):
+                            H_lv[a, c] += w * Bv_lv[b, c]
+
+
+def tile_cuts(rows_lv: np.ndarray, lv_starts: np.ndarray, order: int, tile: int
+              ) -> np.ndarray:
+    """(levels, tiles + 1): the first entry of each level whose row lies in tile t or a
+    later one (rows ascend within a level; the last column is the level's end)."""
+    nt = max(1, -(-order // tile))
+    level = np.repeat(np.arange(len(lv_starts) - 1, dtype=np.int64), np.diff(lv_starts))
+    keys = level * (nt + 1) + rows_lv // tile  # ascending: by level, then tile
+    want = (np.arange(len(lv_starts) - 1, dtype=np.int64)[:, None] * (nt + 1)
+            + np.arange(nt + 1, dtype=np.int64)[None, :])
+    return np.searchsorted(keys, want).astype(np.int64)
 
 
 @njit(cache=True)
@@ -266,7 +318,7 @@ def _distinct_terms(qs: list[int], ms: list[int], pairs: list[tuple], k: np.ndar
     h = np.zeros(ms[0], np.uint64)
     for j, kk, rows, cols, _b in pairs:
         if kk == 0 and j != 0:
-            order = np.argsort(cols, kind="stable")
+            order = level_order(np.asarray(cols, np.int64), ms[0])
             c, vals = np.asarray(cols)[order], salt[off[j - 1] + np.asarray(rows)[order]]
             if len(c):
                 starts = np.flatnonzero(np.concatenate([[True], c[1:] != c[:-1]]))
@@ -329,7 +381,7 @@ class Structure:
         self.e_row = np.concatenate(e_row) if e_row else np.zeros(0, np.int64)
         e_level = np.concatenate(e_level) if e_level else np.zeros(0, np.int64)
         # the entries grouped by level (the compiled kernels' loops); Σᵢ kᵢ² update terms
-        lv_order = np.argsort(e_level, kind="stable")
+        lv_order = level_order(e_level, self.m1)
         counts = np.bincount(e_level, minlength=self.m1)
         self.lv_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.rows_lv = self.e_row[lv_order]
@@ -362,7 +414,11 @@ class Structure:
         self.r_row = np.concatenate(r_rows) if r_rows else np.zeros(0, np.int64)
         self.r_col = np.concatenate(r_cols) if r_cols else np.zeros(0, np.int64)
         self.r_off = np.concatenate(r_off) if r_off else np.zeros(0, bool)
-        if not self.dense:
+        if self.dense:  # the tiles of S the dense kernels run over (lower pairs I ≥ J)
+            self.cut = tile_cuts(self.rows_lv, self.lv_starts, self.R, TILE)
+            ti, tj = np.tril_indices(self.cut.shape[1] - 1)
+            self.tile_i, self.tile_j = ti.astype(np.int64), tj.astype(np.int64)
+        else:
             self._sparse_pattern()
 
     def _sparse_pattern(self) -> None:
@@ -428,8 +484,9 @@ class Factorization:
         ev = self._rest_values(Ts)
         if st.dense:
             S = np.zeros((R, R))
-            _dense_fill(S, st.r_row, st.r_col, st.r_off, ev, st.rows_lv, st.lv_starts,
-                        self.Bv_lv)
+            _dense_fill(S, st.r_row, st.r_col, st.r_off, ev)
+            if len(st.e_row):
+                _dense_update(S, st.rows_lv, st.cut, self.Bv_lv, st.tile_i, st.tile_j)
             self.S_chol = linalg.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
             self.logdet += 2.0 * float(np.sum(np.log(np.diag(self.S_chol))))
             return
@@ -482,7 +539,7 @@ class Factorization:
         H_lv = np.zeros((len(st.e_row), q1))
         if len(st.e_row):
             if st.dense:
-                _dense_h(self._inv, st.rows_lv, st.lv_starts, self.Bv_lv, H_lv)
+                _dense_h(self._inv, st.rows_lv, st.cut, st.lv_starts, self.Bv_lv, H_lv)
             else:
                 _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self.Bv_lv, H_lv)
         om11, om21_lv = _omega_levels(self.Li, st.lv_starts, self.Bv_lv, H_lv)

@@ -41,7 +41,7 @@ from scipy import linalg
 
 from ._lazy import lazy_import
 from ._levels import vdot
-from ._levels_jit import pair_product, shared_matmul
+from ._levels_jit import pair_levels, pair_product, shared_matmul
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError, MlpipeError
 from .objective import Parts, ThetaMap, profile_fixed, profiled_deviance
@@ -80,17 +80,6 @@ class BlockedDecomposition:
     logdet_rx: float
     u: np.ndarray  # (Q,) spherical conditional modes
     solver: object  # the two-stage factorization of Λ'Z'ZΛ + I (`_schur.Factorization`)
-
-
-def _group_sum(index: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
-    """Σ of values (cells, ...) by index (cells,) → (size, ...)."""
-    out = np.zeros((size,) + values.shape[1:])
-    np.add.at(out, index, values)
-    return out
-
-
-def _pair_last(blocks: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.moveaxis(blocks, 0, -1))
 
 
 def parse_bytes(text: str) -> int | None:
@@ -186,8 +175,8 @@ class BlockedObjective:
                     rows = np.arange(fj.m)
                     self._pair_keys.append((j, k, rows, rows, fj.index, fj.m))
                     continue
-                uniq, inv = np.unique(fj.index * fk.m + fk.index, return_inverse=True)
-                self._pair_keys.append((j, k, uniq // fk.m, uniq % fk.m, inv, len(uniq)))
+                rows, cols, inv = pair_levels(fj.index, fk.index, fj.m, fk.m)
+                self._pair_keys.append((j, k, rows, cols, inv, len(rows)))
         parts = self.linear_parts_of(stats)
         npairs = len(self._pair_keys)
         self.pairs: list[_Pair] = [_Pair(j, k, rows, cols, parts[t]) for t, (j, k, rows, cols,
@@ -216,15 +205,22 @@ class BlockedObjective:
         summed Z'[X y] per level, and [X y]'[X y].  All are linear in the statistics (see
         `linear_parts`)."""
         p = stats.p
-        # per-cell [Z X y] cross-products, cells first: S (C, qa, qa), G (C, qa, p+1)
-        S = np.ascontiguousarray(np.moveaxis(np.asarray(stats.ztz, dtype=float), -1, 0))
-        G = np.concatenate([np.moveaxis(np.asarray(stats.ztx, dtype=float), -1, 0),
-                            np.asarray(stats.zty, dtype=float).T[:, :, None]], axis=2)
+        ztz, ztx, zty = (np.asarray(a, dtype=float) for a in (stats.ztz, stats.ztx, stats.zty))
         out = []
-        for j, k, _rows, _cols, index, n in self._pair_keys:
-            sub = S[:, self.factors[j].z][:, :, self.factors[k].z]
-            out.append(_pair_last(_group_sum(index, sub, n)))
-        out += [_group_sum(f.index, G[:, f.z, :], f.m) for f in self.factors]
+        for j, k, _rows, _cols, index, n in self._pair_keys:  # Σ over each pair's cells
+            zj, zk = self.factors[j].z, self.factors[k].z
+            blocks = np.empty((len(zj), len(zk), n))
+            for a, za in enumerate(zj):
+                for b, zb in enumerate(zk):
+                    blocks[a, b] = np.bincount(index, ztz[za, zb], minlength=n)
+            out.append(blocks)
+        for f in self.factors:  # Σ Z'[X y] over each level's cells, level first
+            g = np.empty((f.m, f.q, p + 1))
+            for a, za in enumerate(f.z):
+                for c in range(p + 1):
+                    g[:, a, c] = np.bincount(f.index, ztx[za, c] if c < p else zty[za],
+                                             minlength=f.m)
+            out.append(g)
         m0 = np.empty((p + 1, p + 1))
         m0[:p, :p] = stats.xtx
         m0[:p, p] = m0[p, :p] = stats.xty
