@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import runlog
-from ._sql import (Source, connect, first_line, quote_ident, render, staging_prefix,
-                   sweep_stale)
+from ._sql import (Source, connect, fetch_columns, first_line, quote_ident, render,
+                   staging_prefix, sweep_stale)
 from .centering import materialize
 from .design import Design, check_columns, check_weights, design_from_data
 from .errors import DataError
@@ -71,7 +71,8 @@ class Statistics:
     random_names: list[str]
     blocks: list[tuple[int, int]]  # (start, size) of each correlated block of Z's columns
     group: str
-    levels: np.ndarray  # (m,) strings, sorted as the grouping column sorts
+    levels: np.ndarray  # (m,) strings, sorted as the grouping column sorts (several
+    #: factors: the cell numbers 0..m-1; a cell is told by its factors' levels)
     n_i: np.ndarray  # (m,)
     ztz: np.ndarray  # (q, q, m)
     ztx: np.ndarray  # (q, p, m)
@@ -229,7 +230,7 @@ class Statistics:
                                       np.asarray(lv, dtype=object),
                                       rank[index.reshape(-1)].astype(np.int64)))
             order = np.lexsort([f.index for f in reversed(factors)])
-            levels = np.arange(m).astype(str).astype(object)
+            levels = np.arange(m)  # the cells' numbers (their labels are the factors')
         else:
             labels = allkeys[first]
             order = sort_order(uniq, [self.group], types)
@@ -257,7 +258,8 @@ class Statistics:
         never leaves a half-written file behind.
         """
         q, p = self.q, self.p
-        cols: dict[str, object] = {"level": pa.array(self.levels.astype(str)),
+        cols: dict[str, object] = {"level": pa.array(np.arange(self.m) if self.factors
+                                                     else self.levels.astype(str)),
                                    "n": self.n_i, "yty": self.yty_i}
         for a in range(q):
             cols[f"zty_{a}"] = self.zty[a]
@@ -324,6 +326,7 @@ class Statistics:
                 ztx[a, j] = col(f"ztx_{a}_{j}")
         return cls(meta["formula"], meta["response"], meta["fixed_names"], meta["random_names"],
                    [tuple(b) for b in meta["blocks"]], meta["group"],
+                   np.arange(m) if meta["factors"] else
                    np.asarray(table.column("level").to_pylist(), dtype=object), col("n"), ztz,
                    ztx, zty, col("yty"), np.asarray(meta["xtx"]), np.asarray(meta["xty"]),
                    float(meta["yty"]), int(meta["n"]), int(meta["rows_read"]),
@@ -595,11 +598,12 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
             factor_labels.append(np.asarray(con.execute(
                 f"SELECT label FROM lv{k} ORDER BY idx").fetchnumpy()["label"], dtype=object))
             joins.append(f"JOIN lv{k} ON " + " AND ".join(f"gm.{c} = lv{k}.{c}" for c in cols))
-        per_group = con.execute(render(
+        cells = con.execute("SELECT count(*) FROM group_moments WHERE complete").fetchall()[0][0]
+        per_group = fetch_columns(con, render(
             "cell_statistics", joins="\n".join(joins),
             factor_columns=", ".join(f"lv{k}.idx AS f{k}" for k in range(len(design.factors))),
             columns=", ".join(f"gm.{mom.name(i, j)}" for i, j in mom.group_pairs()),
-            cell_order=", ".join(f"gm.g{k}" for k in range(len(gcols))))).fetchnumpy()
+            cell_order=", ".join(f"gm.g{k}" for k in range(len(gcols)))), cells)
     tot_sql = render("totals", sums=", ".join(
         ["sum(n)"]  # n: an integer count
         + [f"fsum({mom.name(i, j)})" for i, j in pairs]
@@ -611,7 +615,9 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
         log_weights, wmin = 0.0, None
     totals = dict(zip(pairs, sums))
     residual = None
-    if spec is not None and len(per_group["n"]) and count:
+    if spec is None:  # DuckDB's copy of the cells is read: freed before the arrays are built
+        con.execute("DROP TABLE group_moments")
+    elif len(per_group["n"]) and count:
         residual = read_components(con, spec=spec, mom=mom,
                                    group_cols=[g.strip() for g in group_by.split(",")],
                                    cell_order=group_by, schema=design.schema,
@@ -686,7 +692,7 @@ def assemble(design: Design, mom: _Moments, per_group: dict, factor_labels: list
         fixed_names=[c.name for c in design.fixed], random_names=[c.name for c in design.random],
         blocks=[(b.start, b.size) for b in design.blocks], group=design.group or "",
         levels=(np.asarray(per_group["level"], dtype=object) if design.group is not None
-                else np.arange(len(n_i)).astype(str).astype(object)), n_i=n_i,
+                else np.arange(len(n_i))), n_i=n_i,
         ztz=ztz, ztx=ztx, zty=zty, yty_i=group_col(mom.y, mom.y), xtx=xtx, xty=xty,
         yty=tot(mom.y, mom.y), n=n, rows_read=int(total_rows), rows_dropped=int(total_rows) - n,
         source=location, factor_levels=design.levels,
