@@ -44,6 +44,7 @@ DENSE_SMALL = 500
 #: the dense Schur update and Ω₂₂'s products run tile by tile of S (256² doubles = 512 KB:
 #: one tile stays in a core's L2 cache)
 TILE = 256
+_NO_POS = np.zeros(0, np.int64)
 
 
 # ---------------------------------------------------------------------- compiled kernels
@@ -96,7 +97,8 @@ def _dense_update(S, rows_lv, cut, Bv_lv, tile_i, tile_j):
 @njit(cache=True)
 def _scaled_entries(out, blocks_t, cols, Tj, T0, Li, pos, base):
     """B̃'s entries of one pair (factor j with the leading one): block n, row a →
-    out[pos[base + n·q_j + a]] = (T_j' B_n T_0 L⁻ᵀ_{cols[n]})[a] (level order)."""
+    out[pos[base + n·q_j + a]] = (T_j' B_n T_0 L⁻ᵀ_{cols[n]})[a] (level order; `pos`
+    empty: the entry order is the level order)."""
     qj, q1, n = blocks_t.shape
     M = np.empty((qj, q1))
     BT = np.empty((qj, q1))
@@ -115,7 +117,7 @@ def _scaled_entries(out, blocks_t, cols, Tj, T0, Li, pos, base):
                     acc += Tj[c, a] * BT[c, b]
                 M[a, b] = acc
         for a in range(qj):  # (·) L⁻ᵀ: (L⁻ᵀ)[d, c] = L⁻¹[c, d], d ≤ c
-            row = pos[base + t * qj + a]
+            row = pos[base + t * qj + a] if len(pos) else base + t * qj + a
             for c in range(q1):
                 acc = 0.0
                 for d in range(c + 1):
@@ -143,11 +145,10 @@ def _b_apply(rest, lead, rows_lv, lv_starts, Bv_lv, transpose):
 @njit(cache=True)
 def _omega_levels(Li, lv_starts, Bv_lv, H_lv):
     """Per level i of the leading factor: Ω₁₁,ᵢ = L⁻ᵀ (I + Σ_a B̃_a H_a') L⁻¹ (Li = L⁻¹
-    (m1, q1, q1), level first) and Ω₂₁ at its entries a, −H_a L⁻¹ → (Ω₁₁ (q1, q1, m1),
-    Ω₂₁ (entries, q1) in level order)."""
+    (m1, q1, q1), level first), returned (q1, q1, m1), and Ω₂₁ at its entries a, −H_a L⁻¹,
+    written over H_lv (entries, q1; level order) in place."""
     m1, q1, _ = Li.shape
     om11 = np.zeros((q1, q1, m1))
-    om21 = np.zeros(H_lv.shape)
     K = np.zeros((q1, q1))
     LK = np.zeros((q1, q1))
     for i in range(m1):
@@ -163,7 +164,7 @@ def _omega_levels(Li, lv_starts, Bv_lv, H_lv):
                 acc = 0.0
                 for c in range(d, q1):
                     acc += H_lv[e, c] * Li[i, c, d]
-                om21[e, d] = -acc
+                H_lv[e, d] = -acc  # in place: the later d' > d read only H[e, c ≥ d']
         for a in range(q1):  # LK = L⁻ᵀ K: (L⁻ᵀ)[a, b] = L⁻¹[b, a], nonzero for b ≥ a
             for c in range(q1):
                 acc = 0.0
@@ -176,7 +177,7 @@ def _omega_levels(Li, lv_starts, Bv_lv, H_lv):
                 for c in range(d, q1):
                     acc += LK[a, c] * Li[i, c, d]
                 om11[a, d, i] = acc
-    return om11, om21
+    return om11
 
 
 @njit(cache=True)
@@ -378,15 +379,20 @@ class Structure:
             e_level.append(np.repeat(cols, qj))
             e_pair.append(t)
         self.b_pairs = e_pair
-        self.e_row = np.concatenate(e_row) if e_row else np.zeros(0, np.int64)
+        e_row = np.concatenate(e_row) if e_row else np.zeros(0, np.int64)
+        self.n_entries = len(e_row)
         e_level = np.concatenate(e_level) if e_level else np.zeros(0, np.int64)
         # the entries grouped by level (the compiled kernels' loops); Σᵢ kᵢ² update terms
         lv_order = level_order(e_level, self.m1)
         counts = np.bincount(e_level, minlength=self.m1)
         self.lv_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.rows_lv = self.e_row[lv_order]
-        self.lv_pos = np.empty(len(lv_order), np.int64)  # entry → its place in level order
-        self.lv_pos[lv_order] = np.arange(len(lv_order))
+        # entry → its place in level order; None when that is the entry order (one pair
+        # with the leading factor, its blocks sorted by the leading factor's level)
+        self.lv_pos, self.rows_lv = None, e_row
+        if np.any(lv_order != np.arange(len(lv_order))):
+            self.lv_pos = np.empty(len(lv_order), np.int64)
+            self.lv_pos[lv_order] = np.arange(len(lv_order))
+            self.rows_lv = e_row[lv_order]
         # the kernels visit each pair of a level's entries once, the lower one second: the
         # rows must ascend within every level (entries are made in row order, sorted stably)
         step = np.diff(self.rows_lv)
@@ -460,12 +466,12 @@ class Factorization:
         self.logdet = 2.0 * float(np.sum(np.log(L1[np.arange(q1), np.arange(q1)])))
         self.Li = np.ascontiguousarray(np.moveaxis(tri_inv_batched(L1), -1, 0))  # level first
         # B̃'s entries in level order: Bv[e, c] = (T_j' B_n T_1 L1⁻ᵀ)[a, c]
-        self.Bv_lv = np.empty((len(st.e_row), q1))
+        self.Bv_lv = np.empty((st.n_entries, q1))
         base = 0
         for t in st.b_pairs:
             j, _k, _rows, cols, bt = st.pairs[t]
             _scaled_entries(self.Bv_lv, bt, cols, np.ascontiguousarray(Ts[j], dtype=float), T0,
-                            self.Li, st.lv_pos, base)
+                            self.Li, _NO_POS if st.lv_pos is None else st.lv_pos, base)
             base += bt.shape[0] * bt.shape[2]
         self._stage2(Ts)
 
@@ -485,7 +491,7 @@ class Factorization:
         if st.dense:
             S = np.zeros((R, R))
             _dense_fill(S, st.r_row, st.r_col, st.r_off, ev)
-            if len(st.e_row):
+            if st.n_entries:
                 _dense_update(S, st.rows_lv, st.cut, self.Bv_lv, st.tile_i, st.tile_j)
             self.S_chol = linalg.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
             self.logdet += 2.0 * float(np.sum(np.log(np.diag(self.S_chol))))
@@ -522,10 +528,10 @@ class Factorization:
         y1 = level_matmul(Li, np.ascontiguousarray(C1), False)  # L1⁻¹ C1 per level
         # C2 − B̃ y1, then W1 = L1⁻ᵀ (y1 − B̃' W2) per level (compiled loops over B̃'s entries)
         c2 = np.array(C2, dtype=float, order="C")
-        if len(st.e_row):
+        if st.n_entries:
             _b_apply(c2, y1, st.rows_lv, st.lv_starts, self.Bv_lv, False)
         W2 = np.ascontiguousarray(self._solve_S(c2))
-        if len(st.e_row):
+        if st.n_entries:
             _b_apply(W2, y1, st.rows_lv, st.lv_starts, self.Bv_lv, True)
         W1 = level_matmul(Li, y1, True)  # L1⁻ᵀ z per level
         return W1, W2
@@ -536,14 +542,15 @@ class Factorization:
         st = self.st
         q1 = st.q1
         om22 = self._omega22()
-        H_lv = np.zeros((len(st.e_row), q1))
-        if len(st.e_row):
+        H_lv = np.zeros((st.n_entries, q1))
+        if st.n_entries:
             if st.dense:
                 _dense_h(self._inv, st.rows_lv, st.cut, st.lv_starts, self.Bv_lv, H_lv)
             else:
                 _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self.Bv_lv, H_lv)
-        om11, om21_lv = _omega_levels(self.Li, st.lv_starts, self.Bv_lv, H_lv)
-        om21 = om21_lv[st.lv_pos]  # back to B's entry order (pair by pair)
+        om11 = _omega_levels(self.Li, st.lv_starts, self.Bv_lv, H_lv)  # H_lv → Ω₂₁
+        # back to B's entry order (pair by pair), unless that is the level order already
+        om21 = H_lv if st.lv_pos is None else H_lv[st.lv_pos]
         return om11, om21, om22
 
     def _omega22(self):

@@ -175,7 +175,11 @@ class BlockedObjective:
                     rows = np.arange(fj.m)
                     self._pair_keys.append((j, k, rows, rows, fj.index, fj.m))
                     continue
-                rows, cols, inv = pair_levels(fj.index, fk.index, fj.m, fk.m)
+                if k == 0:  # B's blocks by level of the leading factor: the solver's
+                    # level order is then theirs (sequential kernels, no scatter)
+                    cols, rows, inv = pair_levels(fk.index, fj.index, fk.m, fj.m)
+                else:
+                    rows, cols, inv = pair_levels(fj.index, fk.index, fj.m, fk.m)
                 self._pair_keys.append((j, k, rows, cols, inv, len(rows)))
         parts = self.linear_parts_of(stats)
         npairs = len(self._pair_keys)
@@ -354,7 +358,8 @@ class BlockedObjective:
 
     def pair_omegas(self, fac) -> list[np.ndarray]:
         """Ω = (Λ'Z'ZΛ + I)⁻¹ on every pair's blocks, "pair last" (q_j, q_k, n) — the
-        entries the gradient's trace and the conditional variances need."""
+        entries the gradient's trace and the conditional variances need (the pairs with the
+        leading factor as strided views of Ω₂₁)."""
         om11, om21, om22 = fac.omega()
         st = self._st
         out: list[np.ndarray | None] = [None] * len(self.pairs)
@@ -364,7 +369,7 @@ class BlockedObjective:
             pr = self.pairs[t]
             nb, qj, q1 = pr.blocks.shape
             blk = om21[start:start + nb * qj].reshape(nb, qj, q1)
-            out[t] = np.ascontiguousarray(blk.transpose(1, 2, 0))
+            out[t] = blk.transpose(1, 2, 0)  # a view: no copy of the ~10⁷ entries
             start += nb * qj
         start = 0
         for t in st.r_pairs:
@@ -470,9 +475,10 @@ class BlockedObjective:
         gamma = np.append(-beta, 1.0)
         u = W @ gamma
         zr = np.concatenate([G.reshape(-1, G.shape[2]) @ gamma for G in self.G])
-        v = zr - self.ztz_times(self._lam(Ts, u[:, None]))[:, 0]
         WX = W[:, :p]
-        Y = self.ztz_times(self._lam(Ts, WX))
+        zzl = self.ztz_times(self._lam(Ts, np.column_stack([u, WX])))  # one pass: Z'ZΛ[u W_X]
+        v = zr - zzl[:, 0]
+        Y = zzl[:, 1:]
         minv = linalg.cho_solve((rx, False), np.eye(p), check_finite=False)
         oms = self.pair_omegas(fac)
         gld = [np.zeros((f_.q, f_.q)) for f_ in self.factors]

@@ -176,21 +176,24 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     if method == "moments":
         return _fit_moments(stats, ci=ci, level=level, refine=refine)
     check_general_options(stats, ddf, ci)
-    with reuse_freed_memory():  # the evaluations' temporaries are reused, not refaulted
-        return _fit_exact(stats, method=method, ddf=ddf, ci=ci, level=level,
-                          memory_limit=memory_limit, refine=refine)
+    return _fit_exact(stats, method=method, ddf=ddf, ci=ci, level=level,
+                      memory_limit=memory_limit, refine=refine)
 
 
 def _fit_exact(stats: Statistics, *, method: str, ddf: str | None, ci: str | None,
                level: float, memory_limit: str | None, refine: str | None) -> FitResult:
     """`fit_statistics` by REML or ML (the options checked): the residual structure's ψ̂
-    first when there is one, the optimizer, the results and the inference."""
+    first when there is one, the optimizer, the results and the inference.  The stages
+    that evaluate the objective again and again (ψ̂, the optimizer, the inference) keep
+    their freed temporaries for reuse (`reuse_freed_memory`); the objective's build and the
+    results do not, so their one-off garbage does not stay in the heap beside them."""
     reml = method == "REML"
     t0 = time.perf_counter()
     structure, theta0 = None, None
     if stats.residual is not None:  # ψ̂ (with θ), then the fit of θ at ψ̂ from there
-        stats, structure, theta0 = _estimate_residual(stats, ci, reml=reml,
-                                                      memory_limit=memory_limit)
+        with reuse_freed_memory():
+            stats, structure, theta0 = _estimate_residual(stats, ci, reml=reml,
+                                                          memory_limit=memory_limit)
     try:
         obj = make_objective(stats, reml=reml, memory_limit=memory_limit)
     except InputError as exc:  # too large for the exact solver: moments, if they apply
@@ -201,9 +204,9 @@ def _fit_exact(stats: Statistics, *, method: str, ddf: str | None, ci: str | Non
                             refine=method.lower() if refine is None else refine,
                             reason=f"{method} not attempted: {exc}".split("; simplify")[0]
                             + "; fitted by the method of moments instead")
-    with optimizer_progress(obj):
+    with optimizer_progress(obj), reuse_freed_memory():
         summary = optimize(obj, method=obj.default_method, theta0=theta0)
-    dec = obj.decompose(np.asarray(summary.final_theta))
+        dec = obj.decompose(np.asarray(summary.final_theta))
     build = FitResult.build_general if stats.general else FitResult.build
     result = build(stats, obj, dec, summary)
     if structure is not None:
@@ -215,7 +218,8 @@ def _fit_exact(stats: Statistics, *, method: str, ddf: str | None, ci: str | Non
     t1 = time.perf_counter()
     runlog.stage("solve", t1 - t0, evaluations=summary.evaluations,
                  converged=summary.converged, criterion=summary.final_objective)
-    add_inference(result, ddf=ddf, ci=ci, level=level, obj=obj)
+    with reuse_freed_memory():
+        add_inference(result, ddf=ddf, ci=ci, level=level, obj=obj)
     result.timings = {**stats.timings, "solve": t1 - t0,
                       "inference": time.perf_counter() - t1}
     runlog.stage("inference", result.timings["inference"], ddf=result.df_method)
