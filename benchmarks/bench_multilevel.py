@@ -35,7 +35,7 @@ CROSSED_LARGE = "y ~ x + w + (x | g) + (1 | c)"
 CHUNK = 1 << 21
 
 
-def child(data: str, formula: str) -> None:
+def child(data: str, formula: str, memory_limit: str | None = None) -> None:
     t0 = time.perf_counter()
     import mlpipe
     import mlpipe.blocked  # noqa: F401  (mlpipe imports lazily: the import time is
@@ -46,7 +46,7 @@ def child(data: str, formula: str) -> None:
 
     t1 = time.perf_counter()
     try:
-        res = mlpipe.fit(data, formula, ddf=None)
+        res = mlpipe.fit(data, formula, ddf=None, memory_limit=memory_limit)
     except MlpipeError as exc:
         print("BENCH_RESULT " + json.dumps({"refused": str(exc),
                                             "seconds": time.perf_counter() - t1}))
@@ -62,11 +62,11 @@ def child(data: str, formula: str) -> None:
     print("BENCH_RESULT " + json.dumps(out, default=str))
 
 
-def run_child(data: Path, formula: str) -> dict:
+def run_child(data: Path, formula: str, memory_limit: str | None = None) -> dict:
     """`child` in a fresh interpreter (bench.py's runner): its figures, `wall` its wall time."""
     from bench import run_fit
 
-    out = run_fit(data, formula, Path(__file__))
+    out = run_fit(data, formula, Path(__file__), [memory_limit] if memory_limit else [])
     out["wall"] = out.pop("subprocess_seconds")
     return out
 
@@ -215,12 +215,20 @@ def bench_crossed(args) -> None:
     line("objective evaluations", str(res["evaluations"]), res["optimizer"])
     line("estimates (truth: g 1, 0.3; c 0.5; sigma 1)",
          ", ".join(f"{v:.3f}" for v in res["sd"].values()) + f"; {res['sigma']:.3f}")
+    if args.memory_limit:  # the same fit with DuckDB's (and the solver's) memory bounded
+        lim = run_child(data, CROSSED_LARGE, args.memory_limit)
+        ratio = lim["wall"] / fl
+        line(f"with --memory-limit {args.memory_limit}: whole process", f"{lim['wall']:.2f} s",
+             f"{ratio:.1f} x the floor (target <= 10: {'met' if ratio <= 10 else 'NOT MET'})")
+        line(f"with --memory-limit {args.memory_limit}: peak RSS",
+             f"{lim['peak_rss_mb']:.0f} MB",
+             f"target <= 3072 MB: {'met' if lim['peak_rss_mb'] <= 3072 else 'NOT MET'}")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         sys.path.insert(0, str(ROOT))
-        child(sys.argv[2], sys.argv[3])
+        child(sys.argv[2], sys.argv[3], *sys.argv[4:5])
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("which", choices=["nested", "crossed"])
@@ -229,6 +237,9 @@ def main() -> None:
     ap.add_argument("--children", type=int, default=2_000_000)
     ap.add_argument("--g", type=int, default=100_000)
     ap.add_argument("--c", type=int, default=2_000)
+    ap.add_argument("--memory-limit", default="2GB",
+                    help="crossed: also fit the large design with this --memory-limit "
+                         "(DuckDB spills its hash aggregate; '' to skip)")
     args = ap.parse_args()
     if args.which == "nested":
         args.rows = args.rows or 20_000_000

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -638,7 +639,8 @@ def assemble(design: Design, mom: _Moments, per_group: dict, factor_labels: list
     (one factor) or "f0", "f1", ... (every factor's level index of each cell);
     `factor_labels` every factor's level labels; `totals` the sums over the complete rows
     by pair (i, j); `count` their number; `non_finite(bad)` the error for model columns
-    whose sums are not finite."""
+    whose sums are not finite.  `per_group` is consumed: its columns are removed as they
+    are copied into the statistics' arrays."""
     total_rows = rows_read
     if not mom.weighted:
         totals = {**totals, (0, 0): count}
@@ -663,8 +665,21 @@ def assemble(design: Design, mom: _Moments, per_group: dict, factor_labels: list
         raise (non_finite(bad) if non_finite else DataError(
             f"model column(s) {', '.join(bad)} take non-finite values in the rows used"))
 
+    # each per-group column is dropped from `per_group` at its last use, so that (with
+    # millions of cells) the columns and the arrays built from them are not all held twice
+    uses = Counter(mom.name(ia, ib) for ia in mom.z for ib in mom.z)
+    uses.update(mom.name(ia, k) for ia in mom.z for k in [*mom.x, mom.y])
+    uses.update([mom.name(mom.y, mom.y), "n"])
+
+    def take(name: str) -> np.ndarray:
+        col = np.asarray(per_group[name], dtype=float)
+        uses[name] -= 1
+        if uses[name] == 0:
+            del per_group[name]
+        return col
+
     def group_col(i: int, j: int) -> np.ndarray:
-        return np.asarray(per_group[mom.name(i, j)], dtype=float)
+        return take(mom.name(i, j))
 
     q, p = len(mom.z), len(mom.x)
     ztz = np.empty((q, q, m))
@@ -679,7 +694,8 @@ def assemble(design: Design, mom: _Moments, per_group: dict, factor_labels: list
     tot = lambda i, j: float(totals[(min(i, j), max(i, j))])  # noqa: E731
     xtx = np.array([[tot(i, j) for j in mom.x] for i in mom.x])
     xty = np.array([tot(i, mom.y) for i in mom.x])
-    n_i = np.asarray(per_group["n"], dtype=float)
+    n_i = take("n")
+    yty_i = group_col(mom.y, mom.y)
     factors = []
     if design.group is None:
         for k, f in enumerate(design.factors):
@@ -693,7 +709,7 @@ def assemble(design: Design, mom: _Moments, per_group: dict, factor_labels: list
         blocks=[(b.start, b.size) for b in design.blocks], group=design.group or "",
         levels=(np.asarray(per_group["level"], dtype=object) if design.group is not None
                 else np.arange(len(n_i))), n_i=n_i,
-        ztz=ztz, ztx=ztx, zty=zty, yty_i=group_col(mom.y, mom.y), xtx=xtx, xty=xty,
+        ztz=ztz, ztx=ztx, zty=zty, yty_i=yty_i, xtx=xtx, xty=xty,
         yty=tot(mom.y, mom.y), n=n, rows_read=int(total_rows), rows_dropped=int(total_rows) - n,
         source=location, factor_levels=design.levels,
         group_type=design.schema.get(design.group, "") if design.group else "",
