@@ -237,7 +237,7 @@ def main() -> None:
     ap.add_argument("--children", type=int, default=2_000_000)
     ap.add_argument("--g", type=int, default=100_000)
     ap.add_argument("--c", type=int, default=2_000)
-    ap.add_argument("--memory-limit", default="2GB",
+    ap.add_argument("--memory-limit", default="1500MB",
                     help="crossed: also fit the large design with this --memory-limit "
                          "(DuckDB spills its hash aggregate; '' to skip)")
     args = ap.parse_args()
