@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_multilevel.py nested  [--rows 20000000 --schools 20000
                                                              --children 2000000]
-    .venv/bin/python benchmarks/bench_multilevel.py crossed [--rows 10000000 --g 100000 --c 2000]
+    .venv/bin/python benchmarks/bench_multilevel.py crossed [--rows 10000000 --g 100000 --c 2000
+                                                             --memory-limit 1500MB]
 
 nested:  y ~ t + (t | school) + (t | school:child), children nested in schools (simulated,
          Parquet partitions written chunk by chunk).  Figures: the whole `mlpipe fit` in a
@@ -13,7 +14,8 @@ crossed: (small) the real InstEval data (73,421 ratings; 2,972 students x 1,128 
          + (1|dept): fit wall time (target <= 1 s) beside lme4's recorded time on this machine
          (the reference JSON made by tests/data/multilevel/make_refs.R);
          (large) y ~ x + w + (x | g) + (1 | c), g crossed with c (simulated): wall time against
-         the floor (target <= 10x) and peak RSS (target <= 3 GB).
+         the floor (target <= 10x) and peak RSS (target <= 3 GB); then the same fit with
+         --memory-limit (default 1500MB: DuckDB spills its hash aggregate of the cells).
 
 Every fit runs in a subprocess (`--child`), so its peak RSS is its own.
 """
