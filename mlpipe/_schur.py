@@ -545,7 +545,9 @@ class Factorization:
         H_lv = np.zeros((st.n_entries, q1))
         if st.n_entries:
             if st.dense:
-                _dense_h(self._inv, st.rows_lv, st.cut, st.lv_starts, self.Bv_lv, H_lv)
+                # Ω₂₂ is symmetric and LAPACK's inverse column-major: its transpose is the
+                # same matrix with rows contiguous (the kernel reads along rows)
+                _dense_h(self._inv.T, st.rows_lv, st.cut, st.lv_starts, self.Bv_lv, H_lv)
             else:
                 _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self.Bv_lv, H_lv)
         om11 = _omega_levels(self.Li, st.lv_starts, self.Bv_lv, H_lv)  # H_lv → Ω₂₁
