@@ -170,6 +170,25 @@ def _factor_keys(cols, f):
     return np.array([":".join(str(cols[c][i]) for c in f.columns) for i in range(len(cols["y"]))])
 
 
+def _dense_zs(cols, obj, named):
+    """Every factor's dense Z (rows × levels·q, level-major) in the objective's order; the
+    objective orders a factor's levels as its columns sort (numbers numerically)."""
+    zs = []
+    for f in obj.factors:
+        order = {lab: i for i, lab in enumerate(f.levels)}
+        idx = np.array([order[k] for k in _factor_keys(cols, f)])
+        zs.append(level_major_z(idx, [named[name] for name in f.names]))
+    return zs
+
+
+def _random_thetas(tm, seed: int, count: int = 3):
+    """θs with diagonal entries in [0.2, 1.5] and off-diagonal ones in [-0.5, 0.5]."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        yield np.where(tm.diagonal, rng.uniform(0.2, 1.5, len(tm)),
+                       rng.uniform(-0.5, 0.5, len(tm)))
+
+
 @pytest.mark.parametrize("reml", [True, False])
 @pytest.mark.parametrize("structure", sorted(STRUCTURES))
 def test_blocked_deviance_matches_dense(tmp_path, structure, reml):
@@ -182,14 +201,7 @@ def test_blocked_deviance_matches_dense(tmp_path, structure, reml):
     obj = BlockedObjective(stats, reml=reml)
     n = len(cols["y"])
     X = np.column_stack([np.ones(n), cols["x"]])
-    one = {"(Intercept)": np.ones(n), "x": cols["x"]}
-    Zs = []
-    for f in obj.factors:
-        keys = _factor_keys(cols, f)
-        # the objective orders a factor's levels as its columns sort (numbers numerically)
-        order = {lab: i for i, lab in enumerate(f.levels)}
-        idx = np.array([order[k] for k in keys])
-        Zs.append(level_major_z(idx, [one[name] for name in f.names]))
+    Zs = _dense_zs(cols, obj, {"(Intercept)": np.ones(n), "x": cols["x"]})
     for _ in range(3):
         theta = rng.uniform(0.2, 1.5, size=len(obj.theta_map))
         theta[~obj.theta_map.diagonal] = rng.normal(size=(~obj.theta_map.diagonal).sum())
@@ -290,17 +302,8 @@ def test_dense_schur_tiles_give_the_same_fit(tmp_path, monkeypatch, formula, til
     assert tiled._st.cut.shape[1] - 1 == -(-tiled._st.R // tile) >= 2
     n = len(cols["y"])
     X = np.column_stack([np.ones(n), cols["x"]])
-    named = {"(Intercept)": np.ones(n), "x": cols["x"], "z": cols["z"]}
-    Zs = []
-    for f in one.factors:
-        order = {lab: i for i, lab in enumerate(f.levels)}
-        Zs.append(level_major_z(np.array([order[k] for k in _factor_keys(cols, f)]),
-                                [named[name] for name in f.names]))
-    rng = np.random.default_rng(2)
-    tm = one.theta_map
-    for _ in range(3):
-        theta = np.where(tm.diagonal, rng.uniform(0.2, 1.5, len(tm)),
-                         rng.uniform(-0.5, 0.5, len(tm)))
+    Zs = _dense_zs(cols, one, {"(Intercept)": np.ones(n), "x": cols["x"], "z": cols["z"]})
+    for theta in _random_thetas(one.theta_map, 2):
         f1, g1 = one.value_and_gradient(theta)
         ft, gt = tiled.value_and_gradient(theta)
         assert ft == pytest.approx(f1, rel=1e-12)
@@ -330,11 +333,7 @@ def test_sparse_and_dense_schur_paths_agree(case, monkeypatch):
     monkeypatch.setattr(schur, "DENSE_MAX", 0)
     obj_sparse = BlockedObjective(st)
     assert obj_dense._st.dense and not obj_sparse._st.dense
-    rng = np.random.default_rng(1)
-    tm = obj_dense.theta_map
-    for _ in range(3):
-        theta = np.where(tm.diagonal, rng.uniform(0.2, 1.5, len(tm)),
-                         rng.uniform(-0.5, 0.5, len(tm)))
+    for theta in _random_thetas(obj_dense.theta_map, 1):
         fd, gd = obj_dense.value_and_gradient(theta)
         fs, gs = obj_sparse.value_and_gradient(theta)
         assert np.isfinite(fd) and fs == pytest.approx(fd, rel=1e-11)
