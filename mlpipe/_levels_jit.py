@@ -9,8 +9,15 @@ of both objectives) so that a one-factor fit never imports numba.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import njit
+
+#: held around every call of a parallel (prange) kernel: numba's fallback threading layer
+#: ("workqueue", used when neither OpenMP nor TBB is available) must not run two parallel
+#: regions at once, so fits in several Python threads take turns in them
+PARALLEL = threading.Lock()
 
 
 @njit(cache=True)

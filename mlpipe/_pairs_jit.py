@@ -11,10 +11,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._levels_jit import PARALLEL
 
-@njit(parallel=True, cache=True)
+
 def csr_add(out, row_off, ptr, idx, val, col_off, V):
     """out[row_off + r] += Σ_k val[k] · V[col_off + idx[k]] over row r's nonzeros."""
+    with PARALLEL:
+        _csr_add(out, row_off, ptr, idx, val, col_off, V)
+
+
+@njit(parallel=True, cache=True)
+def _csr_add(out, row_off, ptr, idx, val, col_off, V):
     n_rows = ptr.shape[0] - 1
     n_cols = V.shape[1]
     for r in prange(n_rows):

@@ -32,7 +32,7 @@ from scipy import linalg
 
 from ._lazy import lazy_import
 from ._levels import chol_scaled, scale_blocks, tri_inv_batched
-from ._levels_jit import level_matmul, level_order
+from ._levels_jit import PARALLEL, level_matmul, level_order
 from ._selinv import _find, _z
 
 sp = lazy_import("scipy.sparse")  # imported when first needed (a fast start)
@@ -492,7 +492,8 @@ class Factorization:
             S = np.zeros((R, R))
             _dense_fill(S, st.r_row, st.r_col, st.r_off, ev)
             if st.n_entries:
-                _dense_update(S, st.rows_lv, st.cut, self.Bv_lv, st.tile_i, st.tile_j)
+                with PARALLEL:
+                    _dense_update(S, st.rows_lv, st.cut, self.Bv_lv, st.tile_i, st.tile_j)
             self.S_chol = linalg.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
             self.logdet += 2.0 * float(np.sum(np.log(np.diag(self.S_chol))))
             return
@@ -547,7 +548,8 @@ class Factorization:
             if st.dense:
                 # Ω₂₂ is symmetric and LAPACK's inverse column-major: its transpose is the
                 # same matrix with rows contiguous (the kernel reads along rows)
-                _dense_h(self._inv.T, st.rows_lv, st.cut, st.lv_starts, self.Bv_lv, H_lv)
+                with PARALLEL:
+                    _dense_h(self._inv.T, st.rows_lv, st.cut, st.lv_starts, self.Bv_lv, H_lv)
             else:
                 _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self.Bv_lv, H_lv)
         om11 = _omega_levels(self.Li, st.lv_starts, self.Bv_lv, H_lv)  # H_lv → Ω₂₁

@@ -419,3 +419,31 @@ def test_pair_levels_equal_numpy_unique():
         np.testing.assert_array_equal(cols, uniq % mk)
         np.testing.assert_array_equal(inverse, inv.reshape(-1))
         np.testing.assert_array_equal(level_order(ij, mj), np.argsort(ij, kind="stable"))
+
+
+def test_fits_in_several_threads_equal_one_at_a_time():
+    """The solver's parallel kernels (numba prange) are entered by one fit at a time: fits
+    of a crossed model in three Python threads at once give the sequential fit's numbers."""
+    import threading
+
+    st = compute_statistics(data_file("penicillin_crossed"),
+                            reference("penicillin_crossed")["formula"])
+    alone = mlpipe.fit(stats=st, ddf=None)
+    out, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                out.append(mlpipe.fit(stats=st, ddf=None))
+        except Exception as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 9
+    for res in out:
+        assert res.deviance == alone.deviance
+        np.testing.assert_array_equal(res.optimizer.final_theta, alone.optimizer.final_theta)
