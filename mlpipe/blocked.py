@@ -524,7 +524,10 @@ class BlockedObjective:
         0.01, off the boundary).  Otherwise, for every factor alone, the moment estimate of
         a one-factor model on its levels (the cell statistics summed by level,
         `Objective.moment_start`): each ignores the others — an inner factor's variance
-        inflates an outer one's — but it puts every block at its scale."""
+        inflates an outer one's — but it puts every block at its scale.  Each one-factor
+        model's residual variance holds the other factors' variances too (a crossed factor's
+        wholly), so every block is put relative to the smallest of them (θ_k σ_k / σ_min):
+        the variances stay as each model estimated them, on one residual scale."""
         from dataclasses import replace
 
         from .objective import Objective
@@ -557,11 +560,12 @@ class BlockedObjective:
                           ztz=by_level(s.ztz[z][:, z]), ztx=by_level(s.ztx[z]),
                           zty=by_level(s.zty[z]), yty_i=by_level(s.yty_i[None])[0],
                           factors=[])
-            th = Objective(one, reml=self.reml).moment_start()
-            if th is None:
+            est = Objective(one, reml=self.reml).moment_start(with_sigma2=True)
+            if est is None:
                 return None
-            parts.append(th)
-        theta = np.concatenate(parts)
+            parts.append(est)
+        smallest = min(s2 for _th, s2 in parts)
+        theta = np.concatenate([th * np.sqrt(s2 / smallest) for th, s2 in parts])
         return theta if len(theta) == len(self.theta_map) else None
 
     # ------------------------------------------------------------------ conditional modes
