@@ -566,7 +566,36 @@ class BlockedObjective:
             parts.append(est)
         smallest = min(s2 for _th, s2 in parts)
         theta = np.concatenate([th * np.sqrt(s2 / smallest) for th, s2 in parts])
-        return theta if len(theta) == len(self.theta_map) else None
+        return self._less_outer_factors(theta) if len(theta) == len(self.theta_map) else None
+
+    def _less_outer_factors(self, theta: np.ndarray) -> np.ndarray:
+        """The one-factor moment start of a factor nested in others holds their variances
+        too (its levels' means carry the outer levels' effects): from each factor's
+        covariance subtract those of the factors it is nested in (read off the data), on
+        the terms they share, outermost factor first; `ThetaMap.from_covariance` keeps
+        the result positive definite.  Crossed factors are left as they are."""
+        Ts = self.T_blocks(theta)
+        covs = [T @ T.T for T in Ts]
+        outer: dict[int, list[int]] = {k: [] for k in range(len(covs))}
+        for pr in self.pairs:  # factor pr.k (more levels) nested in factor pr.j
+            if pr.j != pr.k and len(pr.rows) == self.factors[pr.k].m \
+                    and self.factors[pr.j].m < self.factors[pr.k].m:
+                outer[pr.k].append(pr.j)
+        if not any(outer.values()):
+            return theta
+        rel = np.zeros((int(self.toff[-1]),) * 2)
+        for k in reversed(range(len(covs))):  # fewest levels first: outer before inner
+            names = self.factors[k].names
+            for j in outer[k]:
+                nj = self.factors[j].names
+                shared = [(a, nj.index(n)) for a, n in enumerate(names) if n in nj]
+                oj = int(self.toff[j])
+                for a, aj in shared:
+                    for b, bj in shared:
+                        covs[k][a, b] -= rel[oj + aj, oj + bj]
+            sl = slice(int(self.toff[k]), int(self.toff[k + 1]))
+            rel[sl, sl] = covs[k]
+        return self.theta_map.from_covariance(rel)
 
     # ------------------------------------------------------------------ conditional modes
     def conditional_modes(self, dec: BlockedDecomposition, sigma: float) -> list[dict]:
