@@ -243,6 +243,11 @@ class BlockedObjective:
         self._ztz = None
 
     # ------------------------------------------------------------------ structure
+    def _nested(self, pr: _Pair) -> bool:
+        """Whether factor pr.k (more levels) is nested in factor pr.j: each of its levels
+        shares cells with one level of pr.j only."""
+        return pr.j != pr.k and len(pr.rows) == self.factors[pr.k].m
+
     def structure(self) -> list[dict]:
         """Per factor: name, levels, columns, and how it relates to each earlier (larger)
         factor — "nested" (each level of the larger lies within one level of this one),
@@ -252,8 +257,7 @@ class BlockedObjective:
             rel = {}
             for pr in self.pairs:
                 if pr.j == j and pr.k < j:  # factor k has more levels
-                    nested = len(pr.rows) == self.factors[pr.k].m
-                    rel[self.factors[pr.k].name] = "nested" if nested else "crossed"
+                    rel[self.factors[pr.k].name] = "nested" if self._nested(pr) else "crossed"
             out.append({"factor": f.name, "levels": f.m, "columns": f.q,
                         "relations": rel})
         if out:
@@ -560,7 +564,7 @@ class BlockedObjective:
                           ztz=by_level(s.ztz[z][:, z]), ztx=by_level(s.ztx[z]),
                           zty=by_level(s.zty[z]), yty_i=by_level(s.yty_i[None])[0],
                           factors=[])
-            est = Objective(one, reml=self.reml).moment_start(with_sigma2=True)
+            est = Objective(one, reml=self.reml).moment_estimate()
             if est is None:
                 return None
             parts.append(est)
@@ -577,9 +581,8 @@ class BlockedObjective:
         Ts = self.T_blocks(theta)
         covs = [T @ T.T for T in Ts]
         outer: dict[int, list[int]] = {k: [] for k in range(len(covs))}
-        for pr in self.pairs:  # factor pr.k (more levels) nested in factor pr.j
-            if pr.j != pr.k and len(pr.rows) == self.factors[pr.k].m \
-                    and self.factors[pr.j].m < self.factors[pr.k].m:
+        for pr in self.pairs:  # (a factor with as many levels is the same partition)
+            if self._nested(pr) and self.factors[pr.j].m < self.factors[pr.k].m:
                 outer[pr.k].append(pr.j)
         if not any(outer.values()):
             return theta
@@ -588,11 +591,9 @@ class BlockedObjective:
             names = self.factors[k].names
             for j in outer[k]:
                 nj = self.factors[j].names
-                shared = [(a, nj.index(n)) for a, n in enumerate(names) if n in nj]
-                oj = int(self.toff[j])
-                for a, aj in shared:
-                    for b, bj in shared:
-                        covs[k][a, b] -= rel[oj + aj, oj + bj]
+                mine = [a for a, n in enumerate(names) if n in nj]  # the shared terms
+                theirs = [int(self.toff[j]) + nj.index(names[a]) for a in mine]
+                covs[k][np.ix_(mine, mine)] -= rel[np.ix_(theirs, theirs)]
             sl = slice(int(self.toff[k]), int(self.toff[k + 1]))
             rel[sl, sl] = covs[k]
         return self.theta_map.from_covariance(rel)

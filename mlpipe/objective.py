@@ -480,15 +480,21 @@ class Objective:
         dof = self.stats.n - (self.stats.p if self.reml else 0)
         return float(np.sqrt(dec.r2 / dof))
 
-    def moment_start(self, with_sigma2: bool = False):
-        """A moment estimate of θ: a cheap starting value for the optimizer (None if none).
+    def moment_start(self) -> np.ndarray | None:
+        """A moment estimate of θ: a cheap starting value for the optimizer (None if none);
+        see `moment_estimate`."""
+        est = self.moment_estimate()
+        return None if est is None else est[0]
+
+    def moment_estimate(self) -> tuple[np.ndarray, float] | None:
+        """(θ, σ̂²) by the method of moments, σ̂² the within-group residual variance θ is
+        relative to (None if there is no estimate).
 
         β from OLS; per group the least-squares random effects b̂_i = S_i⁻¹ r_i (groups whose
         S_i = Z_i'Z_i is numerically singular are left out); then Cov(b) ≈ mean(b̂ b̂') −
         σ̂² mean(S_i⁻¹) and θ from chol(Cov(b) / σ̂²), restricted to the block structure and
         made positive definite.  The sums over groups are `moment_sums` (a subset of the
-        groups gives its share), the rest `moment_theta`.  `with_sigma2`: (θ, σ̂²), σ̂² the
-        within-group residual variance θ is relative to (None when there is no estimate).
+        groups gives its share), the rest `moment_theta`.
         """
         s = self.stats
         try:
@@ -496,8 +502,7 @@ class Objective:
                 beta = np.linalg.solve(s.xtx, s.xty)
         except np.linalg.LinAlgError:
             return None
-        out = moment_theta(self.theta_map, s, beta, self.moment_sums(beta), with_sigma2=True)
-        return out if with_sigma2 else (None if out is None else out[0])
+        return moment_theta(self.theta_map, s, beta, self.moment_sums(beta))
 
     def moment_sums(self, beta: np.ndarray):
         """(groups used, Σ r_i'b̂_i, Σ b̂_i b̂_i' (q×q), Σ S_i⁻¹ (q×q)) over this objective's
@@ -518,10 +523,9 @@ class Objective:
 
 
 def moment_theta(theta_map: ThetaMap, stats: Statistics, beta: np.ndarray,
-                 sums, with_sigma2: bool = False):
-    """`Objective.moment_start`'s θ from the totals of `stats`, the OLS β and the
-    `moment_sums` over all groups (None when they give no estimate); `with_sigma2`:
-    (θ, σ̂²)."""
+                 sums) -> tuple[np.ndarray, float] | None:
+    """`Objective.moment_estimate`'s (θ, σ̂²) from the totals of `stats`, the OLS β and
+    the `moment_sums` over all groups (None when they give no estimate)."""
     k_ok, within, bb, ss = sums
     q, p = stats.q, stats.p
     if k_ok < max(q + 1, 2):
@@ -543,4 +547,4 @@ def moment_theta(theta_map: ThetaMap, stats: Statistics, beta: np.ndarray,
         return None
     if not np.all(np.isfinite(theta)):
         return None
-    return (theta, float(sigma2)) if with_sigma2 else theta
+    return theta, float(sigma2)
