@@ -266,6 +266,34 @@ def start(rs: ResidualStatistics) -> np.ndarray:
     return x
 
 
+#: the correlations between consecutive observations (car1: a median gap apart) at which
+#: the criterion is tried before ψ is optimized from the best of them: the profiled
+#: criterion can have several minima in φ (Oxboys with car1: φ 0.35 and, on the boundary
+#: of θ, 0.95), and Newton from one start can end in either
+PHI_STARTS = (0.2, 0.5, 0.8, 0.95)
+
+
+def start_candidates(rs: ResidualStatistics) -> list[np.ndarray]:
+    """ψ's starting values to try: `start`, and for a correlation structure the same with φ
+    at each of PHI_STARTS (ar1 also at −0.5: negative serial correlation); the other
+    entries (varIdent's ratios) at their start."""
+    x0 = start(rs)
+    out = [x0]
+    if rs.spec.kind not in ("ar1", "car1"):
+        return out
+    phis = PHI_STARTS + ((-0.5,) if rs.spec.kind == "ar1" else ())
+    for phi in phis:
+        x = x0.copy()
+        if rs.spec.kind == "ar1":
+            x[0] = math.atanh(phi)
+        else:
+            per_unit = phi ** (1.0 / float(np.median(rs.gaps)))
+            x[0] = math.log(per_unit / (1.0 - per_unit))
+        if not np.allclose(x, x0):
+            out.append(x)
+    return out
+
+
 def estimate(stats, inner, *, xtol: float = 1e-9) -> tuple[np.ndarray, dict]:
     """ψ̂ minimizing `inner(stats_at_ψ, θ₀) → (criterion, θ̂)` (the profiled criterion over
     θ; `at` puts log|R| in it) → (ψ̂, the record: evaluations, method, criterion)."""
@@ -674,14 +702,23 @@ class JointObjective:
 
 
 def estimate_joint(stats, make, optimize) -> tuple[np.ndarray, dict]:
-    """ψ̂ by the projected Newton method over (θ, ψ) together (`JointObjective`), from ψ's
-    start and θ̂ there (a fit of the joint objective's own base, which sits at ψ₀: no second
-    objective is built) → (ψ̂, the record), or (None, record) when it did not converge."""
+    """ψ̂ by the projected Newton method over (θ, ψ) together (`JointObjective`), from the
+    best of ψ's starts (`start_candidates`) with θ̂ there (fits of the joint objective's own
+    base, re-weighted at each start: no second objective is built) → (ψ̂, the record), or
+    (None, record) when it did not converge."""
     rs = stats.residual
-    psi0 = start(rs)
-    joint = JointObjective(stats, make, psi0)
+    starts = start_candidates(rs)
+    joint = JointObjective(stats, make, starts[0])
     first = optimize(joint.base, method=joint.base.default_method, guard=False)
-    x0 = np.concatenate([np.asarray(first.final_theta, dtype=float), psi0])
+    theta0 = np.asarray(first.final_theta, dtype=float)
+    best = (first.final_objective, theta0, starts[0])
+    for psi in starts[1:]:  # θ̂ at ψ's other starts (warm), the joint Newton from the best
+        joint._set(psi)
+        s = optimize(joint.base, method=joint.base.default_method, theta0=theta0,
+                     guard=False)
+        if s.final_objective < best[0]:
+            best = (s.final_objective, np.asarray(s.final_theta, dtype=float), psi)
+    x0 = np.concatenate([best[1], best[2]])
     summary = optimize(joint, method="newton", theta0=x0, guard=False)
     x = np.asarray(summary.final_theta, dtype=float)
     psi = joint.clip(x[joint.kt:])

@@ -359,3 +359,23 @@ def test_the_exact_psi_gradient_equals_differences_of_the_criterion(case, reml):
             diff[j] = (joint(x + e) - joint(x - e)) / (2 * h)
         assert np.isfinite(f)
         np.testing.assert_allclose(g[-k:], diff, rtol=1e-6, atol=1e-6 * abs(f))
+
+
+def test_psi_starts_cover_the_correlation_range():
+    """The joint fit tries φ at PHI_STARTS (per median gap for car1; ar1 also at −0.5)
+    before Newton: Oxboys with car1 has a second minimum at φ 0.95 that Newton from the
+    single start reached on some machines (the nlme test oxboys_car1_quad)."""
+    from mlpipe.residual import PHI_STARTS, start_candidates
+    from mlpipe.stats import compute_statistics
+
+    data = Path(__file__).parent / "data" / "nlme" / "oxboys.parquet"
+    f = "height ~ age + (1 | Subject)"
+    rs = compute_statistics(data, f, correlation="car1(age | Subject)").residual
+    gap = float(np.median(rs.gaps))
+    per_gap = [(1 / (1 + math.exp(-x[0]))) ** gap for x in start_candidates(rs)]
+    assert per_gap == pytest.approx([0.2, *PHI_STARTS[1:]], rel=1e-9)
+    rs = compute_statistics(data, f, correlation="ar1(age | Subject)").residual
+    phis = [math.tanh(x[0]) for x in start_candidates(rs)]
+    assert phis == pytest.approx([0.2, *PHI_STARTS[1:], -0.5], rel=1e-9)
+    rs = compute_statistics(data, f, residual_variance_by="Occasion").residual
+    assert len(start_candidates(rs)) == 1
