@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 #: held around every call of a parallel (prange) kernel: numba's fallback threading layer
 #: ("workqueue", used when neither OpenMP nor TBB is available) must not run two parallel
@@ -20,45 +20,206 @@ from numba import njit
 PARALLEL = threading.Lock()
 
 
-@njit(cache=True)
-def level_matmul(A, B, trans):
+@njit(parallel=True, cache=True)
+def _level_matmul(A, B, trans):
     """A_i B_i (or A_i' B_i) for A (m, q, q), B (m, q, r) → (m, q, r): a loop over levels
-    without numpy's per-matrix overhead for tiny blocks."""
+    without numpy's per-matrix overhead for tiny blocks (levels in parallel: each writes
+    its own rows)."""
     m, q, r = B.shape
-    out = np.zeros((m, q, r))
-    for i in range(m):
+    out = np.empty((m, q, r))
+    if q == 2:  # spelled out: ~2x faster than the loops below
+        for i in prange(m):
+            a00, a11 = A[i, 0, 0], A[i, 1, 1]
+            a01, a10 = (A[i, 1, 0], A[i, 0, 1]) if trans else (A[i, 0, 1], A[i, 1, 0])
+            for c in range(r):
+                b0, b1 = B[i, 0, c], B[i, 1, c]
+                out[i, 0, c] = a00 * b0 + a01 * b1
+                out[i, 1, c] = a10 * b0 + a11 * b1
+        return out
+    for i in prange(m):
         for a in range(q):
-            for b in range(q):
-                w = A[i, b, a] if trans else A[i, a, b]
-                if w != 0.0:
-                    for c in range(r):
-                        out[i, a, c] += w * B[i, b, c]
+            for c in range(r):
+                acc = 0.0
+                for b in range(q):
+                    acc += (A[i, b, a] if trans else A[i, a, b]) * B[i, b, c]
+                out[i, a, c] = acc
     return out
 
 
-@njit(cache=True)
-def shared_matmul(T, B):
-    """T B_i for one (q, q) T and B (m, q, r) → (m, q, r)."""
+@njit(parallel=True, cache=True)
+def _shared_matmul(T, B):
+    """T B_i for one (q, q) T and B (m, q, r) → (m, q, r) (levels in parallel)."""
     m, q, r = B.shape
-    out = np.zeros((m, q, r))
-    for i in range(m):
+    out = np.empty((m, q, r))
+    if q == 2:  # spelled out: ~2x faster than the loops below
+        t00, t01, t10, t11 = T[0, 0], T[0, 1], T[1, 0], T[1, 1]
+        for i in prange(m):
+            for c in range(r):
+                b0, b1 = B[i, 0, c], B[i, 1, c]
+                out[i, 0, c] = t00 * b0 + t01 * b1
+                out[i, 1, c] = t10 * b0 + t11 * b1
+        return out
+    for i in prange(m):
         for a in range(q):
-            for b in range(q):
-                w = T[a, b]
-                if w != 0.0:
-                    for c in range(r):
-                        out[i, a, c] += w * B[i, b, c]
+            for c in range(r):
+                acc = 0.0
+                for b in range(q):
+                    acc += T[a, b] * B[i, b, c]
+                out[i, a, c] = acc
     return out
 
 
-@njit(cache=True)
-def pair_product(out, v, rows, cols, blocks_t, off_j, off_k, symmetric):
+@njit(parallel=True, cache=True)
+def _lead_factor(blocks_t, T):
+    """Per level i of the leading factor: L_i L_i' = T' S_i T + I (S_i = blocks_t[:, :, i],
+    symmetric) → (L_i⁻¹ level first (m, q, q), log|L_i|² (m,), ok (m,): the block was
+    positive definite) — the Cholesky factor and its inverse in one pass, levels in
+    parallel."""
+    q, _, m = blocks_t.shape
+    inv = np.zeros((m, q, q))
+    logd = np.empty(m)
+    ok = np.ones(m, np.bool_)
+    if q == 2:  # spelled out (scalars in registers): ~5x faster than the loops below
+        for i in prange(m):
+            t00, t01, t10, t11 = T[0, 0], T[0, 1], T[1, 0], T[1, 1]
+            s00, s01, s11 = blocks_t[0, 0, i], blocks_t[0, 1, i], blocks_t[1, 1, i]
+            s10 = blocks_t[1, 0, i]
+            st00, st01 = s00 * t00 + s01 * t10, s00 * t01 + s01 * t11
+            st10, st11 = s10 * t00 + s11 * t10, s10 * t01 + s11 * t11
+            a00 = t00 * st00 + t10 * st10 + 1.0
+            a10 = t01 * st00 + t11 * st10
+            a11 = t01 * st01 + t11 * st11 + 1.0
+            d0 = a00
+            if not d0 > 0.0:
+                ok[i] = False
+                d0 = 1.0
+            l00 = np.sqrt(d0)
+            l10 = a10 / l00
+            d1 = a11 - l10 * l10
+            if not d1 > 0.0:
+                ok[i] = False
+                d1 = 1.0
+            l11 = np.sqrt(d1)
+            logd[i] = np.log(d0) + np.log(d1)
+            inv[i, 0, 0] = 1.0 / l00
+            inv[i, 1, 1] = 1.0 / l11
+            inv[i, 1, 0] = -(l10 / l00) / l11
+        return inv, logd, ok
+    nch = min(m, 256)  # chunks of levels: scratch allocated once per chunk
+    for ch in prange(nch):
+        A = np.empty((q, q))
+        ST = np.empty((q, q))
+        L = np.zeros((q, q))
+        for i in range(ch * m // nch, (ch + 1) * m // nch):
+            for a in range(q):  # S T
+                for b in range(q):
+                    acc = 0.0
+                    for c in range(q):
+                        acc += blocks_t[a, c, i] * T[c, b]
+                    ST[a, b] = acc
+            for a in range(q):  # T' (S T) + I, lower triangle
+                for b in range(a + 1):
+                    acc = 0.0
+                    for c in range(q):
+                        acc += T[c, a] * ST[c, b]
+                    A[a, b] = acc + (1.0 if a == b else 0.0)
+            ld = 0.0
+            for j in range(q):  # Cholesky, column by column
+                d = A[j, j]
+                for k in range(j):
+                    d -= L[j, k] * L[j, k]
+                if not d > 0.0:
+                    ok[i] = False
+                    d = 1.0
+                L[j, j] = np.sqrt(d)
+                ld += np.log(d)
+                for r in range(j + 1, q):
+                    acc = A[r, j]
+                    for k in range(j):
+                        acc -= L[r, k] * L[j, k]
+                    L[r, j] = acc / L[j, j]
+            logd[i] = ld
+            for r in range(q):  # L⁻¹, row by row (lower triangular)
+                inv[i, r, r] = 1.0 / L[r, r]
+                for c in range(r):
+                    acc = 0.0
+                    for k in range(c, r):
+                        acc += L[r, k] * inv[i, k, c]
+                    inv[i, r, c] = -acc / L[r, r]
+    return inv, logd, ok
+
+
+def level_matmul(A: np.ndarray, B: np.ndarray, trans: bool) -> np.ndarray:
+    """A_i B_i (or A_i' B_i with `trans`) per level, A (m, q, q), B (m, q, r) → (m, q, r)."""
+    with PARALLEL:
+        return _level_matmul(A, B, trans)
+
+
+def shared_matmul(T: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """T B_i per level for one (q, q) T and B (m, q, r) → (m, q, r)."""
+    with PARALLEL:
+        return _shared_matmul(T, B)
+
+
+def lead_factor(blocks_t: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, float]:
+    """(L_i⁻¹ level first (m, q, q), Σ_i log|L_i|²) for L_i L_i' = T' S_i T + I per level of
+    symmetric S (q, q, m) "pair last"; LinAlgError if a block is not positive definite."""
+    with PARALLEL:
+        inv, logd, ok = _lead_factor(blocks_t, np.ascontiguousarray(T, dtype=float))
+    if not ok.all():
+        from scipy import linalg
+
+        raise linalg.LinAlgError("a diagonal block is not positive definite")
+    return inv, float(np.sum(logd))
+
+
+def pair_product(out: np.ndarray, v: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                 blocks_t: np.ndarray, off_j: int, off_k: int, symmetric: bool) -> None:
     """out += A v for the blocks of one pair of factors (j, k) of Z'Z: block n (its summed
     Z_j'Z_k, "pair last" blocks_t[:, :, n]) links rows off_j + rows[n]·q_j + a to columns
     off_k + cols[n]·q_k + b; with `symmetric` (j ≠ k) its transpose is added too.  v and out
-    are (Q, r): Z'Z times r vectors without building Z'Z as a sparse matrix."""
+    are (Q, r): Z'Z times r vectors without building Z'Z as a sparse matrix.  A factor's
+    own (diagonal) pair, one block per level, runs levels in parallel; a pair of two
+    factors scatters onto both, in order."""
+    if symmetric:
+        _pair_product(out, v, rows, cols, blocks_t, off_j, off_k)
+    else:
+        with PARALLEL:
+            _diag_product(out, v, rows, blocks_t, off_j)
+
+
+@njit(parallel=True, cache=True)
+def _diag_product(out, v, rows, blocks_t, off):
+    """out += A v for a factor's own blocks (rows distinct: levels in parallel)."""
+    q, _, n = blocks_t.shape
+    r = v.shape[1]
+    for t in prange(n):
+        ri = off + rows[t] * q
+        for a in range(q):
+            for b in range(q):
+                w = blocks_t[a, b, t]
+                for c in range(r):
+                    out[ri + a, c] += w * v[ri + b, c]
+
+
+@njit(cache=True)
+def _pair_product(out, v, rows, cols, blocks_t, off_j, off_k):
+    """out += A v + A' v for the blocks of two factors' pair (j ≠ k), in order."""
     qj, qk, n = blocks_t.shape
     r = v.shape[1]
+    if qj == 2 and qk == 2:  # spelled out: the loop below costs ~2x more at q = 2
+        for t in range(n):
+            ri = off_j + rows[t] * 2
+            ci = off_k + cols[t] * 2
+            w00, w01, w10, w11 = (blocks_t[0, 0, t], blocks_t[0, 1, t], blocks_t[1, 0, t],
+                                  blocks_t[1, 1, t])
+            for c in range(r):
+                vr0, vr1, vc0, vc1 = v[ri, c], v[ri + 1, c], v[ci, c], v[ci + 1, c]
+                out[ri, c] += w00 * vc0 + w01 * vc1
+                out[ri + 1, c] += w10 * vc0 + w11 * vc1
+                out[ci, c] += w00 * vr0 + w10 * vr1
+                out[ci + 1, c] += w01 * vr0 + w11 * vr1
+        return
     for t in range(n):
         ri = off_j + rows[t] * qj
         ci = off_k + cols[t] * qk
@@ -68,9 +229,8 @@ def pair_product(out, v, rows, cols, blocks_t, off_j, off_k, symmetric):
                 if w != 0.0:
                     for c in range(r):
                         out[ri + a, c] += w * v[ci + b, c]
-                    if symmetric:
-                        for c in range(r):
-                            out[ci + b, c] += w * v[ri + a, c]
+                    for c in range(r):
+                        out[ci + b, c] += w * v[ri + a, c]
 
 
 @njit(cache=True)
@@ -103,3 +263,37 @@ def pair_levels(ij: np.ndarray, ik: np.ndarray, mj: int, mk: int):
     inv = np.empty(len(o), np.int64)
     inv[o] = np.cumsum(new) - 1
     return a[new], b[new], inv
+
+
+#: chunks of the sums over blocks in `pair_traces`: a fixed split, so the rounded sums do not
+#: depend on the number of threads
+TRACE_CHUNKS = 64
+
+
+def pair_traces(om: np.ndarray, blocks_t: np.ndarray) -> np.ndarray:
+    """dd[a, b, c, d] = Σ_n om[a, b, n] · blocks_t[c, d, n] for (q_j, q_k, n) arrays "pair
+    last" (`om` may be a strided view): the gradient's traces over a pair's blocks in one
+    pass (chunks of blocks in parallel, summed in chunk order)."""
+    with PARALLEL:
+        return _pair_traces(om, blocks_t)
+
+
+@njit(parallel=True, cache=True)
+def _pair_traces(om, bt):
+    qj, qk, n = bt.shape
+    nch = TRACE_CHUNKS
+    part = np.zeros((nch, qj, qk, qj, qk))
+    for ch in prange(nch):
+        lo, hi = ch * n // nch, (ch + 1) * n // nch
+        for a in range(qj):
+            for b in range(qk):
+                for c in range(qj):
+                    for d in range(qk):
+                        acc = 0.0
+                        for t in range(lo, hi):
+                            acc += om[a, b, t] * bt[c, d, t]
+                        part[ch, a, b, c, d] = acc
+    dd = np.zeros((qj, qk, qj, qk))
+    for ch in range(nch):
+        dd += part[ch]
+    return dd

@@ -32,8 +32,8 @@ from numba import njit, prange
 from scipy import linalg
 
 from ._lazy import lazy_import
-from ._levels import chol_scaled, scale_blocks, tri_inv_batched
-from ._levels_jit import PARALLEL, level_matmul, level_order
+from ._levels import scale_blocks
+from ._levels_jit import PARALLEL, lead_factor, level_matmul, level_order
 from ._selinv import _find, _z
 
 sp = lazy_import("scipy.sparse")  # imported when first needed (a fast start)
@@ -95,89 +95,150 @@ def _dense_update(S, rows_lv, cut, Bv_lv, tile_i, tile_j):
                         s_row[rows_lv[b]] -= acc
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def _scaled_entries(out, blocks_t, cols, Tj, T0, Li, pos, base):
     """B̃'s entries of one pair (factor j with the leading one): block n, row a →
     out[pos[base + n·q_j + a]] = (T_j' B_n T_0 L⁻ᵀ_{cols[n]})[a] (level order; `pos`
     empty: the entry order is the level order)."""
     qj, q1, n = blocks_t.shape
-    M = np.empty((qj, q1))
-    BT = np.empty((qj, q1))
-    for t in range(n):
-        i = cols[t]
-        for a in range(qj):  # B T0
-            for b in range(q1):
-                acc = 0.0
+    if qj == 2 and q1 == 2:  # spelled out (scalars in registers): ~5x the loops below
+        t00, t01, t10, t11 = T0[0, 0], T0[0, 1], T0[1, 0], T0[1, 1]
+        j00, j01, j10, j11 = Tj[0, 0], Tj[0, 1], Tj[1, 0], Tj[1, 1]
+        for t in prange(n):
+            i = cols[t]
+            b00, b01, b10, b11 = (blocks_t[0, 0, t], blocks_t[0, 1, t], blocks_t[1, 0, t],
+                                  blocks_t[1, 1, t])
+            bt00, bt01 = b00 * t00 + b01 * t10, b00 * t01 + b01 * t11  # B T0
+            bt10, bt11 = b10 * t00 + b11 * t10, b10 * t01 + b11 * t11
+            m00, m01 = j00 * bt00 + j10 * bt10, j00 * bt01 + j10 * bt11  # T_j' (B T0)
+            m10, m11 = j01 * bt00 + j11 * bt10, j01 * bt01 + j11 * bt11
+            l00, l10, l11 = Li[i, 0, 0], Li[i, 1, 0], Li[i, 1, 1]
+            r0 = pos[base + t * 2] if len(pos) else base + t * 2
+            r1 = pos[base + t * 2 + 1] if len(pos) else base + t * 2 + 1
+            out[r0, 0] = m00 * l00  # (·) L⁻ᵀ
+            out[r0, 1] = m00 * l10 + m01 * l11
+            out[r1, 0] = m10 * l00
+            out[r1, 1] = m10 * l10 + m11 * l11
+        return
+    nch = min(n, 256)  # chunks of blocks in parallel (each writes its own rows of out)
+    for ch in prange(nch):
+        M = np.empty((qj, q1))
+        BT = np.empty((qj, q1))
+        for t in range(ch * n // nch, (ch + 1) * n // nch):
+            i = cols[t]
+            for a in range(qj):  # B T0
+                for b in range(q1):
+                    acc = 0.0
+                    for c in range(q1):
+                        acc += blocks_t[a, c, t] * T0[c, b]
+                    BT[a, b] = acc
+            for a in range(qj):  # T_j' (B T0)
+                for b in range(q1):
+                    acc = 0.0
+                    for c in range(qj):
+                        acc += Tj[c, a] * BT[c, b]
+                    M[a, b] = acc
+            for a in range(qj):  # (·) L⁻ᵀ: (L⁻ᵀ)[d, c] = L⁻¹[c, d], d ≤ c
+                row = pos[base + t * qj + a] if len(pos) else base + t * qj + a
                 for c in range(q1):
-                    acc += blocks_t[a, c, t] * T0[c, b]
-                BT[a, b] = acc
-        for a in range(qj):  # T_j' (B T0)
-            for b in range(q1):
-                acc = 0.0
-                for c in range(qj):
-                    acc += Tj[c, a] * BT[c, b]
-                M[a, b] = acc
-        for a in range(qj):  # (·) L⁻ᵀ: (L⁻ᵀ)[d, c] = L⁻¹[c, d], d ≤ c
-            row = pos[base + t * qj + a] if len(pos) else base + t * qj + a
-            for c in range(q1):
-                acc = 0.0
-                for d in range(c + 1):
-                    acc += M[a, d] * Li[i, c, d]
-                out[row, c] = acc
+                    acc = 0.0
+                    for d in range(c + 1):
+                        acc += M[a, d] * Li[i, c, d]
+                    out[row, c] = acc
 
 
 @njit(cache=True)
-def _b_apply(rest, lead, rows_lv, lv_starts, Bv_lv, transpose):
-    """The leading factor's solve through B̃, in place: rest (R, r) −= B̃ lead, or with
-    `transpose` lead (m1, q1, r, level first) −= B̃' rest."""
+def _b_apply(rest, lead, rows_lv, lv_starts, Bv_lv):
+    """The leading factor's solve through B̃, in place: rest (R, r) −= B̃ lead (lead
+    (m1, q1, r), level first; a scatter onto the rest rows, in order)."""
     q1, r = lead.shape[1], lead.shape[2]
+    if q1 == 2:  # spelled out: ~2x faster than the loops below
+        for i in range(len(lv_starts) - 1):
+            for a in range(lv_starts[i], lv_starts[i + 1]):
+                ra = rows_lv[a]
+                w0, w1 = Bv_lv[a, 0], Bv_lv[a, 1]
+                for s in range(r):
+                    rest[ra, s] -= w0 * lead[i, 0, s] + w1 * lead[i, 1, s]
+        return
     for i in range(len(lv_starts) - 1):
         for a in range(lv_starts[i], lv_starts[i + 1]):
             ra = rows_lv[a]
             for c in range(q1):
                 w = Bv_lv[a, c]
                 for s in range(r):
-                    if transpose:
-                        lead[i, c, s] -= w * rest[ra, s]
-                    else:
-                        rest[ra, s] -= w * lead[i, c, s]
+                    rest[ra, s] -= w * lead[i, c, s]
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
+def _b_apply_t(rest, lead, rows_lv, lv_starts, Bv_lv):
+    """lead (m1, q1, r) −= B̃' rest, in place: levels in parallel (each its own rows)."""
+    q1, r = lead.shape[1], lead.shape[2]
+    for i in prange(len(lv_starts) - 1):
+        for a in range(lv_starts[i], lv_starts[i + 1]):
+            ra = rows_lv[a]
+            for c in range(q1):
+                w = Bv_lv[a, c]
+                for s in range(r):
+                    lead[i, c, s] -= w * rest[ra, s]
+
+
+@njit(parallel=True, cache=True)
 def _omega_levels(Li, lv_starts, Bv_lv, H_lv):
     """Per level i of the leading factor: Ω₁₁,ᵢ = L⁻ᵀ (I + Σ_a B̃_a H_a') L⁻¹ (Li = L⁻¹
     (m1, q1, q1), level first), returned (q1, q1, m1), and Ω₂₁ at its entries a, −H_a L⁻¹,
-    written over H_lv (entries, q1; level order) in place."""
+    written over H_lv (entries, q1; level order) in place.  Levels in parallel, in chunks
+    (each writes its own level's blocks and entries)."""
     m1, q1, _ = Li.shape
-    om11 = np.zeros((q1, q1, m1))
-    K = np.zeros((q1, q1))
-    LK = np.zeros((q1, q1))
-    for i in range(m1):
-        for a in range(q1):
-            for b in range(q1):
-                K[a, b] = 1.0 if a == b else 0.0
-        for e in range(lv_starts[i], lv_starts[i + 1]):
+    om11 = np.empty((q1, q1, m1))
+    if q1 == 2:  # spelled out (scalars in registers): ~7x faster than the loops below
+        for i in prange(m1):
+            k00, k01, k10, k11 = 1.0, 0.0, 0.0, 1.0
+            l00, l10, l11 = Li[i, 0, 0], Li[i, 1, 0], Li[i, 1, 1]
+            for e in range(lv_starts[i], lv_starts[i + 1]):
+                b0, b1, h0, h1 = Bv_lv[e, 0], Bv_lv[e, 1], H_lv[e, 0], H_lv[e, 1]
+                k00 += b0 * h0
+                k01 += b0 * h1
+                k10 += b1 * h0
+                k11 += b1 * h1
+                H_lv[e, 0] = -(h0 * l00 + h1 * l10)
+                H_lv[e, 1] = -(h1 * l11)
+            a00, a01 = l00 * k00 + l10 * k10, l00 * k01 + l10 * k11  # L⁻ᵀ K
+            a10, a11 = l11 * k10, l11 * k11
+            om11[0, 0, i] = a00 * l00 + a01 * l10  # (L⁻ᵀ K) L⁻¹
+            om11[0, 1, i] = a01 * l11
+            om11[1, 0, i] = a10 * l00 + a11 * l10
+            om11[1, 1, i] = a11 * l11
+        return om11
+    nch = min(m1, 256)
+    for ch in prange(nch):
+        K = np.empty((q1, q1))
+        LK = np.empty((q1, q1))
+        for i in range(ch * m1 // nch, (ch + 1) * m1 // nch):
             for a in range(q1):
-                w = Bv_lv[e, a]
                 for b in range(q1):
-                    K[a, b] += w * H_lv[e, b]
-            for d in range(q1):  # (−H L⁻¹)[d] = −Σ_c H[c] L⁻¹[c, d], L⁻¹ lower: c ≥ d
-                acc = 0.0
-                for c in range(d, q1):
-                    acc += H_lv[e, c] * Li[i, c, d]
-                H_lv[e, d] = -acc  # in place: the later d' > d read only H[e, c ≥ d']
-        for a in range(q1):  # LK = L⁻ᵀ K: (L⁻ᵀ)[a, b] = L⁻¹[b, a], nonzero for b ≥ a
-            for c in range(q1):
-                acc = 0.0
-                for b in range(a, q1):
-                    acc += Li[i, b, a] * K[b, c]
-                LK[a, c] = acc
-        for a in range(q1):  # (L⁻ᵀ K) L⁻¹: L⁻¹[c, d] nonzero for c ≥ d
-            for d in range(q1):
-                acc = 0.0
-                for c in range(d, q1):
-                    acc += LK[a, c] * Li[i, c, d]
-                om11[a, d, i] = acc
+                    K[a, b] = 1.0 if a == b else 0.0
+            for e in range(lv_starts[i], lv_starts[i + 1]):
+                for a in range(q1):
+                    w = Bv_lv[e, a]
+                    for b in range(q1):
+                        K[a, b] += w * H_lv[e, b]
+                for d in range(q1):  # (−H L⁻¹)[d] = −Σ_c H[c] L⁻¹[c, d], L⁻¹ lower: c ≥ d
+                    acc = 0.0
+                    for c in range(d, q1):
+                        acc += H_lv[e, c] * Li[i, c, d]
+                    H_lv[e, d] = -acc  # in place: the later d' > d read only H[e, c ≥ d']
+            for a in range(q1):  # LK = L⁻ᵀ K: (L⁻ᵀ)[a, b] = L⁻¹[b, a], nonzero for b ≥ a
+                for c in range(q1):
+                    acc = 0.0
+                    for b in range(a, q1):
+                        acc += Li[i, b, a] * K[b, c]
+                    LK[a, c] = acc
+            for a in range(q1):  # (L⁻ᵀ K) L⁻¹: L⁻¹[c, d] nonzero for c ≥ d
+                for d in range(q1):
+                    acc = 0.0
+                    for c in range(d, q1):
+                        acc += LK[a, c] * Li[i, c, d]
+                    om11[a, d, i] = acc
     return om11
 
 
@@ -267,12 +328,13 @@ def _sparse_fill(data, indptr, indices, rows_lv, lv_starts, Bv_lv):
                 data[pos] -= acc
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def _sparse_h(indptr, indices, zdata, zdiag, pos, rows_lv, lv_starts, Bv_lv, H_lv):
     """As `_dense_h`, with Ω₂₂ the selected inverse (on the pattern of the factor, which
-    holds every pair of rows a level's entries share)."""
+    holds every pair of rows a level's entries share); levels in parallel (each writes
+    its own entries)."""
     q1 = Bv_lv.shape[1]
-    for i in range(len(lv_starts) - 1):
+    for i in prange(len(lv_starts) - 1):
         for a in range(lv_starts[i], lv_starts[i + 1]):
             pa = pos[rows_lv[a]]
             w = zdiag[pa]
@@ -465,16 +527,16 @@ class Factorization:
         j0, k0, _r0, _c0, d1 = st.pairs[0]
         assert j0 == 0 and k0 == 0
         T0 = np.ascontiguousarray(Ts[0], dtype=float)
-        L1 = chol_scaled(d1, T0)  # per level L L' = T'S T + I, batched (q1, q1, m1)
-        self.logdet = 2.0 * float(np.sum(np.log(L1[np.arange(q1), np.arange(q1)])))
-        self.Li = np.ascontiguousarray(np.moveaxis(tri_inv_batched(L1), -1, 0))  # level first
+        # per level L L' = T'S T + I: L⁻¹ level first (m1, q1, q1) and Σ log|L|²
+        self.Li, self.logdet = lead_factor(d1, T0)
         # B̃'s entries in level order: Bv[e, c] = (T_j' B_n T_1 L1⁻ᵀ)[a, c]
         self.Bv_lv = np.empty((st.n_entries, q1))
         base = 0
         for t in st.b_pairs:
             j, _k, _rows, cols, bt = st.pairs[t]
-            _scaled_entries(self.Bv_lv, bt, cols, np.ascontiguousarray(Ts[j], dtype=float), T0,
-                            self.Li, _NO_POS if st.lv_pos is None else st.lv_pos, base)
+            with PARALLEL:
+                _scaled_entries(self.Bv_lv, bt, cols, np.ascontiguousarray(Ts[j], dtype=float),
+                                T0, self.Li, _NO_POS if st.lv_pos is None else st.lv_pos, base)
             base += bt.shape[0] * bt.shape[2]
         self._stage2(Ts)
 
@@ -533,10 +595,11 @@ class Factorization:
         # C2 − B̃ y1, then W1 = L1⁻ᵀ (y1 − B̃' W2) per level (compiled loops over B̃'s entries)
         c2 = np.array(C2, dtype=float, order="C")
         if st.n_entries:
-            _b_apply(c2, y1, st.rows_lv, st.lv_starts, self.Bv_lv, False)
+            _b_apply(c2, y1, st.rows_lv, st.lv_starts, self.Bv_lv)
         W2 = np.ascontiguousarray(self._solve_S(c2))
         if st.n_entries:
-            _b_apply(W2, y1, st.rows_lv, st.lv_starts, self.Bv_lv, True)
+            with PARALLEL:
+                _b_apply_t(W2, y1, st.rows_lv, st.lv_starts, self.Bv_lv)
         W1 = level_matmul(Li, y1, True)  # L1⁻ᵀ z per level
         return W1, W2
 
@@ -554,8 +617,10 @@ class Factorization:
                 with PARALLEL:
                     _dense_h(self._inv.T, st.rows_lv, st.cut, st.lv_starts, self.Bv_lv, H_lv)
             else:
-                _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self.Bv_lv, H_lv)
-        om11 = _omega_levels(self.Li, st.lv_starts, self.Bv_lv, H_lv)  # H_lv → Ω₂₁
+                with PARALLEL:
+                    _sparse_h(*self._zsel, st.rows_lv, st.lv_starts, self.Bv_lv, H_lv)
+        with PARALLEL:
+            om11 = _omega_levels(self.Li, st.lv_starts, self.Bv_lv, H_lv)  # H_lv → Ω₂₁
         # back to B's entry order (pair by pair), unless that is the level order already
         om21 = H_lv if st.lv_pos is None else H_lv[st.lv_pos]
         return om11, om21, om22

@@ -40,8 +40,7 @@ import numpy as np
 from scipy import linalg
 
 from ._lazy import lazy_import
-from ._levels import vdot
-from ._levels_jit import pair_levels, pair_product, shared_matmul
+from ._levels_jit import pair_levels, pair_product, pair_traces, shared_matmul
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError, MlpipeError
 from .objective import Parts, ThetaMap, profile_fixed, profiled_deviance
@@ -477,44 +476,50 @@ class BlockedObjective:
         if not np.isfinite(f):
             raise linalg.LinAlgError("the deviance is not finite")
         gamma = np.append(-beta, 1.0)
-        u = W @ gamma
+        # [u W_X] = W [γ | I_p; 0] as one product (u = W γ, the conditional modes)
+        to_uw = np.zeros((p + 1, p + 1))
+        to_uw[:, 0] = gamma
+        to_uw[np.arange(p), np.arange(1, p + 1)] = 1.0
+        uw = W @ to_uw
+        u = uw[:, 0]
         zr = np.concatenate([G.reshape(-1, G.shape[2]) @ gamma for G in self.G])
-        WX = W[:, :p]
-        zzl = self.ztz_times(self._lam(Ts, np.column_stack([u, WX])))  # one pass: Z'ZΛ[u W_X]
+        zzl = self.ztz_times(self._lam(Ts, uw))  # one pass: Z'ZΛ[u W_X]
         v = zr - zzl[:, 0]
-        Y = zzl[:, 1:]
         minv = linalg.cho_solve((rx, False), np.eye(p), check_finite=False)
         oms = self.pair_omegas(fac)
         gld = [np.zeros((f_.q, f_.q)) for f_ in self.factors]
         for pr, om, blocks_t in zip(self.pairs, oms, self._blocks_t):
-            nb, qj, qk = pr.blocks.shape
-            dd = np.empty((qj, qk, qj, qk))  # dd[a, b, c, d] = Σ_n Ω_n[a, b] S_n[c, d]
-            for a in range(qj):
-                for b in range(qk):
-                    for c in range(qj):
-                        for d in range(qk):
-                            dd[a, b, c, d] = vdot(om[a, b], blocks_t[c, d])
+            dd = pair_traces(om, blocks_t)  # dd[a, b, c, d] = Σ_n Ω_n[a, b] S_n[c, d]
             Tj, Tk = Ts[pr.j], Ts[pr.k]
             # ∂/∂T_k: Σ_n (Ω_n' T_j' S_n)[c, r] = Σ_bs T_j[s, b] dd[b, c, s, r]
             gld[pr.k] += np.einsum("sb,bcsr->cr", Tj, dd)
             if pr.j != pr.k:  # ∂/∂T_j: Σ_n (Ω_n T_k' S_n')[c, r] = Σ_bs T_k[s, b] dd[c, b, r, s]
                 gld[pr.j] += np.einsum("sb,cbrs->cr", Tk, dd)
+        # per factor, the sums over its levels every θ entry of it needs, as three products
+        # of (levels × q·(p+1)) blocks: uv[c, r] = Σ_i u_ic v_ir; GW[r, :, c, :] =
+        # Σ_i G_i[r]' W_i[c] (F's X'·W_X part); WY[c, :, r, :] = Σ_i W_i[c]' (Z'ZΛ[u W_X])_i[r]
+        sums = []
+        for k, fk in enumerate(self.factors):
+            sl = slice(self.uoff[k], self.uoff[k + 1])
+            m, q = fk.m, fk.q
+            uv = u[sl].reshape(m, q).T @ v[sl].reshape(m, q)
+            GW = WY = None
+            if with_rx:
+                Wk = W[sl].reshape(m, q * (p + 1))
+                GW = (self.G[k].reshape(m, q * (p + 1)).T @ Wk).reshape(q, p + 1, q, p + 1)
+                WY = (Wk.T @ zzl[sl].reshape(m, q * (p + 1))).reshape(q, p + 1, q, p + 1)
+            sums.append((uv, GW, WY))
         k_all = len(x)
         g_r2, g_ld = np.empty(k_all), np.empty(k_all)
         g_rx = np.full(k_all, np.nan)
         dms = []
         for t, (k, r, c) in enumerate(self.params):
-            fk = self.factors[k]
-            sl = slice(self.uoff[k], self.uoff[k + 1])
-            uk_, vk = u[sl].reshape(fk.m, fk.q), v[sl].reshape(fk.m, fk.q)
-            g_r2[t] = -2.0 * float(uk_[:, c] @ vk[:, r])
+            uv, GW, WY = sums[k]
+            g_r2[t] = -2.0 * float(uv[c, r])
             g_ld[t] = 2.0 * gld[k][c, r]
             if with_rx:
-                wx = WX[sl].reshape(fk.m, fk.q, p)
-                yk = Y[sl].reshape(fk.m, fk.q, p)
-                zx = self.G[k][:, :, :p]
-                F = zx[:, r, :].T @ wx[:, c, :]
-                Gm = wx[:, c, :].T @ yk[:, r, :]
+                F = GW[r, :p, c, :p]  # Σ_i (Z'X)_i[r]' (W_X)_i[c]
+                Gm = WY[c, :p, r, 1:]  # Σ_i (W_X)_i[c]' Y_i[r]
                 dM = -(F + F.T - Gm - Gm.T)
                 dms.append(dM)
                 g_rx[t] = float(np.sum(minv * dM))
