@@ -21,12 +21,11 @@ PARALLEL = threading.Lock()
 
 
 @njit(parallel=True, cache=True)
-def _level_matmul(A, B, trans):
+def _level_matmul(A, B, trans, out):
     """A_i B_i (or A_i' B_i) for A (m, q, q), B (m, q, r) → (m, q, r): a loop over levels
     without numpy's per-matrix overhead for tiny blocks (levels in parallel: each writes
-    its own rows)."""
+    its own rows; into `out`)."""
     m, q, r = B.shape
-    out = np.empty((m, q, r))
     if q == 2:  # spelled out: ~2x faster than the loops below
         for i in prange(m):
             a00, a11 = A[i, 0, 0], A[i, 1, 1]
@@ -47,10 +46,9 @@ def _level_matmul(A, B, trans):
 
 
 @njit(parallel=True, cache=True)
-def _shared_matmul(T, B):
-    """T B_i for one (q, q) T and B (m, q, r) → (m, q, r) (levels in parallel)."""
+def _shared_matmul(T, B, out):
+    """T B_i for one (q, q) T and B (m, q, r) → out (m, q, r) (levels in parallel)."""
     m, q, r = B.shape
-    out = np.empty((m, q, r))
     if q == 2:  # spelled out: ~2x faster than the loops below
         t00, t01, t10, t11 = T[0, 0], T[0, 1], T[1, 0], T[1, 1]
         for i in prange(m):
@@ -149,16 +147,23 @@ def _lead_factor(blocks_t, T):
     return inv, logd, ok
 
 
-def level_matmul(A: np.ndarray, B: np.ndarray, trans: bool) -> np.ndarray:
-    """A_i B_i (or A_i' B_i with `trans`) per level, A (m, q, q), B (m, q, r) → (m, q, r)."""
+def level_matmul(A: np.ndarray, B: np.ndarray, trans: bool,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """A_i B_i (or A_i' B_i with `trans`) per level, A (m, q, q), B (m, q, r) → (m, q, r)
+    (into `out`, C-contiguous, when given)."""
+    out = np.empty(B.shape) if out is None else out
     with PARALLEL:
-        return _level_matmul(A, B, trans)
+        _level_matmul(A, B, trans, out)
+    return out
 
 
-def shared_matmul(T: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """T B_i per level for one (q, q) T and B (m, q, r) → (m, q, r)."""
+def shared_matmul(T: np.ndarray, B: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """T B_i per level for one (q, q) T and B (m, q, r) → (m, q, r) (into `out` when
+    given)."""
+    out = np.empty(B.shape) if out is None else out
     with PARALLEL:
-        return _shared_matmul(T, B)
+        _shared_matmul(np.ascontiguousarray(T, dtype=float), B, out)
+    return out
 
 
 def lead_factor(blocks_t: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, float]:

@@ -587,8 +587,10 @@ class Factorization:
                                 for j in range(rhs.shape[1])])
 
     # ------------------------------------------------------------------ solves
-    def solve(self, C1: np.ndarray, C2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A⁻¹ [C1; C2] for C1 (m1, q1, r) and C2 (R, r) → (W1 (m1, q1, r), W2 (R, r))."""
+    def solve(self, C1: np.ndarray, C2: np.ndarray, out: tuple | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """A⁻¹ [C1; C2] for C1 (m1, q1, r) and C2 (R, r) → (W1 (m1, q1, r), W2 (R, r)),
+        into `out` = (W1, W2) (C-contiguous) when given."""
         st = self.st
         Li = self.Li
         y1 = level_matmul(Li, np.ascontiguousarray(C1), False)  # L1⁻¹ C1 per level
@@ -596,11 +598,15 @@ class Factorization:
         c2 = np.array(C2, dtype=float, order="C")
         if st.n_entries:
             _b_apply(c2, y1, st.rows_lv, st.lv_starts, self.Bv_lv)
-        W2 = np.ascontiguousarray(self._solve_S(c2))
+        if out is None:
+            W2 = np.ascontiguousarray(self._solve_S(c2))
+        else:
+            W2 = out[1]
+            W2[...] = self._solve_S(c2)
         if st.n_entries:
             with PARALLEL:
                 _b_apply_t(W2, y1, st.rows_lv, st.lv_starts, self.Bv_lv)
-        W1 = level_matmul(Li, y1, True)  # L1⁻ᵀ z per level
+        W1 = level_matmul(Li, y1, True, out=None if out is None else out[0])  # L1⁻ᵀ z
         return W1, W2
 
     # ------------------------------------------------------------------ Ω = A⁻¹ on the pattern

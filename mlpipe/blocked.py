@@ -271,9 +271,11 @@ class BlockedObjective:
                 for k in range(len(self.factors))]
 
     def _rhs(self, Ts: list[np.ndarray]) -> np.ndarray:
-        """Λ'Z'[X y] as (Q, p+1): per level T'G_i, one broadcast product per factor."""
-        return np.concatenate([shared_matmul(np.ascontiguousarray(T.T), G).reshape(
-            -1, G.shape[2]) for T, G in zip(Ts, self.G)], axis=0)
+        """Λ'Z'[X y] as (Q, p+1): per level T'G_i, one compiled product per factor."""
+        C = np.empty((self.Q, self.stats.p + 1))
+        for k, (T, G) in enumerate(zip(Ts, self.G)):
+            shared_matmul(T.T, G, out=C[self.uoff[k]:self.uoff[k + 1]].reshape(G.shape))
+        return C
 
     def _factorize(self, Ts: list[np.ndarray]):
         """Factorization at θ and W = A⁻¹ Λ'Z'[X y] → (fac, C, W), C and W (Q, p+1)."""
@@ -281,8 +283,10 @@ class BlockedObjective:
         C = self._rhs(Ts)
         n1 = int(self.uoff[1])
         f0 = self.factors[0]
-        W1, W2 = fac.solve(C[:n1].reshape(f0.m, f0.q, -1), C[n1:])
-        return fac, C, np.concatenate([W1.reshape(n1, -1), W2], axis=0)
+        W = np.empty_like(C)
+        fac.solve(C[:n1].reshape(f0.m, f0.q, -1), C[n1:],
+                  out=(W[:n1].reshape(f0.m, f0.q, -1), W[n1:]))
+        return fac, C, W
 
     def _evaluate(self, theta: np.ndarray, keep: bool = False):
         p = self.stats.p
@@ -434,8 +438,8 @@ class BlockedObjective:
                 out[sl] = (v[sl].reshape(f.m, f.q) @ Ts[k].T).ravel()
             else:
                 r = v.shape[1]  # may be 0 (no fixed effects left in a profile)
-                out[sl] = shared_matmul(Ts[k], np.ascontiguousarray(
-                    v[sl].reshape(f.m, f.q, r))).reshape(f.m * f.q, r)
+                shared_matmul(Ts[k], np.ascontiguousarray(v[sl].reshape(f.m, f.q, r)),
+                              out=out[sl].reshape(f.m, f.q, r))
         return out
 
     def _value_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -616,8 +620,13 @@ class BlockedObjective:
             T = dec.T[k]
             u = dec.u[self.uoff[k]:self.uoff[k + 1]].reshape(m, q)
             b = u @ T.T
-            blockinv = np.moveaxis(diag[k], -1, 0)  # (m, q, q)
-            cov = T[None] @ blockinv @ T.T[None]
-            sd = sigma * np.sqrt(np.clip(np.einsum("maa->ma", cov), 0, None))
+            om = diag[k]  # (q, q, m): the diagonal blocks of Ω, level last
+            var = np.zeros((q, m))  # diag(T Ω_i T')[a] = Σ_cd T[a, c] T[a, d] Ω_i[c, d]
+            for a in range(q):
+                for c in range(q):
+                    for d in range(q):
+                        if T[a, c] * T[a, d] != 0.0:
+                            var[a] += (T[a, c] * T[a, d]) * om[c, d]
+            sd = sigma * np.sqrt(np.clip(var.T, 0, None))
             out.append({"factor": f, "b": b, "cond_sd": sd})
         return out
