@@ -302,3 +302,27 @@ def _pair_traces(om, bt):
     for ch in range(nch):
         dd += part[ch]
     return dd
+
+
+@njit(cache=True)
+def pair_sums(ztz, zj, zk, index, out):
+    """out[a, b, index[t]] += ztz[zj[a], zk[b], t] over the cells t: the summed Z_j'Z_k
+    blocks of each level pair (out zero on entry, (len(zj), len(zk), n)) in one pass."""
+    for t in range(len(index)):
+        i = index[t]
+        for a in range(len(zj)):
+            for b in range(len(zk)):
+                out[a, b, i] += ztz[zj[a], zk[b], t]
+
+
+@njit(cache=True)
+def level_sums_xy(ztx, zty, z, index, out):
+    """out[index[t], a, c] += Z'[X y] of cell t, column z[a] (c < p: ztx, c = p: zty): each
+    level's Z'[X y] (out zero on entry, (m, len(z), p + 1), level first) in one pass."""
+    p = ztx.shape[1]
+    for t in range(len(index)):
+        i = index[t]
+        for a in range(len(z)):
+            for c in range(p):
+                out[i, a, c] += ztx[z[a], c, t]
+            out[i, a, p] += zty[z[a], t]

@@ -40,7 +40,8 @@ import numpy as np
 from scipy import linalg
 
 from ._lazy import lazy_import
-from ._levels_jit import pair_levels, pair_product, pair_traces, shared_matmul
+from ._levels_jit import (level_sums_xy, pair_levels, pair_product, pair_sums,
+                          pair_traces, shared_matmul)
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError, MlpipeError
 from .objective import Parts, ThetaMap, profile_fixed, profiled_deviance
@@ -210,19 +211,15 @@ class BlockedObjective:
         p = stats.p
         ztz, ztx, zty = (np.asarray(a, dtype=float) for a in (stats.ztz, stats.ztx, stats.zty))
         out = []
+        ints = lambda z: np.asarray(z, dtype=np.int64)  # noqa: E731
         for j, k, _rows, _cols, index, n in self._pair_keys:  # Σ over each pair's cells
             zj, zk = self.factors[j].z, self.factors[k].z
-            blocks = np.empty((len(zj), len(zk), n))
-            for a, za in enumerate(zj):
-                for b, zb in enumerate(zk):
-                    blocks[a, b] = np.bincount(index, ztz[za, zb], minlength=n)
+            blocks = np.zeros((len(zj), len(zk), n))
+            pair_sums(ztz, ints(zj), ints(zk), ints(index), blocks)
             out.append(blocks)
         for f in self.factors:  # Σ Z'[X y] over each level's cells, level first
-            g = np.empty((f.m, f.q, p + 1))
-            for a, za in enumerate(f.z):
-                for c in range(p + 1):
-                    g[:, a, c] = np.bincount(f.index, ztx[za, c] if c < p else zty[za],
-                                             minlength=f.m)
+            g = np.zeros((f.m, f.q, p + 1))
+            level_sums_xy(ztx, zty, ints(f.z), ints(f.index), g)
             out.append(g)
         m0 = np.empty((p + 1, p + 1))
         m0[:p, :p] = stats.xtx
