@@ -143,6 +143,30 @@ def lme4_order(factors: list[Factor]) -> list[Factor]:
     return out
 
 
+_WARM = False
+
+
+def warm_up() -> None:
+    """Load the compiled kernels from numba's cache by evaluating a tiny two-factor model
+    (crossed, a random slope) with its gradient: a fresh process's first several-factor
+    evaluation otherwise pays ~0.3 s for numba's target and ~5 ms a kernel.  `fit` runs it
+    in the background during the scan (`mlpipe/_preload.py`); once per process."""
+    global _WARM
+    if _WARM:
+        return
+    _WARM = True
+    import pyarrow as pa
+
+    from .stats import compute_statistics
+
+    rng = np.random.default_rng(0)
+    n = 48
+    table = pa.table({"y": rng.normal(size=n), "x": rng.normal(size=n),
+                      "g": np.arange(n) % 8, "h": np.arange(n) % 3})
+    obj = BlockedObjective(compute_statistics(table, "y ~ x + (x | g) + (1 | h)", threads=1))
+    obj.value_and_gradient(np.asarray(obj.theta_map.initial, dtype=float))
+
+
 class BlockedObjective:
     """`BlockedObjective(stats, reml=True)(theta)` → the deviance, for `stats.general`."""
 

@@ -859,19 +859,6 @@ def _offset_statistics(stats: Statistics, j: int, b: float) -> Statistics:
     )
 
 
-def check_ddf(ddf: str | None) -> str | None:
-    if ddf is None:
-        return None
-    key = str(ddf).lower().replace("_", "-").replace(" ", "-")
-    if key in ("none", "no", "false"):
-        return None
-    if key in ("kr", "kenward"):
-        key = "kenward-roger"
-    if key not in DDF_METHODS:
-        raise InputError(f"ddf must be satterthwaite, kenward-roger or none, not {ddf!r}")
-    return key
-
-
 # ---------------------------------------------------------------------- the ICC (variance.py)
 
 INTERCEPT = "(Intercept)"

@@ -10,18 +10,29 @@ import math
 import os
 import time
 
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING
 
-from . import _dist, runlog
+import numpy as np
+
+from . import _dist, _preload, runlog
+from ._lazy import lazy_import
 from ._malloc import reuse_freed_memory
 from .errors import DataError, InputError
-from .inference import (check_ddf, icc_or_none, kenward_roger, profile_intervals, satterthwaite,
-                        satterthwaite_general, wald_intervals)
-from .objective import Objective
-from .optimize import optimize
-from .results import FitResult
 from .stats import Statistics
+
+if TYPE_CHECKING:
+    from .results import FitResult
+
+# the solver's stages, imported when first used: a fit imports them in the background while
+# DuckDB scans (`_preload`), so their import time (~0.7 s: scipy, polars, nlopt) overlaps the
+# pass over the data instead of preceding it
+pl = lazy_import("polars")
+_inference = lazy_import("mlpipe.inference")
+_objective = lazy_import("mlpipe.objective")
+_optimize = lazy_import("mlpipe.optimize")
+_results = lazy_import("mlpipe.results")
+#: what `fit` imports in the background during the scan (`_preload.during`)
+SOLVER_MODULES = ("mlpipe.objective", "mlpipe.optimize", "mlpipe.results", "mlpipe.inference")
 
 METHODS = ("REML", "ML")
 
@@ -110,8 +121,9 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     if stats is None:
         if data is None or formula is None:
             raise InputError("fit needs DATA and a formula, or saved statistics")
-        stats = eng.statistics(data, formula, weights=weights, correlation=correlation,
-                               residual_variance_by=residual_variance_by)
+        with _preload.during(_solver_modules(formula)):  # imported during the scan
+            stats = eng.statistics(data, formula, weights=weights, correlation=correlation,
+                                   residual_variance_by=residual_variance_by)
     elif not isinstance(stats, Statistics):
         stats = Statistics.load(stats)
     if formula is not None and " ".join(formula.split()) != " ".join(stats.formula.split()):
@@ -122,6 +134,21 @@ def fit(data: str | os.PathLike[str] | None = None, formula: str | None = None, 
     _check_residual_matches(stats, correlation, residual_variance_by)
     return fit_statistics(stats, method=method, ddf=ddf, ci=ci, level=level,
                           memory_limit=memory_limit, refine=refine)
+
+
+def _solver_modules(formula: str) -> tuple[str, ...]:
+    """The modules the fit of `formula` imports after its scan (`SOLVER_MODULES`; with
+    several grouping factors, or one on a combination of columns, the blocked objective's
+    too — numba and the sparse solvers — and its compiled kernels, `blocked.warm_up`)."""
+    from .formula import parse_formula
+
+    try:
+        random = parse_formula(formula).random
+    except Exception:  # noqa: BLE001 - the scan reports a bad formula
+        return SOLVER_MODULES
+    several = len({r.group for r in random}) > 1 or any(len(r.group_columns) > 1
+                                                        for r in random)
+    return SOLVER_MODULES + (("mlpipe.blocked:warm_up",) if several else ())
 
 
 def optimizer_progress(obj):
@@ -205,9 +232,9 @@ def _fit_exact(stats: Statistics, *, method: str, ddf: str | None, ci: str | Non
                             reason=f"{method} not attempted: {exc}".split("; simplify")[0]
                             + "; fitted by the method of moments instead")
     with optimizer_progress(obj), reuse_freed_memory():
-        summary = optimize(obj, method=obj.default_method, theta0=theta0)
+        summary = _optimize.optimize(obj, method=obj.default_method, theta0=theta0)
         dec = obj.decompose(np.asarray(summary.final_theta))
-    build = FitResult.build_general if stats.general else FitResult.build
+    build = _results.FitResult.build_general if stats.general else _results.FitResult.build
     result = build(stats, obj, dec, summary)
     if structure is not None:
         result.residual_structure = structure
@@ -389,12 +416,12 @@ def _estimate_residual(stats: Statistics, ci: str | None, *, reml: bool,
     def inner(st: Statistics, theta0):
         obj = make(st)
         # the BOBYQA guard of boundary answers runs once, in the fit at ψ̂
-        summary = optimize(obj, method=obj.default_method, theta0=theta0, guard=False)
+        summary = _optimize.optimize(obj, method=obj.default_method, theta0=theta0, guard=False)
         return summary.final_objective, np.asarray(summary.final_theta)
 
     # θ and ψ together (Newton), from θ̂ at ψ's start; should that fail, ψ by a search
     # over the profiled criterion (each value an optimization of θ)
-    psi, record = residual.estimate_joint(stats, make, optimize)
+    psi, record = residual.estimate_joint(stats, make, _optimize.optimize)
     theta = np.asarray(record.pop("theta"))
     if psi is None:
         psi, fallback = residual.estimate(stats, inner)
@@ -425,7 +452,7 @@ def make_objective(stats: Statistics, *, reml: bool, memory_limit: str | None = 
         from .blocked import BlockedObjective  # numba and the sparse solvers: only here
 
         return BlockedObjective(stats, reml=reml, memory_limit=memory_limit)
-    return Objective(stats, reml=reml)
+    return _objective.Objective(stats, reml=reml)
 
 
 def check_general_options(stats: Statistics, ddf: str | None, ci: str | None) -> None:
@@ -461,22 +488,22 @@ def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
     if ddf is not None:
         if ddf == "kenward-roger":
             res = kenward_roger_general(obj, result.theta, result.sigma, beta) if general \
-                else kenward_roger(stats, result.theta, result.sigma, beta)
+                else _inference.kenward_roger(stats, result.theta, result.sigma, beta)
         elif general:
-            res = satterthwaite_general(obj, result.theta, result.sigma, beta)
+            res = _inference.satterthwaite_general(obj, result.theta, result.sigma, beta)
         else:
-            res = satterthwaite(stats, result.theta, result.sigma, beta, reml=reml)
+            res = _inference.satterthwaite(stats, result.theta, result.sigma, beta, reml=reml)
         set_ddf(result, res)
     if ci == "wald":
         se = np.sqrt(np.diag(result.vcov)) if general \
             else result.fixed_effects["std_error"].to_numpy()
-        result.confidence_intervals = wald_intervals(
+        result.confidence_intervals = _inference.wald_intervals(
             stats, result.theta, result.sigma, beta, se, reml=reml, level=level)
     elif ci == "profile":
-        result.confidence_intervals = profile_intervals(stats, level=level)
+        result.confidence_intervals = _inference.profile_intervals(stats, level=level)
     result.ci_level = level if ci else None
     if not general and result.residual_structure is None:
-        result.icc = icc_or_none(result, level)
+        result.icc = _inference.icc_or_none(result, level)
 
 
 def set_ddf(result: FitResult, res) -> None:
@@ -496,6 +523,20 @@ def check_options(method: str, ddf: str | None, ci: str | None, level: float):
             or not 0 < float(level) < 1:
         raise InputError(f"confidence level must be between 0 and 1, not {level!r}")
     return method, ddf, ci
+
+
+def check_ddf(ddf: str | None) -> str | None:
+    """The ddf option's canonical name ("satterthwaite", "kenward-roger") or None."""
+    if ddf is None:
+        return None
+    key = str(ddf).lower().replace("_", "-").replace(" ", "-")
+    if key in ("none", "no", "false"):
+        return None
+    if key in ("kr", "kenward"):
+        key = "kenward-roger"
+    if key not in ("satterthwaite", "kenward-roger"):
+        raise InputError(f"ddf must be satterthwaite, kenward-roger or none, not {ddf!r}")
+    return key
 
 
 def check_ci(ci: str | None) -> str | None:
