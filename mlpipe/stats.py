@@ -595,6 +595,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
         for k, f in enumerate(design.factors):
             cols = [f"g{gcols.index(c)}" for c in f.columns]
             con.execute(render("factor_levels", table=f"lv{k}", keys=", ".join(cols),
+                               distinct="" if len(set(cols)) == len(gcols) else "DISTINCT",
                                label=" || ':' || ".join(f"CAST({c} AS VARCHAR)" for c in cols)))
             factor_labels.append(np.asarray(con.execute(
                 f"SELECT label FROM lv{k} ORDER BY idx").fetchnumpy()["label"], dtype=object))

@@ -4,8 +4,10 @@
 -- row per level: cell_statistics.sql joins it to the cells for their level indices (a window
 -- over the cells would sort all of them once per factor), and the labels are read from it,
 -- so a crossed design of millions of cells builds its strings for the levels only.
+-- {distinct} is DISTINCT, or empty for a factor on all the cells' columns (its levels are
+-- the cells: no hash of millions of rows to find them).
 CREATE OR REPLACE TEMP TABLE {table} AS
 SELECT {keys},
        CAST(row_number() OVER (ORDER BY {keys}) - 1 AS BIGINT) AS idx,
        {label} AS label
-FROM (SELECT DISTINCT {keys} FROM group_moments WHERE complete) AS levels
+FROM (SELECT {distinct} {keys} FROM group_moments WHERE complete) AS levels
