@@ -11,6 +11,13 @@ freed arrays stay in the heap and the next evaluation reuses them (no page fault
 the thresholds go back to glibc's settled defaults and `malloc_trim` returns what is free to
 the system.  Peak resident memory is unchanged (the same arrays are live at the peak).  On
 other C libraries it does nothing.
+
+Within the block NumPy also stops asking for transparent huge pages for its large arrays
+(its default on Linux: `madvise(MADV_HUGEPAGE)` on every array of 4 MB or more).  Where the
+kernel compacts memory to find a huge page at the fault (THP "madvise" with defrag
+"madvise", common, and the page cache full of the Parquet just read), a first touch cost
+~3.6 ms/MB against ~0.6 ms/MB with ordinary pages (measured here), and the 2M-level nested
+fit took 11.4 s against 10.0 s on average (five runs each; system time 4.7 s against 2.5 s).
 """
 
 from __future__ import annotations
@@ -50,9 +57,11 @@ def reuse_freed_memory():
     if lib is None:
         yield
         return
+    global _hugepage_before
     if _depth == 0:
         lib.mallopt(_M_MMAP_THRESHOLD, _KEEP)
         lib.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM)
+        _hugepage_before = _set_numpy_hugepage(False)
     _depth += 1
     try:
         yield
@@ -62,3 +71,24 @@ def reuse_freed_memory():
             lib.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP)
             lib.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
             lib.malloc_trim(0)
+            if _hugepage_before is not None:
+                _set_numpy_hugepage(_hugepage_before)
+
+
+_hugepage_before: bool | None = None
+
+
+def _set_numpy_hugepage(enabled: bool) -> bool | None:
+    """NumPy's huge-page advice on (True) or off → its previous setting (None where this
+    NumPy has no such switch: nothing changes)."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy < 2
+        try:
+            from numpy.core import multiarray
+        except ImportError:
+            return None
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)
+    if setter is None:
+        return None
+    return bool(setter(bool(enabled)))

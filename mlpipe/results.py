@@ -484,8 +484,11 @@ def _level_text(levels) -> np.ndarray | pl.Series:
     arr = np.asarray(levels)
     if arr.dtype.kind in "iu":
         return pl.Series(arr).cast(pl.Utf8)
-    if arr.dtype == object and all(type(v) is str for v in arr):
-        return arr
+    if arr.dtype == object:
+        try:  # strict: refused unless every label is text already
+            return pl.Series("level", arr, dtype=pl.Utf8, strict=True)
+        except (pl.exceptions.ComputeError, TypeError, ValueError):
+            pass
     return arr.astype(str)
 
 

@@ -33,3 +33,15 @@ def test_freed_arrays_are_reused_inside_the_block_only():
     assert outside > nbytes // (2 << 20) // 2
     assert inside < pages // 100
     assert inside < outside / 10
+
+
+def test_numpy_hugepage_advice_is_off_inside_the_block_and_restored():
+    before = _malloc._set_numpy_hugepage(True)
+    if before is None:
+        pytest.skip("this NumPy has no huge-page switch")
+    try:
+        with _malloc.reuse_freed_memory():
+            assert _malloc._set_numpy_hugepage(False) is False  # off inside (set it again)
+        assert _malloc._set_numpy_hugepage(True) is True  # restored on exit
+    finally:
+        _malloc._set_numpy_hugepage(before)
