@@ -54,28 +54,6 @@ def _level_matmul(A, B, trans, out):
 
 
 @njit(parallel=True, cache=True)
-def _shared_matmul(T, B, out):
-    """T B_i for one (q, q) T and B (m, q, r) → out (m, q, r) (levels in parallel)."""
-    m, q, r = B.shape
-    if q == 2:  # spelled out: ~2x faster than the loops below
-        t00, t01, t10, t11 = T[0, 0], T[0, 1], T[1, 0], T[1, 1]
-        for i in prange(m):
-            for c in range(r):
-                b0, b1 = B[i, 0, c], B[i, 1, c]
-                out[i, 0, c] = t00 * b0 + t01 * b1
-                out[i, 1, c] = t10 * b0 + t11 * b1
-        return out
-    for i in prange(m):
-        for a in range(q):
-            for c in range(r):
-                acc = 0.0
-                for b in range(q):
-                    acc += T[a, b] * B[i, b, c]
-                out[i, a, c] = acc
-    return out
-
-
-@njit(parallel=True, cache=True)
 def _lead_factor(blocks_t, T):
     """Per level i of the leading factor: L_i L_i' = T' S_i T + I (S_i = blocks_t[:, :, i],
     symmetric) → (L_i⁻¹ level first (m, q, q), log|L_i|² (m,), ok (m,): the block was
@@ -167,11 +145,9 @@ def level_matmul(A: np.ndarray, B: np.ndarray, trans: bool,
 
 def shared_matmul(T: np.ndarray, B: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """T B_i per level for one (q, q) T and B (m, q, r) → (m, q, r) (into `out` when
-    given)."""
-    out = np.empty(B.shape) if out is None else out
-    with PARALLEL:
-        _shared_matmul(np.ascontiguousarray(T, dtype=float), B, out)
-    return out
+    given): `level_matmul` with T at every level (a broadcast view, no copy)."""
+    T = np.ascontiguousarray(T, dtype=float)
+    return level_matmul(np.broadcast_to(T, (B.shape[0],) + T.shape), B, False, out)
 
 
 def lead_factor(blocks_t: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, float]:
