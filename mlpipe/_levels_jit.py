@@ -53,6 +53,25 @@ def _level_matmul(A, B, trans, out):
     return out
 
 
+@njit(cache=True, inline="always")
+def congruence(blocks_t, t, Tj, Tk, tmp, out):
+    """out = T_j' B T_k for block t of blocks_t (q_j, q_k, n), tmp (q_j, q_k') scratch: the
+    general loops of the kernels' per-level scaling (inlined where it is called)."""
+    qj, qk = blocks_t.shape[0], blocks_t.shape[1]
+    for a in range(qj):  # B T_k
+        for b in range(Tk.shape[1]):
+            acc = 0.0
+            for c in range(qk):
+                acc += blocks_t[a, c, t] * Tk[c, b]
+            tmp[a, b] = acc
+    for a in range(Tj.shape[1]):  # T_j' (B T_k)
+        for b in range(Tk.shape[1]):
+            acc = 0.0
+            for c in range(qj):
+                acc += Tj[c, a] * tmp[c, b]
+            out[a, b] = acc
+
+
 @njit(parallel=True, cache=True)
 def _lead_factor(blocks_t, T):
     """Per level i of the leading factor: L_i L_i' = T' S_i T + I (S_i = blocks_t[:, :, i],
@@ -95,18 +114,9 @@ def _lead_factor(blocks_t, T):
         ST = np.empty((q, q))
         L = np.zeros((q, q))
         for i in range(ch * m // nch, (ch + 1) * m // nch):
-            for a in range(q):  # S T
-                for b in range(q):
-                    acc = 0.0
-                    for c in range(q):
-                        acc += blocks_t[a, c, i] * T[c, b]
-                    ST[a, b] = acc
-            for a in range(q):  # T' (S T) + I, lower triangle
-                for b in range(a + 1):
-                    acc = 0.0
-                    for c in range(q):
-                        acc += T[c, a] * ST[c, b]
-                    A[a, b] = acc + (1.0 if a == b else 0.0)
+            congruence(blocks_t, i, T, T, ST, A)  # T' S T, then + I
+            for a in range(q):
+                A[a, a] += 1.0
             ld = 0.0
             for j in range(q):  # Cholesky, column by column
                 d = A[j, j]

@@ -33,7 +33,8 @@ from scipy import linalg
 
 from ._lazy import lazy_import
 from ._levels import scale_blocks
-from ._levels_jit import PARALLEL, lead_factor, level_matmul, level_order, pair_levels
+from ._levels_jit import (PARALLEL, congruence, lead_factor, level_matmul, level_order,
+                          pair_levels)
 from ._selinv import _z
 
 sp = lazy_import("scipy.sparse")  # imported when first needed (a fast start)
@@ -126,18 +127,7 @@ def _scaled_entries(out, blocks_t, cols, Tj, T0, Li, pos, base):
         BT = np.empty((qj, q1))
         for t in range(ch * n // nch, (ch + 1) * n // nch):
             i = cols[t]
-            for a in range(qj):  # B T0
-                for b in range(q1):
-                    acc = 0.0
-                    for c in range(q1):
-                        acc += blocks_t[a, c, t] * T0[c, b]
-                    BT[a, b] = acc
-            for a in range(qj):  # T_j' (B T0)
-                for b in range(q1):
-                    acc = 0.0
-                    for c in range(qj):
-                        acc += Tj[c, a] * BT[c, b]
-                    M[a, b] = acc
+            congruence(blocks_t, t, Tj, T0, BT, M)  # T_j' B T0
             for a in range(qj):  # (·) L⁻ᵀ: (L⁻ᵀ)[d, c] = L⁻¹[c, d], d ≤ c
                 row = pos[base + t * qj + a] if len(pos) else base + t * qj + a
                 for c in range(q1):
