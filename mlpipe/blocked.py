@@ -302,12 +302,16 @@ class BlockedObjective:
         """Factorization at θ and W = A⁻¹ Λ'Z'[X y] → (fac, C, W), C and W (Q, p+1)."""
         fac = Factorization(self._st, Ts)
         C = self._rhs(Ts)
+        return fac, C, self._solve(fac, C)
+
+    def _solve(self, fac, C: np.ndarray) -> np.ndarray:
+        """A⁻¹ C for C (Q, r) with the factorization at θ."""
         n1 = int(self.uoff[1])
         f0 = self.factors[0]
         W = np.empty_like(C)
         fac.solve(C[:n1].reshape(f0.m, f0.q, -1), C[n1:],
                   out=(W[:n1].reshape(f0.m, f0.q, -1), W[n1:]))
-        return fac, C, W
+        return W
 
     def _evaluate(self, theta: np.ndarray, keep: bool = False):
         p = self.stats.p
@@ -450,21 +454,22 @@ class BlockedObjective:
                 self._params.append((k, R - int(self.toff[k]), Cc - int(self.toff[k])))
         return self._params
 
-    def _lam(self, Ts: list[np.ndarray], v: np.ndarray) -> np.ndarray:
-        """Λ v for v (Q,) or (Q, r): per level T v_i."""
+    def _lam(self, Ts: list[np.ndarray], v: np.ndarray, trans: bool = False) -> np.ndarray:
+        """Λ v (Λ'v with `trans`) for v (Q,) or (Q, r): per level T v_i (T'v_i)."""
         out = np.empty_like(v)
         for k, f in enumerate(self.factors):
             sl = slice(self.uoff[k], self.uoff[k + 1])
+            T = Ts[k].T if trans else Ts[k]
             if v.ndim == 1:
-                out[sl] = (v[sl].reshape(f.m, f.q) @ Ts[k].T).ravel()
+                out[sl] = (v[sl].reshape(f.m, f.q) @ T.T).ravel()
             else:
                 r = v.shape[1]  # may be 0 (no fixed effects left in a profile)
-                shared_matmul(Ts[k], np.ascontiguousarray(v[sl].reshape(f.m, f.q, r)),
+                shared_matmul(T, np.ascontiguousarray(v[sl].reshape(f.m, f.q, r)),
                               out=out[sl].reshape(f.m, f.q, r))
         return out
 
     def _value_and_gradient(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        f, pt, _dms, _minv = self._gradient_parts(x, self.reml)
+        f, pt, _dms, _minv, _info = self._gradient_parts(x, self.reml)
         n, p = self.stats.n, self.stats.p
         if self.reml:
             return f, pt.d_logdet_l + pt.d_logdet_rx + (n - p) / pt.r2 * pt.d_r2
@@ -485,12 +490,69 @@ class BlockedObjective:
         """∂Var(β̂)/∂v_k for v = (θ, σ), Var(β̂) = σ²(R_X'R_X)⁻¹: −σ² M⁻¹ ∂M/∂θ_k M⁻¹ with
         the gradient's ∂R_X'R_X, and 2σ M⁻¹ (Satterthwaite's Jacobian in closed form)."""
         with np.errstate(invalid="raise", divide="raise"), self._lock:
-            _f, _pt, dms, minv = self._gradient_parts(np.asarray(theta, dtype=float), True)
+            _f, _pt, dms, minv, _info = self._gradient_parts(np.asarray(theta, dtype=float),
+                                                             True)
         return [-sigma**2 * minv @ dm @ minv for dm in dms] + [2 * sigma * minv]
 
-    def _gradient_parts(self, x: np.ndarray, with_rx: bool):
+    def value_gradient_information(self, theta: np.ndarray
+                                   ) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """The deviance, its exact gradient and `_information` (an approximation of its
+        Hessian, None where undefined) at θ, from one factorization: Newton's Hessian
+        without a gradient per parameter (mlpipe/optimize.py)."""
+        x = np.asarray(theta, dtype=float)
+        self.evaluations += 1
+        self.gradient_evaluations += 1
+        try:
+            with np.errstate(invalid="raise", divide="raise"), self._lock:
+                f, pt, _dms, _minv, info = self._gradient_parts(x, self.reml, info=True)
+        except (linalg.LinAlgError, FloatingPointError, ValueError, ZeroDivisionError):
+            return np.inf, np.full(len(x), np.nan), None
+        n, p = self.stats.n, self.stats.p
+        g = (pt.d_logdet_l + pt.d_logdet_rx + (n - p) / pt.r2 * pt.d_r2 if self.reml
+             else pt.d_logdet_l + n / pt.r2 * pt.d_r2)
+        self.last_value = float(f) if np.isfinite(f) else self.last_value
+        return f, g, info
+
+    def _information(self, Ts: list[np.ndarray], fac, u: np.ndarray, v: np.ndarray,
+                     a: np.ndarray, minv: np.ndarray, r2: float) -> np.ndarray:
+        """ASReml's average information, with σ² profiled out, as an approximation of the
+        deviance's Hessian in θ (exact in expectation at the optimum; no differences).
+
+        With V = σ²(ZΛΛ'Z' + I), P the REML projection and V_t = ∂V/∂θ_t, the average
+        information is AI_tu = ½ y'P V_t P V_u P y.  For the θ entry t (entry (r, c) of
+        factor k's T, E_t = ∂Λ/∂θ_t), V_t P y = Z ŵ_t, ŵ_t = E_t u + Λ E_t'v, with u the
+        conditional modes and v = Z'(y − Xβ̂ − ZΛu); σ² profiled at σ̂² = r²/d:
+
+            H ≈ (d/r²) [Ŵ'Z'Z K − Ĝ'M⁻¹Ĝ − 4 a a'/r²],   K = Ŵ − ΛA⁻¹Λ'Z'ZŴ,
+
+        Ĝ = X'Z K, M = R_X'R_X, a_t = u'E_t'v and d = n − p (REML; n for ML, which uses
+        the same projected form).  Its cost is two products with Z'Z and one solve with
+        the factorization for all the entries at once."""
+        s = self.stats
+        p = s.p
+        params = self.params
+        Wh = np.zeros((self.Q, len(params)))
+        for t, (k, r, c) in enumerate(params):
+            sl = slice(self.uoff[k], self.uoff[k + 1])
+            q = self.factors[k].q
+            w = np.outer(v[sl].reshape(-1, q)[:, r], Ts[k][:, c])  # Λ E_t'v per level
+            w[:, r] += u[sl].reshape(-1, q)[:, c]  # + E_t u
+            Wh[sl, t] = w.ravel()
+        zw = self.ztz_times(Wh)
+        K = Wh - self._lam(Ts, self._solve(fac, self._lam(Ts, zw, trans=True)))
+        zk = self.ztz_times(K)
+        gx = np.zeros((p, len(params)))
+        for k, f in enumerate(self.factors):
+            sl = slice(self.uoff[k], self.uoff[k + 1])
+            gx += self.G[k][:, :, :p].reshape(f.m * f.q, p).T @ K[sl]
+        H = Wh.T @ zk - gx.T @ minv @ gx - 4.0 * np.outer(a, a) / r2
+        d = s.n - (p if self.reml else 0)
+        H = d / r2 * H
+        return (H + H.T) / 2
+
+    def _gradient_parts(self, x: np.ndarray, with_rx: bool, info: bool = False):
         """(f, the `Parts` at θ = x (∂log|R_X|² NaN without `with_rx`), [∂R_X'R_X/∂θ_t]
-        (empty without), (R_X'R_X)⁻¹)."""
+        (empty without), (R_X'R_X)⁻¹, `_information` (None without `info`))."""
         s = self.stats
         p = s.p
         Ts = self.T_blocks(x)
@@ -548,7 +610,8 @@ class BlockedObjective:
                 dM = -(F + F.T - Gm - Gm.T)
                 dms.append(dM)
                 g_rx[t] = float(np.sum(minv * dM))
-        return f, Parts(logdet_l, logdet_rx, r2, g_ld, g_rx, g_r2), dms, minv
+        H = self._information(Ts, fac, u, v, -g_r2 / 2, minv, r2) if info else None
+        return f, Parts(logdet_l, logdet_rx, r2, g_ld, g_rx, g_r2), dms, minv, H
 
     def moment_start(self) -> np.ndarray | None:
         """A cheap starting θ; `optimize` keeps it only when it beats lme4's default start.
