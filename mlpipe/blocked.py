@@ -226,6 +226,14 @@ class BlockedObjective:
                 f"simplify the random part or raise --memory-limit")
         self._st = Structure(*spec)
         self._lock = threading.Lock()
+        # Newton's Hessian (mlpipe/optimize.py): the information (`_information`) costs
+        # O(entries of θ × (Q + B's entries)) per evaluation, a difference Hessian one more
+        # factorization per entry, O(the Schur update's terms + R³/3 when dense); the
+        # information only where it is the cheaper — crossed factors, a dense trailing
+        # block (not 2M children nested in schools: there it cost as much time and 400 MB)
+        dense = self.size["order"] ** 3 / 3 if self.size["dense"] else 0
+        self.information_pays = len(self.theta_map) * (self.Q + self._st.n_entries) < \
+            self.size["update_terms"] + dense
 
     def linear_parts_of(self, stats: Statistics) -> list[np.ndarray]:
         """The arrays the evaluations read, from `stats` (per-cell statistics of this
@@ -513,8 +521,8 @@ class BlockedObjective:
         self.last_value = float(f) if np.isfinite(f) else self.last_value
         return f, g, info
 
-    def _information(self, Ts: list[np.ndarray], fac, u: np.ndarray, v: np.ndarray,
-                     a: np.ndarray, minv: np.ndarray, r2: float) -> np.ndarray:
+    def _information(self, Ts: list[np.ndarray], fac, C: np.ndarray, u: np.ndarray,
+                     v: np.ndarray, a: np.ndarray, minv: np.ndarray, r2: float) -> np.ndarray:
         """ASReml's average information, with σ² profiled out, as an approximation of the
         deviance's Hessian in θ (exact in expectation at the optimum; no differences).
 
@@ -526,26 +534,45 @@ class BlockedObjective:
             H ≈ (d/r²) [Ŵ'Z'Z K − Ĝ'M⁻¹Ĝ − 4 a a'/r²],   K = Ŵ − ΛA⁻¹Λ'Z'ZŴ,
 
         Ĝ = X'Z K, M = R_X'R_X, a_t = u'E_t'v and d = n − p (REML; n for ML, which uses
-        the same projected form).  Its cost is two products with Z'Z and one solve with
-        the factorization for all the entries at once."""
+        the same projected form); Ŵ'Z'Z K = Ŵ'Z'ZŴ − Y'A⁻¹Y with Y = Λ'Z'ZŴ, and
+        Ĝ = X'ZŴ − C_X'A⁻¹Y.  Its cost is, per θ entry, one product with Z'Z and one solve
+        with the factorization."""
         s = self.stats
         p = s.p
         params = self.params
-        Wh = np.zeros((self.Q, len(params)))
-        for t, (k, r, c) in enumerate(params):
+        nk = len(params)
+        # ŵ_t is zero outside its factor's levels: kept as that slice alone (the columns of
+        # a factor with millions of levels are the bulk); Z'Z ŵ_t and A⁻¹Y are computed one
+        # column at a time, so the memory is Y and a few more vectors of Q
+        what = []
+        for k, r, c in params:
             sl = slice(self.uoff[k], self.uoff[k + 1])
             q = self.factors[k].q
             w = np.outer(v[sl].reshape(-1, q)[:, r], Ts[k][:, c])  # Λ E_t'v per level
             w[:, r] += u[sl].reshape(-1, q)[:, c]  # + E_t u
-            Wh[sl, t] = w.ravel()
-        zw = self.ztz_times(Wh)
-        K = Wh - self._lam(Ts, self._solve(fac, self._lam(Ts, zw, trans=True)))
-        zk = self.ztz_times(K)
-        gx = np.zeros((p, len(params)))
-        for k, f in enumerate(self.factors):
-            sl = slice(self.uoff[k], self.uoff[k + 1])
-            gx += self.G[k][:, :, :p].reshape(f.m * f.q, p).T @ K[sl]
-        H = Wh.T @ zk - gx.T @ minv @ gx - 4.0 * np.outer(a, a) / r2
+            what.append((sl, w.ravel()))
+        H = np.empty((nk, nk))
+        gx = np.empty((p, nk))
+        col = np.zeros((self.Q, 1))
+        ys = []
+        for t, (sl, w) in enumerate(what):
+            col[sl, 0] = w
+            zw = self.ztz_times(col)
+            col[sl, 0] = 0.0
+            y = self._lam(Ts, zw, trans=True)[:, 0]  # Λ'Z'Z ŵ_t
+            h = self._solve(fac, y[:, None])[:, 0]  # A⁻¹Λ'Z'Z ŵ_t
+            ys.append(y)
+            for t2, (sl2, w2) in enumerate(what):  # ŵ'Z'Z K = ŵ'Z'Z ŵ − y'A⁻¹y
+                H[t2, t] = float(w2 @ zw[sl2, 0])
+            for t2 in range(t + 1):
+                v2 = float(ys[t2] @ h)
+                H[t2, t] -= v2
+                if t2 != t:
+                    H[t, t2] -= v2
+            # X'Z K = X'Z ŵ − (Λ'Z'X)'A⁻¹Λ'Z'Z ŵ, from Z'[X y] per level and C = Λ'Z'[X y]
+            k, f = params[t][0], self.factors[params[t][0]]
+            gx[:, t] = (w @ self.G[k].reshape(f.m * f.q, p + 1))[:p] - h @ C[:, :p]
+        H = (H + H.T) / 2 - gx.T @ minv @ gx - 4.0 * np.outer(a, a) / r2
         d = s.n - (p if self.reml else 0)
         H = d / r2 * H
         return (H + H.T) / 2
@@ -610,7 +637,7 @@ class BlockedObjective:
                 dM = -(F + F.T - Gm - Gm.T)
                 dms.append(dM)
                 g_rx[t] = float(np.sum(minv * dM))
-        H = self._information(Ts, fac, u, v, -g_r2 / 2, minv, r2) if info else None
+        H = self._information(Ts, fac, C, u, v, -g_r2 / 2, minv, r2) if info else None
         return f, Parts(logdet_l, logdet_rx, r2, g_ld, g_rx, g_r2), dms, minv, H
 
     def moment_start(self) -> np.ndarray | None:

@@ -287,9 +287,10 @@ def _newton(obj: Objective, x: np.ndarray, fx: float, *, ftol_rel: float, maxeva
             maxiter: int = NEWTON_MAXITER):
     """Projected Newton on the analytic gradient → (x, f, g, code).
 
-    The Hessian is the objective's information matrix where it has one
-    (`value_gradient_information`: no extra evaluations, taken afresh at every iterate while
-    it keeps describing the curvature, see `INFO_SECANT_TOL`), otherwise a finite difference
+    The Hessian is the objective's information matrix where it has one and it is cheaper
+    than differences (`value_gradient_information`, `information_pays`: no extra
+    evaluations, taken afresh at every iterate while it keeps describing the curvature, see
+    `INFO_SECANT_TOL`), otherwise a finite difference
     of the gradient; after a full Newton step with an unchanged active set the difference
     Hessian is updated by BFGS instead of being recomputed (near the optimum the function is
     almost quadratic and the update keeps Newton's fast convergence at one gradient per
@@ -299,7 +300,7 @@ def _newton(obj: Objective, x: np.ndarray, fx: float, *, ftol_rel: float, maxeva
     lower = tm.lower
     k = len(x)
     vgi = getattr(obj, "value_gradient_information", None)
-    use_info = vgi is not None
+    use_info = vgi is not None and getattr(obj, "information_pays", False)
 
     def evaluate(x):
         if use_info:
