@@ -76,15 +76,19 @@ def connect(*, memory_limit: str | None = None, threads: int | None = None,
 
 
 def fetch_columns(con: duckdb.DuckDBPyConnection, sql: str, rows: int,
-                  batch: int = 1 << 20) -> dict[str, object]:
+                  batch: int = 1 << 20, out: dict | None = None) -> dict[str, object]:
     """A query's result of `rows` rows (numeric, no nulls) as numpy columns, read batch by
     batch through Arrow into arrays allocated once: neither DuckDB's numpy conversion
     (fetchnumpy: ~2x slower) nor a whole Arrow table and its per-column concatenation
-    beside the result (a crossed design's millions of cells are ~1 GB a copy)."""
+    beside the result (a crossed design's millions of cells are ~1 GB a copy).  `out`:
+    arrays (of `rows`, writable) to read columns into by name — their final place, no copy
+    afterwards; the others are allocated."""
     import numpy as np
 
     reader = con.sql(sql).to_arrow_reader(batch)
-    out = {f.name: np.empty(rows, dtype=f.type.to_pandas_dtype()) for f in reader.schema}
+    given = out or {}
+    out = {f.name: given[f.name] if f.name in given else
+           np.empty(rows, dtype=f.type.to_pandas_dtype()) for f in reader.schema}
     at = 0
     for rb in reader:
         k = rb.num_rows

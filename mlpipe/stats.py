@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import runlog
+from ._malloc import reuse_freed_memory
 from ._sql import (Source, connect, fetch_columns, first_line, quote_ident, render,
                    staging_prefix, sweep_stale)
 from .centering import materialize
@@ -518,22 +519,27 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
     source.allow_empty = partial
     con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
     try:
-        if types:
-            source.attach(con)
-            source.cast(types)
-        schema = source.schema(con, parsed.value_columns() + ([weights] if weights else [])
-                               + ([spec.time] if spec and spec.kind == "car1" else []))
-        check_columns(parsed, schema)
-        check_weights(weights, schema)
-        if spec:
-            check_spec(spec, schema, weights=weights)
-        design = design_from_data(con, source, parsed, schema, weights=weights, extra=extra,
-                                  coding=coding)
-        t1 = time.perf_counter()
-        runlog.stage("prepare", t1 - t0)
-        stats = _run_moments(con, source, design, spec, partial=partial)
-        stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
-        runlog.stage("scan", stats.timings["scan"], **runlog.statistics_fields(stats))
+        # the cells' arrays (~1 GB for millions of cells: the intercept's count alone is in
+        # Z'Z, Z'X and n) are first touched in this block; with NumPy's huge-page advice
+        # every fault waits for the kernel's compaction (the 9.75M-cell crossed pass: 6.7-7.0
+        # s against 4.5 s), see mlpipe/_malloc.py
+        with reuse_freed_memory():
+            if types:
+                source.attach(con)
+                source.cast(types)
+            schema = source.schema(con, parsed.value_columns() + ([weights] if weights else [])
+                                   + ([spec.time] if spec and spec.kind == "car1" else []))
+            check_columns(parsed, schema)
+            check_weights(weights, schema)
+            if spec:
+                check_spec(spec, schema, weights=weights)
+            design = design_from_data(con, source, parsed, schema, weights=weights, extra=extra,
+                                      coding=coding)
+            t1 = time.perf_counter()
+            runlog.stage("prepare", t1 - t0)
+            stats = _run_moments(con, source, design, spec, partial=partial)
+            stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
+            runlog.stage("scan", stats.timings["scan"], **runlog.statistics_fields(stats))
     finally:
         con.close()
     return stats
@@ -576,7 +582,10 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
         except duckdb.Error as exc:
             raise source.error(exc, "statistics pass failed over") from None
     else:
+        keys = [g.strip() for g in group_by.split(",")]
         sql = render("group_moments", sums=sums, groups=groups, group_by=group_by,
+                     first_key=keys[0], keys_if_complete=", ".join(
+                         f"CASE WHEN complete THEN {k} END AS {k}" for k in keys),
                      columns=columns or "1 AS c_unused",
                      source=centred, complete=design.complete_sql)
         try:
@@ -587,6 +596,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
 
     z_cols = ", ".join(mom.name(i, j) for i, j in mom.group_pairs())
     factor_labels: list = []
+    arrays = None  # several factors: the cells are fetched into the statistics' arrays
     if design.group is not None:
         per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
     else:
@@ -601,11 +611,12 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
                 f"SELECT label FROM lv{k} ORDER BY idx").fetchnumpy()["label"], dtype=object))
             joins.append(f"JOIN lv{k} ON " + " AND ".join(f"gm.{c} = lv{k}.{c}" for c in cols))
         cells = con.execute("SELECT count(*) FROM group_moments WHERE complete").fetchall()[0][0]
+        arrays, places = cell_arrays(mom, cells)  # the cells' sums land in place
         per_group = fetch_columns(con, render(
             "cell_statistics", joins="\n".join(joins),
             factor_columns=", ".join(f"lv{k}.idx AS f{k}" for k in range(len(design.factors))),
             columns=", ".join(f"gm.{mom.name(i, j)}" for i, j in mom.group_pairs()),
-            cell_order=", ".join(f"gm.g{k}" for k in range(len(gcols)))), cells)
+            cell_order=", ".join(f"gm.g{k}" for k in range(len(gcols)))), cells, out=places)
     tot_sql = render("totals", sums=", ".join(
         ["sum(n)"]  # n: an integer count
         + [f"fsum({mom.name(i, j)})" for i, j in pairs]
@@ -627,21 +638,48 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
     return assemble(design, mom, per_group, factor_labels, totals, count=count,
                     rows_read=total_rows, log_weights=log_weights, wmin=wmin,
                     location=source.location, centering=centering, residual=residual,
-                    partial=partial,
+                    partial=partial, arrays=arrays,
                     non_finite=lambda bad: _non_finite(con, source, design, mom, bad))
+
+
+def _places(mom: _Moments):
+    """Where each per-group column goes in the `Statistics` arrays: (column name, array,
+    index) for Z'y, Z'Z (both triangles: a column has two places), Z'X, n and y'y."""
+    for a, ia in enumerate(mom.z):
+        yield mom.name(ia, mom.y), "zty", (a,)
+        for b, ib in enumerate(mom.z):
+            yield mom.name(ia, ib), "ztz", (a, b)
+        for j, ij in enumerate(mom.x):
+            yield mom.name(ia, ij), "ztx", (a, j)
+    yield "n", "n_i", ()
+    yield mom.name(mom.y, mom.y), "yty_i", ()
+
+
+def cell_arrays(mom: _Moments, m: int) -> tuple[dict, dict]:
+    """The per-group arrays of `Statistics` for m groups (cells), allocated, and each
+    per-group column's first place in them by name (`fetch_columns`' `out`): a column
+    fetched there is in place, and `assemble` copies it only to its other place."""
+    q, p = len(mom.z), len(mom.x)
+    arrays = {"ztz": np.empty((q, q, m)), "ztx": np.empty((q, p, m)), "zty": np.empty((q, m)),
+              "n_i": np.empty(m), "yty_i": np.empty(m)}
+    places: dict[str, np.ndarray] = {}
+    for name, key, idx in _places(mom):
+        places.setdefault(name, arrays[key][idx])
+    return arrays, places
 
 
 def assemble(design: Design, mom: _Moments, per_group: dict, factor_labels: list,
              totals: dict, *, count, rows_read, log_weights, wmin, location: str,
-             centering=None, residual=None, partial: bool = False, non_finite=None
-             ) -> Statistics:
+             centering=None, residual=None, partial: bool = False, non_finite=None,
+             arrays: dict | None = None) -> Statistics:
     """The `Statistics` value from an engine's sums: `per_group` the per-group (per-cell)
     sums named as `_Moments.name` gives them, in level (cell) order, with "n" and "level"
     (one factor) or "f0", "f1", ... (every factor's level index of each cell);
     `factor_labels` every factor's level labels; `totals` the sums over the complete rows
     by pair (i, j); `count` their number; `non_finite(bad)` the error for model columns
     whose sums are not finite.  `per_group` is consumed: its columns are removed as they
-    are copied into the statistics' arrays."""
+    are copied into the statistics' arrays — `arrays` (`cell_arrays`) when the columns were
+    fetched into them already."""
     total_rows = rows_read
     if not mom.weighted:
         totals = {**totals, (0, 0): count}
@@ -668,35 +706,21 @@ def assemble(design: Design, mom: _Moments, per_group: dict, factor_labels: list
 
     # each per-group column is dropped from `per_group` at its last use, so that (with
     # millions of cells) the columns and the arrays built from them are not all held twice
-    uses = Counter(mom.name(ia, ib) for ia in mom.z for ib in mom.z)
-    uses.update(mom.name(ia, k) for ia in mom.z for k in [*mom.x, mom.y])
-    uses.update([mom.name(mom.y, mom.y), "n"])
-
-    def take(name: str) -> np.ndarray:
+    places = list(_places(mom))
+    uses = Counter(name for name, _key, _idx in places)
+    arrays = cell_arrays(mom, m)[0] if arrays is None else arrays
+    for name, key, idx in places:
         col = np.asarray(per_group[name], dtype=float)
+        dst = arrays[key][idx]
+        if not np.may_share_memory(col, dst):  # fetched in place already (`cell_arrays`)
+            dst[...] = col
         uses[name] -= 1
         if uses[name] == 0:
             del per_group[name]
-        return col
-
-    def group_col(i: int, j: int) -> np.ndarray:
-        return take(mom.name(i, j))
-
-    q, p = len(mom.z), len(mom.x)
-    ztz = np.empty((q, q, m))
-    ztx = np.empty((q, p, m))
-    zty = np.empty((q, m))
-    for a, ia in enumerate(mom.z):
-        zty[a] = group_col(ia, mom.y)
-        for b, ib in enumerate(mom.z):
-            ztz[a, b] = group_col(ia, ib)
-        for j, ij in enumerate(mom.x):
-            ztx[a, j] = group_col(ia, ij)
+    ztz, ztx, zty, n_i, yty_i = (arrays[k] for k in ("ztz", "ztx", "zty", "n_i", "yty_i"))
     tot = lambda i, j: float(totals[(min(i, j), max(i, j))])  # noqa: E731
     xtx = np.array([[tot(i, j) for j in mom.x] for i in mom.x])
     xty = np.array([tot(i, mom.y) for i in mom.x])
-    n_i = take("n")
-    yty_i = group_col(mom.y, mom.y)
     factors = []
     if design.group is None:
         for k, f in enumerate(design.factors):
