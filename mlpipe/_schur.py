@@ -612,7 +612,14 @@ class Factorization:
 
     # ------------------------------------------------------------------ Ω = A⁻¹ on the pattern
     def omega(self) -> tuple[np.ndarray, np.ndarray, object]:
-        """→ (Ω₁₁ diagonal blocks (q1, q1, m1), Ω₂₁ at B's entries (e, q1), Ω₂₂ lookup)."""
+        """→ (Ω₁₁ diagonal blocks (q1, q1, m1), Ω₂₁ at B's entries (e, q1), Ω₂₂ lookup),
+        computed once per factorization (the gradient at θ̂ and the conditional variances
+        after it share one; nothing writes into them)."""
+        if getattr(self, "_omega", None) is None:
+            self._omega = self._compute_omega()
+        return self._omega
+
+    def _compute_omega(self) -> tuple[np.ndarray, np.ndarray, object]:
         st = self.st
         q1 = st.q1
         om22 = self._omega22()
