@@ -327,6 +327,7 @@ class BlockedObjective:
         last = self._last_factorization
         if last is not None and last[0] == key:
             return last[1]
+        del last  # the only other reference: freed before the new one is built
         self._last_factorization = None
         fac = Factorization(self._st, Ts)
         C = self._rhs(Ts)
@@ -685,6 +686,7 @@ class BlockedObjective:
 
         from .objective import Objective
 
+        self._last_factorization = None  # not held beside the moment sums' temporaries
         s = self.stats
         if all(f.names == ["(Intercept)"] for f in self.factors) and not s.weights \
                 and s.residual is None:
