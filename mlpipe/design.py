@@ -61,6 +61,9 @@ class Column:
     name: str
     sql: str | None
     parts: tuple = ()
+    #: the SQL of each piece of the product (`sql` is their " * " join); () when the column
+    #: is one piece (or the constant 1)
+    pieces: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -503,7 +506,8 @@ class _Coder:
             combo = combo[::-1]
             name = ":".join(c[0] for c in combo)
             sql = " * ".join(c[1] for c in combo) if len(combo) > 1 else combo[0][1]
-            cols.append(Column(name, sql, tuple(c[2] for c in combo)))
+            cols.append(Column(name, sql, tuple(c[2] for c in combo),
+                               tuple(c[1] for c in combo) if len(combo) > 1 else ()))
         return cols
 
     def columns(self, terms, intercept: bool) -> list[Column]:

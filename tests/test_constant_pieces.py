@@ -1,0 +1,118 @@
+"""The statistics pass takes pieces constant within cells (level-2 predictors, the dummies of
+a level-2 factor, group means by a grouping column) out of its sums: Σ w·x = w Σ x per cell
+(mlpipe/stats.py, FACTOR_SAMPLE_ROWS).  Real DuckDB over real Parquet: the statistics with
+and without it agree to rounding, the probe proposes only what the data show, and a piece
+the probe took for constant that varies within a cell further on sends the pass back to
+every sum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import mlpipe
+import mlpipe.stats as S
+
+DATA = Path(__file__).parent / "data"
+HSB = str(DATA / "hsb82.parquet")
+ARRAYS = ["ztz", "ztx", "zty", "n_i", "yty_i", "xtx", "xty"]
+
+
+def _both(monkeypatch, data, formula, **kw):
+    monkeypatch.setattr(S, "FACTOR_SAMPLE_ROWS", 100_000)
+    fact = S.compute_statistics(data, formula, **kw)
+    monkeypatch.setattr(S, "FACTOR_SAMPLE_ROWS", 0)
+    plain = S.compute_statistics(data, formula, **kw)
+    return fact, plain
+
+
+def _assert_same(a, b, rtol=1e-13):
+    for k in ARRAYS:
+        x, y = getattr(a, k), getattr(b, k)
+        assert x.shape == y.shape, k
+        scale = np.abs(y).max() if y.size else 1.0
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale, err_msg=k)
+    assert a.yty == b.yty and a.n == b.n and a.rows_read == b.rows_read
+    assert a.log_weights == pytest.approx(b.log_weights, rel=1e-14)
+
+
+def test_level2_predictors_are_factored_out_on_hsb(monkeypatch):
+    # sector's dummy and meanses are school-level; ses and the cross-level interaction's
+    # ses piece are not
+    f = "mAch ~ ses * sector + meanses + (ses | school)"
+    fact, plain = _both(monkeypatch, HSB, f)
+    assert fact.constant_pieces == 2 and plain.constant_pieces == 0
+    _assert_same(fact, plain)
+
+
+def test_level1_predictors_are_not_proposed(monkeypatch):
+    fact, plain = _both(monkeypatch, HSB, "mAch ~ ses + cses + (1 | school)")
+    assert fact.constant_pieces == 0
+    _assert_same(fact, plain, rtol=0)
+
+
+def test_group_means_and_centring_by_the_grouping_column(monkeypatch):
+    f = ("mAch ~ center(ses, by = school) * sector + group_mean(ses, by = school) "
+         "+ (1 | school)")
+    fact, plain = _both(monkeypatch, HSB, f)
+    assert fact.constant_pieces == 2  # sector, the school mean of ses
+    _assert_same(fact, plain)
+
+
+def _nested(path: Path, *, vary_after: int | None = None) -> str:
+    """Pupils in classes in schools: w school-level, z class-level, x and wt row-level;
+    `vary_after`: from that row on, w varies within schools."""
+    rng = np.random.default_rng(7)
+    schools, classes, pupils = 40, 4, 12
+    n = schools * classes * pupils
+    school = np.repeat(np.arange(schools), classes * pupils)
+    klass = np.repeat(np.arange(schools * classes), pupils) % classes
+    w = rng.normal(size=schools)[school]
+    if vary_after is not None:
+        w[vary_after:] += rng.normal(size=n - vary_after)
+    z = rng.normal(size=schools * classes)[np.repeat(np.arange(schools * classes), pupils)]
+    x = rng.normal(size=n)
+    wt = rng.uniform(0.5, 2.0, size=n)
+    y = (1 + 0.5 * x + w - 0.3 * x * w + 0.2 * z + rng.normal(size=schools)[school]
+         + rng.normal(size=schools * classes)[np.repeat(np.arange(schools * classes), pupils)]
+         + rng.normal(size=n))
+    pq.write_table(pa.table({"school": [f"s{i}" for i in school], "class": klass, "x": x,
+                             "w": w, "z": z, "wt": wt, "y": y}), path)
+    return str(path)
+
+
+def test_several_factors_and_weights(monkeypatch, tmp_path):
+    data = _nested(tmp_path / "nested.parquet")
+    f = "y ~ x * w + z + (x | school) + (1 | school:class)"
+    fact, plain = _both(monkeypatch, data, f, weights="wt")
+    assert fact.constant_pieces == 2  # w and z: constant within the cells (school, class)
+    _assert_same(fact, plain)
+    for fa, fb in zip(fact.factors, plain.factors):
+        np.testing.assert_array_equal(fa.index, fb.index)
+
+
+def test_a_piece_that_varies_later_sends_the_pass_back(monkeypatch, tmp_path):
+    # the first 400 rows (the probe's sample here) show w constant within schools; the rows
+    # after them do not: the pass finds it and computes every sum
+    data = _nested(tmp_path / "later.parquet", vary_after=1000)
+    monkeypatch.setattr(S, "FACTOR_SAMPLE_ROWS", 400)
+    fact = S.compute_statistics(data, "y ~ x * w + (1 | school)")
+    monkeypatch.setattr(S, "FACTOR_SAMPLE_ROWS", 0)
+    plain = S.compute_statistics(data, "y ~ x * w + (1 | school)")
+    assert fact.constant_pieces == 0
+    _assert_same(fact, plain, rtol=0)
+
+
+def test_the_fit_is_the_same(monkeypatch):
+    f = "mAch ~ ses * sector + meanses + (ses | school)"
+    monkeypatch.setattr(S, "FACTOR_SAMPLE_ROWS", 100_000)
+    a = mlpipe.fit(HSB, f)
+    monkeypatch.setattr(S, "FACTOR_SAMPLE_ROWS", 0)
+    b = mlpipe.fit(HSB, f)
+    assert a.reml_criterion == pytest.approx(b.reml_criterion, rel=1e-12)
+    np.testing.assert_allclose(a.fixed_effects["estimate"].to_numpy(),
+                               b.fixed_effects["estimate"].to_numpy(), rtol=1e-9)
