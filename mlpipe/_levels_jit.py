@@ -249,6 +249,43 @@ def level_order(index, m):
     return out
 
 
+def lex_order(ranks: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+    """The order of the rows by (ranks[0], ranks[1], ...) — each ranks[k] with values in
+    0..sizes[k]-1 — by one stable counting sort per key, last key first (LSD radix)."""
+    o = level_order(ranks[-1], sizes[-1])
+    for r, m in zip(ranks[-2::-1], sizes[-2::-1]):
+        o = o[level_order(r[o], m)]
+    return o
+
+
+@njit(parallel=True, cache=True)
+def _gather(a, order, tmp):
+    for i in prange(len(order)):
+        tmp[i] = a[order[i]]
+    for i in prange(len(order)):
+        a[i] = tmp[i]
+
+
+@njit(parallel=True, cache=True)
+def _scatter(a, position, tmp):
+    for i in prange(len(position)):
+        tmp[position[i]] = a[i]
+    for i in prange(len(position)):
+        a[i] = tmp[i]
+
+
+def reorder(a: np.ndarray, *, order: np.ndarray | None = None,
+            position: np.ndarray | None = None, tmp: np.ndarray | None = None) -> None:
+    """Rearrange the 1-d array `a` in place: a[:] = a[order], or a[position] = a (each row's
+    new place); `tmp` a scratch array of a's length and dtype, reused across calls."""
+    tmp = np.empty_like(a) if tmp is None or tmp.dtype != a.dtype else tmp[:len(a)]
+    with PARALLEL:
+        if order is not None:
+            _gather(a, order, tmp)
+        else:
+            _scatter(a, position, tmp)
+
+
 def pair_levels(ij: np.ndarray, ik: np.ndarray, mj: int, mk: int):
     """The distinct pairs (ij, ik) of two level indices over the cells, sorted by ij then
     ik, and each cell's pair: (rows, cols, inverse) — np.unique(ij·mk + ik,

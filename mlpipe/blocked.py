@@ -161,16 +161,33 @@ def warm_up() -> None:
     if _WARM:
         return
     _WARM = True
-    import pyarrow as pa
-
-    from .stats import compute_statistics
-
-    rng = np.random.default_rng(0)
-    n = 48
-    table = pa.table({"y": rng.normal(size=n), "x": rng.normal(size=n),
-                      "g": np.arange(n) % 8, "h": np.arange(n) % 3})
-    obj = BlockedObjective(compute_statistics(table, "y ~ x + (x | g) + (1 | h)", threads=1))
+    obj = BlockedObjective(warm_statistics())
     obj.value_and_gradient(np.asarray(obj.theta_map.initial, dtype=float))
+
+
+def warm_statistics() -> Statistics:
+    """The statistics of y ~ x + (x | g) + (1 | h) on 48 random rows (g = row % 8, h = row
+    % 3: 24 cells of 2 rows), summed here with NumPy: the warm-up runs beside the scan, and
+    a second DuckDB database there cost the large crossed fit ~150-300 MB of peak memory
+    (tests/test_multilevel.py checks these against the statistics pass)."""
+    rng = np.random.default_rng(0)
+    n, m = 48, 24
+    y, x = rng.normal(size=n), rng.normal(size=n)
+    cell = (np.arange(n) % 8) * 3 + np.arange(n) % 3  # cells ordered by (g, h)
+    z = np.stack([np.ones(n), x])
+    per_cell = lambda v: np.bincount(cell, weights=v, minlength=m)  # noqa: E731
+    ztz = np.array([[per_cell(z[a] * z[b]) for b in range(2)] for a in range(2)])
+    labels = lambda k: np.array([str(i) for i in range(k)], dtype=object)  # noqa: E731
+    names = ["(Intercept)", "x"]
+    return Statistics(
+        formula="y ~ x + (x | g) + (1 | h)", response="y", fixed_names=names,
+        random_names=names, blocks=[], group="", levels=np.arange(m),
+        n_i=per_cell(np.ones(n)), ztz=ztz, ztx=ztz.copy(),
+        zty=np.array([per_cell(z[a] * y) for a in range(2)]), yty_i=per_cell(y * y),
+        xtx=z @ z.T, xty=z @ y, yty=float(y @ y), n=n, rows_read=n,
+        factors=[Factor("g", ["g"], [0, 1], names, [(0, 2)], labels(8), np.arange(m) // 3),
+                 Factor("h", ["h"], [0], names[:1], [(0, 1)], labels(3), np.arange(m) % 3)],
+        group_types={"g": "BIGINT", "h": "BIGINT"})
 
 
 class BlockedObjective:

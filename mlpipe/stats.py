@@ -689,29 +689,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
                 break
             factored = None  # a proposed piece varies within a cell: every sum, again
 
-    z_cols = ", ".join(mom.name(i, j) for i, j in mom.group_pairs())
-    factor_labels: list = []
-    arrays = None  # several factors: the cells are fetched into the statistics' arrays
-    if design.group is not None:
-        per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
-    else:
-        gcols = _cell_columns(design)
-        joins = []  # per factor: its join to the cells (and its level labels)
-        for k, f in enumerate(design.factors):
-            cols = [f"g{gcols.index(c)}" for c in f.columns]
-            con.execute(render("factor_levels", table=f"lv{k}", keys=", ".join(cols),
-                               distinct="" if len(set(cols)) == len(gcols) else "DISTINCT",
-                               label=" || ':' || ".join(f"CAST({c} AS VARCHAR)" for c in cols)))
-            factor_labels.append(np.asarray(con.execute(
-                f"SELECT label FROM lv{k} ORDER BY idx").fetchnumpy()["label"], dtype=object))
-            joins.append(f"JOIN lv{k} ON " + " AND ".join(f"gm.{c} = lv{k}.{c}" for c in cols))
-        cells = con.execute("SELECT count(*) FROM group_moments WHERE complete").fetchall()[0][0]
-        arrays, places = cell_arrays(mom, cells)  # the cells' sums land in place
-        per_group = fetch_columns(con, render(
-            "cell_statistics", joins="\n".join(joins),
-            factor_columns=", ".join(f"lv{k}.idx AS f{k}" for k in range(len(design.factors))),
-            columns=", ".join(f"gm.{mom.name(i, j)}" for i, j in mom.group_pairs()),
-            cell_order=", ".join(f"gm.g{k}" for k in range(len(gcols)))), cells, out=places)
+    # the totals first: with spec None, DuckDB's copy of the cells goes once they are read
     tot_sql = render("totals", sums=", ".join(
         ["sum(n)"]  # n: an integer count
         + [f"fsum({mom.name(i, j)})" for i, j in pairs]
@@ -722,6 +700,13 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
     else:
         log_weights, wmin = 0.0, None
     totals = dict(zip(pairs, sums))
+    factor_labels: list = []
+    arrays = None  # several factors: the cells are fetched into the statistics' arrays
+    if design.group is not None:
+        z_cols = ", ".join(mom.name(i, j) for i, j in mom.group_pairs())
+        per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
+    else:
+        arrays, per_group, factor_labels = _fetch_cells(con, design, mom)
     residual = None
     if spec is None:  # DuckDB's copy of the cells is read: freed before the arrays are built
         con.execute("DROP TABLE group_moments")
@@ -730,6 +715,8 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
                                    group_cols=[g.strip() for g in group_by.split(",")],
                                    cell_order=group_by, schema=design.schema,
                                    m=len(per_group["n"]))
+    if design.group is None:
+        _order_cells(per_group)
     stats = assemble(design, mom, per_group, factor_labels, totals, count=count,
                      rows_read=total_rows, log_weights=log_weights, wmin=wmin,
                      location=source.location, centering=centering, residual=residual,
@@ -738,6 +725,76 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
     #: how many pieces the pass found constant within cells (FACTOR_SAMPLE_ROWS), for the log
     stats.constant_pieces = len(factored.constant) if factored else 0
     return stats
+
+
+def _fetch_cells(con: duckdb.DuckDBPyConnection, design: Design, mom: _Moments):
+    """Several factors: the cells of group_moments fetched into the `Statistics` arrays, in
+    the order DuckDB's hash aggregate left them → (arrays, per_group, factor labels).
+    `per_group` holds every factor's level index ("f0", ...), the count and the sums, and —
+    for `_order_cells` — "order" (the name of a factor on all the grouping columns in their
+    order, whose level index is each cell's place) or "ranks" (each grouping column's rank
+    and number of distinct values).  No ORDER BY: sorting the millions of cells of a
+    crossed design with their sums took DuckDB 1-2 s and ~400 MB; their keys' counting
+    sorts take a fraction of that."""
+    gcols = _cell_columns(design)
+    joins, index_cols = [], []
+    ranks: dict[int, tuple[str, int]] = {}  # grouping column -> (its rank's column, levels)
+    full = None
+    factor_labels = []
+    for k, f in enumerate(design.factors):
+        cols = [f"g{gcols.index(c)}" for c in f.columns]
+        con.execute(render("factor_levels", table=f"lv{k}", keys=", ".join(cols),
+                           distinct="" if len(set(cols)) == len(gcols) else "DISTINCT",
+                           label=" || ':' || ".join(f"CAST({c} AS VARCHAR)" for c in cols)))
+        factor_labels.append(np.asarray(con.execute(
+            f"SELECT label FROM lv{k} ORDER BY idx").fetchnumpy()["label"], dtype=object))
+        joins.append(f"JOIN lv{k} ON " + " AND ".join(f"gm.{c} = lv{k}.{c}" for c in cols))
+        index_cols.append(f"lv{k}.idx AS f{k}")
+        if len(cols) == 1:
+            ranks.setdefault(gcols.index(f.columns[0]), (f"f{k}", len(factor_labels[-1])))
+        if cols == [f"g{j}" for j in range(len(gcols))]:
+            full = f"f{k}"
+    if full is None:  # a rank for each grouping column that is no factor of its own
+        for j in range(len(gcols)):
+            if j not in ranks:
+                con.execute(render("factor_levels", table=f"rk{j}", keys=f"g{j}",
+                                   distinct="DISTINCT", label="NULL"))
+                joins.append(f"JOIN rk{j} ON gm.g{j} = rk{j}.g{j}")
+                index_cols.append(f"rk{j}.idx AS r{j}")
+                ranks[j] = (f"r{j}", con.execute(f"SELECT count(*) FROM rk{j}").fetchone()[0])
+    cells = con.execute("SELECT count(*) FROM group_moments WHERE complete").fetchall()[0][0]
+    arrays, places = cell_arrays(mom, cells)  # the cells' sums land in place
+    per_group = fetch_columns(con, render(
+        "cell_statistics", joins="\n".join(joins), factor_columns=", ".join(index_cols),
+        columns=", ".join(f"gm.{mom.name(i, j)}" for i, j in mom.group_pairs())),
+        cells, out=places)
+    per_group["order"] = full if full is not None else [ranks[j] for j in range(len(gcols))]
+    return arrays, per_group, factor_labels
+
+
+def _order_cells(per_group: dict) -> None:
+    """Put the fetched cells (`_fetch_cells`) in order of their grouping columns (ORDER BY
+    g0, g1, ...: the statistics' cell order), every column in place."""
+    from ._levels_jit import lex_order, reorder
+
+    how = per_group.pop("order")
+    if isinstance(how, str):  # a factor's level index is each cell's place
+        position = per_group[how]
+        kw = {"position": position}
+    else:
+        kw = {"order": lex_order([per_group[name] for name, _ in how], [m for _, m in how])}
+        for name, _ in how:
+            if name.startswith("r"):
+                del per_group[name]
+        position = None
+    tmp: dict = {}  # a scratch array per dtype
+    for col in per_group.values():
+        if col is not position:
+            if col.dtype not in tmp:
+                tmp[col.dtype] = np.empty_like(col)
+            reorder(col, tmp=tmp[col.dtype], **kw)
+    if position is not None:  # last: the others were placed by it
+        position[:] = np.arange(len(position))
 
 
 def _places(mom: _Moments):

@@ -536,3 +536,27 @@ def test_information_is_used_where_it_is_cheaper_than_differences():
     forced.information_pays = True
     a, b = optimize.optimize(nested), optimize.optimize(forced)
     assert abs(a.final_objective - b.final_objective) <= 1e-11 * abs(a.final_objective)
+
+
+def test_the_warm_up_statistics_are_the_pass_of_its_rows():
+    # blocked.warm_statistics sums its 48 rows with NumPy (no second DuckDB database beside
+    # the scan); the statistics pass over the same rows gives the same value
+    from mlpipe.blocked import warm_statistics
+
+    rng = np.random.default_rng(0)
+    n = 48
+    y, x = rng.normal(size=n), rng.normal(size=n)
+    table = pa.table({"y": y, "x": x, "g": np.arange(n) % 8, "h": np.arange(n) % 3})
+    ref = compute_statistics(table, "y ~ x + (x | g) + (1 | h)", threads=1)
+    got = warm_statistics()
+    for k in ("n_i", "ztz", "ztx", "zty", "yty_i", "xtx", "xty", "levels"):
+        np.testing.assert_allclose(getattr(got, k), getattr(ref, k), rtol=1e-13, atol=1e-13,
+                                   err_msg=k)
+    assert got.yty == pytest.approx(ref.yty, rel=1e-13)
+    assert (got.n, got.formula, got.random_names, got.fixed_names) == (
+        ref.n, ref.formula, ref.random_names, ref.fixed_names)
+    for a, b in zip(got.factors, ref.factors, strict=True):
+        assert (a.name, a.columns, a.z, a.names, a.blocks) == (b.name, b.columns, b.z, b.names,
+                                                                b.blocks)
+        np.testing.assert_array_equal(a.index, b.index)
+        assert list(a.levels) == list(b.levels)
