@@ -41,7 +41,7 @@ from scipy import linalg
 
 from ._lazy import lazy_import
 from ._levels_jit import (level_sums_xy, pair_levels, pair_product, pair_sums,
-                          pair_traces, shared_matmul)
+                          pair_traces, reorder, shared_matmul)
 from ._schur import Factorization, Structure, estimate
 from .errors import InputError, MlpipeError
 from .objective import Parts, ThetaMap, profile_fixed, profiled_deviance
@@ -163,6 +163,9 @@ def warm_up() -> None:
     _WARM = True
     obj = BlockedObjective(warm_statistics())
     obj.value_and_gradient(np.asarray(obj.theta_map.initial, dtype=float))
+    for a in (np.zeros(2), np.zeros(2, np.int64)):  # the statistics pass's cell order
+        reorder(a, order=np.arange(2))
+        reorder(a, position=np.arange(2))
 
 
 def warm_statistics() -> Statistics:

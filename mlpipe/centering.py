@@ -48,28 +48,24 @@ def _select(source: str, joins: list[str], cols: list[str], row: str = "") -> st
 def materialize(con: duckdb.DuckDBPyConnection, source, design: Design
                 ) -> tuple[str, dict | None]:
     """(the statistics pass's source, the stored means): without center()/group_mean() the
-    source itself and None; otherwise the source with the means joined as columns, from
-    temporary tables computed here (one scan per `by` column and one for grand means, as
-    the pre-aggregation always took)."""
+    source itself and None; otherwise the source with the means joined as columns
+    (`joined`), from temporary tables computed here (one scan per `by` column and one for
+    grand means, as the pre-aggregation always took)."""
     agg: Aggregates | None = design.aggregates
     if agg is None or not agg.tables:
         return source.relation, None
     complete = design.complete_sql
     stored: dict = {"grand": {}, "by": []}
-    joins, cols = [], []
     for k, (by, means) in enumerate(agg.tables.items()):
         t = f"__mlpipe_means{k}"
         avg = ", ".join(f"favg({sql}) AS {alias}" for alias, sql in means)
-        cols += [f"{t}.{alias} AS {alias}" for alias, _ in means]
         if by is None:
             sql = (f"CREATE OR REPLACE TEMP TABLE {t} AS SELECT {avg} FROM {source.relation} "
                    f"WHERE {complete}")
-            joins.append(f"CROSS JOIN {t}")
         else:
             key = quote_ident(by)
             sql = (f"CREATE OR REPLACE TEMP TABLE {t} AS SELECT {key} AS __mlpipe_key, {avg} "
                    f"FROM {source.relation} WHERE {complete} GROUP BY {key}")
-            joins.append(f"LEFT JOIN {t} ON {t}.__mlpipe_key = __mlpipe_src.{key}")
         try:
             con.execute(sql, source.params)
             aliases = ", ".join(alias for alias, _ in means)
@@ -88,7 +84,23 @@ def materialize(con: duckdb.DuckDBPyConnection, source, design: Design
                 stored["by"].append(entry)
         except duckdb.Error as exc:
             raise source.error(exc, "statistics pass failed over") from None
-    return _select(source.relation, joins, cols), stored
+    return joined(source.relation, design), stored
+
+
+def joined(relation: str, design: Design) -> str:
+    """`relation` with the means `materialize` computed joined to every row as columns (the
+    relation itself without center()/group_mean()): the statistics pass's source over the
+    input, or over its first rows (the probe of `stats._constant_pieces`)."""
+    agg: Aggregates | None = design.aggregates
+    if agg is None or not agg.tables:
+        return relation
+    joins, cols = [], []
+    for k, (by, means) in enumerate(agg.tables.items()):
+        t = f"__mlpipe_means{k}"
+        cols += [f"{t}.{alias} AS {alias}" for alias, _ in means]
+        joins.append(f"CROSS JOIN {t}" if by is None else
+                     f"LEFT JOIN {t} ON {t}.__mlpipe_key = __mlpipe_src.{quote_ident(by)}")
+    return _select(relation, joins, cols)
 
 
 def prediction_source(formula, design: Design, centering: dict | None, relation: str,

@@ -31,7 +31,7 @@ from . import runlog
 from ._malloc import reuse_freed_memory
 from ._sql import (Source, connect, fetch_columns, first_line, quote_ident, render,
                    staging_prefix, sweep_stale)
-from .centering import materialize
+from .centering import joined, materialize
 from .design import Design, check_columns, check_weights, design_from_data
 from .errors import DataError
 from .formula import parse_formula
@@ -90,6 +90,9 @@ class Statistics:
     factor_levels: dict[str, list] = field(default_factory=dict)  # coding of categoricals
     group_type: str = ""  # DuckDB type of the grouping column (levels are its VARCHAR casts)
     timings: dict[str, float] = field(default_factory=dict)
+    #: how many pieces of X and Z the pass found constant within cells and took out of its
+    #: sums (FACTOR_SAMPLE_ROWS), for the run log; not saved
+    constant_pieces: int = field(default=0, compare=False)
     #: several grouping factors (or one on a combination of columns): the per-cell arrays
     #: above (ztz, ..., n_i over the cells) and every factor's levels and cell index;
     #: empty for one factor on one column (then `group` and `levels` say it all)
@@ -484,8 +487,10 @@ class _Moments:
                       | self._products([self.y], [self.y]))
 
     def pairs(self) -> list[tuple[int, int]]:
-        """Every sum the scan computes: the per-group ones and those of the totals X'X, X'y."""
-        return sorted(set(self.group_pairs()) | self._products(self.x, self.x + [self.y]))
+        """Every sum the scan computes: the per-group ones and those of the totals X'X, X'y
+        (and Σ w with case weights, which `assemble` checks, with or without an intercept)."""
+        return sorted(set(self.group_pairs()) | self._products(self.x, self.x + [self.y])
+                      | ({(0, 0)} if self.weighted else set()))
 
     def sum_sql(self, i: int, j: int) -> str:
         a, b = min(i, j), max(i, j)
@@ -517,14 +522,16 @@ class _Factored:
 
     def __init__(self, mom: _Moments, constant: list[str], weight_sql: str | None):
         self.constant = list(constant)
-        varying: list[str] = []
-        sums: dict[tuple[int, ...], str] = {}
+        varying: list[str] = []  # the distinct varying pieces, numbered as they come
+        sums: dict[tuple[int, ...], str] = {}  # a product of varying pieces -> its sum
         self.outputs = []
         for i, j in mom.pairs():
             ps = mom.pieces[i] + mom.pieces[j]
             const = [f"v{self.constant.index(p)}" for p in ps if p in self.constant]
-            key = tuple(sorted(varying.index(p) if p in varying else varying.append(p)
-                               or len(varying) - 1 for p in ps if p not in self.constant))
+            for p in ps:
+                if p not in self.constant and p not in varying:
+                    varying.append(p)
+            key = tuple(sorted(varying.index(p) for p in ps if p not in self.constant))
             base = "n" if key == () and not mom.weighted else sums.setdefault(key, f"r{len(sums)}")
             self.outputs.append(f"{' * '.join(const + [base])} AS {mom.name(i, j)}")
         self.outputs.append(" AND ".join(f"v{j} = u{j}" for j in range(len(self.constant)))
@@ -532,29 +539,32 @@ class _Factored:
         prod = lambda key: " * ".join((["cw"] if mom.weighted else [])  # noqa: E731
                                       + [f"p{k}" for k in key])
         self.sums = ([f"fsum({prod(key)}) AS {name}" for key, name in sums.items()]
-                     + [f"min(q{j}) AS v{j}, max(q{j}) AS u{j}"
-                        for j in range(len(self.constant))])
+                     + [f"min(q{j}) + 0.0 AS v{j}, max(q{j}) + 0.0 AS u{j}"  # -0.0 -> 0.0:
+                        for j in range(len(self.constant))])  # min of ±0 is either
+        # DOUBLE: a dummy's 1.0 / 0.0 is a DECIMAL literal, and min() would keep the type
         self.columns = ([f"{sql} AS p{k}" for k, sql in enumerate(varying)]
-                        + [f"{sql} AS q{j}" for j, sql in enumerate(self.constant)])
+                        + [f"CAST({sql} AS DOUBLE) AS q{j}"
+                           for j, sql in enumerate(self.constant)])
         if weight_sql is not None:
             self.columns.append(f"{weight_sql} AS cw")
 
 
-def _constant_pieces(con: duckdb.DuckDBPyConnection, source: str, params: dict,
+def _constant_pieces(con: duckdb.DuckDBPyConnection, sample: str, params: dict,
                      mom: _Moments, groups: str, group_by: str, complete: str) -> list[str]:
-    """The pieces of X and Z that the first FACTOR_SAMPLE_ROWS rows show constant within
-    cells (see FACTOR_SAMPLE_ROWS): a proposal, checked by the pass itself."""
+    """The pieces of X and Z that `sample` (the first FACTOR_SAMPLE_ROWS rows of the input,
+    with the means of center()/group_mean() joined) shows constant within cells (see
+    FACTOR_SAMPLE_ROWS): a proposal, checked by the pass itself."""
     cand = list(dict.fromkeys(p for k, ps in mom.pieces.items() if k != mom.y for p in ps))
     if not cand:
         return []
-    cols = ", ".join(f"{p} AS q{j}" for j, p in enumerate(cand))
+    cols = ", ".join(f"CAST({p} AS DOUBLE) AS q{j}" for j, p in enumerate(cand))
     aggs = ", ".join(f"min(q{j}) AS v{j}, max(q{j}) AS u{j}" for j in range(len(cand)))
     checks = ", ".join(f"count(*) FILTER (WHERE n > 1 AND v{j} IS DISTINCT FROM u{j}), "
                        f"min(v{j}) < max(v{j})" for j in range(len(cand)))
     sql = (f"SELECT count(*) FILTER (WHERE n > 1), {checks} FROM ("
            f"SELECT {group_by}, count(*) AS n, {aggs} FROM ("
-           f"SELECT {groups}, {cols} FROM (SELECT * FROM {source} LIMIT {FACTOR_SAMPLE_ROWS})"
-           f" AS src WHERE {complete}) AS rows GROUP BY {group_by}) AS cells")
+           f"SELECT {groups}, {cols} FROM {sample} AS src WHERE {complete}) AS rows "
+           f"GROUP BY {group_by}) AS cells")
     try:
         multi, *res = con.execute(sql, params).fetchone()
     except duckdb.Error:  # the pass itself reports what is wrong with the data
@@ -612,7 +622,7 @@ def compute_statistics(data: str | os.PathLike[str], formula: str, *,
             stats = _run_moments(con, source, design, spec, partial=partial)
             stats.timings = {"prepare": t1 - t0, "scan": time.perf_counter() - t1}
             runlog.stage("scan", stats.timings["scan"], **runlog.statistics_fields(stats),
-                         constant_pieces=getattr(stats, "constant_pieces", 0))
+                         constant_pieces=stats.constant_pieces)
     finally:
         con.close()
     return stats
@@ -638,10 +648,11 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
     sum_list = [mom.sum_sql(i, j) for i, j in pairs]
     names = [mom.name(i, j) for i, j in pairs]
     weight_sums: list[str] = []
+    weight_names: list[str] = []
     if mom.weighted:  # Σ log w (lme4's deviance gains -Σ log w) and the smallest weight
         column_list.append(f"{design.weights_sql} AS cw")
         weight_sums = ["fsum(ln(greatest(cw, 1e-300))) AS slogw", "min(cw) AS wmin"]
-        names += ["slogw", "wmin"]
+        weight_names = ["slogw", "wmin"]
     columns = ",\n        ".join(column_list)
     params = {**source.params, **design.params}
     if design.group is not None:
@@ -661,15 +672,20 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
             raise source.error(exc, "statistics pass failed over") from None
     else:
         keys = [g.strip() for g in group_by.split(",")]
-        plain = dict(sums=sum_list + weight_sums, columns=column_list, outputs=names)
+        plain = dict(sums=sum_list + weight_sums, columns=column_list,
+                     outputs=names + weight_names)
         tries = [plain]
         if FACTOR_SAMPLE_ROWS:
-            constant = _constant_pieces(con, centred, params, mom, groups, group_by,
+            # the first rows in file order, the means joined after: a join does not keep
+            # the order, and a sample taken after it would vary with the thread count
+            sample = joined(f"(SELECT * FROM {source.relation} LIMIT {FACTOR_SAMPLE_ROWS})",
+                            design)
+            constant = _constant_pieces(con, sample, params, mom, groups, group_by,
                                         design.complete_sql)
             if constant:
                 factored = _Factored(mom, constant, design.weights_sql)
                 tries.insert(0, dict(sums=factored.sums + weight_sums, columns=factored.columns,
-                                     outputs=factored.outputs + names[len(pairs):]))
+                                     outputs=factored.outputs + weight_names))
         for parts in tries:
             sql = render("group_moments", groups=groups, group_by=group_by,
                          first_key=keys[0], keys_if_complete=", ".join(
@@ -706,7 +722,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
         z_cols = ", ".join(mom.name(i, j) for i, j in mom.group_pairs())
         per_group = con.execute(render("group_statistics", columns=z_cols)).fetchnumpy()
     else:
-        arrays, per_group, factor_labels = _fetch_cells(con, design, mom)
+        arrays, per_group, factor_labels, order_by = _fetch_cells(con, design, mom)
     residual = None
     if spec is None:  # DuckDB's copy of the cells is read: freed before the arrays are built
         con.execute("DROP TABLE group_moments")
@@ -716,26 +732,26 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
                                    cell_order=group_by, schema=design.schema,
                                    m=len(per_group["n"]))
     if design.group is None:
-        _order_cells(per_group)
+        _order_cells(per_group, order_by)
     stats = assemble(design, mom, per_group, factor_labels, totals, count=count,
                      rows_read=total_rows, log_weights=log_weights, wmin=wmin,
                      location=source.location, centering=centering, residual=residual,
                      partial=partial, arrays=arrays,
                      non_finite=lambda bad: _non_finite(con, source, design, mom, bad))
-    #: how many pieces the pass found constant within cells (FACTOR_SAMPLE_ROWS), for the log
     stats.constant_pieces = len(factored.constant) if factored else 0
     return stats
 
 
 def _fetch_cells(con: duckdb.DuckDBPyConnection, design: Design, mom: _Moments):
     """Several factors: the cells of group_moments fetched into the `Statistics` arrays, in
-    the order DuckDB's hash aggregate left them → (arrays, per_group, factor labels).
-    `per_group` holds every factor's level index ("f0", ...), the count and the sums, and —
-    for `_order_cells` — "order" (the name of a factor on all the grouping columns in their
-    order, whose level index is each cell's place) or "ranks" (each grouping column's rank
-    and number of distinct values).  No ORDER BY: sorting the millions of cells of a
-    crossed design with their sums took DuckDB 1-2 s and ~400 MB; their keys' counting
-    sorts take a fraction of that."""
+    the order DuckDB's hash aggregate left them → (arrays, per_group, factor labels, the
+    cells' order for `_order_cells`).  `per_group` holds every factor's level index ("f0",
+    ...), the count and the sums, and the rank of each grouping column that is no factor of
+    its own ("r0", ...) where needed; the order is the name of a factor on all the grouping
+    columns in their order (its level index is each cell's place), else, per grouping
+    column, the name of the column holding its rank and its number of distinct values.
+    No ORDER BY: sorting the millions of cells of a crossed design with their sums took
+    DuckDB 1-2 s and ~400 MB; their keys' counting sorts take a fraction of that."""
     gcols = _cell_columns(design)
     joins, index_cols = [], []
     ranks: dict[int, tuple[str, int]] = {}  # grouping column -> (its rank's column, levels)
@@ -768,23 +784,24 @@ def _fetch_cells(con: duckdb.DuckDBPyConnection, design: Design, mom: _Moments):
         "cell_statistics", joins="\n".join(joins), factor_columns=", ".join(index_cols),
         columns=", ".join(f"gm.{mom.name(i, j)}" for i, j in mom.group_pairs())),
         cells, out=places)
-    per_group["order"] = full if full is not None else [ranks[j] for j in range(len(gcols))]
-    return arrays, per_group, factor_labels
+    order_by = full if full is not None else [ranks[j] for j in range(len(gcols))]
+    return arrays, per_group, factor_labels, order_by
 
 
-def _order_cells(per_group: dict) -> None:
-    """Put the fetched cells (`_fetch_cells`) in order of their grouping columns (ORDER BY
-    g0, g1, ...: the statistics' cell order), every column in place."""
+def _order_cells(per_group: dict, order_by) -> None:
+    """Put the fetched cells (`_fetch_cells`, with its `order_by`) in order of their grouping
+    columns (ORDER BY g0, g1, ...: the statistics' cell order), every column in place; the
+    rank columns are dropped."""
     from ._levels_jit import lex_order, reorder
 
-    how = per_group.pop("order")
-    if isinstance(how, str):  # a factor's level index is each cell's place
-        position = per_group[how]
+    if isinstance(order_by, str):  # a factor's level index is each cell's place
+        position = per_group[order_by]
         kw = {"position": position}
     else:
-        kw = {"order": lex_order([per_group[name] for name, _ in how], [m for _, m in how])}
-        for name, _ in how:
-            if name.startswith("r"):
+        kw = {"order": lex_order([per_group[name] for name, _ in order_by],
+                                 [m for _, m in order_by])}
+        for name, _ in order_by:
+            if not name.startswith("f"):  # a rank column of _fetch_cells, not a factor's
                 del per_group[name]
         position = None
     tmp: dict = {}  # a scratch array per dtype

@@ -116,3 +116,43 @@ def test_the_fit_is_the_same(monkeypatch):
     assert a.reml_criterion == pytest.approx(b.reml_criterion, rel=1e-12)
     np.testing.assert_allclose(a.fixed_effects["estimate"].to_numpy(),
                                b.fixed_effects["estimate"].to_numpy(), rtol=1e-9)
+
+
+def test_the_probe_reads_the_first_rows_whatever_the_join(tmp_path):
+    # with group means joined (a LEFT JOIN, which does not keep row order) the probe still
+    # reads the first rows in file order: the same proposal, and the same bits, at any
+    # thread count.  The first rows' schools all have w = 1 (no evidence that w is a school
+    # covariate); later schools' w differ.
+    rng = np.random.default_rng(9)
+    n, schools = 400_000, 4_000
+    school = np.concatenate([rng.integers(0, 400, 100_000),
+                             rng.integers(400, schools, n - 100_000)])
+    wv = rng.normal(size=schools)
+    wv[:400] = 1.0
+    path = tmp_path / "probe.parquet"
+    pq.write_table(pa.table({"school": school, "w": wv[school], "x": rng.normal(size=n),
+                             "y": rng.normal(size=n)}), path, row_group_size=10_000)
+    f = "y ~ center(x, by = school) * w + group_mean(x, by = school) + (1 | school)"
+    runs = [S.compute_statistics(str(path), f, threads=t) for t in (1, 4, 8)]
+    assert {r.constant_pieces for r in runs} == {1}  # the group mean, not w
+    for r in runs[1:]:
+        for k in ARRAYS:
+            np.testing.assert_array_equal(getattr(r, k), getattr(runs[0], k), err_msg=k)
+
+
+def test_weights_without_an_intercept(tmp_path):
+    # the weights check reads Σ w, which no pair of model columns gives without an
+    # intercept: the pass computes it anyway
+    rng = np.random.default_rng(4)
+    n = 600
+    g = rng.integers(0, 30, n)
+    x, w, wt = rng.normal(size=n), rng.normal(size=30)[g], rng.uniform(0.5, 2, n)
+    y = x + w + rng.normal(size=n)
+    path = tmp_path / "w.parquet"
+    pq.write_table(pa.table({"g": g, "x": x, "w": w, "wt": wt, "y": y}), path)
+    st = S.compute_statistics(str(path), "y ~ 0 + x + w + (0 + w | g)", weights="wt")
+    X = np.stack([x, w])
+    np.testing.assert_allclose(st.xtx, (X * wt) @ X.T, rtol=1e-12)
+    np.testing.assert_allclose(st.xty, (X * wt) @ y, rtol=1e-12)
+    res = mlpipe.fit(str(path), "y ~ 0 + x + w + (0 + w | g)", weights="wt")
+    assert np.isfinite(res.reml_criterion)
