@@ -560,3 +560,32 @@ def test_the_warm_up_statistics_are_the_pass_of_its_rows():
                                                                 b.blocks)
         np.testing.assert_array_equal(a.index, b.index)
         assert list(a.levels) == list(b.levels)
+
+
+@pytest.mark.parametrize("formula, keys", [
+    ("y ~ x + (x | a) + (1 | c)", ["a", "c"]),
+    ("y ~ x + (1 | a) + (1 | a:b)", ["a", "b"]),
+    ("y ~ x + (1 | a) + (1 | a:b) + (1 | c)", ["a", "b", "c"]),
+    ("y ~ x + (1 | b:a) + (1 | c)", ["b", "a", "c"]),
+    ("y ~ x + (1 | c) + (x || a) + (1 | b)", ["c", "a", "b"]),
+])
+def test_cells_are_in_the_order_of_their_grouping_columns(tmp_path, formula, keys):
+    # the cells come out of DuckDB's hash aggregate unsorted and are put in order by
+    # counting sorts of their level indices (stats._order_cells): the same order as
+    # ORDER BY the grouping columns, whatever the factors' structure
+    import duckdb
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    path = tmp_path / "cells.parquet"
+    pq.write_table(pa.table({"a": rng.integers(0, 30, n).astype(str),
+                             "b": rng.integers(0, 7, n), "c": rng.integers(-25, 25, n),
+                             "x": rng.normal(size=n), "y": rng.normal(size=n)}), path)
+    st = compute_statistics(str(path), formula)
+    cols = ", ".join(keys)
+    n_i, sy = duckdb.sql(f"SELECT count(*), sum(y) FROM read_parquet('{path}') "
+                         f"GROUP BY {cols} ORDER BY {cols}").fetchnumpy().values()
+    np.testing.assert_array_equal(st.n_i, n_i)
+    np.testing.assert_allclose(st.zty[0], sy, rtol=1e-12, atol=1e-12)
+    for f in st.factors:  # every factor's index covers its levels
+        assert f.index.min() == 0 and f.index.max() == f.m - 1
