@@ -492,7 +492,8 @@ def add_inference(result: FitResult, *, ddf: str | None, ci: str | None,
         elif general:
             res = _inference.satterthwaite_general(obj, result.theta, result.sigma, beta)
         else:
-            res = _inference.satterthwaite(stats, result.theta, result.sigma, beta, reml=reml)
+            res = _inference.satterthwaite(stats, result.theta, result.sigma, beta, reml=reml,
+                                           obj=obj)
         set_ddf(result, res)
     if ci == "wald":
         se = np.sqrt(np.diag(result.vcov)) if general \
