@@ -154,14 +154,14 @@ def criterion_hessian(obj: Objective, vp: np.ndarray) -> np.ndarray:
     criterion only through r²/σ² and the log σ² terms)."""
     k = len(vp)
     H = np.empty((k, k))
+    theta, sigma = vp[:-1], vp[-1]
+    pt = obj.parts(theta)  # first: at θ̂ the fit's latest parts (`Objective._parts`)
     for j in range(k - 1):
         h = 1e-4 * max(abs(vp[j]), 1e-2)
         e = np.zeros(k)
         e[j] = h
         g_plus, g_minus = _criterion_vp_gradient(obj, vp + e), _criterion_vp_gradient(obj, vp - e)
         H[:, j] = (g_plus - g_minus) / (2 * h)
-    theta, sigma = vp[:-1], vp[-1]
-    pt = obj.parts(theta)
     dof = obj.stats.n - obj.stats.p if obj.reml else obj.stats.n
     H[:-1, -1] = -2.0 * pt.d_r2 / sigma**3  # ∂/∂σ of ∂/∂θ (r²/σ²)
     H[-1, -1] = 6.0 * pt.r2 / sigma**4 - 2.0 * dof / sigma**2

@@ -185,6 +185,7 @@ class Objective:
         self._ws = _Workspace()
         self._lock = threading.Lock()
         self._last_core = None  # (θ's bytes, `_core`'s value) in the work space
+        self._last_parts = None  # ((θ's bytes, with_rx), `_parts`' value)
 
     def linear_parts_of(self, stats: Statistics) -> list[np.ndarray]:
         """The arrays the evaluations read, computed from `stats` (this model's structure):
@@ -212,12 +213,13 @@ class Objective:
         return [self._S, self._G, self._M0]
 
     def statistics_changed(self) -> None:
-        """The `linear_parts` were rewritten: the cached core (`_core`) is stale."""
+        """The `linear_parts` were rewritten: the cached core (`_core`) and parts are stale."""
         self._last_core = None
+        self._last_parts = None
 
     def __getstate__(self) -> dict:  # picklable: the work space and the lock are rebuilt
         state = dict(self.__dict__)
-        state.update(_ws=None, _lock=None, _last_core=None)
+        state.update(_ws=None, _lock=None, _last_core=None, _last_parts=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -361,12 +363,20 @@ class Objective:
                 raise linalg.LinAlgError(str(exc)) from None
 
     def _parts(self, theta: np.ndarray, with_rx: bool) -> Parts:
+        # the latest θ's parts are kept (fresh arrays, never written again): Satterthwaite's
+        # Hessian asks for them at θ̂, where the optimizer's last gradient was taken
+        key = (theta.tobytes(), with_rx)
+        last = self._last_parts
+        if last is not None and last[0] == key:
+            return last[1]
         T, J, L, _R, M, logdet_l = self._core(theta, self._ws)
         _xtx, rx, beta, r2, logdet_rx = self._profile(M)
         if not np.isfinite(r2) or r2 <= 0:
             raise linalg.LinAlgError("the penalized residual sum of squares is not positive")
         g_ld, g_r2, g_rx = self.gradient_sums(T, J, L, beta, rx, with_rx)
-        return Parts(logdet_l, logdet_rx, r2, g_ld, g_rx, g_r2)
+        parts = Parts(logdet_l, logdet_rx, r2, g_ld, g_rx, g_r2)
+        self._last_parts = (key, parts)
+        return parts
 
     def gradient_sums(self, T: np.ndarray, J: list[int], L: np.ndarray, beta: np.ndarray,
                       rx: np.ndarray, with_rx: bool):
