@@ -221,15 +221,19 @@ class SatterthwaiteParts:
 def satterthwaite(stats: Statistics, theta: np.ndarray, sigma: float, beta: np.ndarray, *,
                   reml: bool = True, obj=None) -> DdfResult:
     """`obj`: the fit's `Objective` (its workspace is warm: a new one built here cost 0.2 s
-    at 1M groups, and its first evaluations the page faults of fresh scratch arrays)."""
+    at 1M groups, and its first evaluations the page faults of fresh scratch arrays); one
+    of other statistics or of the other criterion is not used."""
+    if obj is not None and (obj.stats is not stats or obj.reml != reml):
+        obj = None
     return satterthwaite_parts(stats, theta, sigma, reml=reml, obj=obj).result(beta)
 
 
 def satterthwaite_parts(stats: Statistics, theta: np.ndarray, sigma: float, *,
                         reml: bool = True, obj=None, sums=None) -> SatterthwaiteParts:
     """One grouping factor: Var(β̂), its Jacobian in (θ, σ) in closed form, and A.
-    `obj` and `sums`: the fit's objective and `satterthwaite_sums` over all groups, when
-    the groups are not in `stats` (the Dask workers', mlpipe/engines/dask_solve.py)."""
+    `obj`: the fit's objective (of `stats`, with the same `reml`; built here when None);
+    `sums`: `satterthwaite_sums` over all groups, when the groups are not in `stats` (the
+    Dask workers', mlpipe/engines/dask_solve.py)."""
     obj = Objective(stats, reml=reml) if obj is None else obj
     vp = np.r_[theta, sigma]
     hess = criterion_hessian(obj, vp)

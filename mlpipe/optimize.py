@@ -263,26 +263,21 @@ def _optimize_once(obj: Objective, *, maxeval: int, ftol_rel: float, xtol_abs: f
 
 
 def _starting_value(obj: Objective, theta0) -> tuple[np.ndarray, float, str]:
-    """The given θ; else the moment estimate when it lies inside the bounds (every variance
-    positive), which the optimizer takes as it is; else the better of it and lme4's default.
-    A large objective's evaluation costs seconds (the 10M-row crossed design: ~2 s), and
-    lme4's default θ is compared only where the moment estimate puts a variance at 0 — there
-    the start decides more, and the boundary guard of `optimize` starts from both anyway."""
+    """The given θ, else the better of lme4's default and the moment estimate."""
     tm = obj.theta_map
     if theta0 is not None:
         x0 = np.array(theta0, dtype=float)
         return x0, obj(x0), "given"
     x0 = np.array(tm.initial, dtype=float)
-    mom = obj.moment_start() if len(tm) > 1 else None  # one θ: Brent brackets the range
-    fm = np.inf
+    f0 = obj(x0)
+    if len(tm) == 1:  # Brent brackets the whole range anyway
+        return x0, f0, "default"
+    mom = obj.moment_start()
     if mom is not None:
         mom = np.maximum(mom, tm.lower)
         fm = obj(mom)
-        if np.isfinite(fm) and np.all(mom > tm.lower):
+        if np.isfinite(fm) and not fm > f0:
             return mom, fm, "moments"
-    f0 = obj(x0)
-    if np.isfinite(fm) and not fm > f0:
-        return mom, fm, "moments"
     return x0, f0, "default"
 
 
