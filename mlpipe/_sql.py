@@ -75,6 +75,7 @@ def connect(*, memory_limit: str | None = None, threads: int | None = None,
     # jemalloc keeps the pages a query freed (a hash aggregate over millions of cells: ~0.7
     # GB beyond the table it built) until they decay, seconds later; its background threads
     # return them within a fraction of a second, while the cells are fetched into NumPy
+    # (the 9.75M-cell crossed pass: peak 2,386-2,462 MB with them, 2,827-3,052 MB without)
     con.execute("SET allocator_background_threads = true")
     return con
 

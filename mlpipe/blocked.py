@@ -172,7 +172,8 @@ def warm_statistics() -> Statistics:
     """The statistics of y ~ x + (x | g) + (1 | h) on 48 random rows (g = row % 8, h = row
     % 3: 24 cells of 2 rows), summed here with NumPy: the warm-up runs beside the scan, and
     a second DuckDB database there cost the large crossed fit ~150-300 MB of peak memory
-    (tests/test_multilevel.py checks these against the statistics pass)."""
+    (the Polars engine would not do: it labels levels through DuckDB).  Its statistics are
+    the pass's (tests/test_multilevel.py)."""
     rng = np.random.default_rng(0)
     n, m = 48, 24
     y, x = rng.normal(size=n), rng.normal(size=n)

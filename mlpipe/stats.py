@@ -749,7 +749,8 @@ def _fetch_cells(con: duckdb.DuckDBPyConnection, design: Design, mom: _Moments):
     ...), the count and the sums, and the rank of each grouping column that is no factor of
     its own ("r0", ...) where needed; the order is the name of a factor on all the grouping
     columns in their order (its level index is each cell's place), else, per grouping
-    column, the name of the column holding its rank and its number of distinct values.
+    column, (the column holding its rank, its number of distinct values, whether that
+    column is a rank fetched for the order alone).
     No ORDER BY: sorting the millions of cells of a crossed design with their sums took
     DuckDB 1-2 s and ~400 MB; their keys' counting sorts take a fraction of that."""
     gcols = _cell_columns(design)
@@ -767,7 +768,8 @@ def _fetch_cells(con: duckdb.DuckDBPyConnection, design: Design, mom: _Moments):
         joins.append(f"JOIN lv{k} ON " + " AND ".join(f"gm.{c} = lv{k}.{c}" for c in cols))
         index_cols.append(f"lv{k}.idx AS f{k}")
         if len(cols) == 1:
-            ranks.setdefault(gcols.index(f.columns[0]), (f"f{k}", len(factor_labels[-1])))
+            ranks.setdefault(gcols.index(f.columns[0]),
+                             (f"f{k}", len(factor_labels[-1]), False))
         if cols == [f"g{j}" for j in range(len(gcols))]:
             full = f"f{k}"
     if full is None:  # a rank for each grouping column that is no factor of its own
@@ -777,7 +779,8 @@ def _fetch_cells(con: duckdb.DuckDBPyConnection, design: Design, mom: _Moments):
                                    distinct="DISTINCT", label="NULL"))
                 joins.append(f"JOIN rk{j} ON gm.g{j} = rk{j}.g{j}")
                 index_cols.append(f"rk{j}.idx AS r{j}")
-                ranks[j] = (f"r{j}", con.execute(f"SELECT count(*) FROM rk{j}").fetchone()[0])
+                ranks[j] = (f"r{j}", con.execute(f"SELECT count(*) FROM rk{j}").fetchone()[0],
+                            True)
     cells = con.execute("SELECT count(*) FROM group_moments WHERE complete").fetchall()[0][0]
     arrays, places = cell_arrays(mom, cells)  # the cells' sums land in place
     per_group = fetch_columns(con, render(
@@ -798,10 +801,10 @@ def _order_cells(per_group: dict, order_by) -> None:
         position = per_group[order_by]
         kw = {"position": position}
     else:
-        kw = {"order": lex_order([per_group[name] for name, _ in order_by],
-                                 [m for _, m in order_by])}
-        for name, _ in order_by:
-            if not name.startswith("f"):  # a rank column of _fetch_cells, not a factor's
+        kw = {"order": lex_order([per_group[name] for name, _, _ in order_by],
+                                 [m for _, m, _ in order_by])}
+        for name, _, rank_only in order_by:
+            if rank_only:
                 del per_group[name]
         position = None
     tmp: dict = {}  # a scratch array per dtype
