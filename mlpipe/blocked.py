@@ -83,7 +83,7 @@ class BlockedDecomposition:
 
 
 #: `BlockedObjective._information` works on this many bytes of (Q, columns) arrays at a
-#: time (of about 8 such arrays): per column, the products with Z'Z and the solves pass
+#: time (of about 4 such arrays): per column, the products with Z'Z and the solves pass
 #: over B's entries once for all the columns of a batch
 INFO_BATCH_BYTES = 256 << 20
 
@@ -254,14 +254,15 @@ class BlockedObjective:
         self._st = Structure(*spec)
         self._lock = threading.Lock()
         self._last_factorization = None  # (θ's T blocks as bytes, (fac, C, W)), `_factorize`
-        # Newton's Hessian (mlpipe/optimize.py): the information (`_information`) costs
-        # O(entries of θ × (Q + B's entries)) per evaluation, a difference Hessian one more
-        # factorization per entry, O(the Schur update's terms + R³/3 when dense); the
-        # information only where it is the cheaper — crossed factors, a dense trailing
-        # block (not 2M children nested in schools: there it cost as much time and 400 MB)
-        dense = self.size["order"] ** 3 / 3 if self.size["dense"] else 0
-        self.information_pays = len(self.theta_map) * (self.Q + self._st.n_entries) < \
-            self.size["update_terms"] + dense
+        # Newton's Hessian (mlpipe/optimize.py): the information (`_information`), taken at
+        # every iterate, costs a product with Z'Z and a solve per entry of θ — less than the
+        # difference Hessian's factorization and gradient per entry, whatever the structure
+        # (crossed with a dense trailing block: the factorization is the R³/3; 2M children
+        # nested in 20k schools: the fit took 4.9 s against 6.0 s, 5 evaluations against
+        # 12); the differences remain the fallback where the information stops describing
+        # the curvature (a variance near 0).  Its memory: `INFO_BATCH_BYTES`, the gradient's
+        # temporaries freed first
+        self.information_pays = True
 
     def linear_parts_of(self, stats: Statistics) -> list[np.ndarray]:
         """The arrays the evaluations read, from `stats` (per-cell statistics of this
@@ -506,9 +507,11 @@ class BlockedObjective:
                 self._params.append((k, R - int(self.toff[k]), Cc - int(self.toff[k])))
         return self._params
 
-    def _lam(self, Ts: list[np.ndarray], v: np.ndarray, trans: bool = False) -> np.ndarray:
-        """Λ v (Λ'v with `trans`) for v (Q,) or (Q, r): per level T v_i (T'v_i)."""
-        out = np.empty_like(v)
+    def _lam(self, Ts: list[np.ndarray], v: np.ndarray, trans: bool = False,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """Λ v (Λ'v with `trans`) for v (Q,) or (Q, r): per level T v_i (T'v_i), into `out`
+        (C-contiguous, not v) when given."""
+        out = np.empty_like(v) if out is None else out
         for k, f in enumerate(self.factors):
             sl = slice(self.uoff[k], self.uoff[k + 1])
             T = Ts[k].T if trans else Ts[k]
@@ -585,43 +588,53 @@ class BlockedObjective:
         p = s.p
         params = self.params
         nk = len(params)
-        # ŵ_t is zero outside its factor's levels: kept as that slice alone (the columns of
-        # a factor with millions of levels are the bulk); Z'Z Ŵ and A⁻¹Y are computed for
-        # as many columns at a time as INFO_BATCH_BYTES allows (all of them for a few
-        # thousand levels), so the memory is Y and a few more (Q, columns) arrays
-        what = []
-        for k, r, c in params:
+        # ŵ_t is zero outside its factor's levels: kept as that slice alone, the θ entries
+        # of one factor side by side (the columns of a factor with millions of levels are
+        # the bulk).  Z'Z Ŵ and A⁻¹Y are computed for as many columns at a time as
+        # INFO_BATCH_BYTES allows (all of them for a few thousand levels): per column of a
+        # batch Y (written over the batch's Ŵ), Z'Z Ŵ (freed before the solve) and A⁻¹Y
+        # with the solve's temporary; every Y is kept for y_t'A⁻¹y_u (one column each)
+        by_factor: dict[int, list[int]] = {}
+        for t, (k, _r, _c) in enumerate(params):
+            by_factor.setdefault(k, []).append(t)
+        what = {}  # factor → (its θ entries, ŵ of each on the factor's slice (m·q, entries))
+        for k, ts in by_factor.items():
             sl = slice(self.uoff[k], self.uoff[k + 1])
             q = self.factors[k].q
-            w = np.outer(v[sl].reshape(-1, q)[:, r], Ts[k][:, c])  # Λ E_t'v per level
-            w[:, r] += u[sl].reshape(-1, q)[:, c]  # + E_t u
-            what.append((sl, w.ravel()))
+            vk, uk = v[sl].reshape(-1, q), u[sl].reshape(-1, q)
+            w = np.empty((len(vk), q, len(ts)))
+            for j, t in enumerate(ts):
+                _k, r, c = params[t]
+                np.multiply(vk[:, r, None], Ts[k][None, :, c], out=w[:, :, j])  # Λ E_t'v
+                w[:, r, j] += uk[:, c]  # + E_t u
+            what[k] = (ts, w.reshape(-1, len(ts)))
         H = np.empty((nk, nk))
-        yh = np.full((nk, nk), np.nan)  # y_t'A⁻¹y_u, filled for t's batch up to u's
-        gx = np.empty((p, nk))
-        per_batch = max(1, min(nk, INFO_BATCH_BYTES // (8 * 8 * self.Q)))
+        yh = np.empty((nk, nk))  # y_t'A⁻¹y_u
+        gx = np.empty((p, nk))  # X'Z k_t = X'Z ŵ_t − (Λ'Z'X)'A⁻¹y_t
+        for k, (ts, w) in what.items():
+            gx[:, ts] = (self.G[k].reshape(len(w), p + 1)[:, :p].T @ w)
+        per_batch = max(1, min(nk, INFO_BATCH_BYTES // (4 * 8 * self.Q)))
         ys: list[tuple[list[int], np.ndarray]] = []
         for lo in range(0, nk, per_batch):
             batch = list(range(lo, min(nk, lo + per_batch)))
             col = np.zeros((self.Q, len(batch)))
-            for j, t in enumerate(batch):
-                sl, w = what[t]
-                col[sl, j] = w
+            for k, (ts, w) in what.items():
+                sl = slice(self.uoff[k], self.uoff[k + 1])
+                for j, t in enumerate(batch):
+                    if t in ts:
+                        col[sl, j] = w[:, ts.index(t)]
             zw = self.ztz_times(col)
-            y = self._lam(Ts, zw, trans=True)  # Y = Λ'Z'Z Ŵ
+            for k, (ts, w) in what.items():  # ŵ'Z'Z ŵ_t
+                H[ts, lo:lo + len(batch)] = w.T @ zw[self.uoff[k]:self.uoff[k + 1]]
+            y = self._lam(Ts, zw, trans=True, out=col)  # Y = Λ'Z'Z Ŵ, over Ŵ
+            del zw, col
             h = self._solve(fac, y)  # A⁻¹Y
+            gx[:, lo:lo + len(batch)] -= C[:, :p].T @ h
             ys.append((batch, y))
-            for j, t in enumerate(batch):
-                for t2, (sl2, w2) in enumerate(what):  # ŵ'Z'Z ŵ_t
-                    H[t2, t] = float(w2 @ zw[sl2, j])
-                # X'Z k_t = X'Z ŵ_t − (Λ'Z'X)'A⁻¹y_t, from Z'[X y] per level and C
-                k = params[t][0]
-                f = self.factors[k]
-                sl, w = what[t]
-                gx[:, t] = (w @ self.G[k].reshape(f.m * f.q, p + 1))[:p] - h[:, j] @ C[:, :p]
             for batch2, y2 in ys:
                 yh[np.ix_(batch2, batch)] = y2.T @ h
-        yh = np.where(np.isnan(yh), yh.T, yh)
+                yh[np.ix_(batch, batch2)] = yh[np.ix_(batch2, batch)].T
+            del h
         H = H - yh  # ŵ'Z'Z K = ŵ'Z'Z ŵ − y'A⁻¹y
         H = (H + H.T) / 2 - gx.T @ minv @ gx - 4.0 * np.outer(a, a) / r2
         d = s.n - (p if self.reml else 0)
@@ -688,7 +701,11 @@ class BlockedObjective:
                 dM = -(F + F.T - Gm - Gm.T)
                 dms.append(dM)
                 g_rx[t] = float(np.sum(minv * dM))
-        H = self._information(Ts, fac, C, u, v, -g_r2 / 2, minv, r2) if info else None
+        H = None
+        if info:  # the gradient's (Q, ·) temporaries freed first: the information's room
+            u = u.copy()
+            del uw, zzl, zr, oms, om
+            H = self._information(Ts, fac, C, u, v, -g_r2 / 2, minv, r2)
         return f, Parts(logdet_l, logdet_rx, r2, g_ld, g_rx, g_r2), dms, minv, H
 
     def moment_start(self) -> np.ndarray | None:

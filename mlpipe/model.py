@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _dist, _preload, runlog
 from ._lazy import lazy_import
-from ._malloc import reuse_freed_memory
+from ._malloc import ordinary_pages, reuse_freed_memory
 from .errors import DataError, InputError
 from .stats import Statistics
 
@@ -203,8 +203,9 @@ def fit_statistics(stats: Statistics, *, method: str = "REML",
     if method == "moments":
         return _fit_moments(stats, ci=ci, level=level, refine=refine)
     check_general_options(stats, ddf, ci)
-    return _fit_exact(stats, method=method, ddf=ddf, ci=ci, level=level,
-                      memory_limit=memory_limit, refine=refine)
+    with ordinary_pages():  # the build's and the results' large arrays: mlpipe/_malloc.py
+        return _fit_exact(stats, method=method, ddf=ddf, ci=ci, level=level,
+                          memory_limit=memory_limit, refine=refine)
 
 
 def _fit_exact(stats: Statistics, *, method: str, ddf: str | None, ci: str | None,
