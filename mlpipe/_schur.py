@@ -619,6 +619,11 @@ class Factorization:
             self._omega = self._compute_omega()
         return self._omega
 
+    def forget_omega(self) -> None:
+        """Drop the kept Ω blocks (their memory: ~2 q₁ doubles per entry of B and q₁² per
+        level); `omega` computes them again when asked."""
+        self._omega = None
+
     def _compute_omega(self) -> tuple[np.ndarray, np.ndarray, object]:
         st = self.st
         q1 = st.q1

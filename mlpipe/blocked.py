@@ -654,15 +654,10 @@ class BlockedObjective:
         if not np.isfinite(f):
             raise linalg.LinAlgError("the deviance is not finite")
         gamma = np.append(-beta, 1.0)
-        # [u W_X] = W [γ | I_p; 0] as one product (u = W γ, the conditional modes)
-        to_uw = np.zeros((p + 1, p + 1))
-        to_uw[:, 0] = gamma
-        to_uw[np.arange(p), np.arange(1, p + 1)] = 1.0
-        uw = W @ to_uw
-        u = uw[:, 0]
-        zr = np.concatenate([G.reshape(-1, G.shape[2]) @ gamma for G in self.G])
-        zzl = self.ztz_times(self._lam(Ts, uw))  # one pass: Z'ZΛ[u W_X]
-        v = zr - zzl[:, 0]
+        u = W @ gamma  # the conditional modes
+        zzl = self.ztz_times(self._lam(Ts, W))  # Z'ZΛW in one pass (Z'ZΛu = zzl γ)
+        v = np.concatenate([G.reshape(-1, G.shape[2]) @ gamma for G in self.G])
+        v -= zzl @ gamma  # Z'(y − Xβ̂) − Z'ZΛu
         minv = linalg.cho_solve((rx, False), np.eye(p), check_finite=False)
         oms = self.pair_omegas(fac)
         gld = [np.zeros((f_.q, f_.q)) for f_ in self.factors]
@@ -675,7 +670,7 @@ class BlockedObjective:
                 gld[pr.j] += np.einsum("sb,cbrs->cr", Tk, dd)
         # per factor, the sums over its levels every θ entry of it needs, as three products
         # of (levels × q·(p+1)) blocks: uv[c, r] = Σ_i u_ic v_ir; GW[r, :, c, :] =
-        # Σ_i G_i[r]' W_i[c] (F's X'·W_X part); WY[c, :, r, :] = Σ_i W_i[c]' (Z'ZΛ[u W_X])_i[r]
+        # Σ_i G_i[r]' W_i[c] (F's X'·W_X part); WY[c, :, r, :] = Σ_i W_i[c]' (Z'ZΛW)_i[r]
         sums = []
         for k, fk in enumerate(self.factors):
             sl = slice(self.uoff[k], self.uoff[k + 1])
@@ -697,14 +692,14 @@ class BlockedObjective:
             g_ld[t] = 2.0 * gld[k][c, r]
             if with_rx:
                 F = GW[r, :p, c, :p]  # Σ_i (Z'X)_i[r]' (W_X)_i[c]
-                Gm = WY[c, :p, r, 1:]  # Σ_i (W_X)_i[c]' Y_i[r]
+                Gm = WY[c, :p, r, :p]  # Σ_i (W_X)_i[c]' (Z'ZΛW_X)_i[r]
                 dM = -(F + F.T - Gm - Gm.T)
                 dms.append(dM)
                 g_rx[t] = float(np.sum(minv * dM))
         H = None
         if info:  # the gradient's (Q, ·) temporaries freed first: the information's room
-            u = u.copy()
-            del uw, zzl, zr, oms, om
+            del zzl, oms, om
+            fac.forget_omega()  # recomputed if asked for again (the results' at θ̂: once)
             H = self._information(Ts, fac, C, u, v, -g_r2 / 2, minv, r2)
         return f, Parts(logdet_l, logdet_rx, r2, g_ld, g_rx, g_r2), dms, minv, H
 
