@@ -290,15 +290,26 @@ def pair_levels(ij: np.ndarray, ik: np.ndarray, mj: int, mk: int):
     """The distinct pairs (ij, ik) of two level indices over the cells, sorted by ij then
     ik, and each cell's pair: (rows, cols, inverse) — np.unique(ij·mk + ik,
     return_inverse=True) by two counting sorts instead of a comparison sort."""
+    return _pair_levels(np.asarray(ij, np.int64), np.asarray(ik, np.int64), mj, mk)
+
+
+@njit(cache=True)
+def _pair_levels(ij, ik, mj, mk):
     o = level_order(ik, mk)
     o = o[level_order(ij[o], mj)]
-    a, b = ij[o], ik[o]
-    new = np.empty(len(o), bool)
-    new[:1] = True
-    new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    rows = np.empty(len(o), np.int64)
+    cols = np.empty(len(o), np.int64)
     inv = np.empty(len(o), np.int64)
-    inv[o] = np.cumsum(new) - 1
-    return a[new], b[new], inv
+    count = 0
+    for t in range(len(o)):  # in sorted order: a new pair where (a, b) changes
+        c = o[t]
+        a, b = ij[c], ik[c]
+        if count == 0 or a != rows[count - 1] or b != cols[count - 1]:
+            rows[count] = a
+            cols[count] = b
+            count += 1
+        inv[c] = count - 1
+    return rows[:count].copy(), cols[:count].copy(), inv
 
 
 #: chunks of the sums over blocks in `pair_traces`: a fixed split, so the rounded sums do not
