@@ -621,8 +621,10 @@ class Factorization:
 
     def forget_omega(self) -> None:
         """Drop the kept Ω blocks (their memory: ~2 q₁ doubles per entry of B and q₁² per
-        level); `omega` computes them again when asked."""
+        level) and S⁻¹ behind them (dense: R² doubles); `omega` computes them again when
+        asked."""
         self._omega = None
+        self._inv = self._zsel = None
 
     def _compute_omega(self) -> tuple[np.ndarray, np.ndarray, object]:
         st = self.st

@@ -86,6 +86,11 @@ class BlockedDecomposition:
 #: time (of about 4 such arrays): per column, the products with Z'Z and the solves pass
 #: over B's entries once for all the columns of a batch
 INFO_BATCH_BYTES = 256 << 20
+#: ... and keeps, beside, Y = Λ'Z'ZŴ for every θ entry (Q doubles each) and Ŵ (its factor's
+#: random effects each): where those exceed this, Newton takes difference Hessians instead
+#: (2M children nested in schools with (t | ·) at both: 6 entries, 290 MB; with (t + t2 | ·):
+#: 12 entries, ~870 MB → differences)
+INFO_KEPT_BYTES = 512 << 20
 
 
 def parse_bytes(text: str) -> int | None:
@@ -261,9 +266,10 @@ class BlockedObjective:
         # (crossed with a dense trailing block: the factorization is the R³/3; 2M children
         # nested in 20k schools: the fit took 4.9 s against 6.0 s, 5 evaluations against
         # 12); the differences remain the fallback where the information stops describing
-        # the curvature (a variance near 0).  Its memory: `INFO_BATCH_BYTES`, the gradient's
-        # temporaries freed first
-        self.information_pays = True
+        # the curvature (a variance near 0).  Its memory: `INFO_BATCH_BYTES` at a time, the
+        # gradient's temporaries freed first, and what it keeps (`INFO_KEPT_BYTES`)
+        kept = sum(self.Q + self.factors[k].m * self.factors[k].q for k, _r, _c in self.params)
+        self.information_pays = 8 * kept <= INFO_KEPT_BYTES
 
     def linear_parts_of(self, stats: Statistics) -> list[np.ndarray]:
         """The arrays the evaluations read, from `stats` (per-cell statistics of this

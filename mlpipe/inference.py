@@ -328,11 +328,13 @@ def satterthwaite_general_parts(obj, theta: np.ndarray, sigma: float) -> Sattert
     vp = np.r_[theta, sigma]
     if hasattr(obj, "vcov_jacobian"):
         try:
+            # Var(β̂) and its Jacobian first: at θ̂ the objective still holds the optimizer's
+            # last factorization and gradient, which the differences' steps replace
+            cov, jac = vcov(vp), obj.vcov_jacobian(theta, sigma)
             hess = criterion_hessian(obj, vp)
             w, U = np.linalg.eigh(hess)
             pos = w > 1e-8
-            return SatterthwaiteParts(vcov(vp), obj.vcov_jacobian(theta, sigma),
-                                      2 * (U[:, pos] / w[pos]) @ U[:, pos].T)
+            return SatterthwaiteParts(cov, jac, 2 * (U[:, pos] / w[pos]) @ U[:, pos].T)
         except np.linalg.LinAlgError:  # a step of the differences left the domain
             pass
     hess = richardson_hessian(crit, vp)

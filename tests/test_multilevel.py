@@ -513,10 +513,11 @@ def test_newton_with_the_information_reaches_the_same_optimum(path, formula, rem
         assert with_info.evaluations < without.evaluations
 
 
-def test_nested_newton_with_the_information_takes_fewer_evaluations():
+def test_nested_newton_with_the_information_takes_fewer_evaluations(monkeypatch):
     """Children nested in many schools (a sparse Schur complement of order 2 × 5,000): Newton
     with the information reaches the optimum of Newton with difference Hessians, in fewer
-    evaluations (a difference Hessian costs one gradient per entry of θ)."""
+    evaluations (a difference Hessian costs one gradient per entry of θ); a structure whose
+    information would keep more than INFO_KEPT_BYTES takes the differences."""
     from mlpipe import optimize
 
     rng = np.random.default_rng(3)
@@ -529,8 +530,16 @@ def test_nested_newton_with_the_information_takes_fewer_evaluations():
                             "y ~ t + (t | school) + (1 | child)")
     nested = BlockedObjective(st)
     assert not nested.size["dense"] and nested.information_pays
+    # what the information keeps (Λ'Z'ZŴ per θ entry, Ŵ): above INFO_KEPT_BYTES, differences
+    from mlpipe import blocked
+
+    kept = 8 * sum(nested.Q + nested.factors[k].m * nested.factors[k].q
+                   for k, _r, _c in nested.params)
+    # Q = 2·5000 (school) + 10,000 (child); 3 entries on school, 1 on child
+    assert kept == 8 * (4 * 20000 + 3 * 10000 + 10000)
+    monkeypatch.setattr(blocked, "INFO_KEPT_BYTES", kept - 1)
     plain = BlockedObjective(st)
-    plain.information_pays = False
+    assert not plain.information_pays
     a, b = optimize.optimize(nested), optimize.optimize(plain)
     assert a.converged and b.converged
     assert abs(a.final_objective - b.final_objective) <= 1e-11 * abs(b.final_objective)
