@@ -4,7 +4,9 @@ The several-factor solver keeps the leading factor's right-hand sides "level fir
 (m, q, r) — the rows of the (Q, r) vectors it solves for, level by level — and multiplies
 them by per-level or constant q×q matrices with these compiled loops (numpy's batched matmul
 costs ~50 ns per tiny matrix; these ~10).  Kept apart from `_levels` (the level-last algebra
-of both objectives) so that a one-factor fit never imports numba.
+of both objectives) so that a one-factor fit imports numba only where it pays: the
+one-factor objective's compiled core and gradient (`core_sums2`, `gradient_sums2`) above
+`objective.FUSED_MIN_LEVELS` groups.
 """
 
 from __future__ import annotations
@@ -368,3 +370,170 @@ def level_sums_xy(ztx, zty, z, index, out):
             for c in range(p):
                 out[i, a, c] += ztx[z[a], c, t]
             out[i, a, p] += zty[z[a], t]
+
+
+# ---------------------------------------------------------------------- the one-factor core
+# `Objective` (mlpipe/objective.py) with a random intercept and slope (q = 2, both columns of T
+# nonzero) and many groups: its core and gradient sums in one pass over the levels each, the
+# 2×2 algebra spelled out (scalars in registers), where its level-last NumPy steps take one
+# pass over all levels per entry (1M groups: the core 28 ms against ~50-80 ms, measured)
+
+#: the sums over levels are taken in this many chunks of consecutive levels, added in chunk
+#: order: the rounded result does not depend on the number of threads
+CORE_CHUNKS = 64
+
+
+def core_sums2(S: np.ndarray, G: np.ndarray, TJ: np.ndarray, L: np.ndarray,
+               R: np.ndarray) -> tuple[np.ndarray, float, bool]:
+    """`Objective._compute_core` for q = 2: S (2, 2, m) symmetric, G = Z'[X y] (2, p+1, m),
+    TJ = T (2, 2); writes L (2, 2, m), the Cholesky factors of T'S_iT + I, and
+    R (p+1, 2, m) = L⁻¹T'G_i → (Σ_i R_i'R_i (p+1, p+1), Σ_i log|L_i|², ok) — ok False when
+    a block is not positive definite."""
+    p1 = G.shape[1]
+    part = np.zeros((CORE_CHUNKS, p1, p1))
+    logd = np.zeros(CORE_CHUNKS)
+    ok = np.ones(CORE_CHUNKS, np.bool_)
+    with PARALLEL:
+        _core2(S, np.ascontiguousarray(TJ, dtype=float), G, L, R, part, logd, ok)
+    rr = np.zeros((p1, p1))
+    for ch in range(CORE_CHUNKS):  # in chunk order
+        rr += part[ch]
+    return rr, 2.0 * float(np.sum(logd)), bool(ok.all())
+
+
+@njit(parallel=True, cache=True)
+def _core2(S, TJ, G, L, R, part, logd, ok):
+    m, p1, nch = S.shape[2], G.shape[1], part.shape[0]
+    t00, t01, t10, t11 = TJ[0, 0], TJ[0, 1], TJ[1, 0], TJ[1, 1]
+    for ch in prange(nch):
+        acc = np.zeros((p1, p1))
+        r0 = np.empty(p1)
+        r1 = np.empty(p1)
+        ld = 0.0
+        for i in range(ch * m // nch, (ch + 1) * m // nch):
+            s00, s01, s11 = S[0, 0, i], S[1, 0, i], S[1, 1, i]
+            st00, st01 = s00 * t00 + s01 * t10, s00 * t01 + s01 * t11  # S T
+            st10, st11 = s01 * t00 + s11 * t10, s01 * t01 + s11 * t11
+            a00 = 1.0 + t00 * st00 + t10 * st10  # T'S T + I
+            a10 = t01 * st00 + t11 * st10
+            a11 = 1.0 + t01 * st01 + t11 * st11
+            if not a00 > 0.0:
+                ok[ch] = False
+                a00 = 1.0
+            l00 = np.sqrt(a00)
+            l10 = a10 / l00
+            d = a11 - l10 * l10
+            if not d > 0.0:
+                ok[ch] = False
+                d = 1.0
+            l11 = np.sqrt(d)
+            prod = l00 * l11
+            ld += np.log(prod) if prod > 0.0 and prod < np.inf else np.log(l00) + np.log(l11)
+            L[0, 0, i], L[0, 1, i], L[1, 0, i], L[1, 1, i] = l00, 0.0, l10, l11
+            for c in range(p1):  # L⁻¹ T'G_i
+                g0, g1 = G[0, c, i], G[1, c, i]
+                x0 = (t00 * g0 + t10 * g1) / l00
+                x1 = (t01 * g0 + t11 * g1 - l10 * x0) / l11
+                r0[c], r1[c] = x0, x1
+                R[c, 0, i], R[c, 1, i] = x0, x1
+            for j in range(p1):
+                for k in range(j + 1):
+                    acc[j, k] += r0[j] * r0[k] + r1[j] * r1[k]
+        for j in range(p1):
+            for k in range(j + 1):
+                part[ch, j, k] = acc[j, k]
+                part[ch, k, j] = acc[j, k]
+        logd[ch] = ld
+
+
+def gradient_sums2(S: np.ndarray, G: np.ndarray, TJ: np.ndarray, L: np.ndarray,
+                   gamma: np.ndarray, rinv: np.ndarray | None):
+    """`Objective.gradient_sums`' sums over groups for q = 2 in one pass (L from
+    `core_sums2`, γ = (−β̂, 1), rinv = R_X⁻¹ or None without ∂log|R_X|²) → (N, VU, KV),
+    each (2, 2): with Q_i = A_i⁻¹T', u_i = Q_i r_i, v_i = r_i − S_iTu_i (r_i = G_iγ),
+    C_i = Y_iY_i' (Y_i = Z_i'X_i R_X⁻¹), N = Σ_i Q_iS_i, VU[a, c] = Σ_i v_i[a] u_i[c],
+    KV = Σ_i Q_iC_i(I − T Q_iS_i)."""
+    p = G.shape[1] - 1
+    part = np.zeros((CORE_CHUNKS, 3, 2, 2))
+    with PARALLEL:
+        _gradient2(S, np.ascontiguousarray(TJ, dtype=float), G, L,
+                   np.ascontiguousarray(gamma, dtype=float),
+                   np.zeros((p, p)) if rinv is None else np.ascontiguousarray(rinv, dtype=float),
+                   rinv is not None, part)
+    tot = np.zeros((3, 2, 2))
+    for ch in range(CORE_CHUNKS):
+        tot += part[ch]
+    return tot[0], tot[1], tot[2]
+
+
+@njit(parallel=True, cache=True)
+def _gradient2(S, TJ, G, L, gamma, rinv, with_rx, part):
+    m, p1, nch = S.shape[2], G.shape[1], part.shape[0]
+    p = p1 - 1
+    t00, t01, t10, t11 = TJ[0, 0], TJ[0, 1], TJ[1, 0], TJ[1, 1]
+    for ch in prange(nch):
+        acc = np.zeros((3, 2, 2))
+        y0 = np.empty(p)
+        y1 = np.empty(p)
+        for i in range(ch * m // nch, (ch + 1) * m // nch):
+            s00, s01, s11 = S[0, 0, i], S[1, 0, i], S[1, 1, i]
+            l00, l10, l11 = L[0, 0, i], L[1, 0, i], L[1, 1, i]
+            # A⁻¹ = L⁻ᵀL⁻¹ with L⁻¹ = [[1/l00, 0], [−l10/(l00 l11), 1/l11]]
+            i00, i11 = 1.0 / l00, 1.0 / l11
+            i10 = -l10 * i00 * i11
+            b00 = i00 * i00 + i10 * i10
+            b01 = i10 * i11
+            b11 = i11 * i11
+            # Q = A⁻¹ T' (rows on the random effects, columns on Z's)
+            q00, q01 = b00 * t00 + b01 * t01, b00 * t10 + b01 * t11
+            q10, q11 = b01 * t00 + b11 * t01, b01 * t10 + b11 * t11
+            # N = Q S
+            n00, n01 = q00 * s00 + q01 * s01, q00 * s01 + q01 * s11
+            n10, n11 = q10 * s00 + q11 * s01, q10 * s01 + q11 * s11
+            acc[0, 0, 0] += n00
+            acc[0, 0, 1] += n01
+            acc[0, 1, 0] += n10
+            acc[0, 1, 1] += n11
+            # r = G γ, u = Q r, v = r − S T u
+            r0 = 0.0
+            r1 = 0.0
+            for c in range(p1):
+                r0 += G[0, c, i] * gamma[c]
+                r1 += G[1, c, i] * gamma[c]
+            u0, u1 = q00 * r0 + q01 * r1, q10 * r0 + q11 * r1
+            lu0, lu1 = t00 * u0 + t01 * u1, t10 * u0 + t11 * u1
+            v0 = r0 - (s00 * lu0 + s01 * lu1)
+            v1 = r1 - (s01 * lu0 + s11 * lu1)
+            acc[1, 0, 0] += v0 * u0
+            acc[1, 0, 1] += v0 * u1
+            acc[1, 1, 0] += v1 * u0
+            acc[1, 1, 1] += v1 * u1
+            if with_rx:
+                # Y = G_X R_X⁻¹ (2 × p), C = Y Y'
+                for j in range(p):
+                    a0 = 0.0
+                    a1 = 0.0
+                    for k in range(j + 1):  # R_X⁻¹ is upper triangular
+                        a0 += G[0, k, i] * rinv[k, j]
+                        a1 += G[1, k, i] * rinv[k, j]
+                    y0[j], y1[j] = a0, a1
+                c00 = 0.0
+                c01 = 0.0
+                c11 = 0.0
+                for j in range(p):
+                    c00 += y0[j] * y0[j]
+                    c01 += y0[j] * y1[j]
+                    c11 += y1[j] * y1[j]
+                # K = Q C, V = I − T N
+                k00, k01 = q00 * c00 + q01 * c01, q00 * c01 + q01 * c11
+                k10, k11 = q10 * c00 + q11 * c01, q10 * c01 + q11 * c11
+                w00, w01 = 1.0 - (t00 * n00 + t01 * n10), -(t00 * n01 + t01 * n11)
+                w10, w11 = -(t10 * n00 + t11 * n10), 1.0 - (t10 * n01 + t11 * n11)
+                acc[2, 0, 0] += k00 * w00 + k01 * w10
+                acc[2, 0, 1] += k00 * w01 + k01 * w11
+                acc[2, 1, 0] += k10 * w00 + k11 * w10
+                acc[2, 1, 1] += k10 * w01 + k11 * w11
+        for a in range(3):
+            for b in range(2):
+                for c in range(2):
+                    part[ch, a, b, c] = acc[a, b, c]

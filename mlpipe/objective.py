@@ -163,6 +163,11 @@ class _Workspace:
         return a
 
 
+#: `Objective._fused`: from this many groups a random intercept and slope take the compiled
+#: one-pass core and gradient (numba imported then)
+FUSED_MIN_LEVELS = 500_000
+
+
 class Objective:
     """`Objective(stats, reml=True)(theta)` → the deviance (REML criterion under REML).
 
@@ -250,12 +255,26 @@ class Objective:
             last = self._last_core = (key, self._compute_core(theta, ws))
         return last[1]
 
+    def _fused(self, J: list[int]) -> bool:
+        """The compiled one-pass core and gradient sums (`_levels_jit.core_sums2`): a random
+        intercept and slope off the boundary, many groups (numba's import and kernels cost
+        ~0.3 s once: below FUSED_MIN_LEVELS groups the NumPy steps are as fast overall)."""
+        return self.stats.q == 2 and len(J) == 2 and self.stats.m >= FUSED_MIN_LEVELS
+
     def _compute_core(self, theta: np.ndarray, ws: _Workspace):
         s = self.stats
         p, m = s.p, s.m
         T = self.theta_map.T(np.asarray(theta, dtype=float))
         J = [c for c in range(s.q) if np.any(T[:, c])]
         TJ, qa = T[:, J], len(J)
+        if self._fused(J):
+            from ._levels_jit import core_sums2
+
+            L, R = ws("L", (2, 2, m)), ws("R", (p + 1, 2, m))
+            rr, logdet, ok = core_sums2(self._S, self._G, TJ, L, R)
+            if not ok or not np.isfinite(logdet):
+                raise linalg.LinAlgError("a diagonal block is not positive definite")
+            return T, J, L, R, self._M0 - rr, logdet
         t = ws("t", (m,))
         # T'S T + I is built in the gradient's scratch C (free until `gradient_sums`)
         L = chol_scaled(self._S, TJ, out=ws("L", (qa, qa, m)), work=ws("C", (qa, qa, m)), tmp=t)
@@ -388,6 +407,8 @@ class Objective:
         q, p, m = s.q, s.p, s.m
         S, G, ws = self._S, self._G, self._ws
         TJ, qa = T[:, J], len(J)
+        if self._fused(J):
+            return self._gradient_sums_fused(TJ, L, beta, rx, with_rx)
         t, tq = ws("t", (m,)), ws("tq", (q, m))
         # Q = A⁻¹T' per group: its rows on J, L⁻ᵀL⁻¹T_J' (|J|, q, m) — the others are zero —
         # and its columns where T's rows are zero are zero
@@ -434,6 +455,24 @@ class Objective:
                 for b in range(q):
                     tot -= vdot(K[i, b], TN[b, rr])
                 g_rx[idx] = -2.0 * tot
+        return g_ld, g_r2, g_rx
+
+    def _gradient_sums_fused(self, TJ: np.ndarray, L: np.ndarray, beta: np.ndarray,
+                             rx: np.ndarray, with_rx: bool):
+        """`gradient_sums` by the compiled pass (`_levels_jit.gradient_sums2`)."""
+        from ._levels_jit import gradient_sums2
+
+        rinv = None
+        if with_rx:
+            rinv, info = linalg.lapack.dtrtri(rx, lower=0)
+            if info != 0:
+                raise linalg.LinAlgError("R_X is singular")
+        N, VU, KV = gradient_sums2(self._S, self._G, TJ, L, np.append(-beta, 1.0), rinv)
+        rows, cols = self.theta_map.rows, self.theta_map.cols
+        g_ld = np.array([2.0 * N[c, r] for r, c in zip(rows, cols)])
+        g_r2 = np.array([-2.0 * VU[r, c] for r, c in zip(rows, cols)])
+        g_rx = np.array([-2.0 * KV[c, r] for r, c in zip(rows, cols)]) if with_rx \
+            else np.full(len(rows), np.nan)
         return g_ld, g_r2, g_rx
 
     def linear_parts_adjoint(self, theta: np.ndarray) -> list[np.ndarray]:
