@@ -74,6 +74,30 @@ def congruence(blocks_t, t, Tj, Tk, tmp, out):
             out[a, b] = acc
 
 
+@njit(cache=True, inline="always")
+def _chol2(s00, s01, s10, s11, t00, t01, t10, t11):
+    """The Cholesky factor [[l00, 0], [l10, l11]] of T'S T + I for one 2×2 S and T, its
+    squared pivots d0, d1 and whether both were positive (a pivot that is not is taken as 1,
+    so the caller's loop runs on and reports the block)."""
+    st00, st01 = s00 * t00 + s01 * t10, s00 * t01 + s01 * t11  # S T
+    st10, st11 = s10 * t00 + s11 * t10, s10 * t01 + s11 * t11
+    a00 = t00 * st00 + t10 * st10 + 1.0  # T'S T + I
+    a10 = t01 * st00 + t11 * st10
+    a11 = t01 * st01 + t11 * st11 + 1.0
+    good = True
+    d0 = a00
+    if not d0 > 0.0:
+        good = False
+        d0 = 1.0
+    l00 = np.sqrt(d0)
+    l10 = a10 / l00
+    d1 = a11 - l10 * l10
+    if not d1 > 0.0:
+        good = False
+        d1 = 1.0
+    return l00, l10, np.sqrt(d1), d0, d1, good
+
+
 @njit(parallel=True, cache=True)
 def _lead_factor(blocks_t, T):
     """Per level i of the leading factor: L_i L_i' = T' S_i T + I (S_i = blocks_t[:, :, i],
@@ -86,25 +110,11 @@ def _lead_factor(blocks_t, T):
     ok = np.ones(m, np.bool_)
     if q == 2:  # spelled out (scalars in registers): ~5x faster than the loops below
         for i in prange(m):
-            t00, t01, t10, t11 = T[0, 0], T[0, 1], T[1, 0], T[1, 1]
-            s00, s01, s11 = blocks_t[0, 0, i], blocks_t[0, 1, i], blocks_t[1, 1, i]
-            s10 = blocks_t[1, 0, i]
-            st00, st01 = s00 * t00 + s01 * t10, s00 * t01 + s01 * t11
-            st10, st11 = s10 * t00 + s11 * t10, s10 * t01 + s11 * t11
-            a00 = t00 * st00 + t10 * st10 + 1.0
-            a10 = t01 * st00 + t11 * st10
-            a11 = t01 * st01 + t11 * st11 + 1.0
-            d0 = a00
-            if not d0 > 0.0:
+            l00, l10, l11, d0, d1, good = _chol2(
+                blocks_t[0, 0, i], blocks_t[0, 1, i], blocks_t[1, 0, i], blocks_t[1, 1, i],
+                T[0, 0], T[0, 1], T[1, 0], T[1, 1])
+            if not good:
                 ok[i] = False
-                d0 = 1.0
-            l00 = np.sqrt(d0)
-            l10 = a10 / l00
-            d1 = a11 - l10 * l10
-            if not d1 > 0.0:
-                ok[i] = False
-                d1 = 1.0
-            l11 = np.sqrt(d1)
             logd[i] = np.log(d0) + np.log(d1)
             inv[i, 0, 0] = 1.0 / l00
             inv[i, 1, 1] = 1.0 / l11
@@ -411,22 +421,11 @@ def _core2(S, TJ, G, L, R, part, logd, ok):
         r1 = np.empty(p1)
         ld = 0.0
         for i in range(ch * m // nch, (ch + 1) * m // nch):
-            s00, s01, s11 = S[0, 0, i], S[1, 0, i], S[1, 1, i]
-            st00, st01 = s00 * t00 + s01 * t10, s00 * t01 + s01 * t11  # S T
-            st10, st11 = s01 * t00 + s11 * t10, s01 * t01 + s11 * t11
-            a00 = 1.0 + t00 * st00 + t10 * st10  # T'S T + I
-            a10 = t01 * st00 + t11 * st10
-            a11 = 1.0 + t01 * st01 + t11 * st11
-            if not a00 > 0.0:
+            s01 = S[1, 0, i]  # the lower triangle, as the NumPy steps read it
+            l00, l10, l11, _d0, _d1, good = _chol2(S[0, 0, i], s01, s01, S[1, 1, i],
+                                                   t00, t01, t10, t11)
+            if not good:
                 ok[ch] = False
-                a00 = 1.0
-            l00 = np.sqrt(a00)
-            l10 = a10 / l00
-            d = a11 - l10 * l10
-            if not d > 0.0:
-                ok[ch] = False
-                d = 1.0
-            l11 = np.sqrt(d)
             prod = l00 * l11
             ld += np.log(prod) if prod > 0.0 and prod < np.inf else np.log(l00) + np.log(l11)
             L[0, 0, i], L[0, 1, i], L[1, 0, i], L[1, 1, i] = l00, 0.0, l10, l11
