@@ -95,8 +95,9 @@ def test_reml_and_ml_flags(tmp_path, capsys):
 
 
 def test_one_factor_fit_does_not_load_the_several_factor_solver(tmp_path):
-    """A one-factor fit never imports numba, qdldl's users or the blocked solver (their
-    import is ~0.2-0.5 s of a small fit); a fit with two factors does."""
+    """A one-factor fit below `objective.FUSED_MIN_LEVELS` groups never imports numba,
+    qdldl's users or the blocked solver (their import is ~0.2-0.5 s of a small fit); a fit
+    with two factors does."""
     from pathlib import Path
 
     data = Path(__file__).parent / "data"
