@@ -377,12 +377,84 @@ def _gap_sql(spec: Spec) -> str:
             f"ELSE round({d}, 11 - CAST(floor(log10(abs({d}))) AS INTEGER)) END")
 
 
-def run_pass(con, *, source: str, params: dict, spec: Spec, mom, groups: str,
-             group_cols: list[str], complete: str, columns: str) -> None:
-    """The statistics pass with a residual structure: lag_moments (the components per cell)
-    and group_moments (the usual sums, from it)."""
-    from ._sql import quote_ident, render
+class _LagFactored:
+    """The lag pass's sums with `constant` pieces (SQL, constant within every cell: a
+    level-2 predictor, as `stats._Factored` for the plain pass) taken out: along a series
+    within a cell the previous row's constant is the row's own, so with column k = C_k·V_k
+    (C_k its constant pieces, V_k the varying ones) s_i_j = C_iC_j Σ V_iV_j, b_i_j =
+    C_iC_j Σ LV_iLV_j and x_i_j = C_iC_j Σ (LV_iV_j + V_iLV_j) (LV = LAG(V); the lag of no
+    piece is 1 where the row has a previous one).  `columns` the pieces (p<k> varying, q<j>
+    constant), `previous` their lags, `sums` the distinct sums and each constant piece's
+    min, max and lag mismatches, `outputs` every sum of the plain pass from them and
+    `pieces_constant`, whether the constants held in the group (checked after the pass)."""
 
+    def __init__(self, mom, constant: list[str]):
+        self.constant = list(constant)
+        varying: list[str] = []
+        split = {}
+        for k, ps in mom.pieces.items():
+            for q in ps:
+                if q not in self.constant and q not in varying:
+                    varying.append(q)
+            split[k] = (tuple(sorted(varying.index(q) for q in ps if q not in self.constant)),
+                        [f"v{self.constant.index(q)}" for q in ps if q in self.constant])
+        sums: dict[tuple, tuple[str, str]] = {}  # (kind, key) -> (name, aggregate)
+
+        def agg(kind: str, key, body: str) -> str:
+            if (kind, key) not in sums:
+                sums[(kind, key)] = (f"r{len(sums)}", body)
+            return sums[(kind, key)][0]
+
+        prod = lambda vs, lag: " * ".join(f"{'lp' if lag else 'p'}{v}" for v in vs) \
+            or ("lone" if lag else "1.0")  # noqa: E731
+        self.outputs = []
+        for i, j in mom.pairs():
+            a, b = min(i, j), max(i, j)
+            (va, ca), (vb, cb) = split[a], split[b]
+            const = ca + cb
+            vs = tuple(sorted(va + vb))
+            s_base = "n" if not vs else agg("s", vs, f"fsum({prod(vs, False)})")
+            b_base = agg("b", vs, f"fsum({prod(va, True)} * {prod(vb, True)})")
+            xk = tuple(sorted([va, vb]))
+            x_base = agg("x", xk, f"fsum({prod(va, True)} * {prod(vb, False)} + "
+                                  f"{prod(va, False)} * {prod(vb, True)})")
+            for base, name in ((s_base, mom.name(a, b)), (b_base, f"b_{a}_{b}"),
+                               (x_base, f"x_{a}_{b}")):
+                self.outputs.append(f"{' * '.join(const + [base])} AS {name}")
+        n_c = len(self.constant)
+        self.outputs.append(" AND ".join(f"v{j} = u{j} AND m{j} = 0" for j in range(n_c))
+                            + " AS pieces_constant")
+        self.sums = [f"{body} AS {name}" for name, body in sums.values()] + [
+            f"min(q{j}) + 0.0 AS v{j}, max(q{j}) + 0.0 AS u{j}, "
+            f"count(*) FILTER (WHERE lq{j} IS DISTINCT FROM q{j} AND lq{j} IS NOT NULL) AS m{j}"
+            for j in range(n_c)]
+        self.columns = ([f"{sql} AS p{k}" for k, sql in enumerate(varying)]
+                        + [f"CAST({sql} AS DOUBLE) AS q{j}"
+                           for j, sql in enumerate(self.constant)])
+        self.previous = (["LAG(1.0) OVER w AS lone"]
+                         + [f"LAG(p{k}) OVER w AS lp{k}" for k in range(len(varying))]
+                         + [f"LAG(q{j}) OVER w AS lq{j}" for j in range(n_c)])
+
+
+def run_pass(con, *, source: str, params: dict, spec: Spec, mom, groups: str,
+             group_cols: list[str], complete: str, columns: str,
+             constant: list[str] | None = None) -> int:
+    """The statistics pass with a residual structure: lag_moments (the components per cell)
+    and group_moments (the usual sums, from it).  `constant`: pieces the probe found
+    constant within cells (`stats._constant_pieces`), taken out of the sums
+    (`_LagFactored`) when a series has a previous row to lag (ar1 / car1); should one vary
+    within a cell after all, the pass runs again with every sum → the number of pieces
+    taken out."""
+    if constant and spec.kind and not mom.weighted:
+        fac = _LagFactored(mom, constant)
+        _lag_moments(con, source=source, params=params, spec=spec, groups=groups,
+                     group_cols=group_cols, complete=complete, columns=",\n        ".join(
+                         fac.columns), sums=fac.sums, outputs=fac.outputs,
+                     previous_extra=fac.previous)
+        if not con.execute("SELECT count(*) FROM lag_moments WHERE complete AND NOT "
+                           "coalesce(pieces_constant, false)").fetchone()[0]:
+            _group_moments(con, mom, group_cols)
+            return len(fac.constant)
     pairs = mom.pairs()
     sums = [mom.sum_sql(i, j) for i, j in pairs]
     for i, j in pairs:
@@ -393,15 +465,39 @@ def run_pass(con, *, source: str, params: dict, spec: Spec, mom, groups: str,
             sums += [f"fsum(l{a} * l{b}) AS b_{a}_{b}",
                      f"fsum(l{a} * c{b} + c{a} * l{b}) AS x_{a}_{b}"]
     ks = sorted({k for pair in pairs for k in pair if k})
+    names = [s.rsplit(" AS ", 1)[1] for s in sums]
+    _lag_moments(con, source=source, params=params, spec=spec, groups=groups,
+                 group_cols=group_cols, complete=complete, columns=columns, sums=sums,
+                 outputs=names, previous_extra=[f"LAG(c{k}) OVER w AS l{k}" for k in ks],
+                 lagged_names=[f"l{k}" for k in ks])
+    _group_moments(con, mom, group_cols)
+    return 0
+
+
+def _group_moments(con, mom, group_cols: list[str]) -> None:
+    from ._sql import render
+
+    summed = ",\n    ".join(f"fsum({mom.name(i, j)}) AS {mom.name(i, j)}" for i, j in mom.pairs())
+    con.execute(render("lag_group_moments", group_by=", ".join(group_cols), sums=summed))
+
+
+def _lag_moments(con, *, source: str, params: dict, spec: Spec, groups: str,
+                 group_cols: list[str], complete: str, columns: str, sums: list[str],
+                 outputs: list[str], previous_extra: list[str],
+                 lagged_names: list[str] | None = None) -> None:
+    """lag_moments.sql with these columns, lags (`previous_extra`), aggregates and outputs;
+    without a correlation structure the lags are NULL (`lagged_names`)."""
+    from ._sql import quote_ident, render
+
     if spec.kind:
         previous = ["LAG(t) OVER w AS prev_t", "LAG(stratum) OVER w AS prev_stratum"]
-        previous += [f"LAG(c{k}) OVER w AS l{k}" for k in ks]
+        previous += previous_extra
         previous += [f"LAG({g}) OVER w AS prev_{g}" for g in group_cols]
         series_by = ", ".join(f"__series{k}" for k in range(len(spec.group)))
         window = f"WINDOW w AS (PARTITION BY {series_by}, complete ORDER BY t)"
     else:  # variances by stratum only: no previous row, no window
         previous = ["CAST(NULL AS DOUBLE) AS prev_t", "CAST(NULL AS VARCHAR) AS prev_stratum"]
-        previous += [f"CAST(NULL AS DOUBLE) AS l{k}" for k in ks]
+        previous += [f"CAST(NULL AS DOUBLE) AS {name}" for name in lagged_names or []]
         previous += [f"NULL AS prev_{g}" for g in group_cols]
         window = ""
     crossing = " OR ".join(f"{g} IS DISTINCT FROM prev_{g}" for g in group_cols)
@@ -416,10 +512,9 @@ def run_pass(con, *, source: str, params: dict, spec: Spec, mom, groups: str,
                  time=time, stratum=stratum, columns=columns, source=source, window=window,
                  strata_select="stratum, prev_stratum" if spec.variance_by else
                  "'' AS stratum, CASE WHEN gap IS NULL THEN NULL ELSE '' END AS prev_stratum",
-                 strata_keys=", stratum, prev_stratum" if spec.variance_by else "")
+                 strata_keys=", stratum, prev_stratum" if spec.variance_by else "",
+                 outputs=", ".join(outputs))
     con.execute(sql, params)  # the caller names the source in a failure's message
-    summed = ",\n    ".join(f"fsum({mom.name(i, j)}) AS {mom.name(i, j)}" for i, j in pairs)
-    con.execute(render("lag_group_moments", group_by=group_by, sums=summed))
 
 
 def read_components(con, *, spec: Spec, mom, group_cols: list[str], cell_order: str,

@@ -663,11 +663,20 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
         group_by = ", ".join(f"g{k}" for k in range(len(gcols)))
     centred, centering = materialize(con, source, design)  # + center()/group_mean() means
     factored = None
+    lag_constant = 0
     if spec is not None:  # the lag pass (mlpipe/residual.py) builds group_moments too
+        constant = []
+        if FACTOR_SAMPLE_ROWS and spec.kind and not mom.weighted:
+            sample = joined(f"(SELECT * FROM {source.relation} LIMIT {FACTOR_SAMPLE_ROWS})",
+                            design)
+            constant = _constant_pieces(con, sample, params, mom, groups, group_by,
+                                        design.complete_sql)
         try:
-            run_pass(con, source=centred, params=params, spec=spec, mom=mom, groups=groups,
-                     group_cols=[g.strip() for g in group_by.split(",")],
-                     complete=design.complete_sql, columns=columns)
+            lag_constant = run_pass(con, source=centred, params=params, spec=spec, mom=mom,
+                                    groups=groups,
+                                    group_cols=[g.strip() for g in group_by.split(",")],
+                                    complete=design.complete_sql, columns=columns,
+                                    constant=constant)
         except duckdb.Error as exc:
             raise source.error(exc, "statistics pass failed over") from None
     else:
@@ -738,7 +747,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
                      location=source.location, centering=centering, residual=residual,
                      partial=partial, arrays=arrays,
                      non_finite=lambda bad: _non_finite(con, source, design, mom, bad))
-    stats.constant_pieces = len(factored.constant) if factored else 0
+    stats.constant_pieces = len(factored.constant) if factored else lag_constant
     return stats
 
 

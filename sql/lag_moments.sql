@@ -8,7 +8,11 @@
 --   x_i_j  Σ (l_i c_j + c_i l_j) (across the pair)
 -- `crossing` counts pairs whose rows lie in different cells, `ties` pairs with equal times;
 -- both are refused.  Without strata the stratum columns are constants, not grouped by.  group_moments.sql's table is then these sums added over gap and strata.
+-- The sums are the inner aggregates' {outputs}: the same names, or (pieces constant within
+-- cells, mlpipe/residual.py `_LagFactored`) products of their values and sums without them.
 CREATE OR REPLACE TEMP TABLE lag_moments AS
+SELECT {group_by}, complete, gap, stratum, prev_stratum, n, crossing, ties, {outputs}
+FROM (
 SELECT
     {group_by},
     complete,
@@ -40,3 +44,4 @@ FROM (
     ) AS paired
 ) AS lagged
 GROUP BY {group_by}, complete, gap{strata_keys}
+) AS sums

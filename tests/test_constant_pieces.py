@@ -156,3 +156,80 @@ def test_weights_without_an_intercept(tmp_path):
     np.testing.assert_allclose(st.xty, (X * wt) @ y, rtol=1e-12)
     res = mlpipe.fit(str(path), "y ~ 0 + x + w + (0 + w | g)", weights="wt")
     assert np.isfinite(res.reml_criterion)
+
+
+# ---------------------------------------------------------------------- the lag pass
+RES_ARRAYS = ["ztz", "ztx", "zty", "yty_i", "xtx", "xty", "yty", "count"]
+
+
+def _panel(tmp_path, subjects=400, occasions=6, seed=5, change=None):
+    """A repeated-measures panel with a subject-level covariate w (and a time-varying x);
+    `change` (subject, from occasion, new w): w changes within that subject's series."""
+    rng = np.random.default_rng(seed)
+    subject = np.repeat(np.arange(subjects), occasions)
+    t = np.tile(np.arange(occasions, dtype=float), subjects)
+    w = np.repeat(rng.normal(size=subjects), occasions)
+    if change is not None:
+        s, k, value = change
+        w[(subject == s) & (t >= k)] = value
+    x = rng.normal(size=len(t))
+    y = 1 + 0.5 * t + 0.3 * w + x + np.repeat(rng.normal(size=subjects), occasions) \
+        + rng.normal(size=len(t))
+    order = rng.permutation(len(t))  # rows out of time order: the window sorts them
+    path = tmp_path / "panel.parquet"
+    pq.write_table(pa.table({"subject": subject[order], "t": t[order], "w": w[order],
+                             "x": x[order], "y": y[order]}), path)
+    return str(path)
+
+
+def _both_lag(monkeypatch, data, formula, correlation, rows=100_000):
+    monkeypatch.setattr(S, "FACTOR_SAMPLE_ROWS", rows)
+    fact = S.compute_statistics(data, formula, correlation=correlation)
+    monkeypatch.setattr(S, "FACTOR_SAMPLE_ROWS", 0)
+    plain = S.compute_statistics(data, formula, correlation=correlation)
+    return fact, plain
+
+
+def _assert_same_residual(a, b, rtol=1e-13):
+    _assert_same(a, b, rtol)
+    for k in RES_ARRAYS:
+        x, y = np.asarray(getattr(a.residual, k)), np.asarray(getattr(b.residual, k))
+        assert x.shape == y.shape, k
+        scale = np.abs(y).max() if y.size else 1.0
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale, err_msg=k)
+
+
+@pytest.mark.parametrize("correlation", ["ar1(t | subject)", "car1(t | subject)"])
+def test_level2_predictors_leave_the_lag_pass(tmp_path, monkeypatch, correlation):
+    """w (one value per subject) and its interaction with t: the lag components with and
+    without the factoring agree to rounding, and so do the fits."""
+    data = _panel(tmp_path)
+    f = "y ~ t * w + x + (t | subject)"
+    fact, plain = _both_lag(monkeypatch, data, f, correlation)
+    assert fact.constant_pieces == 1 and plain.constant_pieces == 0
+    _assert_same_residual(fact, plain)
+    a = mlpipe.fit(stats=fact, correlation=correlation, ddf=None)
+    b = mlpipe.fit(stats=plain, correlation=correlation, ddf=None)
+    assert abs(a.deviance - b.deviance) <= 1e-11 * abs(b.deviance)
+
+
+@pytest.mark.parametrize("change", [(399, 0, 7.0), (399, 3, 7.0), (399, 1, 7.0)],
+                         ids=["another-value-for-a-whole-series", "a-change-within-a-series",
+                              "a-change-after-the-first-row"])
+def test_a_lag_piece_that_varies_beyond_the_probe_sends_the_pass_back(tmp_path, monkeypatch,
+                                                                      change):
+    """The probe sees the first 600 rows; w then changes for the last subject: between
+    series of one cell nothing is wrong (each series keeps its value: the factoring holds),
+    within a series the previous row's w differs from the row's and the pass runs again
+    with every sum — the same statistics either way.  A change after a series' first row
+    leaves every aggregated group (first rows; the rest, at lag 1) with one value: only the
+    check of each row's lagged value against its own sees it."""
+    data = _panel(tmp_path, change=change)
+    # the rows are shuffled: sort them so that the probe's first rows miss the last subject
+    tbl = pq.read_table(data).sort_by([("subject", "ascending"), ("t", "ascending")])
+    pq.write_table(tbl, data)
+    f = "y ~ t + w + (t | subject)"
+    fact, plain = _both_lag(monkeypatch, data, f, "ar1(t | subject)", rows=600)
+    within = change[1] > 0
+    assert fact.constant_pieces == (0 if within else 1)
+    _assert_same_residual(fact, plain)
