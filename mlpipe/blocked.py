@@ -88,8 +88,8 @@ class BlockedDecomposition:
 INFO_BATCH_BYTES = 256 << 20
 #: ... and keeps, beside, Y = Λ'Z'ZŴ for every θ entry (Q doubles each) and Ŵ (its factor's
 #: random effects each): where those exceed this, Newton takes difference Hessians instead
-#: (2M children nested in schools with (t | ·) at both: 6 entries, 290 MB; with (t + t2 | ·):
-#: 12 entries, ~870 MB → differences)
+#: (by that count — computed, not measured — 2M children nested in schools with (t | ·) at
+#: both keep 6 entries, 291 MB; with (t + t2 | ·) 12 entries, ~870 MB → differences)
 INFO_KEPT_BYTES = 512 << 20
 
 

@@ -257,8 +257,9 @@ class Objective:
 
     def _fused(self, J: list[int]) -> bool:
         """The compiled one-pass core and gradient sums (`_levels_jit.core_sums2`): a random
-        intercept and slope off the boundary, many groups (numba's import and kernels cost
-        ~0.3 s once: below FUSED_MIN_LEVELS groups the NumPy steps are as fast overall)."""
+        intercept and slope off the boundary, many groups (numba's import and loading its two
+        kernels cost 0.27 s once, measured: below FUSED_MIN_LEVELS groups that is not won
+        back)."""
         return self.stats.q == 2 and len(J) == 2 and self.stats.m >= FUSED_MIN_LEVELS
 
     def _compute_core(self, theta: np.ndarray, ws: _Workspace):

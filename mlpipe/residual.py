@@ -377,84 +377,22 @@ def _gap_sql(spec: Spec) -> str:
             f"ELSE round({d}, 11 - CAST(floor(log10(abs({d}))) AS INTEGER)) END")
 
 
-class _LagFactored:
-    """The lag pass's sums with `constant` pieces (SQL, constant within every cell: a
-    level-2 predictor, as `stats._Factored` for the plain pass) taken out: along a series
-    within a cell the previous row's constant is the row's own, so with column k = C_k·V_k
-    (C_k its constant pieces, V_k the varying ones) s_i_j = C_iC_j Σ V_iV_j, b_i_j =
-    C_iC_j Σ LV_iLV_j and x_i_j = C_iC_j Σ (LV_iV_j + V_iLV_j) (LV = LAG(V); the lag of no
-    piece is 1 where the row has a previous one).  `columns` the pieces (p<k> varying, q<j>
-    constant), `previous` their lags, `sums` the distinct sums and each constant piece's
-    min, max and lag mismatches, `outputs` every sum of the plain pass from them and
-    `pieces_constant`, whether the constants held in the group (checked after the pass)."""
-
-    def __init__(self, mom, constant: list[str]):
-        self.constant = list(constant)
-        varying: list[str] = []
-        split = {}
-        for k, ps in mom.pieces.items():
-            for q in ps:
-                if q not in self.constant and q not in varying:
-                    varying.append(q)
-            split[k] = (tuple(sorted(varying.index(q) for q in ps if q not in self.constant)),
-                        [f"v{self.constant.index(q)}" for q in ps if q in self.constant])
-        sums: dict[tuple, tuple[str, str]] = {}  # (kind, key) -> (name, aggregate)
-
-        def agg(kind: str, key, body: str) -> str:
-            if (kind, key) not in sums:
-                sums[(kind, key)] = (f"r{len(sums)}", body)
-            return sums[(kind, key)][0]
-
-        prod = lambda vs, lag: " * ".join(f"{'lp' if lag else 'p'}{v}" for v in vs) \
-            or ("lone" if lag else "1.0")  # noqa: E731
-        self.outputs = []
-        for i, j in mom.pairs():
-            a, b = min(i, j), max(i, j)
-            (va, ca), (vb, cb) = split[a], split[b]
-            const = ca + cb
-            vs = tuple(sorted(va + vb))
-            s_base = "n" if not vs else agg("s", vs, f"fsum({prod(vs, False)})")
-            b_base = agg("b", vs, f"fsum({prod(va, True)} * {prod(vb, True)})")
-            xk = tuple(sorted([va, vb]))
-            x_base = agg("x", xk, f"fsum({prod(va, True)} * {prod(vb, False)} + "
-                                  f"{prod(va, False)} * {prod(vb, True)})")
-            for base, name in ((s_base, mom.name(a, b)), (b_base, f"b_{a}_{b}"),
-                               (x_base, f"x_{a}_{b}")):
-                self.outputs.append(f"{' * '.join(const + [base])} AS {name}")
-        n_c = len(self.constant)
-        self.outputs.append(" AND ".join(f"v{j} = u{j} AND m{j} = 0" for j in range(n_c))
-                            + " AS pieces_constant")
-        self.sums = [f"{body} AS {name}" for name, body in sums.values()] + [
-            f"min(q{j}) + 0.0 AS v{j}, max(q{j}) + 0.0 AS u{j}, "
-            f"count(*) FILTER (WHERE lq{j} IS DISTINCT FROM q{j} AND lq{j} IS NOT NULL) AS m{j}"
-            for j in range(n_c)]
-        self.columns = ([f"{sql} AS p{k}" for k, sql in enumerate(varying)]
-                        + [f"CAST({sql} AS DOUBLE) AS q{j}"
-                           for j, sql in enumerate(self.constant)])
-        self.previous = (["LAG(1.0) OVER w AS lone"]
-                         + [f"LAG(p{k}) OVER w AS lp{k}" for k in range(len(varying))]
-                         + [f"LAG(q{j}) OVER w AS lq{j}" for j in range(n_c)])
-
-
 def run_pass(con, *, source: str, params: dict, spec: Spec, mom, groups: str,
-             group_cols: list[str], complete: str, columns: str,
-             constant: list[str] | None = None) -> int:
+             group_cols: list[str], complete: str, columns: str, factored=None,
+             pieces_held=None) -> bool:
     """The statistics pass with a residual structure: lag_moments (the components per cell)
-    and group_moments (the usual sums, from it).  `constant`: pieces the probe found
-    constant within cells (`stats._constant_pieces`), taken out of the sums
-    (`_LagFactored`) when a series has a previous row to lag (ar1 / car1); should one vary
-    within a cell after all, the pass runs again with every sum → the number of pieces
-    taken out."""
-    if constant and spec.kind and not mom.weighted:
-        fac = _LagFactored(mom, constant)
+    and group_moments (the usual sums, from it).  `factored`: the sums with the pieces
+    constant within cells taken out (`stats._LagFactored`, for ar1 / car1), tried first;
+    `pieces_held(table)` tells whether they held, else the pass runs again with every sum
+    → whether the factored sums were kept."""
+    if factored is not None and spec.kind:
         _lag_moments(con, source=source, params=params, spec=spec, groups=groups,
-                     group_cols=group_cols, complete=complete, columns=",\n        ".join(
-                         fac.columns), sums=fac.sums, outputs=fac.outputs,
-                     previous_extra=fac.previous)
-        if not con.execute("SELECT count(*) FROM lag_moments WHERE complete AND NOT "
-                           "coalesce(pieces_constant, false)").fetchone()[0]:
+                     group_cols=group_cols, complete=complete,
+                     columns=",\n        ".join(factored.columns), sums=factored.sums,
+                     outputs=factored.outputs, previous_extra=factored.previous)
+        if pieces_held("lag_moments"):
             _group_moments(con, mom, group_cols)
-            return len(fac.constant)
+            return True
     pairs = mom.pairs()
     sums = [mom.sum_sql(i, j) for i, j in pairs]
     for i, j in pairs:
@@ -471,7 +409,7 @@ def run_pass(con, *, source: str, params: dict, spec: Spec, mom, groups: str,
                  outputs=names, previous_extra=[f"LAG(c{k}) OVER w AS l{k}" for k in ks],
                  lagged_names=[f"l{k}" for k in ks])
     _group_moments(con, mom, group_cols)
-    return 0
+    return False
 
 
 def _group_moments(con, mom, group_cols: list[str]) -> None:

@@ -513,6 +513,33 @@ FACTOR_SAMPLE_ROWS = 100_000
 FACTOR_MIN_CELLS = 20
 
 
+def _split_pieces(mom: _Moments, constant: list[str]):
+    """Every column of `mom` as (its varying pieces' numbers, its constant pieces' SQL
+    names v<j>) → (the distinct varying pieces' SQL, column → split): column k is
+    C_k·V_k."""
+    varying: list[str] = []
+    split = {}
+    for k, ps in mom.pieces.items():
+        for p in ps:
+            if p not in constant and p not in varying:
+                varying.append(p)
+        split[k] = (tuple(sorted(varying.index(p) for p in ps if p not in constant)),
+                    [f"v{constant.index(p)}" for p in ps if p in constant])
+    return varying, split
+
+
+def _piece_columns(varying: list[str], constant: list[str]) -> list[str]:
+    """The pieces as SQL columns: p<k> varying, q<j> constant (DOUBLE: a dummy's 1.0 / 0.0
+    is a DECIMAL literal, and min() would keep the type)."""
+    return ([f"{sql} AS p{k}" for k, sql in enumerate(varying)]
+            + [f"CAST({sql} AS DOUBLE) AS q{j}" for j, sql in enumerate(constant)])
+
+
+def _piece_range(j: int) -> str:
+    """A constant piece's min and max in the group (+ 0.0: -0.0 → 0.0, min of ±0 is either)."""
+    return f"min(q{j}) + 0.0 AS v{j}, max(q{j}) + 0.0 AS u{j}"
+
+
 class _Factored:
     """The scan's sums with `constant` pieces (SQL, constant within every cell) taken out of
     the products: `columns` the pieces as SQL columns (p<k> varying, q<j> constant), `sums`
@@ -522,31 +549,72 @@ class _Factored:
 
     def __init__(self, mom: _Moments, constant: list[str], weight_sql: str | None):
         self.constant = list(constant)
-        varying: list[str] = []  # the distinct varying pieces, numbered as they come
+        varying, split = _split_pieces(mom, self.constant)
         sums: dict[tuple[int, ...], str] = {}  # a product of varying pieces -> its sum
         self.outputs = []
         for i, j in mom.pairs():
-            ps = mom.pieces[i] + mom.pieces[j]
-            const = [f"v{self.constant.index(p)}" for p in ps if p in self.constant]
-            for p in ps:
-                if p not in self.constant and p not in varying:
-                    varying.append(p)
-            key = tuple(sorted(varying.index(p) for p in ps if p not in self.constant))
+            (vi, ci), (vj, cj) = split[i], split[j]
+            key = tuple(sorted(vi + vj))
             base = "n" if key == () and not mom.weighted else sums.setdefault(key, f"r{len(sums)}")
-            self.outputs.append(f"{' * '.join(const + [base])} AS {mom.name(i, j)}")
+            self.outputs.append(f"{' * '.join(ci + cj + [base])} AS {mom.name(i, j)}")
         self.outputs.append(" AND ".join(f"v{j} = u{j}" for j in range(len(self.constant)))
                             + " AS pieces_constant")  # one boolean per cell, checked after
         prod = lambda key: " * ".join((["cw"] if mom.weighted else [])  # noqa: E731
                                       + [f"p{k}" for k in key])
         self.sums = ([f"fsum({prod(key)}) AS {name}" for key, name in sums.items()]
-                     + [f"min(q{j}) + 0.0 AS v{j}, max(q{j}) + 0.0 AS u{j}"  # -0.0 -> 0.0:
-                        for j in range(len(self.constant))])  # min of ±0 is either
-        # DOUBLE: a dummy's 1.0 / 0.0 is a DECIMAL literal, and min() would keep the type
-        self.columns = ([f"{sql} AS p{k}" for k, sql in enumerate(varying)]
-                        + [f"CAST({sql} AS DOUBLE) AS q{j}"
-                           for j, sql in enumerate(self.constant)])
+                     + [_piece_range(j) for j in range(len(self.constant))])
+        self.columns = _piece_columns(varying, self.constant)
         if weight_sql is not None:
             self.columns.append(f"{weight_sql} AS cw")
+
+
+class _LagFactored:
+    """The lag pass's sums with `constant` pieces (SQL, constant within every cell: a
+    level-2 predictor, as `_Factored` for the plain pass) taken out: along a series
+    within a cell the previous row's constant is the row's own, so with column k = C_k·V_k
+    (C_k its constant pieces, V_k the varying ones) s_i_j = C_iC_j Σ V_iV_j, b_i_j =
+    C_iC_j Σ LV_iLV_j and x_i_j = C_iC_j Σ (LV_iV_j + V_iLV_j) (LV = LAG(V); the lag of no
+    piece is 1 where the row has a previous one).  `columns` the pieces (p<k> varying, q<j>
+    constant), `previous` their lags, `sums` the distinct sums and each constant piece's
+    min, max and lag mismatches, `outputs` every sum of the plain pass from them and
+    `pieces_constant`, whether the constants held in the group (checked after the pass)."""
+
+    def __init__(self, mom: _Moments, constant: list[str]):
+        self.constant = list(constant)
+        varying, split = _split_pieces(mom, self.constant)
+        sums: dict[tuple, tuple[str, str]] = {}  # (kind, key) -> (name, aggregate)
+
+        def agg(kind: str, key, body: str) -> str:
+            if (kind, key) not in sums:
+                sums[(kind, key)] = (f"r{len(sums)}", body)
+            return sums[(kind, key)][0]
+
+        prod = lambda vs, lag: " * ".join(f"{'lp' if lag else 'p'}{v}" for v in vs) \
+            or ("lone" if lag else "1.0")  # noqa: E731
+        self.outputs = []
+        for i, j in mom.pairs():
+            a, b = min(i, j), max(i, j)
+            (va, ca), (vb, cb) = split[a], split[b]
+            const = ca + cb
+            vs = tuple(sorted(va + vb))
+            s_base = "n" if not vs else agg("s", vs, f"fsum({prod(vs, False)})")
+            b_base = agg("b", vs, f"fsum({prod(va, True)} * {prod(vb, True)})")
+            xk = tuple(sorted([va, vb]))
+            x_base = agg("x", xk, f"fsum({prod(va, True)} * {prod(vb, False)} + "
+                                  f"{prod(va, False)} * {prod(vb, True)})")
+            for base, name in ((s_base, mom.name(a, b)), (b_base, f"b_{a}_{b}"),
+                               (x_base, f"x_{a}_{b}")):
+                self.outputs.append(f"{' * '.join(const + [base])} AS {name}")
+        n_c = len(self.constant)
+        self.outputs.append(" AND ".join(f"v{j} = u{j} AND m{j} = 0" for j in range(n_c))
+                            + " AS pieces_constant")
+        self.sums = [f"{body} AS {name}" for name, body in sums.values()] + [
+            f"{_piece_range(j)}, count(*) FILTER (WHERE lq{j} IS DISTINCT FROM q{j} "
+            f"AND lq{j} IS NOT NULL) AS m{j}" for j in range(n_c)]
+        self.columns = _piece_columns(varying, self.constant)
+        self.previous = (["LAG(1.0) OVER w AS lone"]
+                         + [f"LAG(p{k}) OVER w AS lp{k}" for k in range(len(varying))]
+                         + [f"LAG(q{j}) OVER w AS lq{j}" for j in range(n_c)])
 
 
 def _constant_pieces(con: duckdb.DuckDBPyConnection, sample: str, params: dict,
@@ -662,21 +730,27 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
         groups = ", ".join(f"src.{quote_ident(c)} AS g{k}" for k, c in enumerate(gcols))
         group_by = ", ".join(f"g{k}" for k in range(len(gcols)))
     centred, centering = materialize(con, source, design)  # + center()/group_mean() means
+    constant = []  # the lag pass factors only ar1 / car1 without weights (`_LagFactored`)
+    if FACTOR_SAMPLE_ROWS and (spec is None or (spec.kind and not mom.weighted)):
+        # the first rows in file order, the means joined after: a join does not keep the
+        # order, and a sample taken after it would vary with the thread count
+        sample = joined(f"(SELECT * FROM {source.relation} LIMIT {FACTOR_SAMPLE_ROWS})", design)
+        constant = _constant_pieces(con, sample, params, mom, groups, group_by,
+                                    design.complete_sql)
+
+    def pieces_held(table: str) -> bool:  # every proposed piece took one value per group
+        return not con.execute(f"SELECT count(*) FROM {table} WHERE complete AND NOT "
+                               f"coalesce(pieces_constant, false)").fetchone()[0]
+
     factored = None
-    lag_constant = 0
     if spec is not None:  # the lag pass (mlpipe/residual.py) builds group_moments too
-        constant = []
-        if FACTOR_SAMPLE_ROWS and spec.kind and not mom.weighted:
-            sample = joined(f"(SELECT * FROM {source.relation} LIMIT {FACTOR_SAMPLE_ROWS})",
-                            design)
-            constant = _constant_pieces(con, sample, params, mom, groups, group_by,
-                                        design.complete_sql)
+        factored = _LagFactored(mom, constant) if constant else None
         try:
-            lag_constant = run_pass(con, source=centred, params=params, spec=spec, mom=mom,
-                                    groups=groups,
-                                    group_cols=[g.strip() for g in group_by.split(",")],
-                                    complete=design.complete_sql, columns=columns,
-                                    constant=constant)
+            if not run_pass(con, source=centred, params=params, spec=spec, mom=mom,
+                            groups=groups, group_cols=[g.strip() for g in group_by.split(",")],
+                            complete=design.complete_sql, columns=columns, factored=factored,
+                            pieces_held=pieces_held):
+                factored = None
         except duckdb.Error as exc:
             raise source.error(exc, "statistics pass failed over") from None
     else:
@@ -684,17 +758,10 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
         plain = dict(sums=sum_list + weight_sums, columns=column_list,
                      outputs=names + weight_names)
         tries = [plain]
-        if FACTOR_SAMPLE_ROWS:
-            # the first rows in file order, the means joined after: a join does not keep
-            # the order, and a sample taken after it would vary with the thread count
-            sample = joined(f"(SELECT * FROM {source.relation} LIMIT {FACTOR_SAMPLE_ROWS})",
-                            design)
-            constant = _constant_pieces(con, sample, params, mom, groups, group_by,
-                                        design.complete_sql)
-            if constant:
-                factored = _Factored(mom, constant, design.weights_sql)
-                tries.insert(0, dict(sums=factored.sums + weight_sums, columns=factored.columns,
-                                     outputs=factored.outputs + weight_names))
+        if constant:
+            factored = _Factored(mom, constant, design.weights_sql)
+            tries.insert(0, dict(sums=factored.sums + weight_sums, columns=factored.columns,
+                                 outputs=factored.outputs + weight_names))
         for parts in tries:
             sql = render("group_moments", groups=groups, group_by=group_by,
                          first_key=keys[0], keys_if_complete=", ".join(
@@ -708,9 +775,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
                     con.execute(sql, params)
             except duckdb.Error as exc:
                 raise source.error(exc, "statistics pass failed over") from None
-            if parts is plain or not con.execute(
-                    "SELECT count(*) FROM group_moments WHERE complete "
-                    "AND NOT coalesce(pieces_constant, false)").fetchone()[0]:
+            if parts is plain or pieces_held("group_moments"):
                 break
             factored = None  # a proposed piece varies within a cell: every sum, again
 
@@ -747,7 +812,7 @@ def _run_moments(con: duckdb.DuckDBPyConnection, source: Source, design: Design,
                      location=source.location, centering=centering, residual=residual,
                      partial=partial, arrays=arrays,
                      non_finite=lambda bad: _non_finite(con, source, design, mom, bad))
-    stats.constant_pieces = len(factored.constant) if factored else lag_constant
+    stats.constant_pieces = len(factored.constant) if factored else 0
     return stats
 
 
