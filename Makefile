@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-nested bench-crossed bench-ar1 bench-moments bench-scale bench-glmm install clean browser lint fit
+.PHONY: bytecode demo test test-slow bench bench-nested bench-crossed bench-ar1 bench-moments bench-scale bench-glmm install clean browser lint fit
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,11 +14,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## mlpipe's bytecode, (re)compiled where a source changed: an editable install compiles none,
+## and with PYTHONDONTWRITEBYTECODE set every process would compile the sources again
+## (~0.1 s of each CLI call). Cheap when nothing changed.
+bytecode: $(STAMP)
+	@$(BIN)/python -m compileall -q mlpipe
+
 HSB_MODELS := hsb_null hsb_ancova hsb_means hsb_int_anc hsb_rc hsb_full
 
 ## the main job: the HLM sequence of six two-level models on the shipped HSB data (DuckDB),
 ## their comparison table and an HTML report, then a three-level growth model, all under out/
-demo: $(STAMP)
+demo: bytecode
 	@for m in $(HSB_MODELS); do \
 	  echo "=================== $$m"; \
 	  $(BIN)/mlpipe fit --config configs/$$m.toml || exit $$?; \
@@ -38,7 +44,7 @@ demo: $(STAMP)
 
 ## the tests (slow ones excluded; `make test-slow` runs those). The report test opens the HTML
 ## in headless Chromium: installed from Debian's packages when missing and we are root.
-test: $(STAMP) browser
+test: bytecode browser
 	$(BIN)/python -m pytest -q
 
 browser:
@@ -46,40 +52,40 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium could not be installed: the browser test will be skipped"
 
-test-slow: $(STAMP)
+test-slow: bytecode
 	$(BIN)/python -m pytest -q -m slow  # exit 5 (no test selected) fails the target
 
 ## the scale benchmark: simulate a 10M-row panel, fit it, compare with a bare DuckDB query
-bench: $(STAMP)
+bench: bytecode
 	$(BIN)/python benchmarks/bench.py
 
 ## several grouping factors: 20M rows of children nested in schools; InstEval (crossed) and
 ## a 10M-row crossed design (see benchmarks/bench_multilevel.py)
-bench-nested: $(STAMP)
+bench-nested: bytecode
 	$(BIN)/python benchmarks/bench_multilevel.py nested
 
-bench-crossed: $(STAMP)
+bench-crossed: bytecode
 	$(BIN)/python benchmarks/bench_multilevel.py crossed
 
 ## serially correlated residuals, ar1(t | subject): a 10M-row panel (1M subjects x 10
 ## occasions; also 1M rows) against a bare DuckDB window pass, and 2 series of 100k / 1M points
-bench-ar1: $(STAMP)
+bench-ar1: bytecode
 	$(BIN)/python benchmarks/bench_ar1.py --rows 1000000 10000000
 
 ## the method of moments on a MovieLens-32M-shaped crossed design: 200k users x 84k items
 ## (Zipf item popularity), 32M rows (also 4M, for the curve) against bare DuckDB aggregates
-bench-moments: $(STAMP)
+bench-moments: bytecode
 	$(BIN)/python benchmarks/bench_moments.py --rows 4000000 32000000
 
 ## GLMMs at scale: a 10M-row Bernoulli panel (100k groups), y ~ x + w + (x | g), fitted by
 ## iterated DuckDB passes; glmer on a 1M-row slice when R is installed (benchmarks/bench_glmm.py)
-bench-glmm: $(STAMP)
+bench-glmm: bytecode
 	$(BIN)/python benchmarks/bench_glmm.py
 
 ## the engines at scale: 1M / 10M / 100M rows (10k / 100k / 1M groups, up to 64 Parquet
 ## files) through DuckDB, Polars and Dask (2-worker LocalCluster) against a bare DuckDB
 ## aggregation (see benchmarks/bench_scale.py)
-bench-scale: $(STAMP)
+bench-scale: bytecode
 	$(BIN)/python benchmarks/bench_scale.py
 
 ## Makefile-driven runs: `make fit CONFIG=configs/X.toml [RUNS=out/runs]` keeps

@@ -251,7 +251,8 @@ for (c in cases) if (is.null(only) || c[[1]] %in% only) {
 for (f in Sys.glob(file.path(csvdir, "*.csv")))
   if (!(sub("\\.csv$", "", basename(f)) %in% used)) unlink(f)
 
-# CSV -> Parquet: factor columns as strings, everything else inferred; "NA" is null.
+# CSV -> Parquet: factor columns as strings, everything else inferred; an unquoted NA is null
+# (write.csv quotes every string and leaves NA unquoted, also in a factor column).
 py <- Sys.getenv("PYTHON", ".venv/bin/python")
 conv <- '
 import sys, pathlib, pyarrow as pa, pyarrow.csv as pc, pyarrow.parquet as pq
@@ -260,7 +261,7 @@ for f in sorted(src.glob("*.csv")):
     facs = [x for x in f.with_suffix(".factors").read_text().split() if x]
     t = pc.read_csv(f, convert_options=pc.ConvertOptions(
         column_types={c: pa.string() for c in facs}, null_values=["NA"],
-        strings_can_be_null=False, quoted_strings_can_be_null=False))
+        strings_can_be_null=True, quoted_strings_can_be_null=False))  # R: NA unquoted
     pq.write_table(t, dst / (f.stem + ".parquet"))
     print("wrote", f.stem, t.num_rows, "rows", t.schema.types)
 '

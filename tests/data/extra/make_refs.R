@@ -169,7 +169,8 @@ for (c in cases) if (is.null(only) || c[[1]] %in% only)
   tryCatch(fit_one(c[[1]], c[[2]], c[[3]], c[[4]]),
            error = function(e) cat("FAIL", c[[1]], conditionMessage(e), "\n"))
 
-# CSV -> Parquet: factor columns as strings, everything else inferred; "NA" is null.
+# CSV -> Parquet: factor columns as strings, everything else inferred; an unquoted NA is null
+# (write.csv quotes every string and leaves NA unquoted, also in a factor column).
 py <- Sys.getenv("PYTHON", ".venv/bin/python")
 conv <- '
 import sys, pathlib, pyarrow as pa, pyarrow.csv as pc, pyarrow.parquet as pq
@@ -178,7 +179,7 @@ for f in sorted(src.glob("*.csv")):
     facs = [x for x in f.with_suffix(".factors").read_text().split() if x]
     t = pc.read_csv(f, convert_options=pc.ConvertOptions(
         column_types={c: pa.string() for c in facs}, null_values=["NA"],
-        strings_can_be_null=False, quoted_strings_can_be_null=False))
+        strings_can_be_null=True, quoted_strings_can_be_null=False))  # R: NA unquoted
     pq.write_table(t, dst / (f.stem + ".parquet"))
     print("wrote", f.stem, t.num_rows, "rows", t.schema.types)
 '

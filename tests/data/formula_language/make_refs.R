@@ -147,7 +147,7 @@ for f in sorted(src.glob("*.csv")):
     facs = [x for x in f.with_suffix(".factors").read_text().split() if x]
     t = pc.read_csv(f, convert_options=pc.ConvertOptions(
         column_types={c: pa.string() for c in facs}, null_values=["NA"],
-        strings_can_be_null=False, quoted_strings_can_be_null=False))
+        strings_can_be_null=True, quoted_strings_can_be_null=False))  # R: NA unquoted
     pq.write_table(t, dst / (f.stem + ".parquet"))
     print("wrote", f.stem, t.num_rows, "rows", t.schema.types)
 '

@@ -236,6 +236,29 @@ inst <- export(InstEval[, c("s", "d", "studage", "lectage", "service", "dept", "
 tvbo <- export(TVbo[, c("Assessor", "TVset", "Picture", "Repeat", "Coloursaturation")], "tvbo")
 # lme4::sleepstudy: reaction times of 18 subjects over 10 days (Belenky et al. 2003)
 sleep <- export(sleepstudy, "sleepstudy")
+# nlme::Assay: a bioassay on a 2-block design, 6 samples x 5 dilutions within each block
+# (Pinheiro & Bates 2000, sec. 4.2): block, and block x sample crossed with block x dilution
+assay <- export(Assay[, c("Block", "sample", "dilut", "logDens")], "assay")
+# nlme::Alfalfa: split-plot, 6 blocks > 3 varieties (plots) > 4 dates of cutting (subplots)
+alfalfa <- export(Alfalfa[, c("Block", "Variety", "Date", "Yield")], "alfalfa")
+# nlme::Wafer: current of 10 wafers x 8 sites x 5 voltages; Site labels 1-8 repeat in
+# every wafer (only Wafer:Site is a site)
+wafer <- export(Wafer[, c("Wafer", "Site", "voltage", "current")], "wafer")
+# mlmRev::star: Tennessee's STAR class-size experiment, 26796 rows (2183 without math) of
+# 11598 pupils in grades K-3, taught by 1387 teachers in 80 schools; a pupil meets a new
+# teacher every year (crossed), teachers are in one school (nested), pupils may move school.
+# The ordered factor gr is kept as text, so it gets treatment contrasts (R's default for an
+# ordered factor is contr.poly, which mlpipe does not do).
+star_d <- export(star[, c("id", "sch", "tch", "gr", "cltype", "sx", "eth", "yrs", "math")],
+                 "star")
+# lme4::Arabidopsis: fruit set of 625 plants, 24 genotypes (integer labels) within 9
+# populations within 3 regions, nesting implicit in unique labels (Banta et al. 2010)
+arab <- export(Arabidopsis[, c("reg", "popu", "gen", "rack", "nutrient", "amd", "status",
+                               "total.fruits")], "arabidopsis")
+# lme4::grouseticks: ticks on 403 red grouse chicks in 118 broods at 63 locations (broods
+# labelled uniquely: nested in locations without a location:brood term)
+grouse <- export(grouseticks[, c("LOCATION", "BROOD", "YEAR", "cHEIGHT", "TICKS")],
+                 "grouseticks")
 
 S <- list(kr = TRUE, prof = TRUE)      # small: Kenward-Roger and profile CIs as well
 cases <- list(
@@ -268,7 +291,32 @@ cases <- list(
   # large crossed (lme4 ~20 s a fit)
   list("insteval_crossed", inst, "y ~ service + (1 | s) + (1 | d) + (1 | dept)", "insteval"),
   list("insteval_nested_crossed", inst, "y ~ service + (1 | s) + (1 | d) + (1 | dept:service)",
-       "insteval")
+       "insteval"),
+  # stop 27's additions: real designs the structure code had not met
+  # nested in blocks and crossed within them (P&B's Assay model)
+  c(list("assay_nested_crossed", assay,
+         "logDens ~ sample * dilut + (1 | Block) + (1 | Block:sample) + (1 | Block:dilut)",
+         "assay"), S),
+  # a split plot: (1 | Block/Variety), factor x factor fixed effects
+  c(list("alfalfa_split_plot", alfalfa, "Yield ~ Date * Variety + (1 | Block/Variety)",
+         "alfalfa"), S),
+  # correlated random slopes at two nested levels whose labels repeat within the parent
+  c(list("wafer_slopes_two_levels", wafer,
+         "current ~ voltage + I(voltage^2) + (voltage | Wafer/Site)", "wafer"), S),
+  # pupils crossed with teachers, 11598 x 1387 levels, NA responses
+  list("star_crossed", star_d, "math ~ gr + cltype + sx + eth + (1 | id) + (1 | tch)", "star"),
+  # pupils crossed with teachers nested in schools (the schools of a pupil may differ)
+  list("star_nested_crossed", star_d, "math ~ gr + cltype + (1 | id) + (1 | tch) + (1 | sch)",
+       "star"),
+  # a correlated random slope on a factor crossed with another
+  list("star_crossed_slope", star_d, "math ~ yrs + cltype + (1 | id) + (yrs | sch)", "star"),
+  # three implicitly nested factors, one of them integer, 3 regions: near the boundary
+  c(list("arabidopsis_nested3", arab,
+         "log(total.fruits + 1) ~ nutrient * amd + status + (1 | reg) + (1 | popu) + (1 | gen)",
+         "arabidopsis"), S),
+  # implicit nesting (brood labels unique across locations)
+  c(list("grouseticks_implicit", grouse,
+         "log(TICKS + 1) ~ YEAR + cHEIGHT + (1 | LOCATION) + (1 | BROOD)", "grouseticks"), S)
 )
 for (c in cases) if (is.null(only) || c[[1]] %in% only) {
   cat("case", c[[1]], "\n")
@@ -276,7 +324,8 @@ for (c in cases) if (is.null(only) || c[[1]] %in% only) {
            error = function(e) cat("FAIL", c[[1]], conditionMessage(e), "\n"))
 }
 
-# CSV -> Parquet: factor columns as strings, everything else inferred; "NA" is null.
+# CSV -> Parquet: factor columns as strings, everything else inferred; an unquoted NA is null
+# (write.csv quotes every string and leaves NA unquoted, also in a factor column).
 py <- Sys.getenv("PYTHON", ".venv/bin/python")
 conv <- '
 import sys, pathlib, pyarrow as pa, pyarrow.csv as pc, pyarrow.parquet as pq
@@ -285,7 +334,7 @@ for f in sorted(src.glob("*.csv")):
     facs = [x for x in f.with_suffix(".factors").read_text().split() if x]
     t = pc.read_csv(f, convert_options=pc.ConvertOptions(
         column_types={c: pa.string() for c in facs}, null_values=["NA"],
-        strings_can_be_null=False, quoted_strings_can_be_null=False))
+        strings_can_be_null=True, quoted_strings_can_be_null=False))  # R: NA unquoted
     pq.write_table(t, dst / (f.stem + ".parquet"))
     print("wrote", f.stem, t.num_rows, "rows", t.schema.types)
 '

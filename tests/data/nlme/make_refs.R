@@ -494,7 +494,7 @@ for name, cols in sorted(facs.items()):
     f = out / (name + ".csv")
     t = pc.read_csv(f, convert_options=pc.ConvertOptions(
         column_types={c: pa.string() for c in cols}, null_values=["NA"],
-        strings_can_be_null=False, quoted_strings_can_be_null=False))
+        strings_can_be_null=True, quoted_strings_can_be_null=False))  # R: NA unquoted
     pq.write_table(t, out / (name + ".parquet"))
     print("wrote", name, t.num_rows, "rows", dict(zip(t.schema.names, map(str, t.schema.types))))
 '
