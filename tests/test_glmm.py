@@ -3,7 +3,9 @@
 outcome (mlmRev's Contraception), logit, probit and cloglog; Poisson with an exposure offset
 (mmmec); random intercepts and random slopes; crossed (cbpp: herd × period) and nested
 factors (lme4's grouseticks: broods in locations, with and without an observation-level
-random effect).
+random effect).  tests/data/glmm/make_refs_more.R adds datasets the code was not written
+against: VerbAgg (crossed, 0/1), guImmun (nested), Arabidopsis (Poisson, implicit nesting),
+Owls (offset), Salamanders, epil (random slope) and bacteria.
 
 The exact Laplace references are glmmTMB's (automatic differentiation) for the canonical
 links, where the working weights of PIRLS are the exact Hessian: mlpipe matches them to
