@@ -62,4 +62,8 @@ def test_against_nlme(case, method):
         if vc["grp"] == "Residual" or vc["var2"] is not None:
             continue
         grp = vc["grp"].removesuffix(".1")  # lme4's name of a second || term of a factor
-        assert sds[(grp, vc["var1"])] == pytest.approx(vc["sdcor"], rel=1e-3, abs=1e-6)
+        # abs: an SD at 0 (mlpipe) is a small positive number in nlme, whose log-scale
+        # parameters cannot reach 0 (Cefamandole's subject SD: 5.9e-5, sigma 1.0): both
+        # are the boundary, the criterion flat there to 1e-9
+        assert sds[(grp, vc["var1"])] == pytest.approx(vc["sdcor"], rel=1e-3,
+                                                       abs=max(1e-6, 1e-3 * ref["sigma"]))

@@ -64,8 +64,19 @@ bodyweight_d <- export(nlme::BodyWeight[, c("Rat", "Diet", "Time", "weight")], "
 ovary_d <- export(nlme::Ovary[, c("Mare", "Time", "follicles")], "ovary", c("Mare", "Time"))
 pixel_d <- export(nlme::Pixel[, c("Dog", "Side", "day", "pixel")], "pixel",
                   c("Dog", "Side", "day"))
+# stop 27's additions, datasets the residual code was not developed on:
+# nlme::Milk: protein content of the milk of 79 cows over up to 19 weeks, 3 diets (Diggle
+# 1990); series of different lengths (cows dropped out)
+milk_d <- export(nlme::Milk[, c("Cow", "Diet", "Time", "protein")], "milk", c("Cow", "Time"))
+# nlme::Dialyzer: ultrafiltration rates of 20 dialyzers at 7 pressures, two blood flows
+dial_d <- export(nlme::Dialyzer[, c("Subject", "QB", "pressure", "index", "rate")],
+                 "dialyzer", c("Subject", "index"))
+# nlme::Cefamandole: plasma concentrations in 6 subjects at 14 times 10-360 min (8 gaps)
+cef_d <- export(nlme::Cefamandole[, c("Subject", "Time", "conc")], "cefamandole",
+                c("Subject", "Time"))
 DATA <- list(sleepstudy = sleepstudy_d, oxboys = oxboys_d, orthodont = orthodont_d,
-             bodyweight = bodyweight_d, ovary = ovary_d, pixel = pixel_d)
+             bodyweight = bodyweight_d, ovary = ovary_d, pixel = pixel_d, milk = milk_d,
+             dialyzer = dial_d, cefamandole = cef_d)
 
 # ---------------------------------------------------------------------------- cases
 # re: random-effect terms, outermost first: grp (lme4 name), cols (grouping columns), form
@@ -148,7 +159,25 @@ cases <- list(
        formula = "pixel ~ day + I(day^2) + Side + (day | Dog)",
        fixed = pixel ~ day + I(day^2) + Side, random = ~ day | Dog,
        re = list(RE("Dog", ~ day)),
-       cor = list(type = "ar1", time = "day", group = c("Dog", "Side")))
+       cor = list(type = "ar1", time = "day", group = c("Dog", "Side"))),
+  # stop 27's additions
+  list(case = "milk_ar1_ri", data = "milk",
+       formula = "protein ~ Diet * Time + (1 | Cow)", fixed = protein ~ Diet * Time,
+       random = ~ 1 | Cow, re = list(RE("Cow", ~ 1)),
+       cor = list(type = "ar1", time = "Time", group = "Cow")),
+  list(case = "milk_ar1_varident", data = "milk",
+       formula = "protein ~ Diet + Time + (1 | Cow)", fixed = protein ~ Diet + Time,
+       random = ~ 1 | Cow, re = list(RE("Cow", ~ 1)), varby = "Diet",
+       cor = list(type = "ar1", time = "Time", group = "Cow")),
+  list(case = "dialyzer_ar1_varident", data = "dialyzer",
+       formula = "rate ~ (pressure + I(pressure^2)) * QB + (pressure | Subject)",
+       fixed = rate ~ (pressure + I(pressure^2)) * QB, random = ~ pressure | Subject,
+       re = list(RE("Subject", ~ pressure)), varby = "QB",
+       cor = list(type = "ar1", time = "index", group = "Subject")),
+  list(case = "cefamandole_car1_ri", data = "cefamandole",
+       formula = "log(conc) ~ log(Time) + (1 | Subject)", fixed = log(conc) ~ log(Time),
+       random = ~ 1 | Subject, re = list(RE("Subject", ~ 1)),
+       cor = list(type = "car1", time = "Time", group = "Subject"))
 )
 
 # ---------------------------------------------------------------------------- nlme calls
