@@ -311,9 +311,11 @@ def compute_prepass(con: duckdb.DuckDBPyConnection, source: Source, formula: For
                     schema: dict[str, str], weights: str | None = None,
                     extra: tuple[str, ...] = ()) -> dict[str, list]:
     """The constants of scale(x) ([mean, SD]) and poly(x, k) ([alpha_1..k, norm2_1..k+2],
-    R's `attr(, "coefs")`) over the rows the model uses: one query of two scans (the means,
-    then the centred power sums, all compensated fsum()), stored with the fit under the
-    call's label so prediction reuses them."""
+    R's `attr(, "coefs")`) over every row with a value of x — as R, which evaluates the
+    formula's variables on the whole data before it drops the rows missing another variable
+    (the response, a predictor): one query of two scans (the means, then the centred power
+    sums, all compensated fsum()), stored with the fit under the call's label so prediction
+    reuses them.  (`weights`, `extra`: unused, kept for the callers' signature.)"""
     calls = formula.prepass()
     if not calls:
         return {}
@@ -321,37 +323,43 @@ def compute_prepass(con: duckdb.DuckDBPyConnection, source: Source, formula: For
         if call.args[0].aggregates() or call.args[0].prepass():
             raise FormulaError(f"{call.deparse()}: center()/group_mean()/scale()/poly() "
                                f"cannot be nested in it")
-    args = list(dict.fromkeys(c.args[0].sql() for c in calls))
+    exprs = list(dict.fromkeys(c.args[0] for c in calls))
+    args = list(dict.fromkeys(e.sql() for e in exprs))
+    present = {e.sql(): complete_condition(e.columns(), schema) for e in exprs}
     power = {a: 2 for a in args}
     for call in calls:
         if call.value == "poly":
             a = call.args[0].sql()
             power[a] = max(power[a], 2 * _poly_degree(call))
-    means = ", ".join(f"favg({a}) AS m{k}" for k, a in enumerate(args))
-    sums = ", ".join(f"fsum(power({a} - __mlpipe_m.m{k}, {r})) AS s{k}_{r}"
-                     for k, a in enumerate(args) for r in range(1, power[a] + 1))
-    complete = complete_condition(model_columns(formula, weights, extra), schema)
-    sql = (f"WITH __mlpipe_m AS (SELECT {means} FROM {source.relation} WHERE {complete}) "
-           f"SELECT count(*) AS n, "
-           f"{', '.join(f'any_value(__mlpipe_m.m{k})' for k in range(len(args)))}, "
-           f"{sums} FROM {source.relation} CROSS JOIN __mlpipe_m WHERE {complete}")
+    means = ", ".join(f"favg({a}) FILTER (WHERE {present[a]}) AS m{k}, "
+                      f"count(*) FILTER (WHERE {present[a]}) AS n{k}"
+                      for k, a in enumerate(args))
+    sums = ", ".join(f"fsum(power({a} - __mlpipe_m.m{k}, {r})) FILTER (WHERE {present[a]}) "
+                     f"AS s{k}_{r}" for k, a in enumerate(args)
+                     for r in range(1, power[a] + 1))
+    firsts = ", ".join(f"any_value(__mlpipe_m.n{k}), any_value(__mlpipe_m.m{k})"
+                       for k in range(len(args)))
+    sql = (f"WITH __mlpipe_m AS (SELECT {means} FROM {source.relation}) SELECT "
+           f"{firsts}, {sums} FROM {source.relation} CROSS JOIN __mlpipe_m")
     try:
         row = con.execute(sql, source.params).fetchall()[0]  # all: no open result left
     except duckdb.Error as exc:
         raise source.error(exc) from None
-    n, row = int(row[0]), list(row[1:])
-    mean = dict(zip(args, row[:len(args)]))
-    rest = iter(row[len(args):])
-    moments = {a: [float(n)] + [float(next(rest)) for _ in range(power[a])] for a in args}
+    head, rest = row[:2 * len(args)], iter(row[2 * len(args):])
+    count = {a: int(head[2 * k] or 0) for k, a in enumerate(args)}
+    mean = {a: head[2 * k + 1] for k, a in enumerate(args)}
+    moments = {a: [float(count[a])] + [float(next(rest) or 0.0) for _ in range(power[a])]
+               for a in args}
     out: dict[str, list] = {}
     for call in calls:
         a = call.args[0].sql()
+        n = count[a]
         if n == 0 or mean[a] is None:
             continue  # no rows: the statistics pass says so
         mom = moments[a]
         if call.value == "scale":
             if n < 2 or not mom[2] > 0:
-                raise DataError(f"{call.deparse()}: the column is constant in the rows used "
+                raise DataError(f"{call.deparse()}: the column is constant in the data "
                                 f"(its SD is 0)")
             out[call.deparse()] = [float(mean[a]), math.sqrt(mom[2] / (n - 1))]
         else:

@@ -93,7 +93,7 @@ class PolarsEngine(Engine):
             _check_coding(levels, coding, _Named(location))
             levels = dict(coding)
         else:
-            levels.update(_scale_constants(parsed, rows, location))
+            levels.update(_scale_constants(parsed, lf, location, schema))
         design = build_design(parsed, schema, levels, weights=weights)
         mom = _Moments(design)
         t1 = time.perf_counter()
@@ -279,8 +279,9 @@ def _complete(columns: list[str], schema: dict[str, str]):
     return cond
 
 
-def _scale_constants(formula, rows, location: str) -> dict[str, list]:
-    """scale(x)'s [mean, SD] over the complete rows (compute_prepass's, in Polars)."""
+def _scale_constants(formula, rows, location: str, schema: dict) -> dict[str, list]:
+    """scale(x)'s [mean, SD] over every row of `rows` (the whole data) with a value of x,
+    as R and compute_prepass (in Polars)."""
 
     calls = [c for c in formula.prepass() if c.value == "scale"]
     if not calls:
@@ -290,7 +291,7 @@ def _scale_constants(formula, rows, location: str) -> dict[str, list]:
         if call.args[0].aggregates() or call.args[0].prepass():
             raise FormulaError(f"{call.deparse()}: center()/group_mean()/scale()/poly() "
                                f"cannot be nested in it")
-        x = compile_expr(call.args[0], {})
+        x = compile_expr(call.args[0], {}).filter(_complete(call.args[0].columns(), schema))
         exprs += [x.mean().alias(f"m{k}"), x.std(ddof=1).alias(f"s{k}"), x.count().alias(f"n{k}")]
     got = _collect(rows.select(exprs), location)
     out = {}

@@ -5,7 +5,7 @@
 # `fitted_head` (lme4's fitted values of the first 20 rows, offset included).
 #
 # Usage (from the repository root):
-#   Rscript tests/data/formula_language/make_refs.R [OUTDIR]   # default tests/data/formula_language
+#   Rscript tests/data/formula_language/make_refs.R [OUTDIR [CASE ...]]   # default tests/data/formula_language
 # Environment: PYTHON (default .venv/bin/python) converts the exported CSVs to Parquet.
 #
 # Data flow as in tests/data/extra/make_refs.R: each dataset is written to CSV by R
@@ -17,6 +17,7 @@
 suppressMessages({library(lme4); library(mlmRev); library(jsonlite)})
 invisible(Sys.setlocale("LC_COLLATE", "C"))
 args <- commandArgs(TRUE); out <- if (length(args)) args[1] else "tests/data/formula_language"
+only <- if (length(args) > 1) args[-1] else NULL
 csvdir <- Sys.getenv("CSVDIR", file.path(tempdir(), "formula_language_csv"))
 dir.create(csvdir, recursive = TRUE, showWarnings = FALSE)
 dir.create(out, recursive = TRUE, showWarnings = FALSE)
@@ -100,6 +101,14 @@ cells <- export(cells[order(cells$school, cells$sx, cells$minrty), ], "hsb_cells
 ck <- cake[, c("replicate", "recipe", "temp", "angle")]
 ck$replicate <- as.integer(as.character(ck$replicate))
 ck <- export(ck, "cake")
+# datasets the formula code was not developed on: nlme's Milk (Time 1-19: factor() of a
+# number with two-digit levels), mlmRev's star (NAs in the response and in sx, eth: R
+# evaluates scale() and poly() on every row of the data, the NA rows included, before it
+# drops them) and Early (three ages, a treatment)
+milk <- export(nlme::Milk[, c("Cow", "Diet", "Time", "protein")], "milk")
+data(star); data(Early)
+st <- export(star[, c("id", "sch", "tch", "cltype", "sx", "eth", "yrs", "math")], "star")
+early <- export(Early[, c("id", "cog", "age", "trt")], "early")
 
 cases <- list(
   list("sleep_factor", sleep, "Reaction ~ factor(Days) + (1 | Subject)", "sleepstudy_w"),
@@ -126,9 +135,17 @@ cases <- list(
   # piecewise-linear growth (mlpipe's pw(Days, 4) is these two columns)
   list("sleep_piecewise", sleep, paste("Reaction ~ pmin(Days, 4) + pmax(Days - 4, 0) +",
        "(pmin(Days, 4) + pmax(Days - 4, 0) | Subject)"), "sleepstudy_w"),
-  list("hsb_poly", hsb, "mAch ~ poly(ses, 3) + sector + (1 | school)", "hsb")
+  list("hsb_poly", hsb, "mAch ~ poly(ses, 3) + sector + (1 | school)", "hsb"),
+  # stop 27's additions
+  list("milk_factor_time", milk, "protein ~ factor(Time) + Diet + (1 | Cow)", "milk"),
+  list("milk_poly_diet", milk, "protein ~ poly(Time, 3) * Diet + (1 | Cow)", "milk"),
+  list("star_scale_na", st, "math ~ scale(yrs) + cltype + (scale(yrs) | sch)", "star"),
+  list("star_poly_na", st, "math ~ poly(yrs, 2) + sx + (1 | sch)", "star"),
+  list("star_power_relevel", st,
+       'math ~ (relevel(cltype, "reg") + sx + yrs)^2 + (1 | sch)', "star"),
+  list("early_poly_trt", early, "cog ~ poly(age, 2) * trt + (1 | id)", "early")
 )
-for (c in cases)
+for (c in cases) if (is.null(only) || c[[1]] %in% only)
   tryCatch(fit_one(c[[1]], c[[2]], c[[3]], c[[4]], if (length(c) > 4) c[[5]] else NULL),
            error = function(e) cat("FAIL", c[[1]], conditionMessage(e), "\n"))
 
