@@ -2,8 +2,8 @@
 # (VerbAgg), nested three levels deep (guImmun), nested implicitly (Arabidopsis), an offset
 # (Owls), repeated counts (epil), a 0/1 outcome in a longitudinal trial (bacteria), and a
 # factor with many levels in the fixed part (Salamanders).  Same JSON layout and the same
-# glmmTMB + glmer pair as make_refs.R (its `one` function, repeated here so that each script
-# runs alone).  Usage, from the repository root:
+# glmmTMB + glmer pair as make_refs.R (`one`, in tmb_glmer_pair.R).
+# Usage, from the repository root:
 #   Rscript tests/data/glmm/make_refs_more.R [OUTDIR]      # OUTDIR defaults to tests/data/glmm
 suppressMessages({library(glmmTMB); library(lme4); library(mlmRev); library(MASS)
                   library(jsonlite)})
@@ -27,27 +27,7 @@ save <- function(d, name) {
   unlink(f)
 }
 
-one <- function(case, data, formula, family, mlpipe_family, link) {
-  d <- read_parquet(data)
-  m <- glmmTMB(as.formula(formula), d, family = family)
-  g <- glmer(as.formula(formula), d, family = family,
-             control = glmerControl(optimizer = "bobyqa", optCtrl = list(maxfun = 1e5)))
-  vcs <- VarCorr(m)$cond
-  vc <- vcs[[1]]
-  res <- list(case = case, data = data, formula = formula, family = mlpipe_family,
-              link = link, engine = "glmmTMB",
-              loglik = as.numeric(logLik(m)),
-              fixed = list(term = names(fixef(m)$cond), estimate = unname(fixef(m)$cond),
-                           se = unname(sqrt(diag(vcov(m)$cond)))),
-              sd = unname(attr(vc, "stddev")),
-              sd_by_group = lapply(vcs, function(v) unname(attr(v, "stddev"))),
-              corr = if (ncol(vc) > 1) unname(attr(vc, "correlation")[2, 1]) else NULL,
-              glmer = list(loglik = as.numeric(logLik(g)), estimate = unname(fixef(g)),
-                           se = unname(sqrt(diag(as.matrix(vcov(g)))))))
-  write(toJSON(res, auto_unbox = TRUE, digits = NA, pretty = TRUE),
-        file.path(out, paste0(case, ".json")))
-  cat(sprintf("%s: glmmTMB %.8f glmer %.8f\n", case, res$loglik, res$glmer$loglik))
-}
+source("tests/data/glmm/tmb_glmer_pair.R")  # one(): glmmTMB + glmer, one JSON
 
 # lme4::VerbAgg: verbal aggression, 316 respondents x 24 items, a 0/1 answer (7584 rows)
 data(VerbAgg)
